@@ -188,7 +188,7 @@ def build_loss(cfg: TrainConfig):
     if cfg.method == 'fm': return MeanFlowLoss(**{**common, 'ratio_r_eq_t': 1.0})
     if cfg.method == 'mf': return MeanFlowLoss(**common)
     if cfg.method == 'kim':
-        from meanflow_nb.schedules import kim_loss
+        from meanflow_nb.kim import kim_loss
         return kim_loss(cfg, MeanFlowLoss(**common))
     from meanflow_nb.imf import imf_loss
     return imf_loss(cfg)
