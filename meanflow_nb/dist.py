@@ -49,8 +49,10 @@ def init_distributed(backend: str | None = None, # 'nccl' or 'gloo'; default: nc
     return device
 
 def cleanup_distributed():
-    "Leave the process group, if any."
-    if is_dist(): dist.destroy_process_group()
+    "Leave the process group, if any, once every rank is done (so no rank exits while a peer still talks to it)."
+    if is_dist():
+        try: dist.barrier()
+        finally: dist.destroy_process_group()
 
 # %% ../nbs/07_dist.ipynb #6982b9db
 def barrier():
