@@ -1,0 +1,38 @@
+"""mf-bench smoke tests at tiny size: the console script with the DDP part (2 gloo ranks), the table and the JSON."""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
+
+
+def test_in_process_parts_table_and_json(tmp_path, capsys):
+    "steps, sampling, data and models at tiny size: one table row per measurement, JSON with every part."
+    from meanflow_nb.bench import cli_bench
+    cli_bench(['steps', 'sampling', 'data', 'models', '--tiny', '--json', str(tmp_path / 'b.json')])
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / 'b.json').read_text())
+    assert set(res) == {'meta', 'steps', 'sampling', 'data', 'models'}
+    assert res['steps']['digits']['mf_over_fm'] > 1.0 and res['steps']['toy2d']['mf_over_fm'] > 1.0
+    assert res['sampling']['speedup'] > 20  # 100 network calls against 1
+    for k in ('MF step / FM step', 'iMF step / MF step', '1-NFE samples/s', 'digits loader', 'forward bf16 / fp32'):
+        assert k in out, (k, out)
+
+
+def test_console_script_ddp_part(tmp_path):
+    "mf-bench ddp --tiny spawns torchrun with 1 and 2 gloo ranks and reports their steps/s and the ratio."
+    exe = Path(sys.executable).parent / 'mf-bench'
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'meanflow_nb.bench']
+    r = subprocess.run(cmd + ['ddp', '--tiny', '--json', str(tmp_path / 'd.json')], capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path / 'd.json').read_text())['ddp']
+    assert d['steps_per_s_1'] > 0 and d['steps_per_s_2'] > 0
+    assert d['scaling_2_over_1'] == pytest.approx(d['steps_per_s_2'] / d['steps_per_s_1'], rel=0.02)
+    assert 'DDP 2 ranks / 1 rank' in r.stdout
+
+
+def test_bad_part_exits_2():
+    from meanflow_nb.bench import cli_bench
+    with pytest.raises(SystemExit) as ex: cli_bench(['warp', '--tiny'])
+    assert ex.value.code == 2
