@@ -3,6 +3,8 @@ import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
+import torch
+torch.set_num_threads(1)  # small models on 2 shared cores: extra threads only contend
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
 
 
