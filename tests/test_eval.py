@@ -171,3 +171,20 @@ def test_latent_run_samples_decode_through_a_vae(tmp_path, capsys):
     with pytest.raises(SystemExit) as ex:  # without a usable VAE: exit 2, not a traceback
         cli_sample([str(tmp_path / 'run'), '-n', '5', '--vae', str(tmp_path / 'novae'), '--out', str(tmp_path / 's2')])
     assert ex.value.code == 2 and 'VAE' in capsys.readouterr().err
+
+
+def test_imf_guidance_at_sampling_time(tmp_path):
+    "An iMF run samples with the run's eval_* guidance, or with --omega/--t-min/--t-max passed on to sample_imf."
+    import meanflow_nb.imf as imf
+    from meanflow_nb.train import get_config, train
+    from meanflow_nb.eval import cli_sample
+    train(get_config('digits', method='imf', model='iMF-T/2', steps=3, sample_every=0, eval_omega=2.5, eval_t_min=0.3,
+                     eval_t_max=0.7, out=str(tmp_path / 'run')), progress=False)
+    with mock.patch.object(imf, 'sample_imf', wraps=imf.sample_imf) as spy:
+        cli_sample([str(tmp_path / 'run'), '-n', '20', '--out', str(tmp_path / 'a'), '--no-progress'])
+        assert spy.call_count == 1 and spy.call_args.kwargs == dict(omega=2.5, t_min=0.3, t_max=0.7)
+        cli_sample([str(tmp_path / 'run'), '-n', '20', '--omega', '6', '--t-max', '0.9', '--out', str(tmp_path / 'b'), '--no-progress'])
+        assert spy.call_count == 2 and spy.call_args.kwargs == dict(omega=6.0, t_min=0.3, t_max=0.9)
+    meta = json.loads((tmp_path / 'b' / 'meta.json').read_text())
+    assert meta['method'] == 'imf' and (meta['eval_omega'], meta['eval_t_min'], meta['eval_t_max']) == (6.0, 0.3, 0.9)
+    assert samples(tmp_path / 'b')[0].shape == (20, 8, 8, 1)
