@@ -1,23 +1,19 @@
 """Kim et al. through the trainer as users run it: `mf-train --method kim --kim_accel dtd`, and an exact resume of the
 DTD curriculum (its state travels in the checkpoints)."""
-import inspect, json, os, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-import meanflow_nb.train as T
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
 SMALL = ['--preset', 'toy2d', '--method', 'kim', '--baseline_fm', 'false', '--eval_samples', '300', '--no-progress',
          '--model_kwargs', '{"hidden": 32, "depth": 2}', '--global_batch', '128']
-SWITCHED = 'meanflow_nb.kim' in inspect.getsource(T.build_loss)  # the lead's build_loss imports kim_loss from here
-# Until build_loss imports `meanflow_nb.kim`, the CLI runs through a one-line shim that points the old import here.
-SHIM = ('import sys, meanflow_nb.schedules as S, meanflow_nb.kim as K; S.kim_loss = K.kim_loss; '
-        'from meanflow_nb.train import cli_train; cli_train(sys.argv[1:])')
 
 
 def mf_train(*args, timeout=240):
-    cmd = [sys.executable, '-m', 'meanflow_nb.train'] if SWITCHED else [sys.executable, '-c', SHIM]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=ENV)
+    "The `mf-train` console script, as `python -m meanflow_nb.train` (same entry point, no install needed)."
+    return subprocess.run([sys.executable, '-m', 'meanflow_nb.train', *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
 
 
 def ckpt(out, step):
