@@ -9,6 +9,14 @@ TOY = ['--preset', 'toy2d', '--method', 'imf', '--model', 'ToyIMF', '--baseline_
        '--no-progress', '--model_kwargs', '{"hidden": 64, "depth": 3}']
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    "In-process runs on one torch thread: two threads on two shared cores spin-wait."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run(args, timeout=240):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV)
 
