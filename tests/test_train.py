@@ -122,3 +122,22 @@ def test_dead_rank_makes_the_job_fail_not_hang(tmp_path):
     r = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], timeout=120)
     assert r.returncode != 0
     assert time.time() - t0 < 100
+
+
+def test_main_job_run_folder(tmp_path):
+    "The README's first command, shrunk: the run folder has samples.png, metrics.json (10k samples) and checkpoints."
+    out = tmp_path / 'toy2d'
+    r = run(['mf-train', '--preset', 'toy2d', '--steps', '30', '--no-progress', '--out', str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / 'metrics.json').read_text())
+    for k in ('swd_1nfe', 'swd_2nfe', 'swd_fm100', 'energy_1nfe'): assert k in m and m[k] == m[k], k
+    assert json.loads((out / 'config.json').read_text())['eval_samples'] >= 10_000
+    assert (out / 'samples.png').stat().st_size > 10_000
+    assert (out / 'ckpt_00000030.pt').exists() and (out / 'baseline_fm' / 'ckpt_00000030.pt').exists()
+    st = torch.load(out / 'ckpt_00000030.pt', weights_only=True)
+    assert set(st) >= {'step', 'model', 'ema', 'opt', 'config'}
+
+
+def test_help_lists_presets():
+    r = run(['mf-train', '--help'])
+    assert r.returncode == 0 and 'toy2d' in r.stdout and '--ratio_r_eq_t' in r.stdout
