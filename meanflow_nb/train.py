@@ -95,7 +95,7 @@ class TrainConfig:
 # %% ../nbs/08_train.ipynb #a0ca0070
 IMAGENET_TRAIN = 1_281_167 # ImageNet-1k training images: epochs -> steps
 _IN256 = dict(data='latents', num_classes=1000, global_batch=256, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
-              ema_decays=(0.9999,), P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
+              ema_decays=(0.9999,), ema_warmup=False, P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
               class_dropout=0.1, epochs=240, log_every=100, sample_every=10_000, ckpt_every=10_000, num_workers=8,
               eval_samples=50_000, data_kwargs={'normalization': 'mf'})
 PRESETS: dict[str, dict] = {
@@ -186,7 +186,9 @@ def build_model(cfg: TrainConfig, sample_shape: tuple) -> nn.Module:
           f'for vector data use one of {", ".join(TOY_MODELS)}')
     C, H, W = sample_shape
     check(H == W, f'{cfg.model} needs square inputs, got {H}x{W}')
-    return create_model(cfg.model, input_size=H, in_channels=C, num_classes=cfg.num_classes, **cfg.model_kwargs)
+    kw = dict(cfg.model_kwargs)
+    if cfg.model.startswith('iMF'): kw.setdefault('v_head', cfg.imf_v_head)  # no unused head for the zero-parameter variant
+    return create_model(cfg.model, input_size=H, in_channels=C, num_classes=cfg.num_classes, **kw)
 
 def build_loss(cfg: TrainConfig):
     "The loss object of `cfg.method`, configured from `cfg`."
