@@ -9,7 +9,7 @@ from typing import Callable
 import contextlib
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel, SDPBackend
+from .models import jvp_attention
 from .core import bcast, interpolate, cond_velocity, check, ConfigError
 from .schedules import sample_t_r
 
@@ -21,7 +21,7 @@ __all__ = ['jvp_context', 'meanflow_target', 'sq_err', 'adaptive_weight', 'guide
 def jvp_context():
     "Inside `torch.func.jvp`: math SDPA (no forward-mode AD for fused kernels) and autocast off (the JVP stays fp32)."
     stack = contextlib.ExitStack()
-    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    stack.enter_context(jvp_attention())  # math SDPA, shared with the models' own JVP checks
     for dev in ('cuda', 'cpu'): stack.enter_context(torch.autocast(dev, enabled=False))
     return stack
 

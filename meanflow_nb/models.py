@@ -467,14 +467,9 @@ def count_params(name: str, # a key of `DiT_models`
 # %% ../nbs/05_models.ipynb #4e096284
 def _timed(fns: dict, steps: int) -> tuple[dict, dict]:
     "Median wall and process-CPU time (ms) of each callable, run round-robin `steps` times after one warm-up each."
-    for f in fns.values(): f()
-    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
-    for _ in range(steps):
-        for k, f in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time(); f()
-            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
-    med = lambda d: {k: 1000 * float(np.median(v)) for k, v in d.items()}
-    return med(wall), med(cpu)
+    from meanflow_nb.bench import time_interleaved  # the project's one round-robin timer
+    r = time_interleaved(fns, repeats=steps, warmup=1)
+    return {k: v['wall_ms'] for k, v in r.items()}, {k: v['cpu_ms'] for k, v in r.items()}
 
 def _bench_fns(model, x, e, t, h, y):
     "The callables timed by `bench_models` (see the notebook for what each step contains)."
