@@ -23,7 +23,7 @@ __all__ = ['DIGITS_RES', 'DIGITS_CLASSIFIER_PATH', 'DIGITS_EXTRACTOR', 'INCEPTIO
            'as_fidelity_input', 'load_samples_npz', 'fidelity_kwargs', 'fidelity_fid', 'feature_stats', 'save_stats',
            'load_stats', 'digits_reference_stats', 'digits_fid', 'calibration_sets', 'imagenet_fid', 'sample_shape',
            'load_run', 'shard_ranges', 'shard_generator', 'class_labels', 'sample_shard', 'write_pngs', 'sample_run',
-           'gather_shards', 'sample_parser', 'cli_sample', 'fid_parser', 'run_fid', 'cli_fid']
+           'gather_shards', 'sample_parser', 'cli_sample', 'fid_parser', 'run_fid', 'cli_fid', 'fid_curve']
 
 # %% ../nbs/11_eval.ipynb #ced293dd
 def to_uint8(x: torch.Tensor, # images `(B, C, H, W)` in [-1, 1] (float) or already uint8
@@ -583,6 +583,36 @@ def _is_stats(p) -> bool:
     "True for an `.npz` holding `mu` and `sigma` (reference statistics rather than samples)."
     if not str(p).endswith('.npz') or not Path(p).is_file(): return False
     with np.load(p) as f: return 'mu' in f and 'sigma' in f
+
+# %% ../nbs/11_eval.ipynb #57f18bbc
+@torch.no_grad()
+def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one or more checkpoints
+              nfes: tuple = (1, 2), # sampler steps to measure
+              n: int = 2000, # samples per checkpoint and NFE
+              seed: int = 0, # noise seed (shard 0 of `sample_run`'s generator)
+              batch_size: int = 500,
+             ) -> list[dict]:
+    "digits-FID of the EMA weights at every checkpoint of `run`: `[{'step', 'fid1', 'fid2', ...}]`, cached in the run."
+    from meanflow_nb.train import list_checkpoints, generate
+    run = Path(run); cache = run / 'fid_curve.json'
+    key = dict(nfes=list(nfes), n=n, seed=seed)
+    if cache.exists():
+        d = json.loads(cache.read_text())
+        if d.get('key') == key: return d['rows']
+    paths = list_checkpoints(run)
+    check(len(paths) > 0, f'run folder {run} holds no checkpoint (ckpt_*.pt)')
+    rows = []
+    for p in paths:
+        cfg, model, shp, step = load_run(run, ckpt=str(p))
+        z = torch.randn((n, *shp), generator=shard_generator(seed, 0)); y = class_labels(0, n, cfg.num_classes)
+        row = dict(step=step)
+        for k in nfes:
+            x = torch.cat([generate(cfg, model, z[i:i + batch_size], k, None if y is None else y[i:i + batch_size])
+                           for i in range(0, n, batch_size)])
+            row[f'fid{k}'] = digits_fid(x.clamp(-1, 1))
+        rows.append(row)
+    tmp = cache.with_suffix('.tmp'); tmp.write_text(json.dumps(dict(key=key, rows=rows), indent=1)); os.replace(tmp, cache)
+    return rows
 
 # %% ../nbs/11_eval.ipynb #a2becb1d
 #| eval: false
