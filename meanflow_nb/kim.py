@@ -263,7 +263,7 @@ def kim_loss(cfg, # a TrainConfig (kim_accel, kim_beta, kim_k, minsnr_gamma, dtd
 
 # %% ../nbs/09_kim.ipynb #3f0ea11d
 def study_config(preset: str | None = None, **kw):
-    "`get_config(preset, **kw)` that also takes `STUDY_FIELDS`, set as attributes while `TrainConfig` lacks them."
+    "`get_config(preset, **kw)`, checking the names against `TrainConfig` and `STUDY_FIELDS` (attributes for a config class without them)."
     from meanflow_nb.train import get_config, TrainConfig
     names = {f.name for f in fields(TrainConfig)}
     bad = [k for k in kw if k not in names and k not in STUDY_FIELDS]

@@ -516,7 +516,9 @@ def plot_log(out: Path, path: Path | None = None):
     rows = [json.loads(l) for l in open(Path(out) / 'log.jsonl')]
     fig = Figure(figsize=(10, 2.8)); axs = fig.subplots(1, 3)
     for ax, k in zip(axs, ('loss', 'loss_u', 'loss_v')):
-        ax.plot([r['step'] for r in rows], [r[k] for r in rows]); ax.set_title(k, fontsize=9); ax.set_xlabel('step'); ax.set_yscale('log')
+        ys = [r[k] for r in rows]
+        ax.plot([r['step'] for r in rows], ys); ax.set_title(k, fontsize=9); ax.set_xlabel('step')
+        if any(y > 0 for y in ys): ax.set_yscale('log')  # a run with no r = t (or no r < t) samples logs zeros
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig
