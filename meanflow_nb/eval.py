@@ -155,10 +155,12 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         return tuple(out[k] for k in self.features_list)
 
 def register_digits_extractor():
-    "Register `DigitsFeatureExtractor` with torch-fidelity as `digits-classifier` (idempotent)."
+    "Register `DigitsFeatureExtractor` with torch-fidelity as `digits-classifier` (idempotent; a redefined class replaces the old one)."
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
+    elif FEATURE_EXTRACTORS_REGISTRY[DIGITS_EXTRACTOR] is not DigitsFeatureExtractor:  # e.g. a module reload, or this
+        FEATURE_EXTRACTORS_REGISTRY[DIGITS_EXTRACTOR] = DigitsFeatureExtractor     # notebook run after the module
 
 register_digits_extractor()
 
