@@ -595,7 +595,7 @@ def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one o
               batch_size: int = 500,
              ) -> list[dict]:
     "digits-FID of the EMA weights at every checkpoint of `run`: `[{'step', 'fid1', 'fid2', ...}]`, cached in the run."
-    from meanflow_nb.train import list_checkpoints, generate
+    from meanflow_nb.train import list_checkpoints
     run = Path(run); cache = run / 'fid_curve.json'
     key = dict(nfes=list(nfes), n=n, seed=seed)
     if cache.exists():
@@ -606,13 +606,8 @@ def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one o
     rows = []
     for p in paths:
         cfg, model, shp, step = load_run(run, ckpt=str(p))
-        z = torch.randn((n, *shp), generator=shard_generator(seed, 0)); y = class_labels(0, n, cfg.num_classes)
-        row = dict(step=step)
-        for k in nfes:
-            x = torch.cat([generate(cfg, model, z[i:i + batch_size], k, None if y is None else y[i:i + batch_size])
-                           for i in range(0, n, batch_size)])
-            row[f'fid{k}'] = digits_fid(x.clamp(-1, 1))
-        rows.append(row)
+        rows.append(dict(step=step, **{f'fid{k}': digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, seed, batch_size)['x'])
+                                       for k in nfes}))
     tmp = cache.with_suffix('.tmp'); tmp.write_text(json.dumps(dict(key=key, rows=rows), indent=1)); os.replace(tmp, cache)
     return rows
 
