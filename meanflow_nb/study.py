@@ -15,9 +15,10 @@ from .train import get_config, TrainConfig, train, build_model, list_checkpoints
 from .kim import STUDY_FIELDS, MixtureProbe, probe_errors
 
 # %% auto #0
-__all__ = ['STUDIES', 'FIGURES', 'TOY_SEEDS', 'TOY_VAL_SEED', 'TOY_NFES', 'TOY_FM', 'TOY_FM_SWEEP', 'TOY_ONE_STEP',
-           'study_config', 'checkpoint_curve', 'study', 'figure', 'repo_root', 'render_readme', 'render_figures',
-           'study_parser', 'cli_study', 'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary']
+__all__ = ['STUDIES', 'FIGURES', 'DOCS', 'TOY_SEEDS', 'TOY_VAL_SEED', 'TOY_NFES', 'TOY_FM', 'TOY_FM_SWEEP', 'TOY_ONE_STEP',
+           'TOY_ENERGY_N', 'study_config', 'checkpoint_curve', 'study', 'figure', 'repo_root', 'render_readme',
+           'render_figures', 'study_parser', 'cli_study', 'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary',
+           'toy_table', 'plot_toy_quality']
 
 # %% ../nbs/16_study.ipynb #s16a0007
 def study_config(preset: str | None = None, **kw):
@@ -61,15 +62,25 @@ def repo_root() -> Path:
     "The repository root (where `README.md`, `results/` and `nbs/` live)."
     return results_dir().parent
 
-def render_readme(readme: str | Path | None = None, # default: the repository's README.md
+DOCS = ('README.md', 'nbs/index.ipynb') # the pages whose results blocks are generated (the notebook's markdown cells)
+
+def render_readme(readme: str | Path | None = None, # a README.md or a notebook; default: the repository's README.md
                   write: bool = True) -> tuple[str, list]:
-    "Re-render every `<!-- results:NAME -->` block of the README from the result files; `(text, names of stale blocks)`."
+    "Re-render every `<!-- results:NAME -->` block of a page from the result files; `(text, names of stale blocks)`."
     p = Path(readme or repo_root() / 'README.md')
     old = p.read_text()
-    new = sync_readme(old)
-    stale = [k for k, v in readme_blocks(new).items() if readme_blocks(old).get(k) != v]
-    if write and new != old: p.write_text(new)
-    return new, stale
+    if p.suffix == '.ipynb':
+        nb = json.loads(old)
+        olds = [''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown']
+        news = [sync_readme(s) if '<!-- results:' in s else s for s in olds]
+        for c, s in zip([c for c in nb['cells'] if c['cell_type'] == 'markdown'], news): c['source'] = s.splitlines(keepends=True)
+        old_t, new_t, new = '\n'.join(olds), '\n'.join(news), json.dumps(nb, indent=1, ensure_ascii=False) + '\n'
+        changed = news != olds
+    else:
+        old_t, new_t = old, sync_readme(old); new, changed = new_t, new_t != old
+    stale = [k for k, v in readme_blocks(new_t).items() if readme_blocks(old_t).get(k) != v]
+    if write and changed: p.write_text(new)
+    return new_t, stale
 
 def render_figures(folder: str | Path | None = None) -> list[Path]:
     "Redraw every registered figure from the result files into `folder` (default: `nbs/images`)."
@@ -99,7 +110,7 @@ def cli_study(argv: list[str] | None = None):
         for k, s in STUDIES.items(): print(f"{k:24s} ~{s['minutes']:g} min  {s['doc'].splitlines()[0] if s['doc'] else ''}")
         return
     if a.what == ['readme']:
-        _, stale = render_readme(write=not a.check)
+        stale = [f'{d}:{k}' for d in DOCS for k in render_readme(repo_root() / d, write=not a.check)[1]]
         if a.check:
             if stale: print(f"README blocks out of date: {', '.join(stale)}; run `mf-study readme`", file=sys.stderr); sys.exit(1)
             print('README results blocks match the result files'); return
@@ -115,17 +126,18 @@ def cli_study(argv: list[str] | None = None):
         t0 = time.time()
         STUDIES[n]['fn'](Path(a.runs), a.quick)
         print(f'{n}: done in {(time.time() - t0) / 60:.1f} min')
-    if not a.quick: render_readme(); render_figures()
+    if not a.quick:
+        for d in DOCS: render_readme(repo_root() / d)
+        render_figures()
 
 # %% ../nbs/16_study.ipynb #s16a0013
 TOY_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
 TOY_VAL_SEED = 100 # the seed the flow-matching settings are chosen on (never reported as a result)
 TOY_NFES = (1, 2, 4, 8, 16, 32, 64, 128)
 TOY_FM = dict(method='fm', norm_p=0.0, baseline_fm=False) # flow matching: plain squared error, all samples r = t
-TOY_FM_SWEEP = { # flow-matching settings tried on the validation seed (toy2d's network, batch and steps)
+TOY_FM_SWEEP = { # flow-matching settings tried on the validation seed (toy2d's network, batch, steps and lr)
     'uniform t, lr 1e-3': dict(time_dist='uniform', lr=1e-3),
     'logit-normal(0, 1) t, lr 1e-3': dict(time_dist='logit_normal', P_mean=0.0, P_std=1.0, lr=1e-3),
-    'uniform t, lr 3e-3': dict(time_dist='uniform', lr=3e-3),
 }
 TOY_ONE_STEP = { # the one-step methods, each on toy2d's MeanFlow recipe
     'MeanFlow': dict(method='mf'),
@@ -144,12 +156,16 @@ def toy_eval_set(cfg: TrainConfig, n: int = 10_000) -> dict:
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(_mix(cfg.seed, 5)))
     return dict(ref=ref, ref2=ref2, z=z)
 
-def _dists(x, ref) -> tuple[float, float]:
+TOY_ENERGY_N = 5_000 # energy distance on the first 5,000 points (it is quadratic in them; SWD uses all of them)
+
+def _dists(x, ref, energy_n: int = TOY_ENERGY_N) -> tuple[float, float | None]:
+    "SWD on all points, energy distance on the first `energy_n` (None when 0)."
     from meanflow_nb.toy import sliced_wasserstein, energy_distance
-    return sliced_wasserstein(x, ref), energy_distance(x, ref)
+    return sliced_wasserstein(x, ref), (energy_distance(x, ref, max_n=energy_n) if energy_n else None)
 
 @torch.no_grad()
-def toy_quality(cfg: TrainConfig, model: torch.nn.Module, ev: dict, nfes=TOY_NFES, solver: str = 'euler') -> dict:
+def toy_quality(cfg: TrainConfig, model: torch.nn.Module, ev: dict, nfes=TOY_NFES, solver: str = 'euler',
+                energy_n: int = TOY_ENERGY_N) -> dict:
     "SWD and energy distance of `model`'s samples at each NFE: `solver` 'euler' or 'heun' (flow matching) or 'native'."
     from meanflow_nb.flow_matching import euler_sample, heun_sample
     model.eval(); z = ev['z']
@@ -159,13 +175,13 @@ def toy_quality(cfg: TrainConfig, model: torch.nn.Module, ev: dict, nfes=TOY_NFE
         if solver == 'heun' and k % 2: continue                      # Heun: 2 calls a step
         x = euler_sample(v, z, k) if solver == 'euler' else heun_sample(v, z, k // 2) if solver == 'heun' \
             else generate(cfg, model, z, k)
-        s, e = _dists(x, ev['ref'])
+        s, e = _dists(x, ev['ref'], energy_n)
         out['nfe'].append(k); out['swd'].append(s); out['energy'].append(e)
     return out
 
 # %% ../nbs/16_study.ipynb #s16a0015
-def _toy_run(runs: Path, name: str, seed: int, settings: dict, evals: dict, quick: bool, n_eval: int) -> dict:
-    "Train `toy2d | settings` for `seed` (or read the cached record) and measure it with `evals` (solver -> nfes)."
+def _toy_run(runs: Path, name: str, seed: int, settings: dict, evals: dict, quick: bool, n_eval: int, sweep: bool = False) -> dict:
+    "Train `toy2d | settings` for `seed` (or read the cached record) and measure it with `evals` (solver -> nfes); `sweep`: SWD only."
     key = runs / 'toy' / f"{name.replace(' ', '_').replace('/', '-')}_s{seed}{'_quick' if quick else ''}.json"
     if key.exists():
         rec = json.loads(key.read_text())
@@ -177,7 +193,8 @@ def _toy_run(runs: Path, name: str, seed: int, settings: dict, evals: dict, quic
         t0 = time.time(); res = train(cfg, progress=False); sec = time.time() - t0
         ev = toy_eval_set(cfg, n_eval)
         rec = dict(name=name, seed=seed, settings=settings, train_sec=round(sec, 1),
-                   **{s: toy_quality(cfg, res.ema, ev, nfes, 'native' if s == 'native' else s) for s, nfes in evals.items()})
+                   **{s: toy_quality(cfg, res.ema, ev, nfes, s, energy_n=0 if sweep else TOY_ENERGY_N)
+                      for s, nfes in evals.items()})
     key.parent.mkdir(parents=True, exist_ok=True); key.write_text(json.dumps(rec))
     return rec
 
@@ -187,26 +204,31 @@ def _fm_score(rec: dict) -> float:
 
 # %% ../nbs/16_study.ipynb #s16a0016
 @study('toy-fm-vs-mf', minutes=30)
-def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None) -> dict:
+def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None,
+              seeds: tuple | None = None, # default: `TOY_SEEDS`
+              one_step: tuple | None = None, # names of `TOY_ONE_STEP` to run (default: all)
+             ) -> dict:
     "2-D toy: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF; quality vs NFE, 5 seeds."
     runs = Path(runs); n = 500 if quick else 10_000
-    seeds, nfes = (TOY_SEEDS[:2] if quick else TOY_SEEDS), (TOY_NFES[:3] if quick else TOY_NFES)
+    seeds = tuple(seeds or (TOY_SEEDS[:2] if quick else TOY_SEEDS)); nfes = TOY_NFES[:3] if quick else TOY_NFES
     fm_evals = dict(euler=nfes, heun=nfes)
-    sweep = {k: _toy_run(runs, f'fm_sweep {k}', TOY_VAL_SEED, {**TOY_FM, **v}, dict(euler=nfes), quick, n)
+    sweep = {k: _toy_run(runs, f'fm_sweep {k}', TOY_VAL_SEED, {**TOY_FM, **v}, dict(euler=nfes), quick, n, sweep=True)
              for k, v in TOY_FM_SWEEP.items()}
     best = min(sweep, key=lambda k: _fm_score(sweep[k]))
     print(f'flow matching: chose {best!r} on validation seed {TOY_VAL_SEED}', flush=True)
     runs_ = {'flow matching': [_toy_run(runs, 'fm', s, {**TOY_FM, **TOY_FM_SWEEP[best]}, fm_evals, quick, n) for s in seeds]}
     for m, kw in TOY_ONE_STEP.items():
+        if one_step is not None and m not in one_step: continue
         runs_[m] = [_toy_run(runs, m, s, kw, dict(native=(1, 2)), quick, n) for s in seeds]
     floors = []
     for s in seeds:
         ev = toy_eval_set(get_config('toy2d', seed=s), n)
-        floors.append(dict(zip(('swd', 'energy'), _dists(ev['ref2'], ev['ref']))))
+        floors.append(dict(zip(('swd', 'energy'), _dists(ev['ref2'], ev['ref'], min(n, TOY_ENERGY_N)))))
     res = dict(study='toy-fm-vs-mf', preset='toy2d', seeds=list(seeds), val_seed=TOY_VAL_SEED, eval_samples=n,
                fm_settings=dict(TOY_FM, **TOY_FM_SWEEP[best]), fm_choice=best,
+               energy_n=min(n, TOY_ENERGY_N),
                sweep={k: dict(settings=r['settings'], nfe=r['euler']['nfe'], swd=r['euler']['swd'],
-                              energy=r['euler']['energy'], score=_fm_score(r), train_sec=r['train_sec']) for k, r in sweep.items()},
+                              score=_fm_score(r), train_sec=r['train_sec']) for k, r in sweep.items()},
                floor=dict(swd=[f['swd'] for f in floors], energy=[f['energy'] for f in floors]),
                methods={m: dict(settings=rs[0]['settings'], train_sec=[r['train_sec'] for r in rs],
                                 **{sol: dict(nfe=rs[0][sol]['nfe'], swd=[r[sol]['swd'] for r in rs],
@@ -229,3 +251,62 @@ def toy_summary(res: dict, metric: str = 'swd') -> dict:
     equiv = {m: equivalent_nfe_ci(fm_c, np.array(M[m]['native'][metric])[:, 0], fm['nfe']) for m in M if 'native' in M[m]}
     return dict(rows=rows, mf1_minus_fm=diffs, equiv_nfe=equiv, floor=bootstrap_ci(res['floor'][metric]),
                 floor_range=(min(res['floor'][metric]), max(res['floor'][metric])))
+
+# %% ../nbs/16_study.ipynb #s16b0002
+_SOLVER = {'euler': 'Euler', 'heun': 'Heun', 'native': ''}
+
+def _label(m: str, sol: str) -> str:
+    return f'{m}, {_SOLVER[sol]}' if _SOLVER[sol] else m
+
+def _nfe_text(d: dict) -> str:
+    if math.isinf(d['mean']): return 'more than the grid (128)'
+    if d['mean'] <= 1: return 'at most 1'
+    hi = '> 128' if math.isinf(d['hi']) else f"{d['hi']:.0f}"
+    return f"{d['mean']:.0f} [{d['lo']:.0f}, {hi}]"
+
+@result_table('toy')
+def toy_table(res: dict | None = None) -> str:
+    "The README block of the toy study: quality against NFE (mean [95 % interval] over seeds) and the equivalent NFE."
+    res = res or load_result('toy_fm_vs_mf')
+    s, e = toy_summary(res, 'swd'), toy_summary(res, 'energy')
+    rows = [[_label(m, sol), k, ci, e['rows'][(m, sol, k)]] for (m, sol, k), ci in s['rows'].items()]
+    lo, hi = s['floor_range']
+    eq = '; '.join(f"{m} {_nfe_text(s['equiv_nfe'][m])}" for m in s['equiv_nfe'])
+    n = len(res['seeds'])
+    return '\n'.join([
+        md_table(['model, sampler', 'NFE', 'SWD', 'energy distance'], rows), '',
+        f"Mean [95 % bootstrap interval] over {n} training seeds; each seed's models share the noise and the "
+        f"{res['eval_samples']:,} reference points. Two draws of the data differ by SWD {fmt_ci(s['floor'])} "
+        f"(range {lo:.3f} to {hi:.3f} over the {n} seeds' draws), energy {fmt_ci(e['floor'])}. Flow matching: "
+        f"{res['fm_choice']}, chosen on validation seed {res['val_seed']} among {len(res['sweep'])} settings.", '',
+        f"**Flow matching (Euler) needs this many NFE to match each one-step model at 1 NFE** (SWD; seed-mean curve, "
+        f"log-linear between grid points, 95 % interval): {eq}."])
+
+# %% ../nbs/16_study.ipynb #s16b0003
+@figure('toy_quality_nfe.png')
+def plot_toy_quality(path: str | Path | None = None, res: dict | None = None):
+    "Quality against NFE on the toy: flow matching (Euler, Heun) as curves, the one-step methods at 1 and 2 NFE."
+    from matplotlib.figure import Figure
+    res = res or load_result('toy_fm_vs_mf')
+    fig = Figure(figsize=(10, 3.6)); axs = fig.subplots(1, 2)
+    for ax, metric, name in zip(axs, ('swd', 'energy'), ('sliced Wasserstein', 'energy distance')):
+        s = toy_summary(res, metric)
+        groups = {}
+        for (m, sol, k), ci in s['rows'].items(): groups.setdefault((m, sol), []).append((k, ci))
+        for j, ((m, sol), pts) in enumerate(groups.items()):
+            k = np.array([p[0] for p in pts]); mu, lo, hi = (np.array([p[1][q] for p in pts]) for q in ('mean', 'lo', 'hi'))
+            if sol == 'native':
+                ax.errorbar(k * (1 + 0.06 * (j - 2)), mu, [mu - lo, hi - mu], fmt='o', ms=5, capsize=3, label=_label(m, sol))
+            else:
+                l, = ax.plot(k, mu, marker='.', label=_label(m, sol)); ax.fill_between(k, lo, hi, color=l.get_color(), alpha=0.2)
+        f = s['floor']; ax.axhspan(f['lo'], f['hi'], color='0.8', label='two draws of the data')
+        ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xlabel('network calls (NFE)'); ax.set_title(name, fontsize=10)
+    axs[0].legend(fontsize=7)
+    fig.suptitle(f"2-D checkerboard, toy2d budget: mean and 95 % interval over {len(res['seeds'])} seeds", fontsize=10)
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=110)
+    return fig
+
+# %% ../nbs/16_study.ipynb #s16b0006
+#| eval: false
+if __name__ == '__main__' and 'ipykernel' not in sys.modules: cli_study()  # `python -m meanflow_nb.study`
