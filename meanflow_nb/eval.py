@@ -203,8 +203,8 @@ def _check_image_files(folder: Path, files: list):
         except Exception as ex: raise ConfigError(f'cannot read image {f}: {type(ex).__name__}: {ex}') from None
         check(not cut, f'image {f} is truncated (it ends before its end marker)')
     (a, fa), *rest = sizes.items()
-    check(not rest, f'images in {folder} differ in size: {a[0]}x{a[1]} ({Path(fa).name}) and {rest[0][0][0]}x{rest[0][0][1]} '
-                    f'({Path(rest[0][1]).name}); every sample must have the same size')
+    if rest: raise ConfigError(f'images in {folder} differ in size: {a[0]}x{a[1]} ({Path(fa).name}) and {rest[0][0][0]}x'
+                               f'{rest[0][0][1]} ({Path(rest[0][1]).name}); every sample must have the same size')
 
 def load_samples_npz(path) -> tuple:
     "Images (uint8 NHWC) and labels (or None) from an ADM-style `.npz` (`arr_0`, `arr_1`) or one with `x`, `y`."
