@@ -143,8 +143,9 @@ def imf_source(key: str) -> tuple:
 
 # %% ../nbs/15_pretrained.ipynb #17cde2df
 _MF_RENAMES = [  # (our name, flax tree path) regular expressions, applied in turn
+    (r'_embedder\.mlp\.(\d)\.', r'_embedder.mlp.layers_\1.'),  # before the blocks' mlp.0 / mlp.2
     (r'^blocks\.(\d+)\.', r'blocks.layers_\1.'), (r'\.mlp\.0\.', '.mlp.fc1.'), (r'\.mlp\.2\.', '.mlp.fc2.'),
-    (r'_embedder\.mlp\.(\d)\.', r'_embedder.mlp.layers_\1.'), (r'adaLN_modulation\.1\.', 'adaLN_modulation.layers_1.'),
+    (r'adaLN_modulation\.1\.', 'adaLN_modulation.layers_1.'),
     (r'^y_embedder\.embedding_table\.weight$', 'y_embedder.embedding_table._flax_embedding.embedding'),
 ]
 
@@ -230,7 +231,7 @@ def _spec_of(path: Path):
 def _check_size(name: str, kw: dict, what: str):
     "The size read from the weights must be the size of the registered model `name`."
     reg = DiT_models[name].keywords
-    diff = {k: (kw[k], v) for k, v in reg.items() if k in kw and kw[k] != v}
+    diff = {k: (kw[k], v) for k, v in reg.items() if kw.get(k) and kw[k] != v}  # 0: not known from the file
     check(not diff, f'{what} is not a {name}: ' + ', '.join(f'{k} {a} in the file, {b} in {name}' for k, (a, b) in diff.items()))
 
 def load_pretrained(name_or_path: str | Path, # a name of `PRETRAINED` ('iMF-XL/2', 'MF-B/4', ...) or a checkpoint file / folder
