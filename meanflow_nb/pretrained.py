@@ -13,9 +13,9 @@ from .core import ConfigError, check
 from .models import DiT, iMFDiT, DiT_models
 
 # %% auto #0
-__all__ = ['HF_REPO', 'PRETRAINED', 'Pretrained', 'pretrained_dir', 'resolve_checkpoint', 'read_checkpoint', 'imf_source',
-           'mf_source', 'imf_arch', 'mf_arch', 'convert_official', 'load_pretrained', 'pretrained_config',
-           'pretrained_run']
+__all__ = ['HF_REPO', 'PRETRAINED', 'REF_STATS', 'Pretrained', 'pretrained_dir', 'resolve_checkpoint', 'read_checkpoint',
+           'imf_source', 'mf_source', 'imf_arch', 'mf_arch', 'convert_official', 'load_pretrained', 'pretrained_config',
+           'pretrained_run', 'fid_command']
 
 # %% ../nbs/15_pretrained.ipynb #78866cff
 HF_REPO = 'Lyy0725/iMF'  # the iMF authors' Hugging Face Hub repository
@@ -95,13 +95,17 @@ def _read_orbax(path: Path) -> dict:
     except ImportError:
         raise ConfigError(f'{path} is a flax (orbax) checkpoint folder: reading it needs `pip install tensorstore`, '
                           'or export it to .npz once (see meanflow_nb.pretrained)') from None
-    base = {'driver': 'file', 'path': str(path.resolve()) + '/'}
-    kv = {'driver': 'ocdbt', 'base': base} if (path / 'manifest.ocdbt').exists() else base
-    keys = [k.decode() for k in ts.KvStore.open(kv).result().list().result()]
-    names = sorted(k[:-len('/.zarray')] for k in keys if k.endswith('/.zarray'))
-    check(len(names) > 0, f'{path} holds no zarr arrays: not a flax / orbax checkpoint folder')
-    read = lambda n: ts.open({'driver': 'zarr', 'kvstore': {**kv, 'path': n + '/'}}, open=True).result().read().result()
-    return {n: torch.from_numpy(np.array(read(n))) for n in names}
+    file = lambda d: {'driver': 'file', 'path': str(d.resolve()) + '/'}
+    dbs = [d for d in [path, *sorted(path.glob('ocdbt.process_*'))] if (d / 'manifest.ocdbt').exists()]  # merged, or per process
+    stores = [{'driver': 'ocdbt', 'base': file(d)} for d in dbs] or [file(path)]                   # else one folder per array
+    out = {}
+    for kv in stores:
+        keys = [k.decode() for k in ts.KvStore.open(kv).result().list().result()]
+        for n in sorted(k[:-len('/.zarray')] for k in keys if k.endswith('/.zarray')):
+            a = ts.open({'driver': 'zarr', 'kvstore': {**kv, 'path': n + '/'}}, open=True).result().read().result()
+            out[n] = torch.from_numpy(np.array(a))
+    check(len(out) > 0, f'{path} holds no zarr arrays: not a flax / orbax checkpoint folder')
+    return out
 
 def read_checkpoint(path: str | Path) -> dict:
     "Flat `{dotted name: tensor}` of a `.pth`/`.pt`, `.safetensors` or `.npz` file, or of a flax (orbax) folder."
@@ -207,8 +211,9 @@ def convert_official(model: nn.Module, # the network to fill (`iMFDiT` or `DiT`)
     for k, ref in model.state_dict().items():
         names, how = source_fn(k)
         miss = [n for n in names if n not in src]
+        used.update(n for n in names if n in src)                 # a part of a fused group is not 'unused'
         if miss: missing.update(miss); continue
-        t = _COMBINE[how]([src[n] for n in names]); used.update(names)
+        t = _COMBINE[how]([src[n] for n in names])
         if tuple(t.shape) != tuple(ref.shape): bad_shape.append(f'{"+".join(names)} {tuple(t.shape)} (expected {tuple(ref.shape)})')
         else: sd[k] = t.to(ref.dtype)
     unused = {k for k in src if k not in used and not k.startswith(tuple(ignore))}
@@ -232,7 +237,7 @@ def _check_size(name: str, kw: dict, what: str):
     "The size read from the weights must be the size of the registered model `name`."
     reg = DiT_models[name].keywords
     diff = {k: (kw[k], v) for k, v in reg.items() if kw.get(k) and kw[k] != v}  # 0: not known from the file
-    check(not diff, f'{what} is not a {name}: ' + ', '.join(f'{k} {a} in the file, {b} in {name}' for k, (a, b) in diff.items()))
+    check(not diff, f'{what} does not hold {name}: ' + ', '.join(f'{k} {a} in the file, {b} in {name}' for k, (a, b) in diff.items()))
 
 def load_pretrained(name_or_path: str | Path, # a name of `PRETRAINED` ('iMF-XL/2', 'MF-B/4', ...) or a checkpoint file / folder
                     model: str | None = None, # registered size the file must have (default: from the name or file name)
@@ -275,3 +280,18 @@ def pretrained_run(name_or_path: str | Path, # a name of `PRETRAINED` or a check
     imf = isinstance(net, iMFDiT)
     name = spec.model if spec else ('iMF' if imf else 'DiT')
     return pretrained_config(spec, 'imf' if imf else 'mf', name, nfe), net, (net.in_channels, net.input_size, net.input_size), -1
+
+# %% ../nbs/15_pretrained.ipynb #81c4ca70
+REF_STATS = {'ADM': 'VIRTUAL_imagenet256_labeled.npz', # guided-diffusion's ImageNet 256 reference batch (MF's FID)
+             'JiT': 'jit_in256_stats.npz'} # JiT's `fid_stats/` file, the reference of iMF's PyTorch README
+
+def fid_command(name: str, # a name of `PRETRAINED`
+                nfe: int = 1, gpus: int = 8, ckpt_dir: str = 'ckpts', ref_dir: str = 'ref', batch_size: int = 64,
+                ref: str | None = None, # 'ADM' or 'JiT' (default: the one the authors used)
+               ) -> str:
+    "The two commands that reproduce the authors' FID-50K of a released checkpoint: `mf-sample` then `mf-fid`."
+    check(name in PRETRAINED, f'no released checkpoint {name!r}; valid: {", ".join(PRETRAINED)}')
+    spec = PRETRAINED[name]; out = f'fid/{name.replace("/", "-")}_nfe{nfe}'
+    return (f'torchrun --standalone --nproc_per_node {gpus} $(which mf-sample) --pretrained {name} --ckpt {ckpt_dir}/{spec.file} '
+            f'-n 50000 --nfe {nfe} --batch-size {batch_size} --out {out} && '
+            f'mf-fid {out}/samples.npz --metric fid --ref {ref_dir}/{REF_STATS[ref or spec.ref]} --batch-size 250')

@@ -314,3 +314,28 @@ def test_cli_sample_pretrained_file(tmp_path, capsys):
     import json
     meta = json.loads((tmp_path / 'out' / 'meta.json').read_text())
     assert meta['method'] == 'imf' and meta['eval_omega'] == 3.0 and meta['nfe'] == 2
+
+
+def _write_orbax(folder, arrays: dict):
+    "An orbax-style flax checkpoint: one zarr (v2, zstd) array per tree path, named by the dotted path, in one OCDBT store."
+    ts = pytest.importorskip('tensorstore')
+    kv = {'driver': 'ocdbt', 'base': {'driver': 'file', 'path': str(folder) + '/'}}
+    for name, a in arrays.items():
+        spec = {'driver': 'zarr', 'kvstore': {**kv, 'path': name + '/'},
+                'metadata': {'shape': list(a.shape), 'chunks': list(a.shape), 'compressor': {'id': 'zstd'}, 'dtype': a.dtype.str}}
+        t = ts.open(spec, create=True, open=True).result()
+        t.write(a).result()
+    (folder / '_METADATA').write_text('{}')
+
+
+def test_mf_orbax_folder(tmp_path):
+    "The unzipped MF-B/4 download is a flax/orbax folder: read through tensorstore, converted like the .npz export."
+    ema = official_mf_tree(seed=0, dtype=np.float32)
+    arrays = {f'ema_params.net.{k.replace("/", ".")}': v for k, v in ema.items()}
+    arrays['params.net.x_embedder.proj.bias'] = np.ones(32, np.float32); arrays['step'] = np.array(5, np.int64)
+    (tmp_path / 'ckpt').mkdir()
+    _write_orbax(tmp_path / 'ckpt', arrays)
+    assert (tmp_path / 'ckpt' / 'manifest.ocdbt').exists()
+    net = load_pretrained(tmp_path / 'ckpt', input_size=8, num_heads=2)
+    torch.testing.assert_close(net.x_embedder.proj.weight, torch.from_numpy(ema['x_embedder/proj/kernel']).permute(3, 2, 0, 1))
+    torch.testing.assert_close(net.blocks[1].mlp[2].weight, torch.from_numpy(ema['blocks/layers_1/mlp/fc2/_flax_linear/kernel']).T)
