@@ -179,12 +179,14 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
 
 _FILE_DATA = ('imagefolder', 'latents')
 
+_ANY_TYPE = ('micro_batch',) # fields whose own checks accept more than their default's type (an int or 'auto')
+
 def _check_types(cfg: TrainConfig):
     "Every field has its default's type (an int where a float goes is fine) and every float is finite."
     for f in dataclasses.fields(cfg):
         d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         v = getattr(cfg, f.name)
-        if d is None: continue
+        if d is None or f.name in _ANY_TYPE: continue
         if isinstance(d, bool): ok, kind = isinstance(v, bool), 'true or false'
         elif isinstance(d, int): ok, kind = isinstance(v, numbers.Integral) and not isinstance(v, bool), 'an integer'
         elif isinstance(d, float): ok, kind = isinstance(v, numbers.Real) and not isinstance(v, bool), 'a number'
@@ -431,7 +433,9 @@ def _state(cfg, step, model, emas, opt, loss_fn=None) -> dict:
 RESUME_MAY_CHANGE = ( # config fields that may differ between a checkpoint and the run that resumes it
     'steps', 'epochs', # extend the run (never below the checkpoint's step)
     'log_every', 'sample_every', 'ckpt_every', 'keep_ckpts', 'eval_samples', 'baseline_fm', # bookkeeping and evaluation
-    'num_workers', 'dist_timeout', 'grad_check_every', 'compile', # how it runs, not what it computes
+    'num_workers', 'dist_timeout', 'grad_check_every', 'compile', 'bf16', # how it runs, not what it computes
+    'tf32', 'jvp_dtype', 'micro_batch', 'grad_ckpt', 'overlap_sync', 'bucket_mb', 'compile_step', # (the GPU path's knobs)
+    'ckpt_every_minutes', 'param_check_every',
     'out', 'data_path', 'init_from', 'preset', # where things are (moved data, a renamed folder); init_from is moot on resume
     'eval_omega', 'eval_t_min', 'eval_t_max', # sampling-time guidance of iMF
 )
