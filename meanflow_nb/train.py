@@ -502,11 +502,16 @@ def check_resume(cfg: TrainConfig, st: dict, out: Path, total: int):
     check(total >= st['step'], f'cannot resume {str(out)!r}: it is at step {st["step"]}, but this config trains {total} '
                                f'steps; pass --steps {st["step"]} or more')
 
+def _log_step(line: str) -> float:
+    "The step of a `log.jsonl` line; inf for a torn one (a kill mid-write), so that it is dropped."
+    try: return json.loads(line)['step']
+    except (ValueError, KeyError, TypeError): return math.inf
+
 def _trim_log(out: Path, start: int):
-    "Cut `log.jsonl` back to the steps `<= start`, so a restarted or resumed run logs every step once."
+    "Cut `log.jsonl` back to the steps `<= start` (and drop a torn last line), so a resumed run logs every step once."
     p = out / 'log.jsonl'
     if not p.exists(): return
-    keep = [l for l in p.read_text().splitlines(keepends=True) if l.strip() and json.loads(l).get('step', 0) <= start]
+    keep = [l if l.endswith('\n') else l + '\n' for l in p.read_text().splitlines(keepends=True) if _log_step(l) <= start]
     tmp = p.with_suffix('.tmp'); tmp.write_text(''.join(keep)); os.replace(tmp, p)
 
 # %% ../nbs/08_train.ipynb #b9e5f28d

@@ -167,6 +167,7 @@ def test_resume_is_exact_including_the_optimizer(base, run, capsys):
     "Killed right after step 10's checkpoint (step 20's lost), resumed with other logging: the same weights, EMA and AdamW state."
     (run / 'ckpt_00000020.pt').unlink(); (run / 'metrics.json').unlink()
     assert log_steps(run) == [5, 10, 15, 20]  # lines logged after the checkpoint, as a killed run leaves them
+    with open(run / 'log.jsonl', 'a') as f: f.write('{"step": 25, "lo')  # and a line torn by the kill
     assert {'steps', 'log_every', 'ckpt_every', 'eval_samples'} <= set(RESUME_MAY_CHANGE)
     code, _, err = cli(cli_train, TOY + ['--steps', '20', '--log_every', '10', '--resume', '--out', run], capsys)
     assert code == 0, err
