@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #6eb7d23a
 from __future__ import annotations
-import os, sys, json, random, functools, math, time
+import os, sys, json, random, functools, math, time, argparse, inspect, warnings
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['RESULT_TABLES', 'bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test',
-           'ConfigError', 'check', 'cli_errors', 'time_interleaved', 'bootstrap_ci', 'paired_diff_ci', 'fmt_ci',
-           'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'save_result', 'load_result', 'result_table', 'md_table',
-           'readme_blocks', 'sync_readme', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
+           'ConfigError', 'check', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved', 'bootstrap_ci',
+           'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'save_result', 'load_result',
+           'result_table', 'md_table', 'readme_blocks', 'sync_readme', 'image_grid', 'show_images', 'scatter2d',
+           'plot_field']
 
 # %% ../nbs/00_core.ipynb #393d5e47
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,16 +67,42 @@ def check(cond: bool, msg: str):
     "Raise `ConfigError(msg)` unless `cond`."
     if not cond: raise ConfigError(msg)
 
+def check_kwargs(fn, # the callable the keywords go to
+                 kw: dict, # the user's keywords
+                 what: str, # how the message names them, e.g. "model_kwargs of ToyMLP"
+                 reserved: tuple = (), # parameters the caller sets itself: not the user's to give
+                ):
+    "Raise `ConfigError` naming the keys of `kw` that `fn` does not take (nothing to check if it takes `**kwargs`)."
+    ps = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in ps.values()): return
+    valid = [n for n, p in ps.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != 'self' and n not in reserved]
+    bad = sorted(set(kw) - set(valid))
+    check(not bad, f'{what}: unknown key(s) {", ".join(bad)}; valid: {", ".join(valid)}')
+
+class CLIParser(argparse.ArgumentParser):
+    "An `ArgumentParser` whose usage errors are one line on stderr with exit code 2, like every other user error."
+    def error(self, message):
+        print(f'error: {self.prog}: {message} (see {self.prog} --help)', file=sys.stderr); sys.exit(2)
+
+def _one_line(ex: Exception) -> str:
+    "The message of `ex` on one line (a `DataLoader` worker re-raises with the worker's traceback: keep its last line)."
+    lines = [l for l in str(ex).strip().splitlines() if l.strip()] or [type(ex).__name__]
+    return lines[-1].split('ConfigError: ', 1)[-1] if len(lines) > 1 else lines[0]
+
 def cli_errors(fn):
-    "Decorator for console scripts: a `ConfigError` (or a missing file) becomes one line on stderr and exit 2."
+    "Decorator for console scripts: a `ConfigError` or an OS error (missing file, full disk) is one line on stderr, exit 2."
     @functools.wraps(fn)
     def _inner(*args, **kwargs):
         try: return fn(*args, **kwargs)
-        except (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as ex:
-            print(f'error: {ex}', file=sys.stderr); sys.exit(2)
+        except (ConfigError, OSError) as ex:
+            print(f'error: {_one_line(ex)}', file=sys.stderr); sys.exit(2)
         except KeyboardInterrupt:
             print('interrupted', file=sys.stderr); sys.exit(130)
     return _inner
+
+# torch's first JVP loads decompositions through the deprecated `torch.jit.script`: its FutureWarning would add
+# lines to the first error after step 1 (nothing for users to act on)
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 
 # %% ../nbs/00_core.ipynb #c13a0018
 def time_interleaved(fns: dict, # name -> callable taking no argument
@@ -276,18 +303,23 @@ def show_images(x: torch.Tensor, nrow: int = 8, ax=None, title: str | None = Non
     if title: ax.set_title(title)
     return ax
 
-def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4.5, s: float = 1, c=None, **kw):
+def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4.5, s: float = 1, c=None,
+              labels: tuple = ('$x_1$', '$x_2$'), # axis labels (the two coordinates)
+              **kw):
     "Scatter 2-D points `(N, 2)` on a square canvas."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(3, 3))
     x = torch.as_tensor(x).detach().cpu()
     ax.scatter(x[:, 0], x[:, 1], s=s, c=c, alpha=kw.pop('alpha', 0.5), linewidths=0, **kw)
     ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim); ax.set_aspect('equal'); ax.set_xticks([]); ax.set_yticks([])
+    ax.set_xlabel(labels[0], fontsize=8, labelpad=1); ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
     if title: ax.set_title(title, fontsize=9)
     return ax
 
 def plot_field(fn, # maps `(N, 2)` points to `(N, 2)` vectors
-               ax=None, lim: float = 4.5, n: int = 21, title: str | None = None, **kw):
+               ax=None, lim: float = 4.5, n: int = 21, title: str | None = None,
+               labels: tuple = ('$z_1$', '$z_2$'), # axis labels (the coordinates of the points)
+               **kw):
     "Quiver plot of a 2-D vector field on an `n x n` grid."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(3, 3))
@@ -297,5 +329,6 @@ def plot_field(fn, # maps `(N, 2)` points to `(N, 2)` vectors
     with torch.no_grad(): vec = fn(pts).detach().cpu()
     ax.quiver(pts[:, 0], pts[:, 1], vec[:, 0], vec[:, 1], angles='xy', **kw)
     ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim); ax.set_aspect('equal'); ax.set_xticks([]); ax.set_yticks([])
+    ax.set_xlabel(labels[0], fontsize=8, labelpad=1); ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
     if title: ax.set_title(title, fontsize=9)
     return ax

@@ -14,8 +14,9 @@ LAYERS = {
     'loss': 3,
     'kim': 4, 'imf': 4,      # the methods: never the trainer
     'train': 5,
-    'eval': 6, 'bench': 6,
-    'study': 7,              # study drivers: they run the trainer
+    'bench': 6, 'pretrained': 6,
+    'eval': 7,               # eval resolves pretrained checkpoints
+    'study': 8,              # study drivers: they run the trainer
 }
 MODULES = sorted(p.stem for p in PKG.glob('*.py') if not p.stem.startswith('_'))
 
