@@ -109,7 +109,8 @@ PRESETS: dict[str, dict] = {
     'toy2d': dict(model='ToyMLP', model_kwargs=dict(hidden=256, depth=4), data='checkerboard', global_batch=1024,
                   lr=1e-3, ema_decays=(0.999,), time_dist='uniform', ratio_r_eq_t=0.5, norm_p=0.75, norm_eps=1e-3,
                   class_dropout=0.0, steps=2000, log_every=100, ckpt_every=1000, baseline_fm=True,
-                  baseline_kwargs=dict(norm_p=0.0)),  # FM as FM: plain squared error (settings: mf-study toy-fm-vs-mf)
+                  # FM as FM: plain squared error, the time distribution chosen by `mf-study toy-fm-vs-mf` on a validation seed
+                  baseline_kwargs=dict(norm_p=0.0, time_dist='logit_normal', P_mean=0.0, P_std=1.0)),
     # a small DiT on scikit-learn's digits, class-conditional with trained-in CFG (MF's B/2 setting omega=1, kappa=0.5)
     'digits': dict(model='DiT-D/2', data='digits', data_kwargs={'size': 8}, num_classes=10, global_batch=128, lr=1e-3,
                    ema_decays=(0.999,), P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,

@@ -1,0 +1,91 @@
+"""The results pipeline: README results blocks equal their rendering from the committed result files, every number of
+the toy table is the bootstrap of the file's per-seed values, `mf-study`'s command line, and the toy preset's plain
+flow-matching baseline."""
+import json, os, re, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+from meanflow_nb.core import bootstrap_ci, fmt_ci, load_result, readme_blocks, RESULT_TABLES, results_dir
+import meanflow_nb.study as study
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / 'README.md').read_text()
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
+
+
+def test_results_dir_is_the_repository_folder():
+    assert results_dir() == ROOT / 'results'
+
+
+def test_readme_blocks_equal_their_rendering():
+    "Every `<!-- results:NAME -->` block of the README is exactly what its renderer makes of the result files."
+    blocks = readme_blocks(README)
+    assert 'toy' in blocks
+    for name, text in blocks.items():
+        assert name in RESULT_TABLES, f'README block {name!r} has no registered renderer'
+        assert text == RESULT_TABLES[name]() + '\n', f'README block {name!r} is stale: run `mf-study readme`'
+
+
+def test_toy_table_numbers_are_the_files_bootstrap():
+    "Independently of the renderer: the table's intervals are exactly `bootstrap_ci` of the file's per-seed columns."
+    res = load_result('toy_fm_vs_mf')
+    rows = [l for l in readme_blocks(README)['toy'].splitlines() if l.startswith('| ') and not l.startswith('| model')]
+    got = [re.findall(r'\d[\d.e-]* \[[^\]]+\]', r) for r in rows]
+    want = []
+    for m, d in res['methods'].items():
+        for sol in ('euler', 'heun', 'native'):
+            if sol in d:
+                for i, k in enumerate(d[sol]['nfe']):
+                    want.append([fmt_ci(bootstrap_ci(np.array(d[sol][met])[:, i])) for met in ('swd', 'energy')])
+    n = len(res['seeds'])
+    assert n >= 3 and all(len(d['native' if 'native' in d else 'euler']['swd']) == n for d in res['methods'].values())
+    assert f'over {n} training seeds' in readme_blocks(README)['toy']
+    assert got == want
+
+
+def test_toy2d_baseline_is_the_studys_choice():
+    "The preset's flow-matching baseline uses the settings the study chose on its validation seed."
+    from meanflow_nb.train import get_config
+    res, cfg = load_result('toy_fm_vs_mf'), get_config('toy2d')
+    chosen = {k: v for k, v in res['fm_settings'].items() if k not in ('method', 'baseline_fm')}
+    assert res['fm_settings']['method'] == 'fm' and res['fm_settings']['norm_p'] == 0.0
+    base = {**{k: getattr(cfg, k) for k in chosen}, **cfg.baseline_kwargs}
+    assert base == chosen, (base, chosen)
+
+
+def test_stale_readme_is_detected(tmp_path):
+    p = tmp_path / 'README.md'
+    block = readme_blocks(README)['toy']
+    first = re.search(r'\d\.\d+ \[', block).group(0)
+    p.write_text(README.replace(block, block.replace(first, '9' + first[1:], 1)))
+    _, stale = study.render_readme(p, write=False)
+    assert stale == ['toy']
+    text, stale = study.render_readme(p, write=True)
+    assert stale == ['toy'] and p.read_text() == README
+
+
+def mf_study(*args):
+    return subprocess.run([sys.executable, '-m', 'meanflow_nb.study', *args], capture_output=True, text=True, env=ENV,
+                          timeout=300, cwd=ROOT)
+
+
+def test_cli_list_check_and_errors():
+    r = mf_study('list')
+    assert r.returncode == 0 and re.search(r'toy-fm-vs-mf\s+~\d+ min', r.stdout), r.stdout + r.stderr
+    r = mf_study('readme', '--check')
+    assert r.returncode == 0 and 'match' in r.stdout, r.stdout + r.stderr
+    r = mf_study('no-such-study')
+    assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and 'unknown study no-such-study' in r.stderr
+
+
+def test_toy2d_baseline_is_plain_flow_matching(tmp_path):
+    "The preset's baseline is trained with its own settings (plain squared error), the MeanFlow run with the preset's."
+    from meanflow_nb.train import get_config, train
+    cfg = get_config('toy2d', steps=2, eval_samples=50, out=str(tmp_path / 'run'), model_kwargs=dict(hidden=8, depth=2))
+    assert cfg.baseline_fm and cfg.baseline_kwargs['norm_p'] == 0.0 and cfg.norm_p == 0.75
+    train(cfg, progress=False)
+    base = json.loads((tmp_path / 'run' / 'baseline_fm' / 'config.json').read_text())
+    main = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert base['method'] == 'fm' and base['baseline_fm'] is False and main['method'] == 'mf'
+    for k, v in cfg.baseline_kwargs.items(): assert base[k] == v, k
+    assert main['norm_p'] == 0.75
