@@ -12,6 +12,11 @@ import torch
 __all__ = ['bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test', 'ConfigError',
            'check', 'cli_errors', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
 
+# %% ../nbs/00_core.ipynb #f63d3b99
+import warnings
+# torch.func.jvp's first call registers decompositions through the deprecated torch.jit.script
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+
 # %% ../nbs/00_core.ipynb #393d5e47
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "Reshape per-sample `t` of shape `(B,)` so it broadcasts against `x` of shape `(B, ...)`."
