@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     emas = [AveragedModel(model, multi_avg_fn=ema_update_fn(d, cfg.ema_warmup)) for d in cfg.ema_decays]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     loss_fn = build_loss(cfg)
-    start = _maybe_resume(out, model, emas, opt, loss_fn) if resume else 0
+    start = _maybe_resume(out, model, emas, opt, loss_fn, verbose=progress) if resume else 0  # progress=False: quiet
     fwd = torch.compile(model) if cfg.compile else model
     if main: (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
     stats, t0 = {}, time.perf_counter()
@@ -433,7 +433,7 @@ def _progress(it, show: bool, desc: str):
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
-def _maybe_resume(out: Path, model, emas, opt, loss_fn=None) -> int:
+def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, verbose: bool = True) -> int:
     "Load the newest usable checkpoint into the run's objects; the step to continue from (0 if none)."
     st = latest_checkpoint(out)
     if st is None:
@@ -443,7 +443,7 @@ def _maybe_resume(out: Path, model, emas, opt, loss_fn=None) -> int:
     for e, s in zip(emas, st['ema']): e.load_state_dict(s)
     opt.load_state_dict(st['opt'])
     if st.get('loss') and hasattr(loss_fn, 'load_state_dict'): loss_fn.load_state_dict(st['loss'])
-    if dist.is_main(): print(f'resumed from step {st["step"]} in {out}', file=sys.stderr)
+    if verbose and dist.is_main(): print(f'resumed from step {st["step"]} in {out}', file=sys.stderr)
     return int(st['step'])
 
 # %% ../nbs/08_train.ipynb #af066f50
@@ -577,7 +577,10 @@ def _flag_str(v) -> str:
 def field_docs(cls=TrainConfig) -> dict:
     "Each field's comment in the source of the dataclass `cls` (its docments): the help text of its flag."
     import inspect, re
-    src = inspect.getsource(cls)
+    try: src = inspect.getsource(cls)
+    except (OSError, TypeError):  # a class defined in a notebook has no file: read the exported one
+        from meanflow_nb import train as exported
+        src = inspect.getsource(getattr(exported, cls.__name__))
     return {m.group(1): m.group(2).strip() for m in re.finditer(r'^\s+(\w+)\s*:[^#\n]*#\s*(.+)$', src, re.M)}
 
 def train_parser(preset: str | None = None, # show this preset's values as the defaults
