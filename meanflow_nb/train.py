@@ -367,6 +367,7 @@ def _state(cfg, step, model, emas, opt, loss_fn=None) -> dict:
 def train(cfg: TrainConfig, # what to train; see `get_config`
           resume: bool = False, # continue from the newest usable checkpoint in `cfg.out`
           progress: bool = True, # show a progress bar on rank 0
+          quiet: bool = False, # no "resumed from step" line (a notebook that re-reads finished runs)
          ) -> dict:
     "Train `cfg` (in a notebook, one process or under torchrun) and return the final metrics."
     device = dist.init_distributed(timeout_s=cfg.dist_timeout)
@@ -384,7 +385,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     emas = [AveragedModel(model, multi_avg_fn=ema_update_fn(d, cfg.ema_warmup)) for d in cfg.ema_decays]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     loss_fn = build_loss(cfg)
-    start = _maybe_resume(out, model, emas, opt, loss_fn, verbose=progress) if resume else 0  # progress=False: quiet
+    start = _maybe_resume(out, model, emas, opt, loss_fn, verbose=not quiet) if resume else 0
     fwd = torch.compile(model) if cfg.compile else model
     if main: (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
     stats, t0 = {}, time.perf_counter()
@@ -411,7 +412,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
                     save_checkpoint(out / f'ckpt_{done:08d}.pt', _state(cfg, done, model, emas, opt, loss_fn))
                     prune_checkpoints(out, cfg.keep_ckpts)
                 dist.barrier()
-    return finish_run(cfg, model, emas, data, device, total, resume, progress)
+    return finish_run(cfg, model, emas, data, device, total, resume, progress, quiet)
 
 # %% ../nbs/08_train.ipynb #39011b4e
 def _init_weights(path: str) -> dict:
@@ -458,12 +459,12 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
     baseline: 'RunResult | None' = None
 
-def finish_run(cfg, model, emas, data, device, total, resume=False, progress=True) -> RunResult:
+def finish_run(cfg, model, emas, data, device, total, resume=False, progress=True, quiet=False) -> RunResult:
     "Train the optional flow-matching baseline, then evaluate on rank 0 and write `metrics.json`."
     out = Path(cfg.out)
     res = RunResult(cfg, model, emas[0].module, out, total)
     if cfg.baseline_fm:
-        res.baseline = train(dataclasses.replace(cfg, method='fm', baseline_fm=False, out=str(out / 'baseline_fm')), resume, progress)
+        res.baseline = train(dataclasses.replace(cfg, method='fm', baseline_fm=False, out=str(out / 'baseline_fm')), resume, progress, quiet)
     metrics = {}
     if dist.is_main():
         metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data, progress) if len(data.shape) == 1 \

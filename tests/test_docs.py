@@ -182,3 +182,17 @@ def test_math_is_typeset_offline(site):
         html = (SITE / m['page']).read_text(encoding='utf-8')
         if re.search(r'\$[^$\n]+\$', nb): assert 'class="arithmatex"' in html, f"{m['page']}: math is not marked"
     assert (SITE / 'mathjax' / 'MathJax.js').exists() and (SITE / 'mathjax' / 'config' / 'TeX-AMS-MML_HTMLorMML-full.js').exists()
+
+
+def test_no_slow_cell_runs_while_building_docs():
+    "nbdev executes every cell that imports something while it builds the docs: a `#| slow` cell must not import."
+    import ast
+    bad = []
+    for nb in NBS:
+        for c in cells(nb):
+            s = src(c)
+            if c['cell_type'] != 'code' or not re.search(r'^#\|\s*(slow|gpu)\b', s, re.M): continue
+            try: tree = ast.parse('\n'.join(l for l in s.split('\n') if not l.lstrip().startswith(('%', '!'))))
+            except SyntaxError: continue
+            if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)): bad.append(f"{nb.name} {c.get('id')}")
+    assert not bad, f'slow cells with imports (move the import into its own cell): {bad}'
