@@ -778,8 +778,11 @@ def train_parser(preset: str | None = None, # show this preset's values as the d
 
 def _preset_of(argv) -> str | None:
     "The --preset among `argv`, if it names a preset (for --help)."
-    pre = argparse.ArgumentParser(add_help=False); pre.add_argument('--preset', default=None)
-    p = pre.parse_known_args(argv)[0].preset
+    class Quiet(argparse.ArgumentParser):
+        def error(self, message): raise ValueError(message)  # e.g. --preset with no value: the real parser reports it
+    pre = Quiet(add_help=False); pre.add_argument('--preset', default=None)
+    try: p = pre.parse_known_args(argv)[0].preset
+    except ValueError: return None
     return p if p in PRESETS else None
 
 def _outputs(out: Path) -> str:
