@@ -15,7 +15,7 @@ previous/next footer and offline search are what a reader of an nbdev site expec
    package ships (no network).
 
 Open `_docs/index.html`. Fails if any notebook does not make a page."""
-import base64, json, re, shutil, sys, time, importlib, importlib.util
+import base64, inspect, json, re, shutil, sys, time, importlib, importlib.util
 from pathlib import Path
 
 import yaml
@@ -109,8 +109,17 @@ def docments_table(expr, mods):
     for mod in mods:
         try: obj = eval(expr, vars(mod))
         except Exception: continue
-        try: return str(DocmentTbl(obj)).strip()
+        try: t = DocmentTbl(obj)
         except Exception: return ''
+        if not t.has_docment: return ''
+        # DocmentTbl's own rows leave the `|` of `Tensor | None` unescaped, which splits the column
+        cell = lambda o: ('' if o is inspect._empty else getattr(o, '__name__', str(o))).replace('|', '\\|')
+        row = lambda cs: '| ' + ' | '.join(cs) + ' |'
+        lines = [row(t._hdr_list), row(['-' * len(h) for h in t._hdr_list])]
+        lines += [row([cell(c) for c in r]) for r in t._row_list]
+        if t.has_return:
+            lines.append(row(['**Returns**'] + [f'**{v}**' if v else '' for v in (cell(t.dm['return'][c]) for c in t._columns)]))
+        return '\n'.join(lines)
     return ''
 
 
