@@ -234,18 +234,23 @@ def show_images(x: torch.Tensor, nrow: int = 8, ax=None, title: str | None = Non
     if title: ax.set_title(title)
     return ax
 
-def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4.5, s: float = 1, c=None, **kw):
+def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4.5, s: float = 1, c=None,
+              labels: tuple = ('$x_1$', '$x_2$'), # axis labels (the two coordinates)
+              **kw):
     "Scatter 2-D points `(N, 2)` on a square canvas."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(3, 3))
     x = torch.as_tensor(x).detach().cpu()
     ax.scatter(x[:, 0], x[:, 1], s=s, c=c, alpha=kw.pop('alpha', 0.5), linewidths=0, **kw)
     ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim); ax.set_aspect('equal'); ax.set_xticks([]); ax.set_yticks([])
+    ax.set_xlabel(labels[0], fontsize=8, labelpad=1); ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
     if title: ax.set_title(title, fontsize=9)
     return ax
 
 def plot_field(fn, # maps `(N, 2)` points to `(N, 2)` vectors
-               ax=None, lim: float = 4.5, n: int = 21, title: str | None = None, **kw):
+               ax=None, lim: float = 4.5, n: int = 21, title: str | None = None,
+               labels: tuple = ('$z_1$', '$z_2$'), # axis labels (the coordinates of the points)
+               **kw):
     "Quiver plot of a 2-D vector field on an `n x n` grid."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(3, 3))
@@ -255,5 +260,6 @@ def plot_field(fn, # maps `(N, 2)` points to `(N, 2)` vectors
     with torch.no_grad(): vec = fn(pts).detach().cpu()
     ax.quiver(pts[:, 0], pts[:, 1], vec[:, 0], vec[:, 1], angles='xy', **kw)
     ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim); ax.set_aspect('equal'); ax.set_xticks([]); ax.set_yticks([])
+    ax.set_xlabel(labels[0], fontsize=8, labelpad=1); ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
     if title: ax.set_title(title, fontsize=9)
     return ax

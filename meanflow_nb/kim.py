@@ -242,8 +242,8 @@ KimLoss.state_dict = lambda self: {'dtd': self.dtd.state_dict()} if self.dtd is 
 KimLoss.load_state_dict = _kim_load
 
 # %% ../nbs/09_kim.ipynb #8110dc64
-STUDY_FIELDS = dict(v_target_noise=0.0, # Obs. 2: noise k * ||v|| on the v-loss target only
-                    gap_range=(), # Obs. 3: (lo, hi): u-loss only, MeanFlow's gaps rescaled into [lo, hi]
+STUDY_FIELDS = dict(v_target_noise=0.0, # O1 (Fig. 3): noise k * ||v|| on the v-loss target only
+                    gap_range=(), # O2 (Fig. 4): (lo, hi): u-loss only, MeanFlow's gaps rescaled into [lo, hi]
                     dtd_clustering='uniform') # DTD clusters: 'uniform' or 'quantile'
 
 def kim_loss(cfg, # a TrainConfig (kim_accel, kim_beta, kim_k, minsnr_gamma, dtd_clusters, dtd_patience, study fields)
@@ -276,7 +276,7 @@ def study_config(preset: str | None = None, **kw):
 # %% ../nbs/09_kim.ipynb #251f9fb0
 def gap_range_sampler(lo: float, hi: float, # target gap range [lo, hi]
                       P_mean: float = -0.4, P_std: float = 1.0, time_dist: str = 'logit_normal') -> Callable:
-    "`(t, r)` sampler of Kim's Obs. 3: no `r = t`; MeanFlow's raw gap rescaled into `[lo, hi]`, `t` kept, `r >= 0`."
+    "`(t, r)` sampler of Kim's O2 study (Fig. 4): no `r = t`; MeanFlow's raw gap rescaled into `[lo, hi]`, `t` kept, `r >= 0`."
     check(0 <= lo <= hi <= 1, f'need 0 <= lo <= hi <= 1, got [{lo}, {hi}]')
     def sampler(n, generator=None, device=None, step=0, total=1):
         t, r = sample_t_r(n, P_mean, P_std, 0.0, time_dist, generator, device)

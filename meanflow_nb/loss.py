@@ -83,7 +83,7 @@ class MeanFlowLoss:
     cfg_t_end: float = 1.0
     tr_sampler: Callable | None = None # optional (n, generator, device, step, total) -> (t, r), replaces sample_t_r
     extra_weight: Callable | None = None # optional (t, r, step, total) -> (B,) weights applied after the adaptive weight
-    v_target_noise: float = 0.0 # Kim et al. Obs. 2: add noise of scale k*||v|| to the v-loss (r = t) target only
+    v_target_noise: float = 0.0 # Kim et al. O1 (Fig. 3): add noise of scale k*||v|| to the v-loss (r = t) target only
 
     def __post_init__(self):
         for n in ('ratio_r_eq_t', 'class_dropout', 'cfg_t_start', 'cfg_t_end'):

@@ -67,8 +67,8 @@ class TrainConfig:
     dtd_clusters: int = 20 # DTD: number of t clusters
     dtd_patience: int = 0 # DTD: max steps per stage (0: an equal share of the first half of training)
     dtd_clustering: str = 'uniform' # DTD: t clusters of equal width ('uniform') or equal base mass ('quantile')
-    v_target_noise: float = 0.0 # Kim et al. Obs. 2: noise of scale k * ||v|| on the v-loss target only
-    gap_range: tuple = () # Kim et al. Obs. 3: (lo, hi) rescales every gap t - r into [lo, hi], u-loss only (method kim)
+    v_target_noise: float = 0.0 # Kim et al. O1 (Fig. 3): noise of scale k * ||v|| on the v-loss target only
+    gap_range: tuple = () # Kim et al. O2 (Fig. 4): (lo, hi) rescales every gap t - r into [lo, hi], u-loss only (method kim)
     # --- Improved MeanFlow
     imf_omega_max: float = 8.0 # guidance scales are drawn from [1, imf_omega_max]
     imf_omega_beta: float = 1.0 # density proportional to omega ** -beta (1: log-uniform)
@@ -511,14 +511,19 @@ def save_sample_grid(cfg: TrainConfig, model: nn.Module, shape: tuple, path: Pat
     fig.tight_layout(); fig.savefig(path, dpi=110)
 
 def plot_log(out: Path, path: Path | None = None):
-    "Loss curves (`loss`, `loss_u`, `loss_v`) of a run from its `log.jsonl` (saved to `path` if given)."
+    "The raw u- and v-errors and the adaptive-weighted loss of a run, from its `log.jsonl` (saved to `path` if given)."
     from matplotlib.figure import Figure
     rows = [json.loads(l) for l in open(Path(out) / 'log.jsonl')]
-    fig = Figure(figsize=(10, 2.8)); axs = fig.subplots(1, 3)
-    for ax, k in zip(axs, ('loss', 'loss_u', 'loss_v')):
-        ys = [r[k] for r in rows]
-        ax.plot([r['step'] for r in rows], ys); ax.set_title(k, fontsize=9); ax.set_xlabel('step')
-        if any(y > 0 for y in ys): ax.set_yscale('log')  # a run with no r = t (or no r < t) samples logs zeros
+    steps = [r['step'] for r in rows]
+    fig = Figure(figsize=(10, 3)); axs = fig.subplots(1, 2)
+    for k, label in (('loss_u', 'loss_u: u-term, r < t'), ('loss_v', 'loss_v: v-term, r = t')):
+        ys = [r.get(k, 0.0) for r in rows]
+        if any(y > 0 for y in ys): axs[0].plot(steps, ys, label=label)  # a run with no r = t (or no r < t) samples logs zeros
+    axs[0].set_xlabel('step'); axs[0].set_ylabel('squared error per sample (raw)')
+    axs[0].set_title('raw errors, before the adaptive weight', fontsize=9); axs[0].legend(fontsize=8)
+    axs[1].plot(steps, [r['loss'] for r in rows], c='k')
+    axs[1].set_xlabel('step'); axs[1].set_ylabel('loss (adaptive-weighted)')
+    axs[1].set_title('the loss the optimiser sees', fontsize=9)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig
