@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None):
     branch = git('rev-parse', '--abbrev-ref', 'HEAD', cwd=root)
     if branch != cfg.branch: fail(f'releases are cut from {cfg.branch}, this is {branch}')
     if git('status', '--porcelain', cwd=root): fail('the working tree has uncommitted changes: commit or stash them first')
-    if not a.no_push and a.remote not in git('remote', cwd=root).split(): fail(f'no git remote {a.remote!r} (use --remote or --no-push)')
+    if not a.no_push:
+        if a.remote not in git('remote', cwd=root).split(): fail(f'no git remote {a.remote!r} (use --remote or --no-push)')
+        git('fetch', '-q', a.remote, branch, cwd=root)
+        if git('rev-list', '--count', 'HEAD..FETCH_HEAD', cwd=root) != '0': fail(f'{branch} is behind {a.remote}/{branch}: pull first')
     old = cfg.version
     new = bump_version(old, a.part)
     if git('tag', '--list', new, cwd=root): fail(f'tag {new} exists already')

@@ -8,7 +8,7 @@ import os, sys, json, time, math, argparse, platform, subprocess, tempfile
 from pathlib import Path
 import numpy as np
 import torch
-from .core import ConfigError, check, cli_errors, set_seed
+from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
 __all__ = ['PARTS', 'SIZES', 'time_interleaved', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader', 'bench_data',
@@ -238,7 +238,7 @@ def bench_table(res: dict) -> str:
 @cli_errors
 def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     "Console script `mf-bench`: run benchmark parts, print a table, optionally write JSON."
-    p = argparse.ArgumentParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models.')
+    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models.')
     p.add_argument('parts', nargs='*', default=['all'], help=f'all (default) or any of: {", ".join(PARTS)}')
     p.add_argument('--json', default=None, help='also write the results here')
     p.add_argument('--tiny', action='store_true', help='tiny sizes (a smoke test in seconds)')
@@ -246,6 +246,8 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     a = p.parse_args(argv)
     parts = PARTS if 'all' in a.parts else tuple(a.parts)
     check(a.threads >= 1, f'--threads must be >= 1, got {a.threads}')
+    check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')  # before the run
+    bad = sorted(set(parts) - set(PARTS)); check(not bad, f'unknown part(s) {", ".join(bad)}; choose from {", ".join(PARTS)} or all')
     res = run_bench(parts, 'tiny' if a.tiny else 'default', a.threads)
     print(bench_table(res))
     if a.json: Path(a.json).write_text(json.dumps(res, indent=1))

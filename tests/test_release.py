@@ -109,6 +109,8 @@ def test_release_script(tmp_path):
     (tmp_path / lib).mkdir()
     for f in ['settings.ini', 'CHANGELOG.md', f'{lib}/__init__.py']: shutil.copy(ROOT / f, tmp_path / f)
     _git(tmp_path, 'init', '-q', '-b', CFG['branch']); _git(tmp_path, 'add', '-A'); _git(tmp_path, 'commit', '-qm', 'start')
+    _git(tmp_path.parent, 'init', '-q', '--bare', str(tmp_path.parent / 'remote.git'))  # stands in for GitHub
+    _git(tmp_path, 'remote', 'add', 'origin', str(tmp_path.parent / 'remote.git')); _git(tmp_path, 'push', '-q', 'origin', CFG['branch'])
     ini0, log0 = (tmp_path / 'settings.ini').read_text(), (tmp_path / 'CHANGELOG.md').read_text()
     major, minor, _ = map(int, CFG['version'].split('.'))
     new = f'{major}.{minor + 1}.0'
@@ -119,7 +121,7 @@ def test_release_script(tmp_path):
     assert (tmp_path / 'settings.ini').read_text() == ini0
     (tmp_path / 'stray.txt').unlink()
 
-    res = _release(tmp_path, '--part', '1', '--no-push')
+    res = _release(tmp_path, '--part', '1')  # the one command: bump, changelog, commit, tag, push
     assert res.returncode == 0, res.stderr
     ini1 = (tmp_path / 'settings.ini').read_text()
     assert ini1 == re.sub(r'^version = .*$', f'version = {new}', ini0, flags=re.MULTILINE) != ini0  # only the version
@@ -130,6 +132,8 @@ def test_release_script(tmp_path):
     assert _git(tmp_path, 'status', '--porcelain') == ''
     assert _git(tmp_path, 'rev-list', '-n', '1', new) == _git(tmp_path, 'rev-parse', 'HEAD')
     assert _git(tmp_path, 'log', '-1', '--format=%s') == f'Release {new}'
+    remote = dict(l.split('\t')[::-1] for l in _git(tmp_path, 'ls-remote', 'origin').splitlines())
+    assert remote[f"refs/heads/{CFG['branch']}"] == remote[f'refs/tags/{new}^{{}}'] == _git(tmp_path, 'rev-parse', 'HEAD')
 
     res = _release(tmp_path, '--no-push')  # nothing new under "Unreleased": refused
     assert res.returncode == 2 and 'Unreleased' in res.stderr, res.stderr
