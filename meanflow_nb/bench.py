@@ -11,25 +11,12 @@ import torch
 from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
-__all__ = ['PARTS', 'SIZES', 'time_interleaved', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader', 'bench_data',
+__all__ = ['PARTS', 'SIZES', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader', 'bench_data',
            'steps_per_s_from_log', 'bench_ddp', 'bench_model_forward', 'run_bench', 'bench_rows', 'bench_table',
            'cli_bench']
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
-def time_interleaved(fns: dict, # name -> callable taking no argument
-                     repeats: int = 5, # timed calls of each
-                     warmup: int = 1, # untimed calls of each first
-                    ) -> dict:
-    "Median wall and process-CPU milliseconds of each callable, called round-robin: `{name: {'wall_ms', 'cpu_ms'}}`."
-    check(repeats >= 1 and warmup >= 0, f'need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}')
-    for _ in range(warmup):
-        for f in fns.values(): f()
-    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time(); f()
-            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
-    return {k: {'wall_ms': 1e3 * float(np.median(wall[k])), 'cpu_ms': 1e3 * float(np.median(cpu[k]))} for k in fns}
+from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
 
 # %% ../nbs/12_bench.ipynb #c809f04c
 def step_fn(preset: str = 'digits', # a `meanflow_nb.train.PRESETS` key

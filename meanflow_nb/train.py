@@ -89,6 +89,7 @@ class TrainConfig:
     keep_ckpts: int = 3 # how many recent checkpoints to keep
     eval_samples: int = 10000 # samples for the end-of-run metrics
     baseline_fm: bool = False # also train a flow-matching baseline on the same budget (toy figure)
+    baseline_kwargs: dict = field(default_factory=dict) # the baseline's own settings, e.g. {'norm_p': 0.0} (plain FM)
     seed: int = 0 # the whole run is a function of this seed
     out: str = 'runs/run' # run folder
     dist_timeout: float = 600.0 # seconds before a collective with a dead rank fails
@@ -107,7 +108,8 @@ PRESETS: dict[str, dict] = {
     # (uniform times: on this toy they beat the ImageNet logit-normal for both MF and FM, SWD 0.18 vs 0.21 at 2k steps)
     'toy2d': dict(model='ToyMLP', model_kwargs=dict(hidden=256, depth=4), data='checkerboard', global_batch=1024,
                   lr=1e-3, ema_decays=(0.999,), time_dist='uniform', ratio_r_eq_t=0.5, norm_p=0.75, norm_eps=1e-3,
-                  class_dropout=0.0, steps=2000, log_every=100, ckpt_every=1000, baseline_fm=True),
+                  class_dropout=0.0, steps=2000, log_every=100, ckpt_every=1000, baseline_fm=True,
+                  baseline_kwargs=dict(norm_p=0.0)),  # FM as FM: plain squared error (settings: mf-study toy-fm-vs-mf)
     # a small DiT on scikit-learn's digits, class-conditional with trained-in CFG (MF's B/2 setting omega=1, kappa=0.5)
     'digits': dict(model='DiT-D/2', data='digits', data_kwargs={'size': 8}, num_classes=10, global_batch=128, lr=1e-3,
                    ema_decays=(0.999,), P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
@@ -610,7 +612,8 @@ def finish_run(cfg, model, emas, data, device, total, resume=False, progress=Tru
     out = Path(cfg.out)
     res = RunResult(cfg, model, emas[0].module, out, total)
     if cfg.baseline_fm:
-        res.baseline = train(dataclasses.replace(cfg, method='fm', baseline_fm=False, out=str(out / 'baseline_fm')), resume, progress)
+        res.baseline = train(dataclasses.replace(cfg, **{**cfg.baseline_kwargs, 'method': 'fm', 'baseline_fm': False,
+                                                        'baseline_kwargs': {}, 'out': str(out / 'baseline_fm')}), resume, progress)
     metrics = {}
     if dist.is_main():
         metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data) if len(data.shape) == 1 \
