@@ -19,13 +19,13 @@ from . import dist
 from .loss import MeanFlowLoss, sample_meanflow
 
 # %% auto #0
-__all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'RESUME_MAY_CHANGE', 'RUN_FILES', 'TrainConfig',
-           'get_config', 'validate_config', 'build_model', 'build_loss', 'generate', 'ToyData', 'DatasetData',
-           'build_data', 'total_steps', 'RunError', 'train_step', 'state_digest', 'nonfinite_weights',
+__all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'RESUME_MAY_CHANGE', 'RUN_FILES', 'METHOD_NAMES',
+           'TrainConfig', 'get_config', 'validate_config', 'build_model', 'build_loss', 'generate', 'ToyData',
+           'DatasetData', 'build_data', 'total_steps', 'RunError', 'train_step', 'state_digest', 'nonfinite_weights',
            'save_checkpoint', 'load_checkpoint', 'list_checkpoints', 'prune_checkpoints', 'latest_checkpoint',
            'ema_update_fn', 'release_run_folder', 'lock_run_folder', 'clear_run_folder', 'claim_run_folder',
-           'config_diff', 'check_resume', 'train', 'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid',
-           'plot_log', 'evaluate_images', 'train_parser', 'cli_train']
+           'config_diff', 'check_resume', 'train', 'run_label', 'RunResult', 'finish_run', 'evaluate_toy',
+           'save_sample_grid', 'plot_log', 'evaluate_images', 'field_docs', 'train_parser', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #05ebb6f1
 @dataclass
@@ -79,7 +79,7 @@ class TrainConfig:
     imf_v_head: bool = True # auxiliary v-head (False: v = u(z, t, t), the zero-parameter variant)
     eval_omega: float = 1.0 # iMF guidance scale at sampling time
     eval_t_min: float = 0.0 # iMF guidance interval at sampling time
-    eval_t_max: float = 1.0
+    eval_t_max: float = 1.0 # iMF guidance interval end at sampling time
     # --- length and bookkeeping
     steps: int = 0 # training steps (0: derive from epochs)
     epochs: float = 0.0 # passes over the data (used when steps = 0)
@@ -521,6 +521,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
           resume: bool = False, # continue from the newest usable checkpoint in `cfg.out`
           overwrite: bool = False, # start over in a folder that holds a run (deletes its checkpoints and logs)
           progress: bool = True, # show a progress bar on rank 0
+          quiet: bool = False, # no "resumed from step" line (a notebook that re-reads finished runs)
          ) -> dict:
     "Train `cfg` (in a notebook, one process or under torchrun) and return the final metrics."
     device = dist.init_distributed(timeout_s=cfg.dist_timeout)
@@ -537,12 +538,12 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     emas = [AveragedModel(model, multi_avg_fn=ema_update_fn(d, cfg.ema_warmup)) for d in cfg.ema_decays]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     loss_fn = build_loss(cfg)
-    start = _maybe_resume(out, model, emas, opt, loss_fn, cfg, total) if resume else 0
+    start = _maybe_resume(out, model, emas, opt, loss_fn, cfg, total, verbose=not quiet) if resume else 0
     fwd = torch.compile(model) if cfg.compile else model
     if main: (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
     stats, t0 = {}, time.perf_counter()
     batches = data.batches(start, cfg.global_batch, rank, world, cfg.seed, device)
-    bar = _progress(range(start, total), main and progress, cfg.preset or cfg.method)
+    bar = _progress(range(start, total), main and progress, run_label(cfg))
     with open(out / 'log.jsonl', 'a') if main else open(os.devnull, 'w') as log:
         for step in bar:
             x, y = next(batches)
@@ -564,7 +565,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
                     save_checkpoint(out / f'ckpt_{done:08d}.pt', _state(cfg, done, model, emas, opt, loss_fn))
                     prune_checkpoints(out, cfg.keep_ckpts)
                 dist.barrier()
-    res = finish_run(cfg, model, emas, data, device, total, resume, progress)
+    res = finish_run(cfg, model, emas, data, device, total, resume, progress, quiet)
     if main: release_run_folder(out)
     return res
 
@@ -576,12 +577,19 @@ def _init_weights(path: str) -> dict:
     if st is None: raise ConfigError(f'init_from: no checkpoint in {path}')
     return st['model']
 
+METHOD_NAMES = {'fm': 'flow matching', 'mf': 'MeanFlow', 'kim': 'Kim et al.', 'imf': 'iMF'}
+
+def run_label(cfg: TrainConfig) -> str:
+    "What a progress bar calls a run: its preset and its method ('toy2d: flow matching' for the toy's baseline)."
+    m = METHOD_NAMES.get(cfg.method, cfg.method)
+    return f'{cfg.preset}: {m}' if cfg.preset else m
+
 def _progress(it, show: bool, desc: str):
     if not show: return it
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
-def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=None) -> int:
+def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=None, verbose: bool = True) -> int:
     "Load the newest usable checkpoint into the run's objects (after `check_resume`); the step to continue from (0 if none)."
     st = latest_checkpoint(out)
     if st is None:
@@ -592,7 +600,7 @@ def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=Non
     for e, s in zip(emas, st['ema']): e.load_state_dict(s)
     opt.load_state_dict(st['opt'])
     if st.get('loss') and hasattr(loss_fn, 'load_state_dict'): loss_fn.load_state_dict(st['loss'])
-    if dist.is_main(): print(f'resumed from step {st["step"]} in {out}', file=sys.stderr)
+    if verbose and dist.is_main(): print(f'resumed from step {st["step"]} in {out}', file=sys.stderr)
     return int(st['step'])
 
 # %% ../nbs/08_train.ipynb #af066f50
@@ -607,16 +615,17 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
     baseline: 'RunResult | None' = None
 
-def finish_run(cfg, model, emas, data, device, total, resume=False, progress=True) -> RunResult:
+def finish_run(cfg, model, emas, data, device, total, resume=False, progress=True, quiet=False) -> RunResult:
     "Train the optional flow-matching baseline, then evaluate on rank 0 and write `metrics.json`."
     out = Path(cfg.out)
     res = RunResult(cfg, model, emas[0].module, out, total)
     if cfg.baseline_fm:
         res.baseline = train(dataclasses.replace(cfg, **{**cfg.baseline_kwargs, 'method': 'fm', 'baseline_fm': False,
-                                                        'baseline_kwargs': {}, 'out': str(out / 'baseline_fm')}), resume, progress)
+                                                        'baseline_kwargs': {}, 'out': str(out / 'baseline_fm')}),
+                             resume=resume, progress=progress, quiet=quiet)
     metrics = {}
     if dist.is_main():
-        metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data) if len(data.shape) == 1 \
+        metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data, progress) if len(data.shape) == 1 \
             else evaluate_images(cfg, res.ema, data.shape, device)
         metrics.update(steps=total, method=cfg.method, preset=cfg.preset)
         (out / 'metrics.json').write_text(json.dumps(metrics, indent=1))
@@ -625,7 +634,9 @@ def finish_run(cfg, model, emas, data, device, total, resume=False, progress=Tru
 
 # %% ../nbs/08_train.ipynb #523cac7d
 @torch.no_grad()
-def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, device, data: ToyData | None = None) -> dict:
+def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, device, data: ToyData | None = None,
+                 progress: bool = False, # a progress bar over the sampling, the distances and the figure
+                ) -> dict:
     "Distances to the data on `cfg.eval_samples` points and the `samples.png` figure of a 2-D run."
     from matplotlib.figure import Figure  # no pyplot: a notebook's plotting backend stays as it is
     from meanflow_nb.toy import sliced_wasserstein, energy_distance
@@ -636,17 +647,29 @@ def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, d
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(_mix(cfg.seed, 5))).to(device)
     y = yref.to(device) if data.labelled else None  # class-conditional: the reference's labels
     ema.eval()
-    xs = {f'{k}nfe': generate(cfg, ema, z, k, y).cpu() for k in (1, 2)}
-    if baseline is not None: baseline.ema.eval(); xs['fm100'] = generate(baseline.cfg, baseline.ema, z, 100, y).cpu()
-    m = {'swd_data_floor': sliced_wasserstein(ref, ref2), 'energy_data_floor': energy_distance(ref, ref2)}
-    for k, x in xs.items(): m[f'swd_{k}'], m[f'energy_{k}'] = sliced_wasserstein(x, ref), energy_distance(x, ref)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=6 + 2 * (baseline is not None), desc=f'{run_label(cfg)}: evaluating', disable=not progress,
+               dynamic_ncols=True)
+    def step(what, v): bar.set_postfix_str(what); v = v(); bar.update(); return v
+    name = METHOD_NAMES.get(cfg.method, cfg.method)
+    xs, titles = {}, {}
+    for k in (1, 2):
+        xs[f'{k}nfe'] = step(f'{k}-step samples', lambda: generate(cfg, ema, z, k, y).cpu())
+        titles[f'{k}nfe'] = f"{name}, {k} {'Euler ' if cfg.method == 'fm' else ''}step{'s' if k > 1 else ''}"
+    if baseline is not None:
+        baseline.ema.eval()
+        xs['fm100'] = step('flow-matching samples', lambda: generate(baseline.cfg, baseline.ema, z, 100, y).cpu())
+        titles['fm100'] = 'flow matching, 100 Euler steps'
+    m = step('distances', lambda: {'swd_data_floor': sliced_wasserstein(ref, ref2), 'energy_data_floor': energy_distance(ref, ref2)})
+    for k, x in xs.items():
+        m[f'swd_{k}'], m[f'energy_{k}'] = step(f'distances, {titles[k]}', lambda: (sliced_wasserstein(x, ref), energy_distance(x, ref)))
     fig = Figure(figsize=(3 * (len(xs) + 2), 3.2)); axs = fig.subplots(1, len(xs) + 2)
     scatter2d(ref, axs[0], 'data')
-    for ax, (k, x) in zip(axs[1:], xs.items()):
-        scatter2d(x, ax, f"{'FM, 100 Euler steps' if k == 'fm100' else 'MeanFlow, ' + k[0] + ' step'}  SWD {m['swd_' + k]:.3f}")
+    for ax, (k, x) in zip(axs[1:], xs.items()): scatter2d(x, ax, f"{titles[k]}  SWD {m['swd_' + k]:.3f}")
     one = lambda p: (p - generate(cfg, ema, p.to(device), 1).cpu())  # z_1 - x = u(z_1, 0, 1), unconditional
-    plot_field(one, axs[-1], title='learned u(z, r=0, t=1)')
-    fig.tight_layout(); fig.savefig(Path(cfg.out) / 'samples.png', dpi=110)
+    plot_field(one, axs[-1], title='learned v(z, t=1)' if cfg.method == 'fm' else 'learned u(z, r=0, t=1)')
+    step('figure', lambda: (fig.tight_layout(), fig.savefig(Path(cfg.out) / 'samples.png', dpi=110)))
+    bar.close()
     return {k: round(float(v), 6) for k, v in m.items()}
 
 # %% ../nbs/08_train.ipynb #d079752b
@@ -715,28 +738,72 @@ def _flag_type(default):
     if isinstance(default, dict): return _dict_flag
     return type(default)
 
-def train_parser() -> argparse.ArgumentParser:
-    "The `mf-train` argument parser: `--preset`, `--out`, `--resume`, and one flag per `TrainConfig` field."
-    p = CLIParser(prog='mf-train', description='Train FM / MeanFlow / Kim et al. / iMF. Flags override the preset.')
-    p.add_argument('--preset', default=None, help=f'one of: {", ".join(PRESETS)}')
+_METAVARS = {bool: 'BOOL', tuple: 'TUPLE', dict: 'DICT', int: 'INT', float: 'FLOAT', str: 'STR'}
+_SYNTAX = """how values are written:
+  BOOL   true or false (also 1/0, yes/no)        --bf16 true
+  TUPLE  numbers separated by commas, no spaces   --betas 0.9,0.95   --ema_decays 0.9999   --gap_range ''  (empty)
+  DICT   a JSON object, quoted for the shell      --model_kwargs '{"hidden": 64, "depth": 3}'
+Every other flag sets the TrainConfig field of the same name and overrides the preset. The defaults shown are
+the preset's values when --preset is given (mf-train --preset digits --help), else TrainConfig's."""
+
+def _flag_str(v) -> str:
+    "A value as it would be written on the command line."
+    if isinstance(v, bool): return str(v).lower()
+    if isinstance(v, tuple): return ','.join(str(x) for x in v) or "''"
+    if isinstance(v, dict): return json.dumps(v)
+    return str(v) if v != '' else "''"
+
+def field_docs(cls=TrainConfig) -> dict:
+    "Each field's comment in the source of the dataclass `cls` (its docments): the help text of its flag."
+    import inspect, re
+    try: src = inspect.getsource(cls)
+    except (OSError, TypeError):  # a class defined in a notebook has no file: read the exported one
+        from meanflow_nb import train as exported
+        src = inspect.getsource(getattr(exported, cls.__name__))
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r'^\s+(\w+)\s*:[^#\n]*#\s*(.+)$', src, re.M)}
+
+def train_parser(preset: str | None = None, # show this preset's values as the defaults
+                ) -> argparse.ArgumentParser:
+    "The `mf-train` parser: `--preset`, `--resume`, `--no-progress` and one flag per `TrainConfig` field, described by the field's comment."
+    shown, docs = get_config(preset) if preset else TrainConfig(), field_docs()
+    p = CLIParser(prog='mf-train', formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_SYNTAX,
+                                description='Train flow matching, MeanFlow, Kim et al. or iMF: a preset fills every field, flags override it.')
+    p.add_argument('--preset', default=None, help=f'one of: {", ".join(PRESETS)}' + (f' (now: {preset})' if preset else ''))
     p.add_argument('--resume', action='store_true', help='continue from the newest usable checkpoint in --out')
     p.add_argument('--overwrite', action='store_true', help='start over in an --out that holds a run (deletes its checkpoints)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
     for f in dataclasses.fields(TrainConfig):
         if f.name == 'preset': continue
         d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        p.add_argument(f'--{f.name}', type=_flag_type(d), default=None, metavar=type(d).__name__.upper(), help=f'default {d!r}')
+        help = f"{docs.get(f.name, '')} (default: {_flag_str(getattr(shown, f.name))})"
+        p.add_argument(f'--{f.name}', type=_flag_type(d), default=None, metavar=_METAVARS.get(type(d), type(d).__name__.upper()),
+                       help=help.replace('%', '%%'))
     return p
+
+def _preset_of(argv) -> str | None:
+    "The --preset among `argv`, if it names a preset (for --help)."
+    class Quiet(argparse.ArgumentParser):
+        def error(self, message): raise ValueError(message)  # e.g. --preset with no value: the real parser reports it
+    pre = Quiet(add_help=False); pre.add_argument('--preset', default=None)
+    try: p = pre.parse_known_args(argv)[0].preset
+    except ValueError: return None
+    return p if p in PRESETS else None
+
+def _outputs(out: Path) -> str:
+    "One line naming a run folder and what is in it."
+    names = sorted(p.name + ('/' if p.is_dir() else '') for p in Path(out).iterdir()) if Path(out).is_dir() else []
+    return f"outputs in {out}/: {', '.join(names)}"
 
 @cli_errors
 def cli_train(argv: list[str] | None = None):
     "Console script `mf-train`."
-    a = vars(train_parser().parse_args(argv))
+    a = vars(train_parser(_preset_of(argv if argv is not None else sys.argv[1:])).parse_args(argv))
     preset, resume, overwrite, quiet = a.pop('preset'), a.pop('resume'), a.pop('overwrite'), a.pop('no_progress')
     cfg = get_config(preset, **{k: v for k, v in a.items() if v is not None})
     try:
         res = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
         if dist.is_main(): print(json.dumps({'out': str(res.out), **res.metrics}, indent=1))
+        if dist.is_main(): print(_outputs(res.out), file=sys.stderr)
     except RunError as ex:
         print(f'error: {ex}', file=sys.stderr); sys.exit(1)
     finally: dist.cleanup_distributed()
