@@ -18,21 +18,21 @@ __all__ = ['jvp_precision', 'jvp_context', 'meanflow_target', 'sq_err', 'adaptiv
            'precision_gap', 'sample_meanflow', 'guided_u']
 
 # %% ../nbs/04_loss.ipynb #365d8c17
-_JVP_DTYPE = contextvars.ContextVar('jvp_dtype', default='fp32')
+_JVP = {'dtype': 'fp32'} # the JVP precision in force (a plain dict: torch.compile can read it)
 
 @contextlib.contextmanager
 def jvp_precision(dtype: str = 'fp32'): # 'fp32' (MF's official code) or 'bf16'
     "Context: the precision of every MeanFlow / iMF JVP inside it (`jvp_context` reads it)."
     check(dtype in ('fp32', 'bf16'), f"jvp_dtype must be 'fp32' or 'bf16', got {dtype!r}")
-    tok = _JVP_DTYPE.set(dtype)
+    old, _JVP['dtype'] = _JVP['dtype'], dtype
     try: yield
-    finally: _JVP_DTYPE.reset(tok)
+    finally: _JVP['dtype'] = old
 
 def jvp_context():
     "Inside `torch.func.jvp`: math SDPA (no forward-mode AD for fused kernels); autocast off (fp32 JVP) or bf16 (`jvp_precision('bf16')`)."
     stack = contextlib.ExitStack()
     stack.enter_context(jvp_attention())  # math SDPA, shared with the models' own JVP checks
-    bf16 = _JVP_DTYPE.get() == 'bf16'
+    bf16 = _JVP['dtype'] == 'bf16'
     for dev in ('cuda', 'cpu'):
         if dev == 'cpu' or torch.cuda.is_available():
             stack.enter_context(torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16))
@@ -46,8 +46,11 @@ def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(u, u_tgt)`: `u = u_fn(z, t, r)` keeps its graph; `u_tgt = v - (t - r) dudt` is detached (Eq. 6 of MF)."
     check(t.shape == r.shape == (z.shape[0],), f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
-    check(bool((r <= t).all()), f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
-    with jvp_context():
+    if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        check(bool((r <= t).all()), f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
+    bf16 = _JVP['dtype'] == 'bf16'   # jvp_context's settings as plain nested `with`s: torch.compile traces these
+    with jvp_attention(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), \
+         torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
         u, dudt = torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
     u_tgt = v - bcast(t - r, z) * dudt
     return u, u_tgt.detach()  # sg: the target must not receive gradients
