@@ -489,10 +489,11 @@ def load_vae(name: str = DEFAULT_VAE, # Hugging Face id or local directory
              device=None, # where to put it (default CPU)
              dtype: torch.dtype = torch.float32, # float16 halves memory on GPUs
             ):
-    "Load a diffusers `AutoencoderKL`; warn if it is an EMA-finetuned one (MF: worse FID than ft-mse)."
+    "Load a diffusers `AutoencoderKL`; warn if it is the ft-ema one (same encoder, a different decoder from the papers')."
     from diffusers import AutoencoderKL
     if 'ema' in name.lower():
-        warnings.warn(f'VAE {name!r}: the ft-ema VAE gives worse FID; MeanFlow and iMF use {DEFAULT_VAE!r}')
+        warnings.warn(f"VAE {name!r}: MeanFlow and iMF decode with {DEFAULT_VAE!r}; ft-ema has the same encoder but another "
+                      "decoder, so decoded samples and their FID are not comparable with the papers'")
     local = Path(name).expanduser()
     check(local.exists() or not name.startswith(('/', '.', '~')), f'VAE directory {name} does not exist')
     try: vae = AutoencoderKL.from_pretrained(str(local) if local.exists() else name, torch_dtype=dtype, low_cpu_mem_usage=False)

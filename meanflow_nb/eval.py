@@ -429,13 +429,15 @@ def sample_run(run: str | Path, out: str | Path, # run folder to sample from; ou
                n: int = 1000, nfe: int = 1, weights: str = 'ema', ckpt: str | None = None, seed: int = 0,
                shard_size: int = 1000, batch_size: int = 256, fmt: str = 'npz', # 'npz', 'png' or 'both'
                guidance: dict | None = None, # iMF sampling guidance {'eval_omega', 'eval_t_min', 'eval_t_max'}
-               shape: tuple | None = None, vae: str | None = None, device=None, progress: bool = True) -> dict:
+               shape: tuple | None = None, vae: str | None = None, device=None, progress: bool = True,
+               loader=None, # `device -> (cfg, model, shape, step)` in place of `load_run` (e.g. a released checkpoint)
+              ) -> dict:
     "Generate `n` samples of a run into `out` (sharded over ranks, resumable); returns what was written."
     check(int(nfe) == nfe and nfe >= 1, f'nfe must be a positive integer, got {nfe}')
     check(fmt in ('npz', 'png', 'both'), f"format must be 'npz', 'png' or 'both', got {fmt!r}")
     shards = shard_ranges(n, shard_size); check(batch_size >= 1, f'batch size must be >= 1, got {batch_size}')
     device = device or dist.init_distributed()
-    cfg, model, shp, step = load_run(run, ckpt, weights, shape=shape, device=device)
+    cfg, model, shp, step = loader(device) if loader else load_run(run, ckpt, weights, shape=shape, device=device)
     cfg = _apply_guidance(cfg, guidance)
     out = Path(out); meta = _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shp, fmt)
     _on_main(lambda: _check_meta(out, meta))
@@ -499,7 +501,7 @@ def sample_parser() -> argparse.ArgumentParser:
     "The `mf-sample` argument parser."
     p = argparse.ArgumentParser(prog='mf-sample', description='Generate N samples from a run folder (torchrun shards them; reruns resume).')
     # option names avoid prefixes of torchrun's own (--run -> --run-path, --n -> --nnodes): torchrun would reject them
-    p.add_argument('run', help='run folder (config.json, ckpt_*.pt)')
+    p.add_argument('run', nargs='?', help='run folder (config.json, ckpt_*.pt); not with --pretrained')
     p.add_argument('--out', default=None, help='output folder (default RUN/samples_nfe{NFE}_{WEIGHTS}_n{N})')
     p.add_argument('-n', '--num-samples', type=int, default=1000, help='number of samples (class-balanced labels i mod K)')
     p.add_argument('--nfe', type=int, default=1, help='network evaluations per sample (steps)')
@@ -514,6 +516,9 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument('--shape', default=None, help='sample shape C,H,W when the data is not available to infer it')
     p.add_argument('--vae', default=None, help='latent runs: SD-VAE to decode with (id or local folder)')
     p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--pretrained', default=None, metavar='NAME', help='a released checkpoint instead of a run: iMF-B/2, iMF-M/2, iMF-L/2, '
+                   'iMF-XL/2 or MF-B/4 (file from --ckpt, $MEANFLOW_PRETRAINED or the Hub), sampled with the authors\' omega and '
+                   'interval for --nfe (default: none)')
     return p
 
 # %% ../nbs/11_eval.ipynb #37cc7ea6
@@ -522,15 +527,27 @@ def cli_sample(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     "Console script `mf-sample`."
     a = sample_parser().parse_args(argv)
     check(a.num_samples >= 1, f'--num-samples must be a positive number, got {a.num_samples}')
-    check(Path(a.run).is_dir(), f'run folder {a.run} does not exist')
-    out = a.out or str(Path(a.run) / f'samples_nfe{a.nfe}_{a.weights}_n{a.num_samples}')
+    run, out, loader = _pretrained_job(a) if a.pretrained else (a.run, a.out, None)
+    check(run is not None, 'give a run folder, or --pretrained NAME')
+    check(a.pretrained or Path(a.run).is_dir(), f'run folder {a.run} does not exist')
+    out = out or str(Path(a.run) / f'samples_nfe{a.nfe}_{a.weights}_n{a.num_samples}')
     shape = tuple(int(s) for s in a.shape.split(',')) if a.shape else None
     guidance = {'eval_omega': a.omega, 'eval_t_min': a.t_min, 'eval_t_max': a.t_max}
     try:
-        res = sample_run(a.run, out, a.num_samples, a.nfe, a.weights, a.ckpt, a.seed, a.shard_size, a.batch_size, a.format,
-                         guidance, shape, a.vae, progress=not a.no_progress)
+        res = sample_run(run, out, a.num_samples, a.nfe, a.weights, a.ckpt, a.seed, a.shard_size, a.batch_size, a.format,
+                         guidance, shape, a.vae, progress=not a.no_progress, loader=loader)
         if dist.is_main(): print(json.dumps(res, indent=1))
     finally: dist.cleanup_distributed()
+
+# %% ../nbs/11_eval.ipynb #574ab2bf
+def _pretrained_job(a) -> tuple:
+    "`mf-sample --pretrained`: (run, out, loader) for a released checkpoint (`meanflow_nb.pretrained`)."
+    from meanflow_nb.pretrained import resolve_checkpoint, pretrained_run
+    check(a.run is None, f'give a run folder or --pretrained, not both (got {a.run} and {a.pretrained})')
+    check(a.shape is None and a.weights == 'ema', '--shape and --weights do not apply to --pretrained (released files hold EMA weights)')
+    path = resolve_checkpoint(a.ckpt or a.pretrained)
+    out = a.out or f'pretrained_{Path(str(a.pretrained)).name.replace("/", "-")}_nfe{a.nfe}_n{a.num_samples}'
+    return str(path), out, lambda device: pretrained_run(a.pretrained, a.nfe, ckpt=path, device=device)
 
 # %% ../nbs/11_eval.ipynb #fd8b1a41
 def fid_parser() -> argparse.ArgumentParser:
