@@ -570,13 +570,14 @@ def resolve_micro_batch(cfg: TrainConfig, model: nn.Module, device, world: int) 
     if dist.is_main(): print(f'micro_batch auto: {m} of {cfg.global_batch // world} per rank ({free / 2 ** 30:.1f} GB free)', file=sys.stderr)
     return m
 
-def compiled_step():
+def compiled_step(backend: str = 'inductor', # 'aot_eager' traces the same graphs without generating kernels (fast tests)
+                 ):
     "A `torch.compile`d `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` doing loss, JVP and backward."
     def step(model, loss_fn, x, y, drawn, step, total, scale):
         out = loss_fn(model, x, y, step=step, total=total, **drawn)
         (out['loss'] * scale).backward()
         return {k: v.detach() for k, v in out.items()}
-    return torch.compile(step)
+    return torch.compile(step, backend=backend)
 
 # %% ../nbs/08_train.ipynb #39011b4e
 def _init_weights(path: str) -> dict:
