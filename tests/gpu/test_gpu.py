@@ -114,7 +114,7 @@ def _measured_bytes_per_sample(name: str, kind: str, bf16: bool, batches=(8, 24)
     return (peaks[1] - peaks[0]) / (batches[1] - batches[0]), _arch(m)
 
 
-@pytest.mark.parametrize('name,kind,bf16', [('DiT-B/2', 'fm', False), ('DiT-B/2', 'jvp', False), ('DiT-B/2', 'jvp', True),
+@pytest.mark.parametrize('name,kind,bf16', [('DiT-B/2', 'fm', False), ('DiT-B/2', 'fm', True), ('DiT-B/2', 'jvp', False), ('DiT-B/2', 'jvp', True),
                                             ('iMF-B/2', 'jvp', False), ('iMF-B/2', 'jvp', True)])
 def test_planner_memory_within_25_percent(name, kind, bf16):
     from meanflow_nb.bench import activation_bytes
