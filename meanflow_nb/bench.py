@@ -8,7 +8,7 @@ import os, sys, json, time, math, argparse, platform, subprocess, tempfile, data
 from pathlib import Path
 import numpy as np
 import torch
-from .core import ConfigError, check, cli_errors, set_seed
+from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
 __all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'ACT_COEF', 'time_interleaved', 'step_fn', 'bench_steps', 'bench_sampling',
@@ -250,7 +250,7 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     "Console script `mf-bench`: run benchmark parts, print a table, optionally write JSON; `mf-bench plan ...` plans a preset."
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ['plan']: return cli_plan(argv[1:])
-    p = argparse.ArgumentParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models, scale. `mf-bench plan --help`: the planner.')
+    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models, scale. `mf-bench plan --help`: the planner.')
     p.add_argument('parts', nargs='*', default=['all'], help=f'all (default) or any of: {", ".join(PARTS)}')
     p.add_argument('--json', default=None, help='also write the results here')
     p.add_argument('--tiny', action='store_true', help='tiny sizes (a smoke test in seconds)')
@@ -258,6 +258,8 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     a = p.parse_args(argv)
     parts = PARTS if 'all' in a.parts else tuple(a.parts)
     check(a.threads >= 1, f'--threads must be >= 1, got {a.threads}')
+    check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')  # before the run
+    bad = sorted(set(parts) - set(PARTS)); check(not bad, f'unknown part(s) {", ".join(bad)}; choose from {", ".join(PARTS)} or all')
     res = run_bench(parts, 'tiny' if a.tiny else 'default', a.threads)
     print(bench_table(res))
     if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
@@ -507,7 +509,7 @@ def scale_rows(r: dict) -> list:
 # %% ../nbs/12_bench.ipynb #f9a0a022
 def cli_plan(argv: list | None = None):
     "`mf-bench plan --preset P --gpus G --gpu-mem-gb M`: the memory plan and cost of a preset."
-    p = argparse.ArgumentParser(prog='mf-bench plan', description='Per-GPU memory, the micro-batch that fits, and GPU-hours of a preset.')
+    p = CLIParser(prog='mf-bench plan', description='Per-GPU memory, the micro-batch that fits, and GPU-hours of a preset.')
     p.add_argument('--preset', required=True); p.add_argument('--gpus', type=int, default=8)
     p.add_argument('--gpu-mem-gb', type=float, default=80.0); p.add_argument('--mfu', type=float, default=0.35)
     p.add_argument('--peak-tflops', type=float, default=989.0)

@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #6eb7d23a
 from __future__ import annotations
-import os, sys, json, random, functools, math
+import os, sys, json, random, functools, math, argparse, inspect, warnings
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['RESULT_TABLES', 'bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test',
-           'ConfigError', 'check', 'cli_errors', 'bootstrap_ci', 'paired_diff_ci', 'fmt_ci', 'speedup_ci',
-           'results_dir', 'save_result', 'load_result', 'result_table', 'md_table', 'readme_blocks', 'sync_readme',
-           'image_grid', 'show_images', 'scatter2d', 'plot_field']
+           'ConfigError', 'check', 'check_kwargs', 'CLIParser', 'cli_errors', 'bootstrap_ci', 'paired_diff_ci',
+           'fmt_ci', 'speedup_ci', 'results_dir', 'save_result', 'load_result', 'result_table', 'md_table',
+           'readme_blocks', 'sync_readme', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
 
 # %% ../nbs/00_core.ipynb #393d5e47
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,16 +66,42 @@ def check(cond: bool, msg: str):
     "Raise `ConfigError(msg)` unless `cond`."
     if not cond: raise ConfigError(msg)
 
+def check_kwargs(fn, # the callable the keywords go to
+                 kw: dict, # the user's keywords
+                 what: str, # how the message names them, e.g. "model_kwargs of ToyMLP"
+                 reserved: tuple = (), # parameters the caller sets itself: not the user's to give
+                ):
+    "Raise `ConfigError` naming the keys of `kw` that `fn` does not take (nothing to check if it takes `**kwargs`)."
+    ps = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in ps.values()): return
+    valid = [n for n, p in ps.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != 'self' and n not in reserved]
+    bad = sorted(set(kw) - set(valid))
+    check(not bad, f'{what}: unknown key(s) {", ".join(bad)}; valid: {", ".join(valid)}')
+
+class CLIParser(argparse.ArgumentParser):
+    "An `ArgumentParser` whose usage errors are one line on stderr with exit code 2, like every other user error."
+    def error(self, message):
+        print(f'error: {self.prog}: {message} (see {self.prog} --help)', file=sys.stderr); sys.exit(2)
+
+def _one_line(ex: Exception) -> str:
+    "The message of `ex` on one line (a `DataLoader` worker re-raises with the worker's traceback: keep its last line)."
+    lines = [l for l in str(ex).strip().splitlines() if l.strip()] or [type(ex).__name__]
+    return lines[-1].split('ConfigError: ', 1)[-1] if len(lines) > 1 else lines[0]
+
 def cli_errors(fn):
-    "Decorator for console scripts: a `ConfigError` (or a missing file) becomes one line on stderr and exit 2."
+    "Decorator for console scripts: a `ConfigError` or an OS error (missing file, full disk) is one line on stderr, exit 2."
     @functools.wraps(fn)
     def _inner(*args, **kwargs):
         try: return fn(*args, **kwargs)
-        except (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as ex:
-            print(f'error: {ex}', file=sys.stderr); sys.exit(2)
+        except (ConfigError, OSError) as ex:
+            print(f'error: {_one_line(ex)}', file=sys.stderr); sys.exit(2)
         except KeyboardInterrupt:
             print('interrupted', file=sys.stderr); sys.exit(130)
     return _inner
+
+# torch's first JVP loads decompositions through the deprecated `torch.jit.script`: its FutureWarning would add
+# lines to the first error after step 1 (nothing for users to act on)
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 
 # %% ../nbs/00_core.ipynb #c13a0002
 def _as_array(values) -> np.ndarray:

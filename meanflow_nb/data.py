@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset, DataLoader, DistributedSampler
-from .core import ConfigError, check, cli_errors, in_test
+from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, in_test
 from . import dist
 
 # %% auto #0
@@ -90,7 +90,11 @@ def build_dataset(name: str, # one of `DATASETS`
                  ) -> Dataset:
     "Build a dataset of `(x, y)` by name."
     check(name in DATASETS, f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
+    target = _DATASET_TARGETS.get(name, DATASETS[name])  # where the keywords end up
+    check_kwargs(target, kw, f'data_kwargs of {name!r}', reserved=('root', 'split', 'scan'))
     return DATASETS[name](root=root, split=split, **kw)
+
+_DATASET_TARGETS = {'digits': digits_dataset} # filled in below: the class or function the keywords go to
 
 # %% ../nbs/06_data.ipynb #3aa47eab
 def _torchvision(name, cls_name, root, split, download=False, hflip=False):
@@ -132,14 +136,24 @@ class FolderScan:
                 f'({", ".join(f"{n} {r}" for r, n in reasons.items())}): {files}{more}')
 
 # %% ../nbs/06_data.ipynb #4aee851f
+_END_MARKERS = {'PNG': (b'IEND\xaeB`\x82', 64), 'JPEG': (b'\xff\xd9', 1024)} # format -> (end marker, bytes of tail to find it in)
+
+def _cut_off(path: str, fmt: str | None) -> bool:
+    "True if a PNG lacks its final IEND chunk or a JPEG its end-of-image marker: a truncated file (no decoding needed)."
+    if fmt not in _END_MARKERS: return False
+    end, k = _END_MARKERS[fmt]
+    with open(path, 'rb') as f:
+        f.seek(0, 2); n = f.tell(); f.seek(max(0, n - k)); return end not in f.read()
+
 def _why_not_image(path: str, verify: str) -> str | None:
-    "None if `path` is a usable image, else the reason."
+    "None if `path` is a usable image, else the reason ('header' also finds cut-off PNG and JPEG files; 'full' decodes)."
     if not path.lower().endswith(IMG_EXTENSIONS): return f'not an image file: extension {Path(path).suffix or "(none)"!r}'
     if verify == 'none': return None
     from PIL import Image
     try:
         with Image.open(path) as im:
             if verify == 'full': im.load()
+            elif _cut_off(path, im.format): return f'truncated: the {im.format} file ends before its end marker'
     except Exception as ex: return f'unreadable: {type(ex).__name__}: {ex}'
     return None
 
@@ -210,12 +224,12 @@ class ImageFolderDataset(Dataset):
                  crop: bool = True, # ADM center crop to `resolution`; False: images must already have that size
                  channels: int = 3, # 3 (RGB) or 1 (grey)
                  convert: bool = True, # convert other modes to RGB / grey; False: a wrong channel count is an error
-                 verify: str = 'header', # how hard the scan looks at each file (see `scan_image_folder`)
-                 strict: bool = False, # refuse folders with any non-image file
+                 verify: str | None = None, # how hard the scan looks at each file (default: 'full' if strict, else 'header')
+                 strict: bool = False, # refuse folders with any non-image file (default: skip them and warn once)
                  scan: FolderScan | None = None, # a scan done already (e.g. on rank 0 and broadcast)
                 ):
         check(channels in (1, 3), f'channels must be 1 or 3, got {channels}')
-        self.scan = scan or scan_image_folder(root, verify, strict)
+        self.scan = scan or scan_image_folder(root, verify or ('full' if strict else 'header'), strict)
         self.samples, self.classes = self.scan.samples, self.scan.classes
         self.resolution, self.crop, self.channels, self.convert = resolution, crop, channels, convert
 
@@ -251,7 +265,7 @@ def _imagefolder(root=None, split='train', **kw):
     sub = Path(root) / split  # ImageNet layout: root/train/<class>/..., root/val/<class>/...
     return ImageFolderDataset(sub if sub.is_dir() else root, **kw)
 
-DATASETS['imagefolder'] = _imagefolder
+DATASETS['imagefolder'] = _imagefolder; _DATASET_TARGETS['imagefolder'] = ImageFolderDataset
 
 # %% ../nbs/06_data.ipynb #d4427b01
 MF_LATENT_SCALE = 0.18215  # SD-VAE scaling factor: MF multiplies raw latents by it
@@ -305,6 +319,24 @@ def _latent_meta(scan, vae, vae_id, resolution, n, shard_size) -> dict:
                 n=n, shard_size=shard_size, n_shards=math.ceil(n / shard_size), normalization='none',
                 scaling_factor=getattr(vae.config, 'scaling_factor', None), classes=scan.classes)
 
+_META_KEYS = ('format', 'vae', 'resolution', 'latent_shape', 'n', 'shard_size', 'n_shards', 'classes')
+
+def _read_meta(path: Path) -> dict:
+    "A latent folder's `meta.json`, checked: valid JSON, an object, every key present; else a one-line `ConfigError`."
+    try: m = json.loads(Path(path).read_text())
+    except ValueError as ex: raise ConfigError(f'{path} is not valid JSON ({ex}); restore it, or rerun mf-latents into a new folder') from None
+    missing = [k for k in _META_KEYS if k not in m] if isinstance(m, dict) else list(_META_KEYS)
+    check(not missing, f'{path} lacks {", ".join(missing)}; restore it, or rerun mf-latents into a new folder')
+    return m
+
+def _open_shard(path: Path):
+    "`safe_open` a shard; a garbage or truncated file is a one-line `ConfigError` naming it."
+    from safetensors import safe_open
+    try: return safe_open(str(path), 'pt')
+    except Exception as ex:
+        raise ConfigError(f'latent shard {path} is unreadable ({" ".join(str(ex).split())[:100]}); '
+                          'delete it and rerun mf-latents with the same arguments to encode it again') from None
+
 def _write_json_atomic(path: Path, obj):
     tmp = path.with_suffix(path.suffix + '.tmp'); tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
 
@@ -313,7 +345,7 @@ def _prepare_out(out: Path, meta: dict):
     "Every rank checks an existing `meta.json` against this run; rank 0 writes it if missing."
     out.mkdir(parents=True, exist_ok=True)
     if (out / 'meta.json').is_file():
-        old = json.loads((out / 'meta.json').read_text())
+        old = _read_meta(out / 'meta.json')
         diff = [f'{k}: {old.get(k)!r} != {v!r}' for k, v in meta.items() if k != 'classes' and old.get(k) != v]
         if old.get('classes') != meta['classes']: diff.append('classes differ')
         check(not diff, f'{out} holds latents of another run ({"; ".join(diff)}); use another output directory')
@@ -325,7 +357,7 @@ def _shard_done(path: Path, meta: dict, count: int) -> bool:
     "True if a complete shard of this run is on disk; an incompatible one is an error."
     from safetensors import safe_open
     if not path.is_file(): return False
-    with safe_open(str(path), 'pt') as f: m = f.metadata() or {}
+    with _open_shard(path) as f: m = f.metadata() or {}
     ok = m.get('vae') == meta['vae'] and m.get('resolution') == str(meta['resolution']) and m.get('count') == str(count)
     check(ok, f'{path} comes from another run (vae {m.get("vae")!r}, resolution {m.get("resolution")}, '
               f'{m.get("count")} images); use another output directory')
@@ -419,7 +451,7 @@ class LatentDataset(Dataset):
         root = Path(root); check(root.is_dir(), f'latent directory {root} does not exist')
         check((root / 'meta.json').is_file(), f'{root} is not a latent directory (no meta.json); make one with mf-latents')
         check(normalization in LATENT_NORMS, f'unknown latent normalization {normalization!r}; choose one of {LATENT_NORMS}')
-        self.meta = m = json.loads((root / 'meta.json').read_text())
+        self.meta = m = _read_meta(root / 'meta.json')
         check(m.get('format') == LATENT_FORMAT, f'{root}/meta.json: unknown format {m.get("format")!r}')
         check(vae is None or m['vae'] == vae, f'latents in {root} come from VAE {m["vae"]!r}, not {vae!r}')
         check(resolution is None or m['resolution'] == resolution,
@@ -437,11 +469,15 @@ class LatentDataset(Dataset):
 # %% ../nbs/06_data.ipynb #c9c8d788
 @patch
 def _check_shard(self: LatentDataset, s: int) -> torch.Tensor:
-    "Check shard `s` against `meta.json` and return its labels."
-    from safetensors import safe_open
+    "Check shard `s` against `meta.json` (provenance, tensors and their shapes) and return its labels."
     m, p = self.meta, _shard_path(self.root, s)
-    with safe_open(str(p), 'pt') as f:
+    with _open_shard(p) as f:
         md = f.metadata() or {}
+        n = min(m['shard_size'], m['n'] - s * m['shard_size'])
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        want = {'mean': (n, *m['latent_shape']), 'std': (n, *m['latent_shape']), 'y': (n,)}
+        check(all(shapes.get(k) == v for k, v in want.items()),
+              f'latent shard {p} holds {shapes}, expected {want}; delete it and rerun mf-latents with the same arguments')
         check(md.get('normalization', 'none') == 'none',
               f'{p} holds latents normalised with {md.get("normalization")!r}; LatentDataset expects raw posteriors')
         check(md.get('vae') == m['vae'] and md.get('resolution') == str(m['resolution']),
@@ -454,7 +490,7 @@ def __getitem__(self: LatentDataset, i: int):
     "`(z, y)` with `z = normalize(mean + std * eps)`, a new `eps` at every call."
     from safetensors import safe_open
     s, o = divmod(int(i), self.meta['shard_size'])
-    if s not in self._files: self._files[s] = safe_open(str(_shard_path(self.root, s)), 'pt')  # opened lazily, per worker
+    if s not in self._files: self._files[s] = _open_shard(_shard_path(self.root, s))  # opened lazily, per worker
     f = self._files[s]
     mean, std = f.get_slice('mean')[o], f.get_slice('std')[o]
     z = mean + std * torch.randn_like(mean) if self.sample else mean
@@ -470,7 +506,7 @@ def _latents(root=None, split='train', **kw):
     sub = Path(root) / split
     return LatentDataset(sub if (sub / 'meta.json').is_file() else root, **kw)
 
-DATASETS['latents'] = _latents
+DATASETS['latents'] = _latents; _DATASET_TARGETS['latents'] = LatentDataset
 
 # %% ../nbs/06_data.ipynb #0c50efe6
 @torch.no_grad()
@@ -504,7 +540,7 @@ def load_vae(name: str = DEFAULT_VAE, # Hugging Face id or local directory
 @cli_errors
 def cli_latents(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     "`mf-latents`: encode an ImageFolder into sharded SD-VAE posterior mean/std files (resumable; torchrun splits shards)."
-    p = argparse.ArgumentParser(prog='mf-latents', description=cli_latents.__doc__)
+    p = CLIParser(prog='mf-latents', description=cli_latents.__doc__)
     p.add_argument('--data', required=True, help='ImageFolder root: one sub-directory per class')
     p.add_argument('--out', required=True, help='output directory (rerun the same command to resume)')
     p.add_argument('--resolution', type=int, default=256, help='ADM center crop size')

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from .core import ConfigError, check, cli_errors, set_seed, in_test
+from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test
 from . import dist
 
 # %% auto #0
@@ -188,8 +188,23 @@ def as_fidelity_input(x) -> Dataset:
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob('*') if f.suffix.lower() in ('.png', '.jpg', '.jpeg', '.bmp'))
         check(len(files) > 0, f'no image files (png, jpg, bmp) in {p}')
+        _check_image_files(p, files)
         return ImagesPathDataset(files)
     return ImageTensorDataset(_nhwc_to_nchw(load_samples_npz(p)[0]))
+
+def _check_image_files(folder: Path, files: list):
+    "Every file opens, is not cut off, and all have one size: else a one-line `ConfigError` (not a failure mid-metric)."
+    from PIL import Image
+    from meanflow_nb.data import _cut_off
+    sizes = {}
+    for f in files:
+        try:
+            with Image.open(f) as im: sizes.setdefault(im.size, f); cut = _cut_off(f, im.format)
+        except Exception as ex: raise ConfigError(f'cannot read image {f}: {type(ex).__name__}: {ex}') from None
+        check(not cut, f'image {f} is truncated (it ends before its end marker)')
+    (a, fa), *rest = sizes.items()
+    if rest: raise ConfigError(f'images in {folder} differ in size: {a[0]}x{a[1]} ({Path(fa).name}) and {rest[0][0][0]}x'
+                               f'{rest[0][0][1]} ({Path(rest[0][1]).name}); every sample must have the same size')
 
 def load_samples_npz(path) -> tuple:
     "Images (uint8 NHWC) and labels (or None) from an ADM-style `.npz` (`arr_0`, `arr_1`) or one with `x`, `y`."
@@ -497,9 +512,16 @@ def gather_shards(out: str | Path, n_shards: int, fmt: str = 'npz') -> dict:
     return written
 
 # %% ../nbs/11_eval.ipynb #bb2d28dc
+def _shape_arg(s: str) -> tuple:
+    "`--shape`: positive integers separated by commas, such as 1,8,8 or 2."
+    try: shape = tuple(int(v) for v in s.split(','))
+    except ValueError: shape = ()
+    if not shape or min(shape) < 1: raise argparse.ArgumentTypeError(f'expected positive integers such as 1,8,8 (C,H,W) or 2, got {s!r}')
+    return shape
+
 def sample_parser() -> argparse.ArgumentParser:
     "The `mf-sample` argument parser."
-    p = argparse.ArgumentParser(prog='mf-sample', description='Generate N samples from a run folder (torchrun shards them; reruns resume).')
+    p = CLIParser(prog='mf-sample', description='Generate N samples from a run folder (torchrun shards them; reruns resume).')
     # option names avoid prefixes of torchrun's own (--run -> --run-path, --n -> --nnodes): torchrun would reject them
     p.add_argument('run', nargs='?', help='run folder (config.json, ckpt_*.pt); not with --pretrained')
     p.add_argument('--out', default=None, help='output folder (default RUN/samples_nfe{NFE}_{WEIGHTS}_n{N})')
@@ -513,7 +535,7 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument('--format', choices=['npz', 'png', 'both'], default='npz', help='samples.npz (ADM layout), png/ or both')
     p.add_argument('--seed', type=int, default=0); p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--shard-size', type=int, default=1000, help='samples per resumable unit of work')
-    p.add_argument('--shape', default=None, help='sample shape C,H,W when the data is not available to infer it')
+    p.add_argument('--shape', default=None, type=_shape_arg, help='sample shape C,H,W when the data is not available to infer it')
     p.add_argument('--vae', default=None, help='latent runs: SD-VAE to decode with (id or local folder)')
     p.add_argument('--no-progress', action='store_true')
     p.add_argument('--pretrained', default=None, metavar='NAME', help='a released checkpoint instead of a run: iMF-B/2, iMF-M/2, iMF-L/2, '
@@ -531,7 +553,7 @@ def cli_sample(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     check(run is not None, 'give a run folder, or --pretrained NAME')
     check(a.pretrained or Path(a.run).is_dir(), f'run folder {a.run} does not exist')
     out = out or str(Path(a.run) / f'samples_nfe{a.nfe}_{a.weights}_n{a.num_samples}')
-    shape = tuple(int(s) for s in a.shape.split(',')) if a.shape else None
+    shape = a.shape
     guidance = {'eval_omega': a.omega, 'eval_t_min': a.t_min, 'eval_t_max': a.t_max}
     try:
         res = sample_run(run, out, a.num_samples, a.nfe, a.weights, a.ckpt, a.seed, a.shard_size, a.batch_size, a.format,
@@ -552,7 +574,7 @@ def _pretrained_job(a) -> tuple:
 # %% ../nbs/11_eval.ipynb #fd8b1a41
 def fid_parser() -> argparse.ArgumentParser:
     "The `mf-fid` argument parser."
-    p = argparse.ArgumentParser(prog='mf-fid', description='digits-FID or ImageNet FID of a samples .npz / PNG folder.')
+    p = CLIParser(prog='mf-fid', description='digits-FID or ImageNet FID of a samples .npz / PNG folder.')
     p.add_argument('samples', nargs='?', help='samples.npz (arr_0 uint8 NHWC) or a folder of PNGs')
     p.add_argument('--metric', choices=['digits-fid', 'fid'], default='digits-fid', help='digits-FID or Inception FID')
     p.add_argument('--ref', default=None, help="digits-fid: 'train' (default), 'test', 'all' or samples; fid: reference .npz (mu, sigma)")

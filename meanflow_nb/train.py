@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #199e24f3
 from __future__ import annotations
-import os, sys, json, math, time, glob, copy, argparse, dataclasses, warnings, signal, threading
+import os, sys, json, math, time, glob, copy, argparse, dataclasses, warnings, hashlib, numbers, socket, signal, threading
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -12,18 +12,22 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
-from .core import ConfigError, check, cli_errors, set_seed, in_test
+from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, set_seed, in_test
+try: import fcntl  # run-folder locks (POSIX)
+except ImportError: fcntl = None
 from . import dist
 from .loss import MeanFlowLoss, sample_meanflow, jvp_precision
 from .schedules import balanced_split
 
 # %% auto #0
-__all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'EXIT_PREEMPTED', 'TrainConfig', 'get_config', 'validate_config',
-           'build_model', 'build_loss', 'generate', 'ToyData', 'DatasetData', 'build_data', 'total_steps', 'RunError',
-           'sync_stats', 'train_step', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints', 'prune_checkpoints',
-           'latest_checkpoint', 'ema_update_fn', 'train', 'Preempted', 'set_precision', 'resolve_micro_batch',
-           'compiled_step', 'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log',
-           'evaluate_images', 'train_parser', 'cli_train']
+__all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'RESUME_MAY_CHANGE', 'RUN_FILES', 'EXIT_PREEMPTED',
+           'TrainConfig', 'get_config', 'validate_config', 'build_model', 'build_loss', 'generate', 'ToyData',
+           'DatasetData', 'build_data', 'total_steps', 'RunError', 'sync_stats', 'train_step', 'state_digest',
+           'nonfinite_weights', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints', 'prune_checkpoints',
+           'latest_checkpoint', 'ema_update_fn', 'release_run_folder', 'lock_run_folder', 'clear_run_folder',
+           'claim_run_folder', 'config_diff', 'check_resume', 'train', 'Preempted', 'set_precision',
+           'resolve_micro_batch', 'compiled_step', 'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid',
+           'plot_log', 'evaluate_images', 'train_parser', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #05ebb6f1
 @dataclass
@@ -151,7 +155,10 @@ def get_config(preset: str | None = None, **overrides) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     bad = sorted(set(overrides) - names)
     check(not bad, f'unknown config field(s) {bad}; see TrainConfig')
-    cfg = TrainConfig(**{**(PRESETS[preset] if preset else {}), **overrides, 'preset': preset or ''})
+    base = dict(PRESETS[preset]) if preset else {}
+    for k, kw in (('data', 'data_kwargs'), ('model', 'model_kwargs')):  # a preset's kwargs belong to its data and model
+        if k in overrides and overrides[k] != base.get(k) and kw not in overrides: base.pop(kw, None)
+    cfg = TrainConfig(**{**base, **overrides, 'preset': preset or ''})
     validate_config(cfg)
     return cfg
 
@@ -161,6 +168,7 @@ METHODS = ('fm', 'mf', 'kim', 'imf')
 def validate_config(cfg: TrainConfig, world_size: int | None = None):
     "Raise `ConfigError` for a config that cannot run."
     world = world_size or dist.get_world_size()
+    _check_types(cfg)
     check(cfg.method in METHODS, f'unknown method {cfg.method!r}; valid: {", ".join(METHODS)}')
     for n in ('ratio_r_eq_t', 'class_dropout', 'cfg_t_start', 'cfg_t_end', 'eval_t_min', 'eval_t_max'):
         check(0.0 <= getattr(cfg, n) <= 1.0, f'{n} must be in [0, 1], got {getattr(cfg, n)}')
@@ -189,6 +197,22 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
 
 _FILE_DATA = ('imagefolder', 'latents')
 
+_ANY_TYPE = ('micro_batch',) # fields whose own checks accept more than their default's type (an int or 'auto')
+
+def _check_types(cfg: TrainConfig):
+    "Every field has its default's type (an int where a float goes is fine) and every float is finite."
+    for f in dataclasses.fields(cfg):
+        d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        v = getattr(cfg, f.name)
+        if d is None or f.name in _ANY_TYPE: continue
+        if isinstance(d, bool): ok, kind = isinstance(v, bool), 'true or false'
+        elif isinstance(d, int): ok, kind = isinstance(v, numbers.Integral) and not isinstance(v, bool), 'an integer'
+        elif isinstance(d, float): ok, kind = isinstance(v, numbers.Real) and not isinstance(v, bool), 'a number'
+        elif isinstance(d, (tuple, list)): ok, kind = isinstance(v, (tuple, list)), 'a list of numbers'
+        else: ok, kind = isinstance(v, type(d)), f'a {type(d).__name__}'
+        check(ok, f'{f.name} must be {kind}, got {v!r}')
+        if isinstance(d, float): check(math.isfinite(v), f'{f.name} must be finite, got {v}')
+
 # %% ../nbs/08_train.ipynb #c37823aa
 TOY_MODELS = {'ToyMLP': 'meanflow_nb.models:ToyMLP', 'ToyIMF': 'meanflow_nb.imf:ToyIMF'} # networks for vector data
 
@@ -198,13 +222,17 @@ def build_model(cfg: TrainConfig, sample_shape: tuple) -> nn.Module:
     if cfg.model in TOY_MODELS:
         check(len(sample_shape) == 1, f'{cfg.model} needs vector data, got samples of shape {tuple(sample_shape)}')
         mod, name = TOY_MODELS[cfg.model].split(':')
-        return getattr(importlib.import_module(mod), name)(dim=sample_shape[0], num_classes=cfg.num_classes, **cfg.model_kwargs)
+        cls = getattr(importlib.import_module(mod), name)
+        check_kwargs(cls, cfg.model_kwargs, f'model_kwargs of {cfg.model}', reserved=('dim', 'num_classes'))
+        return cls(dim=sample_shape[0], num_classes=cfg.num_classes, **cfg.model_kwargs)
     from meanflow_nb.models import create_model
     check(len(sample_shape) == 3, f'{cfg.model} needs image data (C, H, W), got samples of shape {tuple(sample_shape)}; '
           f'for vector data use one of {", ".join(TOY_MODELS)}')
     C, H, W = sample_shape
     check(H == W, f'{cfg.model} needs square inputs, got {H}x{W}')
     kw = dict(cfg.model_kwargs)
+    clash = sorted(set(kw) & {'input_size', 'in_channels', 'num_classes'})
+    check(not clash, f'model_kwargs of {cfg.model}: {", ".join(clash)} come(s) from the data and num_classes, not model_kwargs')
     if cfg.model.startswith('iMF'): kw.setdefault('v_head', cfg.imf_v_head)  # no unused head for the zero-parameter variant
     return create_model(cfg.model, input_size=H, in_channels=C, num_classes=cfg.num_classes, **kw)
 
@@ -362,19 +390,57 @@ def train_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, x, y, draw
     return stats
 
 # %% ../nbs/08_train.ipynb #4e6e6da1
+CKPT_KEYS = ('step', 'model', 'config') # what every training checkpoint holds (besides `ema`, `opt`, `loss`, `sha256`)
+
+def state_digest(state: dict) -> str:
+    "sha256 of a checkpoint's content: each tensor's dtype, shape and bytes and every other value, in a fixed order."
+    h = hashlib.sha256()
+    def walk(x):
+        if torch.is_tensor(x):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f'T{t.dtype}{tuple(x.shape)}'.encode()); h.update(t.view(torch.uint8).numpy().data)
+        elif isinstance(x, dict):
+            h.update(b'{')
+            for k in sorted(x, key=repr): h.update(repr(k).encode()); walk(x[k])
+            h.update(b'}')
+        elif isinstance(x, (list, tuple)):
+            h.update(b'[' if isinstance(x, list) else b'(')
+            for v in x: walk(v)
+            h.update(b']')
+        else: h.update(f'{type(x).__name__}:{x!r};'.encode())
+    walk({k: v for k, v in state.items() if k != 'sha256'})
+    return h.hexdigest()
+
+def nonfinite_weights(state: dict) -> list[str]:
+    "Names of the model and EMA tensors of a checkpoint state that hold NaN or inf."
+    sds = [('model', state.get('model') or {})] + [(f'ema[{i}]', e) for i, e in enumerate(state.get('ema') or [])]
+    return [f'{n}.{k}' for n, sd in sds for k, v in sd.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
 def save_checkpoint(path: str | Path, state: dict):
-    "Write `state` to `path` atomically (temporary file, fsync, rename)."
+    "Write `state` and its `state_digest` to `path` atomically (temporary file, fsync, rename); refuse non-finite weights."
     path = Path(path); tmp = path.with_name(path.name + '.tmp')
+    bad = nonfinite_weights(state)
+    if bad: raise RunError(f'non-finite weights at step {state.get("step")} ({bad[0]}{f" and {len(bad) - 1} more" if len(bad) > 1 else ""}); '
+                           f'{path.name} was not written, the previous checkpoints are kept')
+    state = {**state, 'sha256': state_digest(state)}
     with open(tmp, 'wb') as f:
         torch.save(state, f); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
 
 def load_checkpoint(path: str | Path) -> dict:
-    "Load a checkpoint with `weights_only=True`; a corrupt or truncated file raises `RunError` with its name."
+    "Load a checkpoint with `weights_only=True` and verify it; a corrupt, truncated, altered or foreign file raises `RunError`."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'no checkpoint at {path}')
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as ex: raise RunError(f'checkpoint {path} is corrupt or truncated ({type(ex).__name__}: {str(ex)[:120]})') from None
+    try: st = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as ex: raise RunError(f'checkpoint {path} is corrupt or truncated ({type(ex).__name__}: {" ".join(str(ex).split())[:120]})') from None
+    missing = [k for k in CKPT_KEYS if k not in st] if isinstance(st, dict) else list(CKPT_KEYS)
+    if missing: raise RunError(f'{path} is not a training checkpoint: it lacks {", ".join(missing)}')
+    if 'sha256' in st and st['sha256'] != state_digest(st):
+        raise RunError(f'checkpoint {path} is corrupt: its content does not match the sha256 stored with it')
+    bad = nonfinite_weights(st)
+    if bad: raise RunError(f'checkpoint {path} holds non-finite weights ({bad[0]})')
+    return st
 
 def list_checkpoints(out: str | Path) -> list[Path]:
     "The run's checkpoints, oldest first."
@@ -416,9 +482,95 @@ def _state(cfg, step, model, emas, opt, loss_fn=None) -> dict:
     return dict(step=step, model=model.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(),
                 config=asdict(cfg), loss=loss_fn.state_dict() if hasattr(loss_fn, 'state_dict') else {})
 
+# %% ../nbs/08_train.ipynb #f15a0002
+RESUME_MAY_CHANGE = ( # config fields that may differ between a checkpoint and the run that resumes it
+    'steps', 'epochs', # extend the run (never below the checkpoint's step)
+    'log_every', 'sample_every', 'ckpt_every', 'keep_ckpts', 'eval_samples', 'baseline_fm', # bookkeeping and evaluation
+    'num_workers', 'dist_timeout', 'compile', 'bf16', # how it runs, not what it computes
+    'tf32', 'jvp_dtype', 'micro_batch', 'grad_ckpt', 'overlap_sync', 'bucket_mb', 'compile_step', # (the GPU path's knobs)
+    'ckpt_every_minutes', 'param_check_every',
+    'out', 'data_path', 'init_from', 'preset', # where things are (moved data, a renamed folder); init_from is moot on resume
+    'eval_omega', 'eval_t_min', 'eval_t_max', # sampling-time guidance of iMF
+)
+RUN_FILES = ('ckpt_*.pt', 'ckpt_*.pt.tmp', 'log.jsonl', 'metrics.json', 'config.json', 'samples.png', 'loss.png',
+             'samples/step_*.png', 'fid_curve.json') # what `--overwrite` deletes (also in `baseline_fm/`)
+_LOCKS: dict = {} # resolved run folder -> file descriptor of the lock this process holds
+
+def release_run_folder(out: str | Path):
+    "Drop this process's lock on `out`, if it holds one."
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None: os.close(fd)
+
+def lock_run_folder(out: str | Path):
+    "Take the exclusive lock of run folder `out` (`OUT/.lock`); `ConfigError` naming the holder if another process has it."
+    out = Path(out); release_run_folder(out)  # a lock kept by an earlier call of this process (a notebook re-run)
+    if fcntl is None: return  # no flock on this OS: no protection
+    fd = os.open(out / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        who = os.read(fd, 200).decode(errors='replace').strip(); os.close(fd)
+        raise ConfigError(f'run folder {str(out)!r} is in use by another run ({who or "another process"}); '
+                          'wait for it to end, or choose another --out') from None
+    os.ftruncate(fd, 0); os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())
+    _LOCKS[str(out.resolve())] = fd
+
+def clear_run_folder(out: str | Path):
+    "Delete a run's own files (`RUN_FILES`, also in `baseline_fm/`), nothing else."
+    out = Path(out)
+    for d in (out, out / 'baseline_fm'):
+        for pat in RUN_FILES:
+            for p in d.glob(pat): p.unlink()
+
+def claim_run_folder(out: str | Path, resume: bool = False, overwrite: bool = False):
+    "Rank 0 creates, locks and checks the run folder; a refusal is raised as the same `ConfigError` on every rank."
+    check(not (resume and overwrite), '--resume continues a run and --overwrite starts it over: pass one of them')
+    out, err = Path(out), None
+    if dist.is_main():
+        try:
+            _prepare_out(out); lock_run_folder(out)
+            if overwrite: clear_run_folder(out)
+            ck = [] if resume else list_checkpoints(out)
+            check(not ck, f'run folder {str(out)!r} already holds a run (newest: {ck[-1].name if ck else ""}); pass --resume '
+                          'to continue it, --overwrite to start it over, or choose another --out')
+        except ConfigError as ex: err = str(ex); release_run_folder(out)
+    err = dist.broadcast_object(err)
+    if err: raise ConfigError(err)
+
+def _plain(v):
+    "Tuples as lists, recursively, so a config compares equal to its round trip through a checkpoint."
+    if isinstance(v, (list, tuple)): return [_plain(x) for x in v]
+    if isinstance(v, dict): return {k: _plain(x) for k, x in v.items()}
+    return v
+
+def config_diff(new: dict, old: dict, may_change: tuple = RESUME_MAY_CHANGE) -> dict:
+    "`{field: (old, new)}` for the run-defining fields on which two configs differ (fields `old` lacks are skipped)."
+    return {k: (old[k], v) for k, v in new.items() if k in old and k not in may_change and _plain(old[k]) != _plain(v)}
+
+def check_resume(cfg: TrainConfig, st: dict, out: Path, total: int):
+    "Refuse to resume checkpoint state `st` with a config that defines another run, or with fewer steps than it holds."
+    diff = config_diff(asdict(cfg), st['config'])
+    check(not diff, f'cannot resume {str(out)!r}: it was trained with other settings ('
+                    + ', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in ((k, *v) for k, v in diff.items()))
+                    + f'); only {", ".join(RESUME_MAY_CHANGE[:6])}, ... may change on resume. Use another --out for a new run')
+    check(total >= st['step'], f'cannot resume {str(out)!r}: it is at step {st["step"]}, but this config trains {total} '
+                               f'steps; pass --steps {st["step"]} or more')
+
+def _log_step(line: str) -> float:
+    "The step of a `log.jsonl` line; inf for a torn one (a kill mid-write), so that it is dropped."
+    try: return json.loads(line)['step']
+    except (ValueError, KeyError, TypeError): return math.inf
+
+def _trim_log(out: Path, start: int):
+    "Cut `log.jsonl` back to the steps `<= start` (and drop a torn last line), so a resumed run logs every step once."
+    p = out / 'log.jsonl'
+    if not p.exists(): return
+    keep = [l if l.endswith('\n') else l + '\n' for l in p.read_text().splitlines(keepends=True) if _log_step(l) <= start]
+    tmp = p.with_suffix('.tmp'); tmp.write_text(''.join(keep)); os.replace(tmp, p)
+
 # %% ../nbs/08_train.ipynb #b9e5f28d
 def train(cfg: TrainConfig, # what to train; see `get_config`
           resume: bool = False, # continue from the newest usable checkpoint in `cfg.out`
+          overwrite: bool = False, # start over in a folder that holds a run (deletes its checkpoints and logs)
           progress: bool = True, # show a progress bar on rank 0
          ) -> dict:
     "Train `cfg` (in a notebook, one process, under torchrun or srun) and return the final metrics."
@@ -426,8 +578,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main()
     validate_config(cfg, world)
     out = Path(cfg.out)
-    if main: _prepare_out(out)
-    dist.barrier()
+    claim_run_folder(out, resume, overwrite)  # rank 0 locks it; refusals reach every rank
     set_precision(cfg.tf32, device)
     data = build_data(cfg)
     total = total_steps(cfg, data)
@@ -441,13 +592,13 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
         set_grad_ckpt(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     loss_fn = build_loss(cfg)
-    start = _maybe_resume(out, model, emas, opt, loss_fn) if resume else 0
+    start = _maybe_resume(out, model, emas, opt, loss_fn, cfg, total) if resume else 0
     if resume and world > 1: _check_params(model, start, 'after the resume')  # every rank loaded the same weights
     micro = resolve_micro_batch(cfg, model, device, world)
     fwd = torch.compile(model) if cfg.compile else model
     step_fn = compiled_step() if cfg.compile_step else None
     gsync = dist.GradSync(model, cfg.bucket_mb) if cfg.overlap_sync and world > 1 else None
-    if main: (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
+    if main: (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
     batches = data.batches(start, cfg.global_batch, rank, world, cfg.seed, device)
     bar = _progress(range(start, total), main and progress, cfg.preset or cfg.method)
     split = world if cfg.r_eq_t_split == 'balanced' else 0
@@ -495,7 +646,9 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
                 if preempt and done < total: raise Preempted(done, out)
         finally:
             if gsync is not None: gsync.remove()
-    return finish_run(cfg, model, emas, data, device, total, resume, progress)
+    res = finish_run(cfg, model, emas, data, device, total, resume, progress)
+    if main: release_run_folder(out)
+    return res
 
 # %% ../nbs/08_train.ipynb #e8a0c001
 EXIT_PREEMPTED = 75 # exit code of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: retry)
@@ -592,12 +745,13 @@ def _progress(it, show: bool, desc: str):
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
-def _maybe_resume(out: Path, model, emas, opt, loss_fn=None) -> int:
-    "Load the newest usable checkpoint into the run's objects; the step to continue from (0 if none)."
+def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=None) -> int:
+    "Load the newest usable checkpoint into the run's objects (after `check_resume`); the step to continue from (0 if none)."
     st = latest_checkpoint(out)
     if st is None:
         if list_checkpoints(out): raise RunError(f'no usable checkpoint in {out}: every ckpt_*.pt is corrupt')
         return 0
+    if cfg is not None: check_resume(cfg, st, out, total if total is not None else st['step'])
     model.load_state_dict(st['model'])
     for e, s in zip(emas, st['ema']): e.load_state_dict(s)
     opt.load_state_dict(st['opt'])
@@ -703,10 +857,25 @@ def evaluate_images(cfg: TrainConfig, ema: nn.Module, shape: tuple, device) -> d
     return {k: last[k] for k in ('loss', 'loss_u', 'loss_v') if k in last}
 
 # %% ../nbs/08_train.ipynb #52ce4c63
+def _bool_flag(s: str) -> bool:
+    v = {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}.get(s.strip().lower())
+    if v is None: raise argparse.ArgumentTypeError(f'expected true or false (or 1/0, yes/no), got {s!r}')
+    return v
+
+def _tuple_flag(s: str) -> tuple:
+    try: return tuple(float(v) for v in s.split(',') if v.strip())
+    except ValueError: raise argparse.ArgumentTypeError(f'expected comma-separated numbers such as 0.9,0.95, got {s!r}') from None
+
+def _dict_flag(s: str) -> dict:
+    try: d = json.loads(s)
+    except ValueError: d = None
+    if not isinstance(d, dict): raise argparse.ArgumentTypeError(f"""expected a JSON object such as '{{"hidden": 64}}', got {s!r}""")
+    return d
+
 def _flag_type(default):
-    if isinstance(default, bool): return lambda s: {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}[s.lower()]
-    if isinstance(default, tuple): return lambda s: tuple(float(v) for v in s.split(',') if v.strip())
-    if isinstance(default, dict): return json.loads
+    if isinstance(default, bool): return _bool_flag
+    if isinstance(default, tuple): return _tuple_flag
+    if isinstance(default, dict): return _dict_flag
     return type(default)
 
 def _int_or_auto(s: str):
@@ -718,9 +887,10 @@ _FLAG_TYPES = {'micro_batch': _int_or_auto} # fields whose flag is not parsed by
 
 def train_parser() -> argparse.ArgumentParser:
     "The `mf-train` argument parser: `--preset`, `--out`, `--resume`, and one flag per `TrainConfig` field."
-    p = argparse.ArgumentParser(prog='mf-train', description='Train FM / MeanFlow / Kim et al. / iMF. Flags override the preset.')
+    p = CLIParser(prog='mf-train', description='Train FM / MeanFlow / Kim et al. / iMF. Flags override the preset.')
     p.add_argument('--preset', default=None, help=f'one of: {", ".join(PRESETS)}')
     p.add_argument('--resume', action='store_true', help='continue from the newest usable checkpoint in --out')
+    p.add_argument('--overwrite', action='store_true', help='start over in an --out that holds a run (deletes its checkpoints)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     for f in dataclasses.fields(TrainConfig):
         if f.name == 'preset': continue
@@ -732,10 +902,10 @@ def train_parser() -> argparse.ArgumentParser:
 def cli_train(argv: list[str] | None = None):
     "Console script `mf-train`."
     a = vars(train_parser().parse_args(argv))
-    preset, resume, quiet = a.pop('preset'), a.pop('resume'), a.pop('no_progress')
+    preset, resume, overwrite, quiet = a.pop('preset'), a.pop('resume'), a.pop('overwrite'), a.pop('no_progress')
     cfg = get_config(preset, **{k: v for k, v in a.items() if v is not None})
     try:
-        res = train(cfg, resume=resume, progress=not quiet)
+        res = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
         if dist.is_main(): print(json.dumps({'out': str(res.out), **res.metrics}, indent=1))
     except Preempted as ex:
         print(str(ex), file=sys.stderr); sys.exit(EXIT_PREEMPTED)

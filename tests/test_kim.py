@@ -40,7 +40,7 @@ def cut_copy(ref, dst, drop_state=False):
     for p in dst.glob('ckpt_*.pt'):
         if int(p.stem.split('_')[1]) > 10: p.unlink()
         elif drop_state:
-            st = torch.load(p, weights_only=True); st['loss'] = {}; torch.save(st, p)
+            st = torch.load(p, weights_only=True); st['loss'] = {}; st.pop('sha256', None); torch.save(st, p)  # as an older version wrote it
     return dst
 
 

@@ -1,0 +1,445 @@
+"""The fault suite: what a careless or unlucky user does to a run, and what must survive it.
+
+Every test checks the exit code, that the message is one line with no traceback, and that nothing on disk was lost
+(the previous checkpoints are byte-identical, the run's own files unmixed). Most run the console scripts in-process
+(`cli_train([...])`, the function `mf-train` calls); subprocesses only where a real second process matters (a lock
+holder, a kill mid-write, torchrun, the warnings of a fresh interpreter)."""
+import hashlib, io, json, os, shutil, signal, subprocess, sys, time
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+
+from meanflow_nb.train import (cli_train, get_config, load_checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint,
+                               state_digest, RunError, build_data, RESUME_MAY_CHANGE)
+from meanflow_nb.eval import cli_sample, cli_fid
+from meanflow_nb.data import cli_latents, build_dataset, make_shapes_folder, LatentDataset, LATENT_FORMAT
+from meanflow_nb.bench import cli_bench
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
+TOY = ['--preset', 'toy2d', '--baseline_fm', 'false', '--eval_samples', '200', '--no-progress', '--global_batch', '64',
+       '--model_kwargs', '{"hidden": 32, "depth": 2}', '--log_every', '5', '--ckpt_every', '10', '--keep_ckpts', '3']
+
+
+def cli(fn, args, capsys):
+    "Run a console script in-process: `(exit code, stdout, stderr)`."
+    capsys.readouterr()
+    try: fn([str(a) for a in args]); code = 0
+    except SystemExit as ex: code = ex.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str, needle: str = '') -> str:
+    "The stderr of a failed command: exactly one line, `error: ...`, no traceback, containing `needle`."
+    assert 'Traceback' not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def last_line(err: str, needle: str = '') -> str:
+    "The stderr of a run that failed after it started: progress notes (`resumed from`, `warning:`), then one error line."
+    assert 'Traceback' not in err, err
+    *notes, last = err.strip().splitlines()
+    assert last.startswith('error: ') and needle in last, (needle, err)
+    assert all(l.startswith(('resumed from step ', 'warning: ')) for l in notes), err
+    return last
+
+
+def snap(folder) -> dict:
+    "Relative path -> sha256 of every file under `folder` (the lock file aside: its holder writes its pid there)."
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob('*')) if p.is_file() and p.name != '.lock'}
+
+
+def ckpt_steps(out): return [int(p.stem.split('_')[1]) for p in list_checkpoints(out)]
+
+
+def log_steps(out): return [json.loads(l)['step'] for l in (Path(out) / 'log.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+    "One finished 20-step toy run (checkpoints at 10 and 20), trained once; tests work on copies."
+    out = tmp_path_factory.mktemp('base') / 'run'
+    try: cli_train(TOY + ['--steps', '20', '--out', str(out)])
+    except SystemExit as ex: assert ex.code == 0
+    assert ckpt_steps(out) == [10, 20]
+    return out
+
+
+@pytest.fixture
+def run(base, tmp_path):
+    "A private copy of the base run."
+    dst = tmp_path / 'run'; shutil.copytree(base, dst); return dst
+
+
+# ---------------------------------------------------------------- a run folder belongs to one run
+
+HOLD = ("import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid %d' % os.getpid()); print('locked', flush=True); time.sleep(120)\n")
+
+
+def hold_lock(folder):
+    "Another process that holds the folder's lock (as a running `mf-train` does) until it is killed."
+    p = subprocess.Popen([sys.executable, '-c', HOLD, str(Path(folder) / '.lock')], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout.readline().strip() == 'locked'
+    return p
+
+
+def test_second_run_is_refused_then_the_lock_dies_with_its_holder(run, capsys):
+    "A folder in use: exit 2 naming it, nothing touched. After `kill -9` of the holder the OS has dropped the lock."
+    before = snap(run); holder = hold_lock(run)
+    try:
+        code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+        assert code == 2
+        assert str(run) in one_line(err, 'is in use by another run (pid ')
+        assert snap(run) == before
+    finally: holder.send_signal(signal.SIGKILL); holder.wait()
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)  # no stale lock
+    assert code == 0, err
+    assert ckpt_steps(run) == [10, 20, 30]
+
+
+def test_torchrun_ranks_all_refuse_a_folder_in_use(run):
+    "Under torchrun only rank 0 takes the lock; its refusal reaches rank 1 too, so the job exits instead of hanging."
+    before = snap(run); holder = hold_lock(run)
+    try:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'meanflow_nb.train',
+               *TOY, '--steps', '30', '--resume', '--out', str(run)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
+    finally: holder.send_signal(signal.SIGKILL); holder.wait()
+    assert r.returncode != 0
+    assert r.stderr.count('is in use by another run') == 2, r.stderr[-2000:]  # one line from each rank
+    assert 'meanflow_nb/' not in r.stderr  # no frame of ours: torchrun's own report of the failed ranks aside
+    assert snap(run) == before
+
+
+def test_rerun_without_resume_is_refused(run, capsys):
+    before = snap(run)
+    code, _, err = cli(cli_train, TOY + ['--steps', '20', '--out', run], capsys)
+    assert code == 2
+    one_line(err, 'already holds a run (newest: ckpt_00000020.pt); pass --resume')
+    assert snap(run) == before
+
+
+def test_overwrite_starts_clean(run, capsys):
+    (run / 'notes.txt').write_text('mine')  # not the run's: --overwrite must leave it
+    code, _, err = cli(cli_train, TOY + ['--steps', '10', '--seed', '1', '--overwrite', '--out', run], capsys)
+    assert code == 0, err
+    assert ckpt_steps(run) == [10] and log_steps(run) == [5, 10]
+    assert load_checkpoint(run / 'ckpt_00000010.pt')['config']['seed'] == 1
+    assert json.loads((run / 'config.json').read_text())['seed'] == 1
+    assert (run / 'notes.txt').read_text() == 'mine'
+    code, _, err = cli(cli_train, TOY + ['--steps', '10', '--overwrite', '--resume', '--out', run], capsys)
+    assert code == 2
+    one_line(err, 'pass one of them')
+
+
+@pytest.mark.parametrize('flags,fields', [
+    (['--seed', '1'], 'seed: 0 -> 1'),
+    (['--lr', '2e-3', '--global_batch', '32'], 'global_batch: 64 -> 32, lr: 0.001 -> 0.002'),
+    (['--model_kwargs', '{"hidden": 48, "depth": 2}'], "model_kwargs: {'hidden': 32, 'depth': 2} -> {'hidden': 48, 'depth': 2}"),
+    (['--method', 'fm'], "method: 'mf' -> 'fm'"),
+])
+def test_resume_refuses_other_settings(run, capsys, flags, fields):
+    "A resume that would train another run (here: a different seed, lr, batch, model or method) is refused, field by field."
+    before = snap(run)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run] + flags, capsys)
+    assert code == 2
+    one_line(err, f'it was trained with other settings ({fields})')
+    assert snap(run) == before
+
+
+def test_resume_refuses_fewer_steps(run, capsys):
+    before = snap(run)
+    code, _, err = cli(cli_train, TOY + ['--steps', '15', '--resume', '--out', run], capsys)
+    assert code == 2
+    one_line(err, 'it is at step 20, but this config trains 15 steps; pass --steps 20 or more')
+    assert snap(run) == before
+
+
+def test_resume_is_exact_including_the_optimizer(base, run, capsys):
+    "Killed right after step 10's checkpoint (step 20's lost), resumed with other logging: the same weights, EMA and AdamW state."
+    (run / 'ckpt_00000020.pt').unlink(); (run / 'metrics.json').unlink()
+    assert log_steps(run) == [5, 10, 15, 20]  # lines logged after the checkpoint, as a killed run leaves them
+    with open(run / 'log.jsonl', 'a') as f: f.write('{"step": 25, "lo')  # and a line torn by the kill
+    assert {'steps', 'log_every', 'ckpt_every', 'eval_samples'} <= set(RESUME_MAY_CHANGE)
+    code, _, err = cli(cli_train, TOY + ['--steps', '20', '--log_every', '10', '--resume', '--out', run], capsys)
+    assert code == 0, err
+    assert 'resumed from step 10' in err
+    assert log_steps(run) == [5, 10, 20]  # cut back to step 10, then the resumed run's own lines: each step once
+    a, b = load_checkpoint(base / 'ckpt_00000020.pt'), load_checkpoint(run / 'ckpt_00000020.pt')
+    for k in a['model']: torch.testing.assert_close(a['model'][k], b['model'][k], atol=0, rtol=0)
+    for k in a['ema'][0]: torch.testing.assert_close(a['ema'][0][k], b['ema'][0][k], atol=0, rtol=0)
+    assert a['opt']['param_groups'] == b['opt']['param_groups']
+    assert a['opt']['state'].keys() == b['opt']['state'].keys() and len(a['opt']['state']) > 0
+    for i in a['opt']['state']:
+        for k in ('step', 'exp_avg', 'exp_avg_sq'):
+            torch.testing.assert_close(a['opt']['state'][i][k], b['opt']['state'][i][k], atol=0, rtol=0)
+    assert a['sha256'] == state_digest(a) and b['sha256'] == state_digest(b)
+    a['config'], b['config'] = {}, {}; a['sha256'] = b['sha256'] = ''
+    assert state_digest(a) == state_digest(b)  # and nothing else in the checkpoint differs either
+
+
+# ---------------------------------------------------------------- checkpoints are verified
+
+def overwrite_bytes(path: Path, offset: int, data: bytes):
+    with open(path, 'r+b') as f: f.seek(offset); f.write(data)
+
+
+def test_garbage_in_a_tensor_is_caught_by_the_hash(run, capsys):
+    "4 KiB of garbage over a tensor's bytes leave a valid archive (it loads), so only the sha256 can tell: fall back to step 10."
+    p = run / 'ckpt_00000020.pt'; st = load_checkpoint(p); raw = p.read_bytes()
+    w = max(st['model'].values(), key=lambda t: t.numel())                      # the largest weight, >= 4 KiB
+    at = raw.find(w.numpy().tobytes()); assert at > 0 and w.numel() * 4 >= 4096
+    overwrite_bytes(p, at, np.random.default_rng(0).bytes(4096))
+    assert torch.load(p, weights_only=True)['step'] == 20                        # torch itself does not notice
+    with pytest.raises(RunError, match='does not match the sha256'): load_checkpoint(p)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    assert code == 0, err
+    assert 'ckpt_00000020.pt is corrupt: its content does not match the sha256' in err and 'resumed from step 10' in err
+    st = load_checkpoint(run / 'ckpt_00000030.pt')
+    assert all(torch.isfinite(v).all() for v in st['model'].values())
+    assert all(np.isfinite(v) for v in json.loads((run / 'metrics.json').read_text()).values() if isinstance(v, float))
+
+
+def test_garbage_mid_file_falls_back(run):
+    "4 KiB of garbage in the middle of the file, wherever it lands: refused, the older checkpoint is used."
+    p = run / 'ckpt_00000020.pt'; n = p.stat().st_size
+    overwrite_bytes(p, n // 2 - 2048, np.random.default_rng(1).bytes(4096))
+    with pytest.raises(RunError, match='corrupt'): load_checkpoint(p)
+    assert latest_checkpoint(run)['step'] == 10
+
+
+def test_all_checkpoints_corrupt_fails_clearly(run, capsys):
+    for p in list_checkpoints(run): overwrite_bytes(p, p.stat().st_size // 2 - 2048, b'\0' * 4096)
+    before = snap(run)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    assert code == 1
+    last_line(err, 'error: no usable checkpoint in')
+    assert len(err.strip().splitlines()) == 3  # one warning per checkpoint tried, then the error
+    assert snap(run) == before  # nothing deleted: the user may still rescue them
+
+
+def test_malicious_pickle_runs_nothing(run, capsys):
+    "A checkpoint whose unpickling would run a command: refused by `weights_only=True`, the command never runs."
+    marker = run.parent / 'pwned'
+    class Evil:
+        def __reduce__(self): return (os.system, (f'touch {marker}',))
+    torch.save({'step': 30, 'model': Evil(), 'config': {}}, run / 'ckpt_00000030.pt')
+    with pytest.raises(RunError, match='corrupt or truncated'): load_checkpoint(run / 'ckpt_00000030.pt')
+    assert latest_checkpoint(run)['step'] == 20
+    assert not marker.exists()
+
+
+def test_non_finite_weights_are_never_saved(run, capsys, monkeypatch):
+    "Weights that turn inf while the loss is still finite: the save is refused (exit 1), the older checkpoints stay."
+    import meanflow_nb.train as T
+    orig = T.train_step
+    def poisoned(model, *a, **kw):
+        stats = orig(model, *a, **kw)
+        if a[5] == 24: next(model.parameters()).data[0] = float('inf')  # after step 25's update
+        return stats
+    monkeypatch.setattr(T, 'train_step', poisoned)
+    before = snap(run)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--ckpt_every', '5', '--resume', '--out', run], capsys)
+    assert code == 1
+    last_line(err, 'non-finite weights at step 25')
+    assert ckpt_steps(run) == [10, 20] and not list(run.glob('*.tmp'))
+    assert {k: v for k, v in snap(run).items() if k.startswith('ckpt')} == {k: v for k, v in before.items() if k.startswith('ckpt')}
+
+
+def test_non_finite_checkpoint_is_refused_on_load(run):
+    "A checkpoint with NaN weights but a matching hash (written by some other tool): refused on load, fall back."
+    st = load_checkpoint(run / 'ckpt_00000020.pt')
+    k = next(iter(st['model'])); st['model'][k][0] = float('nan'); st['step'] = 30
+    torch.save({**st, 'sha256': state_digest(st)}, run / 'ckpt_00000030.pt')
+    with pytest.raises(RunError, match='holds non-finite weights'): load_checkpoint(run / 'ckpt_00000030.pt')
+    assert latest_checkpoint(run)['step'] == 20
+
+
+def test_kill_during_a_checkpoint_write(base, tmp_path, capsys):
+    "SIGKILL halfway through writing step 20's checkpoint: a stray .tmp, never a torn ckpt; the resume is bit-exact."
+    out = tmp_path / 'killed'
+    script = ("import os, signal, sys, torch\n"
+              "from meanflow_nb.train import cli_train\n"
+              "orig, n = torch.save, [0]\n"
+              "def save(obj, f, *a, **kw):\n"
+              "    n[0] += 1\n"
+              "    if n[0] == 2:\n"
+              "        import io; b = io.BytesIO(); orig(obj, b, *a, **kw); f.write(b.getvalue()[:len(b.getvalue()) // 2]); f.flush()\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return orig(obj, f, *a, **kw)\n"
+              "torch.save = save\n"
+              "cli_train(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, '-c', script, *TOY, '--steps', '20', '--out', str(out)], capture_output=True, text=True,
+                       env=ENV, timeout=240)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert ckpt_steps(out) == [10] and (out / 'ckpt_00000020.pt.tmp').exists()
+    code, _, err = cli(cli_train, TOY + ['--steps', '20', '--resume', '--out', out], capsys)
+    assert code == 0, err
+    a, b = load_checkpoint(base / 'ckpt_00000020.pt'), load_checkpoint(out / 'ckpt_00000020.pt')
+    for k in a['model']: torch.testing.assert_close(a['model'][k], b['model'][k], atol=0, rtol=0)
+    for k in a['ema'][0]: torch.testing.assert_close(a['ema'][0][k], b['ema'][0][k], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- every user error is one line, exit 2
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--lr', 'inf'], 'lr must be finite, got inf'),
+    (['--lr', 'nan'], 'lr must be finite, got nan'),
+    (['--lr', '0'], 'lr must be positive'),
+    (['--lr=-1e-3'], 'lr must be positive'),
+    (['--lr', 'abc'], "argument --lr: invalid float value: 'abc'"),
+    (['--global_batch', '0'], 'global_batch must be positive'),
+    (['--ema_warmup', 'maybe'], "argument --ema_warmup: expected true or false (or 1/0, yes/no), got 'maybe'"),
+    (['--betas', '0.9,x'], 'expected comma-separated numbers'),
+    (['--model_kwargs', '{"hidden": 32,'], 'expected a JSON object'),
+    (['--model_kwargs', '{"hidden": 32, "widht": 3}'], 'model_kwargs of ToyMLP: unknown key(s) widht; valid: hidden, depth, emb_dim'),
+    (['--model_kwargs', '{"dim": 3}'], 'unknown key(s) dim'),
+    (['--model', 'DiT-T/2', '--data', 'digits', '--model_kwargs', '{"input_size": 16}'], 'input_size come(s) from the data'),
+    (['--model', 'DiT-T/2', '--data', 'digits', '--model_kwargs', '{"depht": 1}'], 'DiT-T/2 has no option(s) depht'),
+    (['--data', 'digits', '--model', 'DiT-T/2', '--data_kwargs', '{"resolution": 8}'], "data_kwargs of 'digits': unknown key(s) resolution"),
+])
+def test_bad_flags_are_one_line(tmp_path, capsys, flags, needle):
+    code, _, err = cli(cli_train, TOY + ['--steps', '2', '--out', tmp_path / 'o'] + flags, capsys)
+    assert code == 2
+    one_line(err, needle)
+    assert not list((tmp_path / 'o').glob('ckpt_*'))
+
+
+def test_existing_file_as_out(tmp_path, capsys):
+    f = tmp_path / 'a_file'; f.write_text('keep me')
+    code, _, err = cli(cli_train, TOY + ['--steps', '2', '--out', f], capsys)
+    assert code == 2
+    one_line(err, 'cannot write to the run folder')
+    assert f.read_text() == 'keep me'
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    return make_shapes_folder(tmp_path_factory.mktemp('img') / 'shapes', n_per_class=3, size=(10, 14))
+
+
+def test_preset_data_kwargs_stay_with_the_preset(shapes, capsys, tmp_path):
+    "`--preset digits --data imagefolder`: the preset's `{'size': 8}` is for digits, ImageFolder does not get it."
+    cfg = get_config('digits', data='imagefolder', data_path=str(shapes))
+    assert cfg.data_kwargs == {} and get_config('digits').data_kwargs == {'size': 8}
+    assert get_config('toy2d', model='ToyIMF').model_kwargs == {}
+    ds = build_dataset('imagefolder', shapes, **get_config('digits', data='imagefolder', data_path=str(shapes),
+                                                          data_kwargs={'resolution': 8}).data_kwargs)
+    assert ds[0][0].shape == (3, 8, 8) and len(ds) == 6
+    code, _, err = cli(cli_train, ['--preset', 'digits', '--data', 'imagefolder', '--data_path', shapes, '--data_kwargs',
+                                   '{"size": 8}', '--out', tmp_path / 'o'], capsys)
+    assert code == 2
+    one_line(err, "data_kwargs of 'imagefolder': unknown key(s) size; valid: resolution")
+
+
+def test_truncated_png_is_skipped_by_default_and_refused_when_strict(shapes, tmp_path, capsys):
+    folder = tmp_path / 'imgs'; shutil.copytree(shapes, folder)
+    p = folder / 'disc' / 'disc_001.png'; p.write_bytes(p.read_bytes()[:-30])  # header intact, end cut off
+    with pytest.warns(UserWarning, match=r'skipped 1 files \(1 truncated\): disc/disc_001.png'):
+        ds = build_dataset('imagefolder', folder, resolution=8)
+    assert len(ds) == 5 and all(ds[i][0].shape == (3, 8, 8) for i in range(5))  # every kept image decodes
+    code, _, err = cli(cli_train, ['--preset', 'digits', '--model', 'DiT-T/2', '--data', 'imagefolder', '--data_path', folder,
+                                   '--data_kwargs', '{"resolution": 8, "strict": true}', '--num_classes', '2',
+                                   '--out', tmp_path / 'o'], capsys)
+    assert code == 2
+    one_line(err, 'strict scan failed: ')
+    assert 'disc/disc_001.png' in err
+
+
+def fake_latents(root: Path, n=8) -> Path:
+    "A latent folder as `mf-latents` writes it (one shard), made by hand."
+    from safetensors.torch import save_file
+    root.mkdir(parents=True)
+    meta = dict(format=LATENT_FORMAT, vae='tiny', resolution=16, latent_shape=[4, 8, 8], n=n, shard_size=n, n_shards=1,
+                normalization='none', scaling_factor=None, classes=['a', 'b'])
+    (root / 'meta.json').write_text(json.dumps(meta))
+    t = dict(mean=torch.randn(n, 4, 8, 8), std=torch.rand(n, 4, 8, 8), y=torch.arange(n) % 2, index=torch.arange(n))
+    save_file(t, str(root / 'shard_00000.safetensors'),
+              metadata=dict(format=LATENT_FORMAT, vae='tiny', resolution='16', normalization='none', shard='0', start='0', count=str(n)))
+    return root
+
+
+@pytest.mark.parametrize('damage,needle', [
+    (lambda r: (r / 'shard_00000.safetensors').write_bytes(os.urandom(4096)), 'shard_00000.safetensors is unreadable'),
+    (lambda r: (r / 'shard_00000.safetensors').write_bytes((r / 'shard_00000.safetensors').read_bytes()[:-1000]), 'is unreadable'),
+    (lambda r: (r / 'meta.json').write_text('{"format": "meanflow'), 'meta.json is not valid JSON'),
+    (lambda r: (r / 'meta.json').write_text(json.dumps({k: v for k, v in json.loads((r / 'meta.json').read_text()).items()
+                                                        if k != 'shard_size'})), 'meta.json lacks shard_size'),
+])
+def test_damaged_latents_are_one_line(tmp_path, capsys, damage, needle):
+    lat = fake_latents(tmp_path / 'lat')
+    assert len(LatentDataset(lat)) == 8  # intact, it loads
+    damage(lat)
+    code, _, err = cli(cli_train, ['--preset', 'digits', '--model', 'DiT-T/2', '--data', 'latents', '--data_path', lat,
+                                   '--num_classes', '2', '--global_batch', '4', '--out', tmp_path / 'o'], capsys)
+    assert code == 2
+    one_line(err, needle)
+
+
+def test_sample_with_a_checkpoint_that_is_not_one(run, tmp_path, capsys):
+    "mf-sample on a file that lacks `model` or `config`, or on a folder holding only such files."
+    bad = tmp_path / 'bad.pt'; torch.save({'step': 1, 'config': {}}, bad)
+    code, _, err = cli(cli_sample, [run, '--ckpt', bad, '--out', tmp_path / 's'], capsys)
+    assert code == 2
+    one_line(err, 'is not a training checkpoint: it lacks model')
+    torch.save({'step': 1, 'model': {}}, bad)
+    code, _, err = cli(cli_sample, [run, '--ckpt', bad, '--out', tmp_path / 's'], capsys)
+    assert code == 2
+    one_line(err, 'it lacks config')
+    folder = tmp_path / 'notrun'; folder.mkdir(); shutil.copy(bad, folder / 'ckpt_00000001.pt')
+    code, _, err = cli(cli_sample, [folder, '--out', tmp_path / 's'], capsys)
+    assert code == 2
+    last_line(err, 'error: no usable checkpoint in')
+
+
+@pytest.mark.parametrize('shape', ['1,x,8', '', '1,0,8', '1;8;8'])
+def test_sample_malformed_shape(run, tmp_path, capsys, shape):
+    code, _, err = cli(cli_sample, [run, '--shape', shape, '--out', tmp_path / 's'], capsys)
+    assert code == 2
+    one_line(err, 'argument --shape: expected positive integers')
+
+
+def test_fid_on_images_of_different_sizes_or_truncated(tmp_path, capsys):
+    from PIL import Image
+    d = tmp_path / 'pngs'; d.mkdir()
+    for i in range(4): Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(d / f'{i}.png')
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(d / '9.png')
+    code, _, err = cli(cli_fid, [d], capsys)
+    assert code == 2
+    one_line(err, 'differ in size: 8x8 (0.png) and 8x9 (9.png)')
+    (d / '9.png').unlink(); p = d / '3.png'; p.write_bytes(p.read_bytes()[:-20])
+    code, _, err = cli(cli_fid, [d], capsys)
+    assert code == 2
+    one_line(err, '3.png is truncated')
+
+
+@pytest.mark.parametrize('fn,args,needle', [
+    (cli_bench, ['nope'], 'unknown part(s) nope'),
+    (cli_bench, ['--threads', 'x'], "argument --threads: invalid int value: 'x'"),
+    (cli_bench, ['steps', '--json', '/no/such/dir/b.json'], 'its folder does not exist'),
+    (cli_latents, ['--data', '/no/such/images', '--out', '/tmp/x'], 'does not exist'),
+    (cli_latents, ['--data', '.', '--out', '/tmp/x', '--resolution', '2.5'], "invalid int value: '2.5'"),
+    (cli_fid, ['/no/such.npz'], 'samples not found'),
+    (cli_sample, ['/no/such/run'], 'does not exist'),
+])
+def test_other_console_scripts_are_one_line(capsys, fn, args, needle):
+    code, _, err = cli(fn, args, capsys)
+    assert code == 2
+    one_line(err, needle)
+
+
+def test_error_after_step_1_is_one_line(tmp_path):
+    "A fresh `mf-train` that diverges after its first JVP: exactly one stderr line (no torch.jit FutureWarning), exit 1."
+    r = subprocess.run(['mf-train', *TOY, '--steps', '50', '--lr', '1e30', '--ckpt_every', '1', '--out', str(tmp_path / 'nan')],
+                       capture_output=True, text=True, env=ENV, timeout=240)
+    assert r.returncode == 1, r.stderr[-2000:]
+    one_line(r.stderr, 'non-finite loss')
+    for ck in list_checkpoints(tmp_path / 'nan'): load_checkpoint(ck)  # every checkpoint written is verified and finite
