@@ -11,28 +11,14 @@ import torch
 from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
-__all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'ACT_COEF', 'time_interleaved', 'step_fn', 'bench_steps', 'bench_sampling',
-           'bench_trainer_loader', 'bench_data', 'steps_per_s_from_log', 'bench_ddp', 'bench_model_forward',
-           'run_bench', 'bench_rows', 'bench_table', 'cli_bench', 'cpu_peak_bytes', 'measure_activation_bytes',
-           'calibrate', 'activation_bytes', 'fixed_bytes', 'fit_micro_batch', 'plan', 'bench_compiled',
-           'bench_precision', 'peak_rss_mb', 'bench_grad_ckpt', 'bench_overlap', 'bench_scale', 'scale_rows',
-           'cli_plan', 'plan_text']
+__all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader',
+           'bench_data', 'steps_per_s_from_log', 'bench_ddp', 'bench_model_forward', 'run_bench', 'bench_rows',
+           'bench_table', 'cli_bench', 'cpu_peak_bytes', 'measure_activation_bytes', 'calibrate', 'plan',
+           'bench_compiled', 'bench_precision', 'peak_rss_mb', 'bench_grad_ckpt', 'bench_overlap', 'bench_scale',
+           'scale_rows', 'cli_plan', 'plan_text']
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
-def time_interleaved(fns: dict, # name -> callable taking no argument
-                     repeats: int = 5, # timed calls of each
-                     warmup: int = 1, # untimed calls of each first
-                    ) -> dict:
-    "Median wall and process-CPU milliseconds of each callable, called round-robin: `{name: {'wall_ms', 'cpu_ms'}}`."
-    check(repeats >= 1 and warmup >= 0, f'need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}')
-    for _ in range(warmup):
-        for f in fns.values(): f()
-    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time(); f()
-            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
-    return {k: {'wall_ms': 1e3 * float(np.median(wall[k])), 'cpu_ms': 1e3 * float(np.median(cpu[k]))} for k in fns}
+from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
 
 # %% ../nbs/12_bench.ipynb #c809f04c
 def step_fn(preset: str = 'digits', # a `meanflow_nb.train.PRESETS` key
@@ -326,53 +312,7 @@ def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16')) -> 
     return coef, rows
 
 # %% ../nbs/12_bench.ipynb #f9a0a002
-def _arch(model) -> dict:
-    "Shape facts of a DiT / iMF network: blocks run per sample, tokens, width, heads, family."
-    from meanflow_nb.models import iMFDiT
-    imf = isinstance(model, iMFDiT)
-    blocks = list(model.blocks) + (list(model.u_blocks) + list(model.v_blocks or []) if imf else [])
-    T = model.x_embedder.num_patches + (sum(model.tokens) if imf else 0)
-    D = model.x_embedder.proj.out_channels
-    return dict(family='imf' if imf else 'dit', depth=len(blocks), T=T, D=D, H=blocks[0].attn.num_heads,
-                params=sum(p.numel() for p in model.parameters()))
-
-# activation bytes per sample = depth * (a * T * D + b * H * T^2) * 4, fitted to CPU peak memory (see below)
-ACT_COEF = {('dit', 'fm', 'fp32'): (15.65, 0.82), ('dit', 'jvp', 'fp32'): (51.25, 5.89), ('imf', 'jvp', 'fp32'): (72.04, 6.34),
-            ('dit', 'fm', 'bf16'): (15.65, 0.82), # the bf16 plain-sample fit (4.88, 1.23) is noise: the fp32 fit bounds it
-            ('dit', 'jvp', 'bf16'): (49.09, 6.15), ('imf', 'jvp', 'bf16'): (72.49, 6.3)}
-
-def activation_bytes(arch: dict, kind: str = 'jvp', # 'fm' (r = t sample) or 'jvp' (r < t sample; iMF: every sample)
-                     bf16: bool = False, grad_ckpt: bool = False, coef: dict | None = None) -> float:
-    "Predicted activation memory of one training sample (bytes)."
-    fam, kind = arch['family'], ('jvp' if arch['family'] == 'imf' else kind)
-    a, b = (coef or ACT_COEF)[(fam, kind, 'bf16' if bf16 else 'fp32')]
-    per_block = (a * arch['T'] * arch['D'] + b * arch['H'] * arch['T'] ** 2) * 4
-    if grad_ckpt: return arch['depth'] * arch['T'] * arch['D'] * 4 * (2 if kind == 'jvp' else 1) + per_block
-    return arch['depth'] * per_block
-
-def fixed_bytes(params: int, n_ema: int = 1) -> dict:
-    "Per-GPU bytes that do not scale with the batch: fp32 weights, gradients, AdamW's two moments, EMA copies."
-    return dict(weights=4 * params, grads=4 * params, adamw=8 * params, ema=4 * params * n_ema)
-
-def _mix_bytes(cfg, arch) -> float:
-    "Activation bytes of an average sample of `cfg` (its share of r = t samples)."
-    fm = activation_bytes(arch, 'fm', cfg.bf16, cfg.grad_ckpt)
-    jvp = activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
-    rho = 1.0 if cfg.method == 'fm' else cfg.ratio_r_eq_t
-    return jvp if arch['family'] == 'imf' else rho * fm + (1 - rho) * jvp
-
-def _fit(budget_bytes: float, per_sample: float, per_rank: int) -> int:
-    "Largest divisor of `per_rank` whose activations fit in `budget_bytes` (0 if none does)."
-    fits = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and m * per_sample <= budget_bytes]
-    return max(fits) if fits else 0
-
-def fit_micro_batch(cfg, model, free_gb: float, per_rank: int) -> int:
-    "The trainer's `micro_batch='auto'`: weights already on the GPU, `free_gb` free; 0 when the whole batch fits."
-    arch = _arch(model)
-    budget = free_gb * 2 ** 30 * 0.9 - 2 * 2 ** 30 - 12 * arch['params']       # grads + AdamW still to come
-    m = _fit(budget, _mix_bytes(cfg, arch), per_rank)
-    check(m >= 1, f'not even one sample per micro-batch fits in {free_gb:.1f} GB free; try --grad_ckpt true')
-    return 0 if m == per_rank else m
+from .train import _arch, ACT_COEF, activation_bytes, fixed_bytes, _mix_bytes, _fit, fit_micro_batch  # the memory model
 
 # %% ../nbs/12_bench.ipynb #f9a0a003
 def _flops_per_sample(arch: dict) -> float:

@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #6eb7d23a
 from __future__ import annotations
-import os, sys, json, random, functools, math, argparse, inspect, warnings
+import os, sys, json, random, functools, math, time, argparse, inspect, warnings
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['RESULT_TABLES', 'bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test',
-           'ConfigError', 'check', 'check_kwargs', 'CLIParser', 'cli_errors', 'bootstrap_ci', 'paired_diff_ci',
-           'fmt_ci', 'speedup_ci', 'results_dir', 'save_result', 'load_result', 'result_table', 'md_table',
-           'readme_blocks', 'sync_readme', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
+           'ConfigError', 'check', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved', 'bootstrap_ci',
+           'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'save_result', 'load_result',
+           'result_table', 'md_table', 'readme_blocks', 'sync_readme', 'image_grid', 'show_images', 'scatter2d',
+           'plot_field']
 
 # %% ../nbs/00_core.ipynb #393d5e47
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +104,22 @@ def cli_errors(fn):
 # lines to the first error after step 1 (nothing for users to act on)
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 
+# %% ../nbs/00_core.ipynb #c13a0018
+def time_interleaved(fns: dict, # name -> callable taking no argument
+                     repeats: int = 5, # timed calls of each
+                     warmup: int = 1, # untimed calls of each first
+                    ) -> dict:
+    "Median wall and process-CPU milliseconds of each callable, called round-robin: `{name: {'wall_ms', 'cpu_ms'}}`."
+    check(repeats >= 1 and warmup >= 0, f'need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}')
+    for _ in range(warmup):
+        for f in fns.values(): f()
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time(); f()
+            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
+    return {k: {'wall_ms': 1e3 * float(np.median(wall[k])), 'cpu_ms': 1e3 * float(np.median(cpu[k]))} for k in fns}
+
 # %% ../nbs/00_core.ipynb #c13a0002
 def _as_array(values) -> np.ndarray:
     v = np.asarray(values if not torch.is_tensor(values) else values.detach().cpu().numpy(), dtype=float).reshape(-1)
@@ -173,6 +190,32 @@ def speedup_ci(curves_base, # `(seeds, checkpoints)`: the baseline's metric at e
     lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
     return dict(mean=float(point), lo=float(lo), hi=float(hi), n=len(cm), reached=float((boots > 0).mean()),
                 first_step=float(total / point) if point > 0 else math.inf)
+
+# %% ../nbs/00_core.ipynb #c13a0015
+def _equiv(curve: np.ndarray, level: float, lg: np.ndarray) -> float:
+    ok = curve <= level
+    if not ok.any(): return math.inf
+    i = int(np.argmax(ok))
+    if i == 0: return float(2 ** lg[0])
+    f = (curve[i - 1] - level) / (curve[i - 1] - curve[i])
+    return float(2 ** (lg[i - 1] + f * (lg[i] - lg[i - 1])))
+
+def equivalent_nfe_ci(curves, # `(seeds, len(nfes))`: the many-step sampler's metric (lower is better)
+                      target, # `(seeds,)`: the one-step model's metric, same seeds when paired
+                      nfes, # the NFE grid of `curves`, increasing
+                      level: float = 0.95, n_boot: int = 10_000, seed: int = 0, paired: bool | None = None) -> dict:
+    "NFE at which the seed-mean curve first reaches the seed-mean `target` (log-linear interpolation), with a bootstrap interval."
+    c, tg, lg = np.asarray(curves, float), _as_array(target), np.log2(np.asarray(nfes, float))
+    check(c.ndim == 2 and c.shape[1] == len(lg), f'curves must be (seeds, {len(lg)}), got {c.shape}')
+    paired = len(c) == len(tg) if paired is None else paired
+    point = _equiv(c.mean(0), tg.mean(), lg)
+    rng, boots = np.random.default_rng(seed), np.empty(n_boot)
+    for i in range(n_boot):
+        ic = rng.integers(0, len(c), len(c))
+        boots[i] = _equiv(c[ic].mean(0), tg[ic if paired else rng.integers(0, len(tg), len(tg))].mean(), lg)
+    # `nearest`: no interpolation towards inf (a resample beyond the grid); inf sorts last
+    lo, hi = (float(v) for v in np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2], method='nearest'))
+    return dict(mean=point, lo=lo, hi=hi, n=len(c), beyond_grid=float(np.isinf(boots).mean()))
 
 # %% ../nbs/00_core.ipynb #c13a0011
 def results_dir() -> Path:

@@ -525,19 +525,20 @@ def sample_parser() -> argparse.ArgumentParser:
     # option names avoid prefixes of torchrun's own (--run -> --run-path, --n -> --nnodes): torchrun would reject them
     p.add_argument('run', nargs='?', help='run folder (config.json, ckpt_*.pt); not with --pretrained')
     p.add_argument('--out', default=None, help='output folder (default RUN/samples_nfe{NFE}_{WEIGHTS}_n{N})')
-    p.add_argument('-n', '--num-samples', type=int, default=1000, help='number of samples (class-balanced labels i mod K)')
-    p.add_argument('--nfe', type=int, default=1, help='network evaluations per sample (steps)')
-    p.add_argument('--weights', choices=['ema', 'raw'], default='ema', help='EMA copy (default) or the raw trained weights')
-    p.add_argument('--ckpt', default=None, help='a checkpoint file (default: the newest usable one in --run)')
+    p.add_argument('-n', '--num-samples', type=int, default=1000, help='number of samples (class-balanced labels i mod K) (default: 1000)')
+    p.add_argument('--nfe', type=int, default=1, help='network evaluations per sample, i.e. steps (default: 1)')
+    p.add_argument('--weights', choices=['ema', 'raw'], default='ema', help='the EMA copy or the raw trained weights (default: ema)')
+    p.add_argument('--ckpt', default=None, help='a checkpoint file (default: the newest usable one in RUN)')
     p.add_argument('--omega', type=float, default=None, help='iMF: guidance scale at sampling time (default: the run\'s eval_omega)')
-    p.add_argument('--t-min', type=float, default=None, help='iMF: guidance interval start')
-    p.add_argument('--t-max', type=float, default=None, help='iMF: guidance interval end')
-    p.add_argument('--format', choices=['npz', 'png', 'both'], default='npz', help='samples.npz (ADM layout), png/ or both')
-    p.add_argument('--seed', type=int, default=0); p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--shard-size', type=int, default=1000, help='samples per resumable unit of work')
-    p.add_argument('--shape', default=None, type=_shape_arg, help='sample shape C,H,W when the data is not available to infer it')
-    p.add_argument('--vae', default=None, help='latent runs: SD-VAE to decode with (id or local folder)')
-    p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--t-min', type=float, default=None, help='iMF: guidance interval start (default: the run\'s eval_t_min)')
+    p.add_argument('--t-max', type=float, default=None, help='iMF: guidance interval end (default: the run\'s eval_t_max)')
+    p.add_argument('--format', choices=['npz', 'png', 'both'], default='npz', help='samples.npz (ADM layout), png/ or both (default: npz)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the noise and labels: same seed, same samples (default: 0)')
+    p.add_argument('--batch-size', type=int, default=256, help='samples per network call, per rank (default: 256)')
+    p.add_argument('--shard-size', type=int, default=1000, help='samples per resumable unit of work (default: 1000)')
+    p.add_argument('--shape', default=None, type=_shape_arg, help='sample shape C,H,W when the data is not available to infer it (default: from the run\'s data)')
+    p.add_argument('--vae', default=None, help='latent runs: SD-VAE to decode with, Hugging Face id or local folder (default: stabilityai/sd-vae-ft-mse)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar (default: shown)')
     p.add_argument('--pretrained', default=None, metavar='NAME', help='a released checkpoint instead of a run: iMF-B/2, iMF-M/2, iMF-L/2, '
                    'iMF-XL/2 or MF-B/4 (file from --ckpt, $MEANFLOW_PRETRAINED or the Hub), sampled with the authors\' omega and '
                    'interval for --nfe (default: none)')
@@ -558,7 +559,9 @@ def cli_sample(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     try:
         res = sample_run(run, out, a.num_samples, a.nfe, a.weights, a.ckpt, a.seed, a.shard_size, a.batch_size, a.format,
                          guidance, shape, a.vae, progress=not a.no_progress, loader=loader)
-        if dist.is_main(): print(json.dumps(res, indent=1))
+        if dist.is_main():
+            print(json.dumps(res, indent=1))
+            print(f"wrote {res.get('n_written', a.num_samples)} samples to {res['out']}/ ({', '.join(k for k in ('npz', 'png') if k in res)})", file=sys.stderr)
     finally: dist.cleanup_distributed()
 
 # %% ../nbs/11_eval.ipynb #574ab2bf

@@ -17,8 +17,8 @@ from .loss import MeanFlowLoss
 # %% auto #0
 __all__ = ['STUDY_FIELDS', 'base_cdf', 'base_icdf', 'minsnr_alpha', 'minsnr_norm', 'minsnr_weight', 'progressive_weight',
            'training_progress', 'gap_lambda', 'dtd_edges', 'truncated_t_r', 'DTDSampler', 'dtd_density', 'KimLoss',
-           'kim_loss', 'study_config', 'gap_range_sampler', 'loss_grad', 'task_affinity', 'eight_gaussians_mixture',
-           'MixtureProbe', 'euler_v', 'probe_errors', 'checkpoint_curve', 'speedup_factor']
+           'kim_loss', 'gap_range_sampler', 'loss_grad', 'task_affinity', 'eight_gaussians_mixture', 'MixtureProbe',
+           'euler_v', 'probe_errors', 'speedup_factor']
 
 # %% ../nbs/09_kim.ipynb #6b952397
 def base_cdf(t, # times in [0, 1]
@@ -261,18 +261,6 @@ def kim_loss(cfg, # a TrainConfig (kim_accel, kim_beta, kim_k, minsnr_gamma, dtd
     return KimLoss(**kw, accel=cfg.kim_accel, beta=cfg.kim_beta, k=cfg.kim_k, gamma=cfg.minsnr_gamma, dtd=dtd,
                    study_sampler=study)
 
-# %% ../nbs/09_kim.ipynb #3f0ea11d
-def study_config(preset: str | None = None, **kw):
-    "`get_config(preset, **kw)`, checking the names against `TrainConfig` and `STUDY_FIELDS` (attributes for a config class without them)."
-    from meanflow_nb.train import get_config, TrainConfig
-    names = {f.name for f in fields(TrainConfig)}
-    bad = [k for k in kw if k not in names and k not in STUDY_FIELDS]
-    check(not bad, f'unknown config field(s) {bad}')
-    extra = {k: kw.pop(k) for k in list(kw) if k not in names}
-    cfg = get_config(preset, **kw)
-    for k, v in extra.items(): setattr(cfg, k, v)
-    return cfg
-
 # %% ../nbs/09_kim.ipynb #251f9fb0
 def gap_range_sampler(lo: float, hi: float, # target gap range [lo, hi]
                       P_mean: float = -0.4, P_std: float = 1.0, time_dist: str = 'logit_normal') -> Callable:
@@ -350,21 +338,6 @@ def probe_errors(model: torch.nn.Module, probe: MixtureProbe) -> dict:
     return dict(err_1nfe=mse(x1, probe.x1), err_32nfe_v=mse(x32, probe.x1), floor_32nfe=probe.floor,
                 v_err=mse(model(probe.zv, probe.tv, zero(probe.tv)), probe.v),
                 u_err=mse(model(probe.zu, probe.tu, probe.tu - probe.ru), probe.u))
-
-# %% ../nbs/09_kim.ipynb #3d7bcfcb
-def checkpoint_curve(out: str | Path, # a run folder written by `meanflow_nb.train.train`
-                     probe: MixtureProbe, weights: str = 'ema', # 'ema' (the first EMA) or 'model'
-                    ) -> list[dict]:
-    "`probe_errors` of every checkpoint of a toy run, oldest first, each with its `step`."
-    from meanflow_nb.train import TrainConfig, build_model, list_checkpoints, load_checkpoint
-    cfg = TrainConfig(**json.loads((Path(out) / 'config.json').read_text()))
-    rows, model = [], build_model(cfg, (probe.dim,))
-    for p in list_checkpoints(out):
-        st = load_checkpoint(p)
-        sd = st['model'] if weights == 'model' else {k[7:]: v for k, v in st['ema'][0].items() if k.startswith('module.')}
-        model.load_state_dict(sd); model.eval()
-        rows.append(dict(step=int(st['step']), **probe_errors(model, probe)))
-    return rows
 
 # %% ../nbs/09_kim.ipynb #75181cc5
 def speedup_factor(steps_ref, q_ref, # the baseline's curve (lower is better)

@@ -511,9 +511,10 @@ def count_params(name: str, # a key of `DiT_models`
     return sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/05_models.ipynb #4e096284
+from .core import time_interleaved  # the project's one round-robin timer (not `bench`: it sits above models)
+
 def _timed(fns: dict, steps: int) -> tuple[dict, dict]:
     "Median wall and process-CPU time (ms) of each callable, run round-robin `steps` times after one warm-up each."
-    from meanflow_nb.bench import time_interleaved  # the project's one round-robin timer
     r = time_interleaved(fns, repeats=steps, warmup=1)
     return {k: v['wall_ms'] for k, v in r.items()}, {k: v['cpu_ms'] for k, v in r.items()}
 

@@ -21,13 +21,14 @@ from .schedules import balanced_split
 
 # %% auto #0
 __all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'RESUME_MAY_CHANGE', 'RUN_FILES', 'EXIT_PREEMPTED',
-           'TrainConfig', 'get_config', 'validate_config', 'build_model', 'build_loss', 'generate', 'ToyData',
-           'DatasetData', 'build_data', 'total_steps', 'RunError', 'sync_stats', 'train_step', 'state_digest',
-           'nonfinite_weights', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints', 'prune_checkpoints',
-           'latest_checkpoint', 'ema_update_fn', 'release_run_folder', 'lock_run_folder', 'clear_run_folder',
-           'claim_run_folder', 'config_diff', 'check_resume', 'train', 'Preempted', 'set_precision',
-           'resolve_micro_batch', 'compiled_step', 'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid',
-           'plot_log', 'evaluate_images', 'train_parser', 'cli_train']
+           'ACT_COEF', 'METHOD_NAMES', 'TrainConfig', 'get_config', 'validate_config', 'build_model', 'build_loss',
+           'generate', 'ToyData', 'DatasetData', 'build_data', 'total_steps', 'RunError', 'sync_stats', 'train_step',
+           'state_digest', 'nonfinite_weights', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
+           'prune_checkpoints', 'latest_checkpoint', 'ema_update_fn', 'release_run_folder', 'lock_run_folder',
+           'clear_run_folder', 'claim_run_folder', 'config_diff', 'check_resume', 'train', 'Preempted', 'set_precision',
+           'resolve_micro_batch', 'compiled_step', 'activation_bytes', 'fixed_bytes', 'fit_micro_batch', 'run_label',
+           'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log', 'evaluate_images', 'field_docs',
+           'train_parser', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #05ebb6f1
 @dataclass
@@ -91,7 +92,7 @@ class TrainConfig:
     imf_v_head: bool = True # auxiliary v-head (False: v = u(z, t, t), the zero-parameter variant)
     eval_omega: float = 1.0 # iMF guidance scale at sampling time
     eval_t_min: float = 0.0 # iMF guidance interval at sampling time
-    eval_t_max: float = 1.0
+    eval_t_max: float = 1.0 # iMF guidance interval end at sampling time
     # --- length and bookkeeping
     steps: int = 0 # training steps (0: derive from epochs)
     epochs: float = 0.0 # passes over the data (used when steps = 0)
@@ -101,6 +102,7 @@ class TrainConfig:
     keep_ckpts: int = 3 # how many recent checkpoints to keep
     eval_samples: int = 10000 # samples for the end-of-run metrics
     baseline_fm: bool = False # also train a flow-matching baseline on the same budget (toy figure)
+    baseline_kwargs: dict = field(default_factory=dict) # the baseline's own settings, e.g. {'norm_p': 0.0} (plain FM)
     seed: int = 0 # the whole run is a function of this seed
     out: str = 'runs/run' # run folder
     dist_timeout: float = 600.0 # seconds before a collective with a dead rank fails
@@ -120,7 +122,8 @@ PRESETS: dict[str, dict] = {
     # (uniform times: on this toy they beat the ImageNet logit-normal for both MF and FM, SWD 0.18 vs 0.21 at 2k steps)
     'toy2d': dict(model='ToyMLP', model_kwargs=dict(hidden=256, depth=4), data='checkerboard', global_batch=1024,
                   lr=1e-3, ema_decays=(0.999,), time_dist='uniform', ratio_r_eq_t=0.5, norm_p=0.75, norm_eps=1e-3,
-                  class_dropout=0.0, steps=2000, log_every=100, ckpt_every=1000, baseline_fm=True),
+                  class_dropout=0.0, steps=2000, log_every=100, ckpt_every=1000, baseline_fm=True,
+                  baseline_kwargs=dict(norm_p=0.0)),  # FM as FM: plain squared error (settings: mf-study toy-fm-vs-mf)
     # a small DiT on scikit-learn's digits, class-conditional with trained-in CFG (MF's B/2 setting omega=1, kappa=0.5)
     'digits': dict(model='DiT-D/2', data='digits', data_kwargs={'size': 8}, num_classes=10, global_batch=128, lr=1e-3,
                    ema_decays=(0.999,), P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
@@ -572,6 +575,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
           resume: bool = False, # continue from the newest usable checkpoint in `cfg.out`
           overwrite: bool = False, # start over in a folder that holds a run (deletes its checkpoints and logs)
           progress: bool = True, # show a progress bar on rank 0
+          quiet: bool = False, # no "resumed from step" line (a notebook that re-reads finished runs)
          ) -> dict:
     "Train `cfg` (in a notebook, one process, under torchrun or srun) and return the final metrics."
     device = dist.init_distributed(timeout_s=cfg.dist_timeout)
@@ -592,7 +596,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
         set_grad_ckpt(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     loss_fn = build_loss(cfg)
-    start = _maybe_resume(out, model, emas, opt, loss_fn, cfg, total) if resume else 0
+    start = _maybe_resume(out, model, emas, opt, loss_fn, cfg, total, verbose=not quiet) if resume else 0
     if resume and world > 1: _check_params(model, start, 'after the resume')  # every rank loaded the same weights
     micro = resolve_micro_batch(cfg, model, device, world)
     fwd = torch.compile(model) if cfg.compile else model
@@ -600,7 +604,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     gsync = dist.GradSync(model, cfg.bucket_mb) if cfg.overlap_sync and world > 1 else None
     if main: (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
     batches = data.batches(start, cfg.global_batch, rank, world, cfg.seed, device)
-    bar = _progress(range(start, total), main and progress, cfg.preset or cfg.method)
+    bar = _progress(range(start, total), main and progress, run_label(cfg))
     split = world if cfg.r_eq_t_split == 'balanced' else 0
     bad = torch.full((), -1, dtype=torch.long, device=device)                 # first step with a non-finite loss (-1: none)
     meter, t0, last_ckpt = _Meter(device), time.perf_counter(), time.monotonic()
@@ -646,7 +650,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
                 if preempt and done < total: raise Preempted(done, out)
         finally:
             if gsync is not None: gsync.remove()
-    res = finish_run(cfg, model, emas, data, device, total, resume, progress)
+    res = finish_run(cfg, model, emas, data, device, total, resume, progress, quiet)
     if main: release_run_folder(out)
     return res
 
@@ -717,7 +721,6 @@ def resolve_micro_batch(cfg: TrainConfig, model: nn.Module, device, world: int) 
     "The micro-batch of `cfg`: an integer as given, or for 'auto' the planner's fit to the free GPU memory (0 on CPU)."
     if cfg.micro_batch != 'auto': return int(cfg.micro_batch)
     if torch.device(device).type != 'cuda': return 0                          # CPU memory is not the limit: no split
-    from meanflow_nb.bench import fit_micro_batch
     free, _ = torch.cuda.mem_get_info(device)
     m = fit_micro_batch(cfg, model, free / 2 ** 30, cfg.global_batch // world)
     if dist.is_main(): print(f'micro_batch auto: {m} of {cfg.global_batch // world} per rank ({free / 2 ** 30:.1f} GB free)', file=sys.stderr)
@@ -732,6 +735,56 @@ def compiled_step(backend: str = 'inductor', # 'aot_eager' traces the same graph
         return {k: v.detach() for k, v in out.items()}
     return torch.compile(step, backend=backend)
 
+# %% ../nbs/08_train.ipynb #e8a0c005
+# the memory model of a training step, used by micro_batch='auto' and by `mf-bench plan` (calibrated in 12_bench)
+def _arch(model) -> dict:
+    "Shape facts of a DiT / iMF network: blocks run per sample, tokens, width, heads, family."
+    from meanflow_nb.models import iMFDiT
+    imf = isinstance(model, iMFDiT)
+    blocks = list(model.blocks) + (list(model.u_blocks) + list(model.v_blocks or []) if imf else [])
+    T = model.x_embedder.num_patches + (sum(model.tokens) if imf else 0)
+    D = model.x_embedder.proj.out_channels
+    return dict(family='imf' if imf else 'dit', depth=len(blocks), T=T, D=D, H=blocks[0].attn.num_heads,
+                params=sum(p.numel() for p in model.parameters()))
+
+# activation bytes per sample = depth * (a * T * D + b * H * T^2) * 4, fitted to CPU peak memory (see below)
+ACT_COEF = {('dit', 'fm', 'fp32'): (15.65, 0.82), ('dit', 'jvp', 'fp32'): (51.25, 5.89), ('imf', 'jvp', 'fp32'): (72.04, 6.34),
+            ('dit', 'fm', 'bf16'): (15.65, 0.82), # the bf16 plain-sample fit (4.88, 1.23) is noise: the fp32 fit bounds it
+            ('dit', 'jvp', 'bf16'): (49.09, 6.15), ('imf', 'jvp', 'bf16'): (72.49, 6.3)}
+
+def activation_bytes(arch: dict, kind: str = 'jvp', # 'fm' (r = t sample) or 'jvp' (r < t sample; iMF: every sample)
+                     bf16: bool = False, grad_ckpt: bool = False, coef: dict | None = None) -> float:
+    "Predicted activation memory of one training sample (bytes)."
+    fam, kind = arch['family'], ('jvp' if arch['family'] == 'imf' else kind)
+    a, b = (coef or ACT_COEF)[(fam, kind, 'bf16' if bf16 else 'fp32')]
+    per_block = (a * arch['T'] * arch['D'] + b * arch['H'] * arch['T'] ** 2) * 4
+    if grad_ckpt: return arch['depth'] * arch['T'] * arch['D'] * 4 * (2 if kind == 'jvp' else 1) + per_block
+    return arch['depth'] * per_block
+
+def fixed_bytes(params: int, n_ema: int = 1) -> dict:
+    "Per-GPU bytes that do not scale with the batch: fp32 weights, gradients, AdamW's two moments, EMA copies."
+    return dict(weights=4 * params, grads=4 * params, adamw=8 * params, ema=4 * params * n_ema)
+
+def _mix_bytes(cfg, arch) -> float:
+    "Activation bytes of an average sample of `cfg` (its share of r = t samples)."
+    fm = activation_bytes(arch, 'fm', cfg.bf16, cfg.grad_ckpt)
+    jvp = activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
+    rho = 1.0 if cfg.method == 'fm' else cfg.ratio_r_eq_t
+    return jvp if arch['family'] == 'imf' else rho * fm + (1 - rho) * jvp
+
+def _fit(budget_bytes: float, per_sample: float, per_rank: int) -> int:
+    "Largest divisor of `per_rank` whose activations fit in `budget_bytes` (0 if none does)."
+    fits = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and m * per_sample <= budget_bytes]
+    return max(fits) if fits else 0
+
+def fit_micro_batch(cfg, model, free_gb: float, per_rank: int) -> int:
+    "The trainer's `micro_batch='auto'`: weights already on the GPU, `free_gb` free; 0 when the whole batch fits."
+    arch = _arch(model)
+    budget = free_gb * 2 ** 30 * 0.9 - 2 * 2 ** 30 - 12 * arch['params']       # grads + AdamW still to come
+    m = _fit(budget, _mix_bytes(cfg, arch), per_rank)
+    check(m >= 1, f'not even one sample per micro-batch fits in {free_gb:.1f} GB free; try --grad_ckpt true')
+    return 0 if m == per_rank else m
+
 # %% ../nbs/08_train.ipynb #39011b4e
 def _init_weights(path: str) -> dict:
     "Model weights of a checkpoint file, or of the newest usable checkpoint of a run folder."
@@ -740,12 +793,19 @@ def _init_weights(path: str) -> dict:
     if st is None: raise ConfigError(f'init_from: no checkpoint in {path}')
     return st['model']
 
+METHOD_NAMES = {'fm': 'flow matching', 'mf': 'MeanFlow', 'kim': 'Kim et al.', 'imf': 'iMF'}
+
+def run_label(cfg: TrainConfig) -> str:
+    "What a progress bar calls a run: its preset and its method ('toy2d: flow matching' for the toy's baseline)."
+    m = METHOD_NAMES.get(cfg.method, cfg.method)
+    return f'{cfg.preset}: {m}' if cfg.preset else m
+
 def _progress(it, show: bool, desc: str):
     if not show: return it
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
-def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=None) -> int:
+def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=None, verbose: bool = True) -> int:
     "Load the newest usable checkpoint into the run's objects (after `check_resume`); the step to continue from (0 if none)."
     st = latest_checkpoint(out)
     if st is None:
@@ -756,7 +816,7 @@ def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=Non
     for e, s in zip(emas, st['ema']): e.load_state_dict(s)
     opt.load_state_dict(st['opt'])
     if st.get('loss') and hasattr(loss_fn, 'load_state_dict'): loss_fn.load_state_dict(st['loss'])
-    if dist.is_main(): print(f'resumed from step {st["step"]} in {out}', file=sys.stderr)
+    if verbose and dist.is_main(): print(f'resumed from step {st["step"]} in {out}', file=sys.stderr)
     return int(st['step'])
 
 # %% ../nbs/08_train.ipynb #af066f50
@@ -771,15 +831,17 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
     baseline: 'RunResult | None' = None
 
-def finish_run(cfg, model, emas, data, device, total, resume=False, progress=True) -> RunResult:
+def finish_run(cfg, model, emas, data, device, total, resume=False, progress=True, quiet=False) -> RunResult:
     "Train the optional flow-matching baseline, then evaluate on rank 0 and write `metrics.json`."
     out = Path(cfg.out)
     res = RunResult(cfg, model, emas[0].module, out, total)
     if cfg.baseline_fm:
-        res.baseline = train(dataclasses.replace(cfg, method='fm', baseline_fm=False, out=str(out / 'baseline_fm')), resume, progress)
+        res.baseline = train(dataclasses.replace(cfg, **{**cfg.baseline_kwargs, 'method': 'fm', 'baseline_fm': False,
+                                                        'baseline_kwargs': {}, 'out': str(out / 'baseline_fm')}),
+                             resume=resume, progress=progress, quiet=quiet)
     metrics = {}
     if dist.is_main():
-        metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data) if len(data.shape) == 1 \
+        metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data, progress) if len(data.shape) == 1 \
             else evaluate_images(cfg, res.ema, data.shape, device)
         metrics.update(steps=total, method=cfg.method, preset=cfg.preset)
         (out / 'metrics.json').write_text(json.dumps(metrics, indent=1))
@@ -788,7 +850,9 @@ def finish_run(cfg, model, emas, data, device, total, resume=False, progress=Tru
 
 # %% ../nbs/08_train.ipynb #523cac7d
 @torch.no_grad()
-def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, device, data: ToyData | None = None) -> dict:
+def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, device, data: ToyData | None = None,
+                 progress: bool = False, # a progress bar over the sampling, the distances and the figure
+                ) -> dict:
     "Distances to the data on `cfg.eval_samples` points and the `samples.png` figure of a 2-D run."
     from matplotlib.figure import Figure  # no pyplot: a notebook's plotting backend stays as it is
     from meanflow_nb.toy import sliced_wasserstein, energy_distance
@@ -799,17 +863,29 @@ def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, d
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(_mix(cfg.seed, 5))).to(device)
     y = yref.to(device) if data.labelled else None  # class-conditional: the reference's labels
     ema.eval()
-    xs = {f'{k}nfe': generate(cfg, ema, z, k, y).cpu() for k in (1, 2)}
-    if baseline is not None: baseline.ema.eval(); xs['fm100'] = generate(baseline.cfg, baseline.ema, z, 100, y).cpu()
-    m = {'swd_data_floor': sliced_wasserstein(ref, ref2), 'energy_data_floor': energy_distance(ref, ref2)}
-    for k, x in xs.items(): m[f'swd_{k}'], m[f'energy_{k}'] = sliced_wasserstein(x, ref), energy_distance(x, ref)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=6 + 2 * (baseline is not None), desc=f'{run_label(cfg)}: evaluating', disable=not progress,
+               dynamic_ncols=True)
+    def step(what, v): bar.set_postfix_str(what); v = v(); bar.update(); return v
+    name = METHOD_NAMES.get(cfg.method, cfg.method)
+    xs, titles = {}, {}
+    for k in (1, 2):
+        xs[f'{k}nfe'] = step(f'{k}-step samples', lambda: generate(cfg, ema, z, k, y).cpu())
+        titles[f'{k}nfe'] = f"{name}, {k} {'Euler ' if cfg.method == 'fm' else ''}step{'s' if k > 1 else ''}"
+    if baseline is not None:
+        baseline.ema.eval()
+        xs['fm100'] = step('flow-matching samples', lambda: generate(baseline.cfg, baseline.ema, z, 100, y).cpu())
+        titles['fm100'] = 'flow matching, 100 Euler steps'
+    m = step('distances', lambda: {'swd_data_floor': sliced_wasserstein(ref, ref2), 'energy_data_floor': energy_distance(ref, ref2)})
+    for k, x in xs.items():
+        m[f'swd_{k}'], m[f'energy_{k}'] = step(f'distances, {titles[k]}', lambda: (sliced_wasserstein(x, ref), energy_distance(x, ref)))
     fig = Figure(figsize=(3 * (len(xs) + 2), 3.2)); axs = fig.subplots(1, len(xs) + 2)
     scatter2d(ref, axs[0], 'data')
-    for ax, (k, x) in zip(axs[1:], xs.items()):
-        scatter2d(x, ax, f"{'FM, 100 Euler steps' if k == 'fm100' else 'MeanFlow, ' + k[0] + ' step'}  SWD {m['swd_' + k]:.3f}")
+    for ax, (k, x) in zip(axs[1:], xs.items()): scatter2d(x, ax, f"{titles[k]}  SWD {m['swd_' + k]:.3f}")
     one = lambda p: (p - generate(cfg, ema, p.to(device), 1).cpu())  # z_1 - x = u(z_1, 0, 1), unconditional
-    plot_field(one, axs[-1], title='learned u(z, r=0, t=1)')
-    fig.tight_layout(); fig.savefig(Path(cfg.out) / 'samples.png', dpi=110)
+    plot_field(one, axs[-1], title='learned v(z, t=1)' if cfg.method == 'fm' else 'learned u(z, r=0, t=1)')
+    step('figure', lambda: (fig.tight_layout(), fig.savefig(Path(cfg.out) / 'samples.png', dpi=110)))
+    bar.close()
     return {k: round(float(v), 6) for k, v in m.items()}
 
 # %% ../nbs/08_train.ipynb #d079752b
@@ -878,6 +954,30 @@ def _flag_type(default):
     if isinstance(default, dict): return _dict_flag
     return type(default)
 
+_METAVARS = {bool: 'BOOL', tuple: 'TUPLE', dict: 'DICT', int: 'INT', float: 'FLOAT', str: 'STR'}
+_SYNTAX = """how values are written:
+  BOOL   true or false (also 1/0, yes/no)        --bf16 true
+  TUPLE  numbers separated by commas, no spaces   --betas 0.9,0.95   --ema_decays 0.9999   --gap_range ''  (empty)
+  DICT   a JSON object, quoted for the shell      --model_kwargs '{"hidden": 64, "depth": 3}'
+Every other flag sets the TrainConfig field of the same name and overrides the preset. The defaults shown are
+the preset's values when --preset is given (mf-train --preset digits --help), else TrainConfig's."""
+
+def _flag_str(v) -> str:
+    "A value as it would be written on the command line."
+    if isinstance(v, bool): return str(v).lower()
+    if isinstance(v, tuple): return ','.join(str(x) for x in v) or "''"
+    if isinstance(v, dict): return json.dumps(v)
+    return str(v) if v != '' else "''"
+
+def field_docs(cls=TrainConfig) -> dict:
+    "Each field's comment in the source of the dataclass `cls` (its docments): the help text of its flag."
+    import inspect, re
+    try: src = inspect.getsource(cls)
+    except (OSError, TypeError):  # a class defined in a notebook has no file: read the exported one
+        from meanflow_nb import train as exported
+        src = inspect.getsource(getattr(exported, cls.__name__))
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r'^\s+(\w+)\s*:[^#\n]*#\s*(.+)$', src, re.M)}
+
 def _int_or_auto(s: str):
     if s == 'auto': return s
     try: return int(s)
@@ -885,28 +985,48 @@ def _int_or_auto(s: str):
 
 _FLAG_TYPES = {'micro_batch': _int_or_auto} # fields whose flag is not parsed by the type of their default
 
-def train_parser() -> argparse.ArgumentParser:
-    "The `mf-train` argument parser: `--preset`, `--out`, `--resume`, and one flag per `TrainConfig` field."
-    p = CLIParser(prog='mf-train', description='Train FM / MeanFlow / Kim et al. / iMF. Flags override the preset.')
-    p.add_argument('--preset', default=None, help=f'one of: {", ".join(PRESETS)}')
+def train_parser(preset: str | None = None, # show this preset's values as the defaults
+                ) -> argparse.ArgumentParser:
+    "The `mf-train` parser: `--preset`, `--resume`, `--no-progress` and one flag per `TrainConfig` field, described by the field's comment."
+    shown, docs = get_config(preset) if preset else TrainConfig(), field_docs()
+    p = CLIParser(prog='mf-train', formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_SYNTAX,
+                                description='Train flow matching, MeanFlow, Kim et al. or iMF: a preset fills every field, flags override it.')
+    p.add_argument('--preset', default=None, help=f'one of: {", ".join(PRESETS)}' + (f' (now: {preset})' if preset else ''))
     p.add_argument('--resume', action='store_true', help='continue from the newest usable checkpoint in --out')
     p.add_argument('--overwrite', action='store_true', help='start over in an --out that holds a run (deletes its checkpoints)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
     for f in dataclasses.fields(TrainConfig):
         if f.name == 'preset': continue
         d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        p.add_argument(f'--{f.name}', type=_FLAG_TYPES.get(f.name, _flag_type(d)), default=None, metavar=type(d).__name__.upper(), help=f'default {d!r}')
+        help = f"{docs.get(f.name, '')} (default: {_flag_str(getattr(shown, f.name))})"
+        p.add_argument(f'--{f.name}', type=_FLAG_TYPES.get(f.name, _flag_type(d)), default=None, metavar=_METAVARS.get(type(d), type(d).__name__.upper()),
+                       help=help.replace('%', '%%'))
     return p
+
+def _preset_of(argv) -> str | None:
+    "The --preset among `argv`, if it names a preset (for --help)."
+    class Quiet(argparse.ArgumentParser):
+        def error(self, message): raise ValueError(message)  # e.g. --preset with no value: the real parser reports it
+    pre = Quiet(add_help=False); pre.add_argument('--preset', default=None)
+    try: p = pre.parse_known_args(argv)[0].preset
+    except ValueError: return None
+    return p if p in PRESETS else None
+
+def _outputs(out: Path) -> str:
+    "One line naming a run folder and what is in it."
+    names = sorted(p.name + ('/' if p.is_dir() else '') for p in Path(out).iterdir()) if Path(out).is_dir() else []
+    return f"outputs in {out}/: {', '.join(names)}"
 
 @cli_errors
 def cli_train(argv: list[str] | None = None):
     "Console script `mf-train`."
-    a = vars(train_parser().parse_args(argv))
+    a = vars(train_parser(_preset_of(argv if argv is not None else sys.argv[1:])).parse_args(argv))
     preset, resume, overwrite, quiet = a.pop('preset'), a.pop('resume'), a.pop('overwrite'), a.pop('no_progress')
     cfg = get_config(preset, **{k: v for k, v in a.items() if v is not None})
     try:
         res = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
         if dist.is_main(): print(json.dumps({'out': str(res.out), **res.metrics}, indent=1))
+        if dist.is_main(): print(_outputs(res.out), file=sys.stderr)
     except Preempted as ex:
         print(str(ex), file=sys.stderr); sys.exit(EXIT_PREEMPTED)
     except RunError as ex:

@@ -16,7 +16,10 @@ def test_in_process_parts_table_and_json(tmp_path, capsys):
     res = json.loads((tmp_path / 'b.json').read_text())
     assert set(res) == {'meta', 'steps', 'sampling', 'data', 'models'}
     assert res['steps']['digits']['mf_over_fm'] > 1.0 and res['steps']['toy2d']['mf_over_fm'] > 1.0
-    assert res['sampling']['speedup'] > 20  # 100 network calls against 1
+    # 100 network calls against 1 on the same network and batch: the sampling speed-up is the ratio of network calls
+    # (per-call overheads alike); a sampler that took another number of steps than it says would fall outside
+    sp = res['sampling']
+    assert 0.5 < sp['speedup'] / sp['fm_steps'] < 1.5, sp
     for k in ('MF step / FM step', 'iMF step / MF step', '1-NFE samples/s', 'digits loader', 'forward bf16 / fp32'):
         assert k in out, (k, out)
 

@@ -52,3 +52,147 @@ def test_index_numbers_are_the_readmes():
     assert not missing, f'index.ipynb results not in README.md: {missing}'
     for p in NBS:
         if p.name != 'index.ipynb': assert f'({p.name})' in idx, f'index.ipynb does not link {p.name}'
+
+
+# ---- the built site (`python .ci/build_docs.py`; CI builds it before pytest) ----
+import os
+from html.parser import HTMLParser
+from urllib.parse import urlsplit, unquote
+
+SITE = ROOT / '_docs'
+need_site = pytest.mark.skipif(not (SITE / 'pages.json').exists() and not os.environ.get('CI'),
+                               reason='no _docs/: run python .ci/build_docs.py (CI always does)')
+
+
+class Page(HTMLParser):
+    "Visible text (no script/style), link targets, element ids, the h1 and the sidebar's links of one HTML page."
+    def __init__(self, html):
+        super().__init__(); self.text, self.hrefs, self.ids, self.h1, self.nav = [], [], set(), '', []
+        self._skip, self._h1, self._navdepth = 0, False, 0
+        self.feed(html)
+        self.text = ' '.join(' '.join(self.text).split())
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if 'id' in a: self.ids.add(a['id'])
+        if tag in ('script', 'style'): self._skip += 1
+        if tag == 'h1': self._h1 = True
+        if tag == 'nav' and 'md-nav--primary' in (a.get('class') or ''): self._navdepth = 1
+        elif tag == 'nav' and self._navdepth: self._navdepth += 1
+        if tag in ('a', 'link', 'img', 'script') and (a.get('href') or a.get('src')):
+            self.hrefs.append(a.get('href') or a.get('src'))
+            if tag == 'a' and self._navdepth: self.nav.append(a['href'])
+    def handle_endtag(self, tag):
+        if tag in ('script', 'style'): self._skip -= 1
+        if tag == 'h1': self._h1 = False
+        if tag == 'nav' and self._navdepth: self._navdepth -= 1
+    def handle_data(self, d):
+        if self._skip: return
+        self.text.append(d)
+        if self._h1: self.h1 += d
+
+
+def plain(md):
+    "Markdown -> the words a reader sees: links to their text, no code/emphasis marks, math dropped."
+    md = re.sub(r'\$\$.*?\$\$|\$[^$]*\$', ' ', md, flags=re.S)
+    md = re.sub(r'!?\[([^\]]*)\]\([^)]*\)', r'\1', md)
+    return ' '.join(re.sub(r'[`*_>#|]', ' ', md).split())
+
+
+def words(s): return re.findall(r'[a-z0-9]+', s.lower())
+
+
+MATH = re.compile(r'\\\(.*?\\\)|\\\[.*?\\\]|\$\$.*?\$\$|\$[^$]*\$', re.S)
+
+
+def contains(hay, needle):
+    "True if the word sequence of `needle` occurs in that of `hay` (math removed from both)."
+    hay, needle = MATH.sub(' ', hay), MATH.sub(' ', needle)
+    h, n = ' ' + ' '.join(words(hay)) + ' ', ' ' + ' '.join(words(needle)) + ' '
+    return n in h
+
+
+def test_plain_and_contains_can_fail():
+    assert contains('The loss, \\(x\\) and a link.', plain('the loss, $y$ and [a link](v.html)'))
+    assert not contains('The loss and a link.', 'the gain')
+
+
+@pytest.fixture(scope='module')
+def site():
+    manifest = json.loads((SITE / 'pages.json').read_text())
+    pages = {m['page']: Page((SITE / m['page']).read_text(encoding='utf-8')) for m in manifest}
+    return manifest, pages
+
+
+@need_site
+def test_every_notebook_has_a_whole_page(site):
+    manifest, pages = site
+    assert sorted(m['notebook'] for m in manifest) == sorted(p.name for p in NBS)
+    for m in manifest:
+        cs, pg = cells(ROOT / 'nbs' / m['notebook']), pages[m['page']]
+        head = src(cs[0]).strip().split('\n')
+        title, desc = head[0][2:].strip(), next(l for l in head[1:] if l.strip())[2:].strip()
+        assert pg.h1.strip() == title, f"{m['page']}: h1 {pg.h1!r} is not the notebook's title {title!r}"
+        assert contains(pg.text, plain(desc)), f"{m['page']}: the full description is missing"
+        intro = plain(src(next(c for c in cs[1:] if c['cell_type'] == 'markdown')))
+        first = re.split(r'(?<!\bal)(?<!\bEq)(?<!\bSec)(?<=[a-z0-9)])\. (?=[A-Z])', intro, maxsplit=1)[0]
+        assert len(words(first)) >= 5 and contains(pg.text, first), f"{m['page']}: intro missing: {first[:80]!r}"
+
+
+@need_site
+def test_pages_are_clean(site):
+    manifest, pages = site
+    for name, pg in pages.items():
+        html = (SITE / name).read_text(encoding='utf-8')
+        assert '#|' not in pg.text, f'{name}: a `#|` directive is shown'
+        assert 'output-file:' not in pg.text and not re.search(r'---\s*description:', pg.text), f'{name}: front matter'
+        assert '{target=' not in pg.text, f'{name}: raw quarto link attributes'
+        for bad in ('/work/', '/root/', '/tmp/', '/home/'):
+            assert bad not in html, f'{name}: an absolute path of the building machine ({bad}): ' + \
+                html[max(0, html.find(bad) - 80):html.find(bad) + 80]
+        assert not re.search(r'(?<![\w/])https?://(unpkg|cdn|fonts\.googleapis)', html), f'{name}: loads from a CDN'
+
+
+@need_site
+def test_links_resolve_and_sidebar_is_everywhere(site):
+    manifest, pages = site
+    order = [m['page'] for m in manifest]
+    for name, pg in pages.items():
+        nav = [urlsplit(h).path for h in pg.nav if not urlsplit(h).scheme]
+        assert [p for p in nav if p in order] == order or set(order) <= set(nav), f'{name}: sidebar lacks pages'
+        for h in pg.hrefs:
+            u = urlsplit(h)
+            if u.scheme or h.startswith(('#', '//', 'mailto:')): continue
+            target = (SITE / name).parent / unquote(u.path) if u.path else SITE / name
+            assert target.exists(), f'{name}: link {h} resolves to no file'
+            if u.fragment and target.suffix == '.html' and target.name in pages:
+                assert unquote(u.fragment) in pages[target.name].ids, f'{name}: link {h}: no such anchor'
+        i = order.index(name)
+        html = (SITE / name).read_text(encoding='utf-8')
+        if i > 0: assert 'md-footer__link--prev' in html, f'{name}: no previous link'
+        if i < len(order) - 1: assert 'md-footer__link--next' in html, f'{name}: no next link'
+    index = (SITE / 'search' / 'search_index.js').read_text(encoding='utf-8')
+    for m in manifest: assert json.dumps(m['title'])[1:-1][:20] in index, f"search index lacks {m['title']}"
+
+
+@need_site
+def test_math_is_typeset_offline(site):
+    manifest, pages = site
+    for m in manifest:
+        nb = (ROOT / 'nbs' / m['notebook']).read_text(encoding='utf-8')
+        html = (SITE / m['page']).read_text(encoding='utf-8')
+        if re.search(r'\$[^$\n]+\$', nb): assert 'class="arithmatex"' in html, f"{m['page']}: math is not marked"
+    assert (SITE / 'mathjax' / 'MathJax.js').exists() and (SITE / 'mathjax' / 'config' / 'TeX-AMS-MML_HTMLorMML-full.js').exists()
+
+
+def test_no_slow_cell_runs_while_building_docs():
+    "nbdev executes every cell that imports something while it builds the docs: a `#| slow` cell must not import."
+    import ast
+    bad = []
+    for nb in NBS:
+        for c in cells(nb):
+            s = src(c)
+            if c['cell_type'] != 'code' or not re.search(r'^#\|\s*(slow|gpu)\b', s, re.M): continue
+            try: tree = ast.parse('\n'.join(l for l in s.split('\n') if not l.lstrip().startswith(('%', '!'))))
+            except SyntaxError: continue
+            if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)): bad.append(f"{nb.name} {c.get('id')}")
+    assert not bad, f'slow cells with imports (move the import into its own cell): {bad}'

@@ -1,0 +1,70 @@
+"""The package's layers: each module imports only modules below it (checked over the sources with `ast`, including
+imports inside functions), and each module imports on its own in a fresh interpreter (no import cycle hides behind
+import order)."""
+import ast, subprocess, sys
+from pathlib import Path
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / 'meanflow_nb'
+# lower number = lower layer; a module may import only modules of a strictly lower layer
+LAYERS = {
+    'core': 0,
+    'toy': 1, 'flow_matching': 1, 'schedules': 1, 'dist': 1,
+    'models': 2, 'data': 2,
+    'loss': 3,
+    'kim': 4, 'imf': 4,      # the methods: never the trainer
+    'train': 5,
+    'bench': 6, 'pretrained': 6,
+    'eval': 7,               # eval resolves pretrained checkpoints
+    'study': 8,              # study drivers: they run the trainer
+}
+MODULES = sorted(p.stem for p in PKG.glob('*.py') if not p.stem.startswith('_'))
+
+
+def imported(mod: str) -> set[str]:
+    "Package modules that `mod`'s source imports anywhere (top level or inside functions)."
+    out = set()
+    for n in ast.walk(ast.parse((PKG / f'{mod}.py').read_text())):
+        if isinstance(n, ast.ImportFrom):
+            name = n.module or ''
+            if n.level == 1 or name == 'meanflow_nb' or name.startswith('meanflow_nb.'):
+                name = name.removeprefix('meanflow_nb').lstrip('.')
+                if name: out.add(name.split('.')[0])
+                else: out.update(a.name for a in n.names)          # from . import dist / from meanflow_nb import data
+        elif isinstance(n, ast.Import):
+            out.update(a.name.split('.')[1] for a in n.names if a.name.startswith('meanflow_nb.'))
+        elif isinstance(n, ast.Call) and getattr(n.func, 'attr', '') == 'import_module' and n.args \
+                and isinstance(n.args[0], ast.Constant) and str(n.args[0].value).startswith('meanflow_nb.'):
+            out.add(n.args[0].value.split('.')[1])
+    return out & set(MODULES)
+
+
+def test_every_module_has_a_layer():
+    assert set(MODULES) == set(LAYERS), f'give new modules a layer: {sorted(set(MODULES) ^ set(LAYERS))}'
+
+
+@pytest.mark.parametrize('mod', MODULES)
+def test_imports_go_down(mod):
+    up = sorted(d for d in imported(mod) if d != mod and LAYERS[d] >= LAYERS[mod])
+    assert not up, f'{mod} (layer {LAYERS[mod]}) imports {[(d, LAYERS[d]) for d in up]}'
+
+
+def test_named_edges():
+    "The issue's edges, stated directly: the methods never import the trainer, models never imports bench."
+    for m in ('loss', 'kim', 'imf'): assert not imported(m) & {'train', 'study', 'bench', 'eval'}, m
+    assert 'bench' not in imported('models')
+
+
+def test_checker_sees_function_level_imports(tmp_path, monkeypatch):
+    "The checker itself can fail: an import hidden inside a function is found."
+    (tmp_path / 'kim.py').write_text('def f():\n    from meanflow_nb.train import get_config\n    from . import study\n')
+    monkeypatch.setattr(sys.modules[__name__], 'PKG', tmp_path)
+    assert imported('kim') == {'train', 'study'}
+
+
+def test_each_module_imports_alone():
+    "Every module imports first in a fresh interpreter (all in parallel, one process each)."
+    procs = {m: subprocess.Popen([sys.executable, '-c', f'import meanflow_nb.{m}'], stderr=subprocess.PIPE, text=True)
+             for m in MODULES}
+    bad = {m: p.communicate(timeout=300)[1].strip().splitlines()[-1:] for m, p in procs.items() if p.wait(timeout=300)}
+    assert not bad, bad
