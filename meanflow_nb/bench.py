@@ -248,7 +248,7 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     bad = sorted(set(parts) - set(PARTS)); check(not bad, f'unknown part(s) {", ".join(bad)}; choose from {", ".join(PARTS)} or all')
     res = run_bench(parts, 'tiny' if a.tiny else 'default', a.threads)
     print(bench_table(res))
-    if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
+    if a.json: Path(a.json).write_text(json.dumps(res, indent=1)); print(f'wrote {a.json}', file=sys.stderr)
 
 # %% ../nbs/12_bench.ipynb #f9a0a010
 def cpu_peak_bytes(fn) -> int:

@@ -620,8 +620,9 @@ def cli_fid(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     check(a.samples is not None, 'give the samples (.npz or a PNG folder)')
     res = run_fid(a.samples, a.metric, a.ref, a.classifier if a.metric == 'digits-fid' else a.inception_weights,
                   a.batch_size, a.save_stats)
+    if a.save_stats: print(f'wrote {a.save_stats}', file=sys.stderr)
     print(json.dumps(res))
-    if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
+    if a.json: Path(a.json).write_text(json.dumps(res, indent=1)); print(f'wrote {a.json}', file=sys.stderr)
 
 def _is_stats(p) -> bool:
     "True for an `.npz` holding `mu` and `sigma` (reference statistics rather than samples)."
