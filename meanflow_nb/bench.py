@@ -4,16 +4,18 @@
 
 # %% ../nbs/12_bench.ipynb #ca23451d
 from __future__ import annotations
-import os, sys, json, time, math, argparse, platform, subprocess, tempfile
+import os, sys, json, time, math, argparse, platform, subprocess, tempfile, dataclasses
 from pathlib import Path
 import numpy as np
 import torch
 from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
-__all__ = ['PARTS', 'SIZES', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader', 'bench_data',
-           'steps_per_s_from_log', 'bench_ddp', 'bench_model_forward', 'run_bench', 'bench_rows', 'bench_table',
-           'cli_bench']
+__all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader',
+           'bench_data', 'steps_per_s_from_log', 'bench_ddp', 'bench_model_forward', 'run_bench', 'bench_rows',
+           'bench_table', 'cli_bench', 'cpu_peak_bytes', 'measure_activation_bytes', 'calibrate', 'plan',
+           'bench_compiled', 'bench_precision', 'peak_rss_mb', 'bench_grad_ckpt', 'bench_overlap', 'bench_scale',
+           'scale_rows', 'cli_plan', 'plan_text']
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
 from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
@@ -28,10 +30,16 @@ def step_fn(preset: str = 'digits', # a `meanflow_nb.train.PRESETS` key
     set_seed(seed); model = build_model(cfg, data.shape); loss_fn = build_loss(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     state = {'step': 0}
+    if cfg.grad_ckpt:
+        from meanflow_nb.models import set_grad_ckpt
+        set_grad_ckpt(model)
+    from meanflow_nb.train import compiled_step
+    sf = compiled_step() if cfg.compile_step else None
     def f():
         k = state['step']; g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         drawn = loss_fn.draw(cfg.global_batch, x.shape[1:], g, dev, k, 10_000)
-        train_step(model, loss_fn, opt, x, y, drawn, k, 10_000); state['step'] += 1
+        train_step(model, loss_fn, opt, x, y, drawn, k, 10_000, bf16=cfg.bf16, micro_batch=0 if cfg.micro_batch == 'auto' else int(cfg.micro_batch),
+                   jvp_dtype=cfg.jvp_dtype, step_fn=sf); state['step'] += 1
     return f, cfg
 
 # %% ../nbs/12_bench.ipynb #22bffd63
@@ -120,20 +128,20 @@ def steps_per_s_from_log(log: str | Path, # a run's `log.jsonl`, logged every st
     return (rows[-1]['step'] - rows[0]['step']) / (rows[-1]['sec'] - rows[0]['sec'])
 
 # %% ../nbs/12_bench.ipynb #e5750656
-def _torchrun_train(world: int, out: Path, steps: int, model: str, batch: int, timeout: float) -> subprocess.CompletedProcess:
+def _torchrun_train(world: int, out: Path, steps: int, model: str, batch: int, timeout: float, extra: tuple = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', MPLBACKEND='Agg')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}', '-m', 'meanflow_nb.train',
            '--preset', 'digits', '--model', model, '--global_batch', str(batch), '--steps', str(steps), '--log_every', '1',
-           '--sample_every', '0', '--ckpt_every', str(steps), '--grad_check_every', '0', '--no-progress', '--out', str(out)]
+           '--sample_every', '0', '--ckpt_every', str(steps), '--param_check_every', '0', '--no-progress', '--out', str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 def bench_ddp(worlds: tuple = (1, 2), steps: int = 30, warmup: int = 5, model: str = 'DiT-D/2', batch: int = 128,
-              timeout: float = 600) -> dict:
+              timeout: float = 600, extra: tuple = ()) -> dict:
     "Steps/s of `mf-train --preset digits` under torchrun with each world size (gloo, 1 thread per rank)."
     out = dict(model=model, global_batch=batch, steps=steps, warmup=warmup, loadavg=_loadavg())
     with tempfile.TemporaryDirectory() as d:
         for w in worlds:
-            r = _torchrun_train(w, Path(d) / f'w{w}', steps, model, batch, timeout)
+            r = _torchrun_train(w, Path(d) / f'w{w}', steps, model, batch, timeout, extra)
             if r.returncode != 0: raise RuntimeError(f'torchrun with {w} rank(s) failed:\n{r.stderr[-1500:]}')
             out[f'steps_per_s_{w}'] = round(steps_per_s_from_log(Path(d) / f'w{w}' / 'log.jsonl', warmup), 3)
     if 1 in worlds and 2 in worlds: out['scaling_2_over_1'] = round(out['steps_per_s_2'] / out['steps_per_s_1'], 2)
@@ -153,7 +161,7 @@ def bench_model_forward(model: str = 'DiT-D/2', batch: int = 128, repeats: int =
     return {k: r[k] for k in keep if k in r}
 
 # %% ../nbs/12_bench.ipynb #a47120da
-PARTS = ('steps', 'sampling', 'data', 'ddp', 'models')
+PARTS = ('steps', 'sampling', 'data', 'ddp', 'models', 'scale')
 SIZES = {
     'default': dict(steps=dict(batch=128, repeats=5), toy=dict(batch=1024, repeats=5), sampling=dict(model='DiT-D/2', batch=128, repeats=2),
                     data=dict(batch=128, n_batches=200), ddp=dict(steps=30, warmup=5, model='DiT-D/2', batch=128),
@@ -176,7 +184,7 @@ def run_bench(parts=PARTS, # any of `PARTS`
                         machine=platform.machine(), cpus=os.cpu_count(), loadavg_start=_loadavg(), date=time.strftime('%Y-%m-%d %H:%M'))}
     jobs = {'steps': lambda: {'digits': bench_steps('digits', **S['steps']), 'toy2d': bench_steps('toy2d', **S['toy'])},
             'sampling': lambda: bench_sampling(**S['sampling']), 'data': lambda: bench_data(**S['data']),
-            'ddp': lambda: bench_ddp(**S['ddp']), 'models': lambda: bench_model_forward(**S['models'])}
+            'ddp': lambda: bench_ddp(**S['ddp']), 'models': lambda: bench_model_forward(**S['models']), 'scale': lambda: bench_scale(size)}
     try:
         for p in PARTS:
             if p not in parts: continue
@@ -212,6 +220,7 @@ def bench_rows(res: dict) -> list:
         r = res['models']
         rows.append((f'forward bf16 / fp32 ({r["model"]}, batch {r["batch"]})', f'{r["bf16_speedup"]:.2f}x',
                      f'{r["fwd_bf16_img_per_s"]:.0f} vs {r["fwd_fp32_img_per_s"]:.0f} images/s'))
+    if 'scale' in res: rows += scale_rows(res['scale'])
     return rows
 
 def bench_table(res: dict) -> str:
@@ -224,8 +233,10 @@ def bench_table(res: dict) -> str:
 # %% ../nbs/12_bench.ipynb #1733c2fd
 @cli_errors
 def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
-    "Console script `mf-bench`: run benchmark parts, print a table, optionally write JSON."
-    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models.')
+    "Console script `mf-bench`: run benchmark parts, print a table, optionally write JSON; `mf-bench plan ...` plans a preset."
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['plan']: return cli_plan(argv[1:])
+    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models, scale. `mf-bench plan --help`: the planner.')
     p.add_argument('parts', nargs='*', default=['all'], help=f'all (default) or any of: {", ".join(PARTS)}')
     p.add_argument('--json', default=None, help='also write the results here')
     p.add_argument('--tiny', action='store_true', help='tiny sizes (a smoke test in seconds)')
@@ -238,6 +249,233 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     res = run_bench(parts, 'tiny' if a.tiny else 'default', a.threads)
     print(bench_table(res))
     if a.json: Path(a.json).write_text(json.dumps(res, indent=1)); print(f'wrote {a.json}', file=sys.stderr)
+
+# %% ../nbs/12_bench.ipynb #f9a0a010
+def cpu_peak_bytes(fn) -> int:
+    "Peak bytes of tensor memory allocated on the CPU while `fn()` runs (from the profiler's allocation events)."
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
+    cur = peak = 0
+    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage; peak = max(peak, cur)   # self: an op's children report their own allocations
+    return peak
+
+def measure_activation_bytes(model: str = 'DiT-T/2', input_size: int = 8, in_channels: int = 4,
+                             kind: str = 'jvp', # 'fm': every sample r = t; 'jvp': every sample r < t (iMF: always JVP)
+                             bf16: bool = False, grad_ckpt: bool = False, batches: tuple = (4, 12),
+                             model_kwargs: dict | None = None, seed: int = 0) -> dict:
+    "Activation bytes per sample of one trainer loss + backward: the slope of CPU peak memory between two batch sizes."
+    import contextlib, warnings
+    from meanflow_nb.models import create_model, set_grad_ckpt, iMFDiT
+    from meanflow_nb.loss import MeanFlowLoss
+    torch.manual_seed(seed)
+    net = set_grad_ckpt(create_model(model, input_size=input_size, in_channels=in_channels, num_classes=10, **(model_kwargs or {})), grad_ckpt)
+    if isinstance(net, iMFDiT):
+        from meanflow_nb.imf import IMFLoss
+        lf = IMFLoss(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
+    else: lf = MeanFlowLoss(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
+    peaks = []
+    for B in batches:
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(B, in_channels, input_size, input_size, generator=g), torch.randint(0, 10, (B,), generator=g)
+        d = lf.draw(B, x.shape[1:], g)
+        def step():
+            net.zero_grad(set_to_none=True)
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), warnings.catch_warnings():
+                warnings.simplefilter('ignore'); lf(net, x, y, **d)['loss'].backward()
+        step(); peaks.append(cpu_peak_bytes(step))                              # warm: grads already allocated
+    slope = (peaks[1] - peaks[0]) / (batches[1] - batches[0])
+    return dict(model=model, **{k: v for k, v in _arch(net).items() if k != 'params'}, kind=kind, bf16=bf16, grad_ckpt=grad_ckpt,
+                bytes_per_sample=slope, peaks=peaks)
+
+CALIB = [('DiT-T/2', 16, 4, {}), ('DiT-T/2', 8, 4, {'hidden_size': 128}), ('DiT-T/2', 32, 4, {'num_heads': 2}),
+         ('iMF-T/2', 16, 4, {}), ('iMF-T/2', 8, 4, {'hidden_size': 128}), ('iMF-T/2', 32, 4, {'num_heads': 2})]
+HELD_OUT = [('DiT-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3}), ('iMF-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3})]
+
+def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16')) -> tuple:
+    "Fit `ACT_COEF` (least squares on the measured bytes per sample) and the relative error on held-out models."
+    rows = []
+    for prec in precisions:
+        for name, size, ch, kw in list(configs) + list(held_out):
+            for kind in (('jvp',) if name.startswith('iMF') else ('fm', 'jvp')):
+                r = measure_activation_bytes(name, size, ch, kind, prec == 'bf16', model_kwargs=kw)
+                rows.append(dict(r, held_out=(name, size, ch, kw) in held_out, prec=prec))
+    coef = {}
+    for key in {(r['family'], r['kind'], r['prec']) for r in rows}:
+        fit = [r for r in rows if (r['family'], r['kind'], r['prec']) == key and not r['held_out']]
+        A = torch.tensor([[r['depth'] * r['T'] * r['D'], r['depth'] * r['H'] * r['T'] ** 2] for r in fit], dtype=torch.float64)
+        b = torch.tensor([r['bytes_per_sample'] / 4 for r in fit], dtype=torch.float64)
+        coef[key] = tuple(round(float(c), 2) for c in torch.linalg.lstsq(A, b[:, None]).solution[:, 0])
+    for r in rows:
+        pred = activation_bytes(r, r['kind'], r['prec'] == 'bf16', coef=coef)
+        r['pred_rel_err'] = round(pred / r['bytes_per_sample'] - 1, 3)
+    return coef, rows
+
+# %% ../nbs/12_bench.ipynb #f9a0a002
+from .train import _arch, ACT_COEF, activation_bytes, fixed_bytes, _mix_bytes, _fit, fit_micro_batch  # the memory model
+
+# %% ../nbs/12_bench.ipynb #f9a0a003
+def _flops_per_sample(arch: dict) -> float:
+    "Forward FLOPs of one sample: 2 x params x tokens for the matmuls, plus the attention scores and their use."
+    return 2 * arch['params'] * arch['T'] + arch['depth'] * 4 * arch['T'] ** 2 * arch['D']
+
+def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
+         mfu: float = 0.35, # assumed model-FLOP utilisation
+         peak_tflops: float = 989.0, # dense bf16 peak of one GPU (H100 SXM); A100: 312
+         **overrides) -> dict:
+    "Per-GPU memory, the micro-batch that fits, and the GPU-hours of a preset on `gpus` GPUs of `gpu_mem_gb` GB."
+    from meanflow_nb.train import get_config, total_steps, IMAGENET_TRAIN
+    from meanflow_nb.models import create_model
+    cfg = _cfg_no_data(preset, **overrides)
+    check(cfg.global_batch % gpus == 0, f'global batch {cfg.global_batch} does not divide by {gpus} GPUs')
+    kw = dict(input_size=32, in_channels=4, num_classes=cfg.num_classes, **cfg.model_kwargs)
+    if cfg.model.startswith('iMF'): kw.setdefault('v_head', cfg.imf_v_head)
+    with torch.device('meta'): arch = _arch(create_model(cfg.model, **kw))
+    per_rank, GB = cfg.global_batch // gpus, 2 ** 30
+    fixed = fixed_bytes(arch['params'], len(cfg.ema_decays))
+    fm, jvp = activation_bytes(arch, 'fm', cfg.bf16, cfg.grad_ckpt), activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
+    budget = gpu_mem_gb * GB * 0.9 - 2 * GB - sum(fixed.values())
+    mix = _mix_bytes(cfg, arch); m = _fit(budget, mix, per_rank)
+    steps = cfg.steps or math.ceil(cfg.epochs * IMAGENET_TRAIN / cfg.global_batch)
+    rho = cfg.ratio_r_eq_t if arch['family'] == 'dit' else 0.0
+    guided = cfg.method != 'imf' and cfg.num_classes > 0 and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
+    f = _flops_per_sample(arch) * (3 * rho + 4 * (1 - rho) + (2 if guided or arch['family'] == 'imf' else 0))
+    gpu_hours = steps * cfg.global_batch * f / (mfu * peak_tflops * 1e12) / 3600
+    return dict(preset=preset, model=cfg.model, params_m=round(arch['params'] / 1e6, 1), gpus=gpus, gpu_mem_gb=gpu_mem_gb,
+                per_gpu_batch=per_rank, bf16=cfg.bf16, grad_ckpt=cfg.grad_ckpt,
+                **{f'{k}_gb': round(v / GB, 2) for k, v in fixed.items()},
+                act_fm_mb_per_sample=round(fm / 2 ** 20, 1), act_jvp_mb_per_sample=round(jvp / 2 ** 20, 1),
+                act_full_batch_gb=round(per_rank * mix / GB, 1), micro_batch=m, fits=m >= 1,
+                peak_gb=round((sum(fixed.values()) + m * mix) / GB + 2, 1) if m else None,
+                steps=steps, mfu=mfu, peak_tflops=peak_tflops, gpu_hours=round(gpu_hours), days=round(gpu_hours / gpus / 24, 1))
+
+def _cfg_no_data(preset: str, **overrides):
+    "A preset's `TrainConfig` without checking its data path (planning needs no data)."
+    from meanflow_nb.train import TrainConfig, PRESETS, get_config
+    check(preset in PRESETS, f'unknown preset {preset!r}; valid presets: {", ".join(PRESETS)}')
+    return dataclasses.replace(TrainConfig(**PRESETS[preset], preset=preset), **overrides)
+
+# %% ../nbs/12_bench.ipynb #f9a0a021
+def bench_compiled(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 3) -> dict:
+    "Eager against compiled MF step (after a compiling warm-up); the error if compiling fails."
+    eager = step_fn('digits', model=model, global_batch=batch)[0]
+    try:
+        comp = step_fn('digits', model=model, global_batch=batch, compile_step=True)[0]
+        t0 = time.perf_counter(); comp(); compile_s = time.perf_counter() - t0
+        tm = time_interleaved({'eager': eager, 'compiled': comp}, repeats, 1)
+        return dict(model=model, batch=batch, compile_s=round(compile_s, 1), eager_cpu_ms=round(tm['eager']['cpu_ms'], 1),
+                    compiled_cpu_ms=round(tm['compiled']['cpu_ms'], 1), speedup=round(tm['eager']['cpu_ms'] / tm['compiled']['cpu_ms'], 2))
+    except Exception as ex:
+        return dict(model=model, batch=batch, error=f'{type(ex).__name__}: {str(ex).splitlines()[0][:160]}')
+
+def bench_precision(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 3) -> dict:
+    "CPU time of the digits MF step in fp32, with bf16 autocast (fp32 JVP), and with a bf16 JVP."
+    fns = {'fp32': step_fn('digits', model=model, global_batch=batch)[0],
+           'bf16': step_fn('digits', model=model, global_batch=batch, bf16=True)[0],
+           'bf16_jvp': step_fn('digits', model=model, global_batch=batch, bf16=True, jvp_dtype='bf16')[0]}
+    tm = time_interleaved(fns, repeats, 1)
+    return dict(model=model, batch=batch, **{f'{k}_cpu_ms': round(v['cpu_ms'], 1) for k, v in tm.items()},
+                bf16_speedup=round(tm['fp32']['cpu_ms'] / tm['bf16']['cpu_ms'], 2),
+                bf16_jvp_speedup=round(tm['fp32']['cpu_ms'] / tm['bf16_jvp']['cpu_ms'], 2))
+
+_RSS_STEP = """
+import resource, sys, json, warnings, torch
+warnings.simplefilter('ignore'); torch.set_num_threads(1)
+from meanflow_nb.models import create_model, set_grad_ckpt, iMFDiT
+from meanflow_nb.loss import MeanFlowLoss
+from meanflow_nb.imf import IMFLoss
+name, kw, size, kind, ckpt, B = json.loads(sys.argv[1])
+torch.manual_seed(0)
+net = set_grad_ckpt(create_model(name, input_size=size, in_channels=4, num_classes=10, **kw), ckpt)
+lf = (IMFLoss if isinstance(net, iMFDiT) else MeanFlowLoss)(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(B, 4, size, size, generator=g), torch.randint(0, 10, (B,), generator=g)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+lf(net, x, y, **lf.draw(B, x.shape[1:], g))['loss'].backward()
+print(json.dumps([before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+
+def peak_rss_mb(model: str, model_kwargs: dict, input_size: int, kind: str, grad_ckpt: bool, batch: int) -> float:
+    "Growth of the peak resident memory (MB) of a fresh process over one loss + backward (`ru_maxrss`, Linux)."
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-c', _RSS_STEP, json.dumps([model, model_kwargs, input_size, kind, grad_ckpt, batch])],
+                       capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode != 0: raise RuntimeError(r.stderr[-1500:])
+    before, after = json.loads(r.stdout.strip().splitlines()[-1])
+    return (after - before) / 1024
+
+def bench_grad_ckpt(models: tuple = (('DiT-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4}),
+                                     ('iMF-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4, 'head_depth': 2})),
+                    input_size: int = 16, batch: int = 64) -> dict:
+    "Peak memory growth (MB, `ru_maxrss` of a fresh process) of one step at `batch`, with and without `--grad_ckpt`."
+    out = {}
+    for name, kw in models:
+        for kind in (('jvp',) if name.startswith('iMF') else ('fm', 'jvp')):
+            a, b = (peak_rss_mb(name, kw, input_size, kind, ck, batch) for ck in (False, True))
+            out[f"{'imf' if name.startswith('iMF') else 'dit'}_{kind}"] = dict(width=kw['hidden_size'], depth=kw['depth'], batch=batch,
+                                                                             mb=round(a, 1), mb_ckpt=round(b, 1), reduction=round(a / b, 2))
+    return out
+
+def bench_overlap(steps: int = 30, warmup: int = 5, model: str = 'DiT-D/2', batch: int = 128, timeout: float = 900) -> dict:
+    "2-rank / 1-rank steps/s of `mf-train --preset digits` with the flat and with the overlapped gradient all-reduce."
+    flat = bench_ddp((1, 2), steps, warmup, model, batch, timeout, ('--overlap_sync', 'false'))
+    over = bench_ddp((2,), steps, warmup, model, batch, timeout, ('--overlap_sync', 'true'))
+    return dict(model=model, global_batch=batch, steps_per_s_1=flat['steps_per_s_1'], steps_per_s_2_flat=flat['steps_per_s_2'],
+                steps_per_s_2_overlap=over['steps_per_s_2'], scaling_flat=flat['scaling_2_over_1'],
+                scaling_overlap=round(over['steps_per_s_2'] / flat['steps_per_s_1'], 2), loadavg=_loadavg())
+
+def bench_scale(size: str = 'default') -> dict:
+    "The paper-scale options side by side (see above)."
+    S = dict(default=dict(model='DiT-D/2', batch=128, repeats=3, steps=30, warmup=5),
+             tiny=dict(model='DiT-T/2', batch=16, repeats=1, steps=6, warmup=2))[size]
+    ck = {} if size == 'default' else dict(models=(('DiT-T/2', {'hidden_size': 64, 'depth': 2, 'num_heads': 4}),), input_size=8, batch=8)
+    return dict(precision=bench_precision(S['model'], S['batch'], S['repeats']), compiled=bench_compiled(S['model'], S['batch'], S['repeats']),
+                overlap=bench_overlap(S['steps'], S['warmup'], S['model'], S['batch']), grad_ckpt=bench_grad_ckpt(**ck))
+
+def scale_rows(r: dict) -> list:
+    "Table rows of `bench_scale`."
+    p, c, o = r['precision'], r['compiled'], r['overlap']
+    rows = [(f'MF step bf16 / fp32 ({p["model"]}, batch {p["batch"]}, fp32 JVP)', f'{p["bf16_speedup"]:.2f}x', f'{p["bf16_cpu_ms"]:.0f} vs {p["fp32_cpu_ms"]:.0f} ms CPU'),
+            (f'MF step bf16 JVP / fp32 ({p["model"]})', f'{p["bf16_jvp_speedup"]:.2f}x', f'{p["bf16_jvp_cpu_ms"]:.0f} ms CPU'),
+            (f'MF step compiled / eager ({c["model"]})', f'{c["speedup"]:.2f}x' if 'speedup' in c else 'fails',
+             f'{c["compiled_cpu_ms"]:.0f} vs {c["eager_cpu_ms"]:.0f} ms CPU, compile {c["compile_s"]} s' if 'speedup' in c else c['error']),
+            (f'2 ranks / 1 rank, flat all-reduce ({o["model"]}, batch {o["global_batch"]})', f'{o["scaling_flat"]:.2f}x', f'load {o["loadavg"]}'),
+            (f'2 ranks / 1 rank, overlapped all-reduce ({o["model"]})', f'{o["scaling_overlap"]:.2f}x', 'goal >= 1.8x')]
+    for k, v in r['grad_ckpt'].items():
+        rows.append((f'peak memory of a step, --grad_ckpt ({k}, width {v["width"]}, depth {v["depth"]}, batch {v["batch"]})',
+                     f'{v["reduction"]:.2f}x less', f'{v["mb_ckpt"]} vs {v["mb"]} MB'))
+    return rows
+
+# %% ../nbs/12_bench.ipynb #f9a0a022
+def cli_plan(argv: list | None = None):
+    "`mf-bench plan --preset P --gpus G --gpu-mem-gb M`: the memory plan and cost of a preset."
+    p = CLIParser(prog='mf-bench plan', description='Per-GPU memory, the micro-batch that fits, and GPU-hours of a preset.')
+    p.add_argument('--preset', required=True); p.add_argument('--gpus', type=int, default=8)
+    p.add_argument('--gpu-mem-gb', type=float, default=80.0); p.add_argument('--mfu', type=float, default=0.35)
+    p.add_argument('--peak-tflops', type=float, default=989.0)
+    p.add_argument('--grad_ckpt', action='store_true', help='plan with activation checkpointing')
+    p.add_argument('--fp32', action='store_true', help='plan without bf16 autocast')
+    p.add_argument('--json', action='store_true', help='print JSON instead of text')
+    a = p.parse_args(argv)
+    check(a.gpus >= 1 and a.gpu_mem_gb > 0 and 0 < a.mfu <= 1, 'need --gpus >= 1, --gpu-mem-gb > 0 and 0 < --mfu <= 1')
+    kw = dict(grad_ckpt=True) if a.grad_ckpt else {}
+    if a.fp32: kw['bf16'] = False
+    r = plan(a.preset, a.gpus, a.gpu_mem_gb, a.mfu, a.peak_tflops, **kw)
+    if a.json: print(json.dumps(r, indent=1)); return r
+    print(plan_text(r)); return r
+
+def plan_text(r: dict) -> str:
+    "A plan as a few readable lines."
+    mb = r['micro_batch']
+    fit = (f"micro-batch {mb} of {r['per_gpu_batch']} per GPU ({r['per_gpu_batch'] // mb} accumulation steps), peak ~{r['peak_gb']} GB"
+           if mb else f"does not fit: not even 1 sample per GPU (try --grad_ckpt)")
+    return '\n'.join([f"{r['preset']}: {r['model']} ({r['params_m']} M params) on {r['gpus']} x {r['gpu_mem_gb']:g} GB, "
+                      f"{r['per_gpu_batch']} samples per GPU, bf16 {r['bf16']}, grad_ckpt {r['grad_ckpt']}",
+                      f"  fixed per GPU: weights {r['weights_gb']} GB, grads {r['grads_gb']} GB, AdamW {r['adamw_gb']} GB, EMA {r['ema_gb']} GB",
+                      f"  activations per sample: r = t {r['act_fm_mb_per_sample']} MB, JVP {r['act_jvp_mb_per_sample']} MB; "
+                      f"whole per-GPU batch at once {r['act_full_batch_gb']} GB",
+                      f"  {fit}",
+                      f"  {r['steps']:,} steps: ~{r['gpu_hours']:,} GPU-hours (~{r['days']} days) at MFU {r['mfu']} of {r['peak_tflops']:g} TFLOP/s"])
 
 # %% ../nbs/12_bench.ipynb #2233eef2
 #| eval: false

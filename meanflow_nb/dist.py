@@ -4,16 +4,16 @@
 
 # %% ../nbs/07_dist.ipynb #eaeb0839
 from __future__ import annotations
-import os, datetime
+import os, re, datetime, threading, time
 import torch
 import torch.distributed as dist
 from torch import nn
 from .core import set_seed
 
 # %% auto #0
-__all__ = ['is_dist', 'get_rank', 'get_world_size', 'is_main', 'init_distributed', 'cleanup_distributed', 'barrier',
-           'all_reduce_mean', 'all_gather_cat', 'broadcast_object', 'seed_per_rank', 'broadcast_params',
-           'sync_gradients', 'grads_agree']
+__all__ = ['is_dist', 'get_rank', 'get_world_size', 'is_main', 'expand_nodelist', 'slurm_env', 'init_distributed',
+           'cleanup_distributed', 'barrier', 'all_reduce_mean', 'all_gather_cat', 'broadcast_object', 'seed_per_rank',
+           'broadcast_params', 'sync_gradients', 'param_fingerprint', 'params_agree', 'GradSync', 'any_rank']
 
 # %% ../nbs/07_dist.ipynb #3c18c75a
 def is_dist() -> bool:
@@ -32,11 +32,41 @@ def is_main() -> bool:
     "True on rank 0: the process that logs, writes checkpoints and draws figures."
     return get_rank() == 0
 
+# %% ../nbs/07_dist.ipynb #a1c0de01
+def expand_nodelist(nodelist: str) -> list[str]:
+    "Host names of a SLURM node list: `'node[01-03,07],gpu5'` -> `['node01', 'node02', 'node03', 'node07', 'gpu5']`."
+    hosts = []
+    for item in re.findall(r'[^,\[]+(?:\[[^\]]*\][^,\[]*)*', nodelist):      # commas outside brackets separate items
+        m = re.fullmatch(r'([^\[]*)\[([^\]]*)\](.*)', item)
+        if not m: hosts.append(item); continue
+        pre, ranges, post = m.groups()
+        for r in ranges.split(','):
+            a, _, b = r.partition('-')
+            if not b: hosts.extend(f'{pre}{a}{h}' for h in expand_nodelist(post) or ['']); continue
+            for i in range(int(a), int(b) + 1):
+                hosts.extend(f'{pre}{i:0{len(a)}d}{h}' for h in expand_nodelist(post) or [''])
+    return hosts
+
+def slurm_env(env: dict | None = None, # default: `os.environ`
+              port: int = 29500, # MASTER_PORT when SLURM's environment does not name one
+             ) -> dict:
+    "torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) from an `srun` task's SLURM variables; `{}` under torchrun or outside SLURM."
+    env = os.environ if env is None else env
+    if 'RANK' in env or 'SLURM_PROCID' not in env or env.get('MF_NO_SLURM'): return {}   # torchrun set them, or no srun
+    ntasks = int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1')))
+    if ntasks <= 1: return {}
+    nodes = env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST') or 'localhost'
+    return dict(RANK=env['SLURM_PROCID'], WORLD_SIZE=str(ntasks), LOCAL_RANK=env.get('SLURM_LOCALID', '0'),
+                LOCAL_WORLD_SIZE=env.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0],
+                MASTER_ADDR=env.get('MASTER_ADDR') or expand_nodelist(nodes)[0],
+                MASTER_PORT=env.get('MASTER_PORT') or str(port + int(env.get('SLURM_JOB_ID', '0')) % 1000))
+
 # %% ../nbs/07_dist.ipynb #72eb9a45
 def init_distributed(backend: str | None = None, # 'nccl' or 'gloo'; default: nccl with CUDA, else gloo
                      timeout_s: float = 600, # a rank that dies makes the others fail after this, instead of hanging
                     ) -> torch.device:
-    "Join the process group if `torchrun` launched us (`WORLD_SIZE > 1`); return this rank's device."
+    "Join the process group if `torchrun` (or `srun` without torchrun, see `slurm_env`) launched us; return this rank's device."
+    for k, v in slurm_env().items(): os.environ.setdefault(k, v)   # srun without torchrun: ranks from SLURM's variables
     world = int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     use_cuda = torch.cuda.is_available() and backend != 'gloo'
@@ -50,6 +80,8 @@ def init_distributed(backend: str | None = None, # 'nccl' or 'gloo'; default: nc
 
 def cleanup_distributed():
     "Leave the process group, if any, once every rank is done (so no rank exits while a peer still talks to it)."
+    global _CONTROL
+    _CONTROL = None
     if is_dist():
         try: dist.barrier()
         finally: dist.destroy_process_group()
@@ -104,9 +136,78 @@ def sync_gradients(model: nn.Module):
 
 # %% ../nbs/07_dist.ipynb #0c00c444
 @torch.no_grad()
-def grads_agree(model: nn.Module, rtol: float = 1e-5) -> bool:
-    "True if every rank holds the same gradients, compared through a cheap fingerprint (sum, sum of squares)."
-    g = [p.grad.double() for p in model.parameters() if p.grad is not None]
-    fp = torch.stack([sum(x.sum() for x in g), sum((x * x).sum() for x in g)]) if g else torch.zeros(2, dtype=torch.float64)
-    allfp = all_gather_cat(fp[None].to(next(model.parameters()).device))
-    return bool(torch.allclose(allfp, allfp[:1].expand_as(allfp), rtol=rtol, atol=1e-12))
+def param_fingerprint(model: nn.Module) -> torch.Tensor:
+    "Three float64 numbers per model: the sum, the sum of squares and a position-weighted sum of every parameter."
+    fp = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        x = p.detach().reshape(-1).double()
+        w = torch.sin(torch.arange(x.numel(), device=x.device, dtype=torch.float64) * 0.7071 + 1)  # order-sensitive
+        fp += torch.stack([x.sum(), (x * x).sum(), (x * w).sum()])
+    return fp
+
+@torch.no_grad()
+def params_agree(model: nn.Module, rtol: float = 0.0) -> list[int]:
+    "Ranks whose parameter fingerprint differs from rank 0's (`[]`: all agree; exact by default, see the text)."
+    fp = param_fingerprint(model)
+    allfp = all_gather_cat(fp[None])
+    return [r for r in range(len(allfp)) if not torch.allclose(allfp[r], allfp[0], rtol=rtol, atol=0.0)]
+
+# %% ../nbs/07_dist.ipynb #a1c0de05
+class GradSync:
+    "Bucketed asynchronous gradient all-reduce launched from `register_post_accumulate_grad_hook` during backward."
+    def __init__(self, model: nn.Module, bucket_mb: float = 25.0):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets, cur, size = [], [], 0
+        for p in reversed(self.params):                      # backward meets the last layers first
+            cur.append(p); size += p.numel() * p.element_size()
+            if size >= bucket_mb * 2 ** 20: self.buckets.append(cur); cur, size = [], 0
+        if cur: self.buckets.append(cur)
+        self.where = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.enabled, self.handles = True, []
+        self._reset()
+        if is_dist():
+            for p in self.params: self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def _reset(self):
+        self.ready = [0] * len(self.buckets); self.next, self.work = 0, []
+
+    def _hook(self, p):
+        if not self.enabled: return
+        i = self.where[id(p)]; self.ready[i] += 1
+        while self.next < len(self.buckets) and self.ready[self.next] == len(self.buckets[self.next]):
+            self._launch(self.next); self.next += 1          # in order: the same collectives on every rank
+
+    def _launch(self, i: int):
+        ps = self.buckets[i]
+        for p in ps:
+            if p.grad is None: p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        flat /= get_world_size()
+        self.work.append((i, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+
+    @torch.no_grad()
+    def finish(self):
+        "Launch the buckets not launched during backward, wait for all, copy the averages into `.grad`."
+        if not is_dist(): return
+        while self.next < len(self.buckets): self._launch(self.next); self.next += 1
+        for i, flat, w in self.work:
+            w.wait(); k = 0
+            for p in self.buckets[i]:
+                n = p.numel(); p.grad.copy_(flat[k:k + n].view_as(p.grad)); k += n
+        self._reset()
+
+    def remove(self):
+        for h in self.handles: h.remove()
+        self.handles = []
+
+# %% ../nbs/07_dist.ipynb #a1c0de08
+_CONTROL = None
+
+def any_rank(*flags: bool) -> list[bool]:
+    "For each flag, True if it is True on any rank (a max all-reduce on a CPU gloo group; no-op at world size 1)."
+    global _CONTROL
+    if not is_dist(): return [bool(f) for f in flags]
+    if _CONTROL is None: _CONTROL = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else dist.group.WORLD
+    x = torch.tensor([float(bool(f)) for f in flags])
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_CONTROL)
+    return [bool(v) for v in x.tolist()]

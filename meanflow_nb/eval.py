@@ -17,13 +17,14 @@ from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test
 from . import dist
 
 # %% auto #0
-__all__ = ['DIGITS_RES', 'DIGITS_CLASSIFIER_PATH', 'DIGITS_EXTRACTOR', 'INCEPTION', 'to_uint8', 'fid_from_stats',
+__all__ = ['DIGITS_RES', 'DIGITS_CLASSIFIER_PATH', 'DIGITS_EXTRACTOR', 'INCEPTION', 'DIGITS_REF', 'to_uint8', 'fid_from_stats',
            'prepare_digits', 'DigitsClassifier', 'classifier_accuracy', 'train_digits_classifier',
            'load_digits_classifier', 'DigitsFeatureExtractor', 'register_digits_extractor', 'ImageTensorDataset',
            'as_fidelity_input', 'load_samples_npz', 'fidelity_kwargs', 'fidelity_fid', 'feature_stats', 'save_stats',
-           'load_stats', 'digits_reference_stats', 'digits_fid', 'calibration_sets', 'imagenet_fid', 'sample_shape',
-           'load_run', 'shard_ranges', 'shard_generator', 'class_labels', 'sample_shard', 'write_pngs', 'sample_run',
-           'gather_shards', 'sample_parser', 'cli_sample', 'fid_parser', 'run_fid', 'cli_fid', 'fid_curve']
+           'load_stats', 'digits_reference_stats', 'digits_fid', 'calibration_sets', 'digits_real_fid', 'nn_distances',
+           'memorisation_check', 'imagenet_fid', 'sample_shape', 'load_run', 'shard_ranges', 'shard_generator',
+           'class_labels', 'sample_shard', 'write_pngs', 'sample_run', 'gather_shards', 'sample_parser', 'cli_sample',
+           'fid_parser', 'run_fid', 'cli_fid', 'fid_curve']
 
 # %% ../nbs/11_eval.ipynb #ced293dd
 def to_uint8(x: torch.Tensor, # images `(B, C, H, W)` in [-1, 1] (float) or already uint8
@@ -277,14 +278,16 @@ def load_stats(path) -> dict:
         return {'mu': f['mu'], 'sigma': f['sigma'], 'n': int(f['n']) if 'n' in f else -1}
 
 # %% ../nbs/11_eval.ipynb #39a64375
+DIGITS_REF = 'test' # the digits-FID reference: the held-out split that no network trains on
+
 @functools.lru_cache(maxsize=8)
-def digits_reference_stats(split: str = 'train', weights_path: str | None = None) -> dict:
+def digits_reference_stats(split: str = DIGITS_REF, weights_path: str | None = None) -> dict:
     "digits-FID statistics of a digits split ('train', 'test' or 'all'), cached."
     from meanflow_nb.data import digits_dataset
     return feature_stats(digits_dataset(split).tensors[0], DIGITS_EXTRACTOR, cuda=False, weights_path=weights_path)
 
 def digits_fid(samples, # images in [-1, 1] `(N, 1, 8|16, 8|16)`, uint8, an `.npz` or a PNG folder
-               ref: str = 'train', # a digits split, or a second image set
+               ref: str = DIGITS_REF, # a digits split, or a second image set
                weights_path: str | None = None, # another classifier's weights (default: the shipped one)
               ) -> float:
     "digits-FID of `samples` against the digits `ref` split: Fréchet distance of `DigitsClassifier` features."
@@ -305,6 +308,46 @@ def calibration_sets(x: torch.Tensor, # real digits in [-1, 1] `(N, 1, S, S)`
     out['pure noise N(0,1)'] = torch.randn(x.shape, generator=g).clamp(-1, 1)
     out['uniform noise'] = torch.rand(x.shape, generator=g) * 2 - 1
     return out
+
+# %% ../nbs/11_eval.ipynb #829cb1dc
+def digits_real_fid(n: int = 1000, # real images per draw: the models' sample count
+                    draws: int = 20, # random subsets of the train split
+                    seed: int = 0, ref: str = DIGITS_REF) -> np.ndarray:
+    "digits-FID of `draws` random `n`-image subsets of the digits train split against `ref`: the real-vs-real floor at N = n."
+    from meanflow_nb.data import digits_dataset
+    x = digits_dataset('train').tensors[0]
+    check(1 < n <= len(x), f'n must be in 2..{len(x)} (the train split), got {n}')
+    g = torch.Generator().manual_seed(seed)
+    return np.array([digits_fid(x[torch.randperm(len(x), generator=g)[:n]], ref) for _ in range(draws)])
+
+# %% ../nbs/11_eval.ipynb #b2347953
+def _pixels(x) -> torch.Tensor:
+    "Images (anything `as_fidelity_input` takes) -> float `(N, D)` pixels in [-1, 1], after uint8 rounding."
+    ds = as_fidelity_input(x)
+    return torch.stack([ds[i] for i in range(len(ds))]).flatten(1).float() / 127.5 - 1
+
+def nn_distances(x, ref, # images: anything `as_fidelity_input` takes, of one shape
+                 batch_size: int = 1000) -> np.ndarray:
+    "Euclidean distance in pixel space from each image of `x` to its nearest neighbour in `ref`."
+    a, b = _pixels(x), _pixels(ref)
+    check(a.shape[1] == b.shape[1], f'images differ in size: {a.shape[1]} vs {b.shape[1]} pixels')
+    return torch.cat([torch.cdist(a[i:i + batch_size].double(), b.double()).min(1).values
+                      for i in range(0, len(a), batch_size)]).numpy()
+
+# %% ../nbs/11_eval.ipynb #31cc2299
+def memorisation_check(samples, # generated images: anything `as_fidelity_input` takes
+                       train=None, # the generator's training images (default: the digits train split)
+                       test=None, # held-out real images (default: the digits test split)
+                       q: float = 0.05, # quantile of the test images' own distances that counts as "close"
+                      ) -> dict:
+    "Nearest-neighbour distances of `samples` to `train`, against the held-out `test` images' own distances to `train`."
+    from meanflow_nb.data import digits_dataset
+    train = digits_dataset('train').tensors[0] if train is None else train
+    test = digits_dataset('test').tensors[0] if test is None else test
+    ds, dt = nn_distances(samples, train), nn_distances(test, train)
+    thr = float(np.quantile(dt, q))
+    return dict(n=len(ds), sample_nn_median=float(np.median(ds)), test_nn_median=float(np.median(dt)),
+                ratio=float(np.median(ds) / np.median(dt)), frac_close=float((ds < thr).mean()), q=q, threshold=thr)
 
 # %% ../nbs/11_eval.ipynb #a6729d34
 def imagenet_fid(samples, # 50,000 RGB samples: uint8 NHWC array, tensor in [-1, 1], `.npz` or PNG folder
@@ -580,7 +623,7 @@ def fid_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog='mf-fid', description='digits-FID or ImageNet FID of a samples .npz / PNG folder.')
     p.add_argument('samples', nargs='?', help='samples.npz (arr_0 uint8 NHWC) or a folder of PNGs')
     p.add_argument('--metric', choices=['digits-fid', 'fid'], default='digits-fid', help='digits-FID or Inception FID')
-    p.add_argument('--ref', default=None, help="digits-fid: 'train' (default), 'test', 'all' or samples; fid: reference .npz (mu, sigma)")
+    p.add_argument('--ref', default=None, help="digits-fid: 'test' (default), 'train', 'all' or samples; fid: reference .npz (mu, sigma)")
     p.add_argument('--inception-weights', default=None, help='local Inception weights (fid without internet)')
     p.add_argument('--classifier', default=None, help='digits classifier weights (default: the shipped file)')
     p.add_argument('--batch-size', type=int, default=100)
@@ -592,7 +635,7 @@ def fid_parser() -> argparse.ArgumentParser:
 # %% ../nbs/11_eval.ipynb #06e29122
 def run_fid(samples, # samples.npz, a PNG folder, or images
             metric: str = 'digits-fid', # 'digits-fid' or 'fid' (Inception, ImageNet)
-            ref=None, # digits-fid: 'train' (default), 'test', 'all' or images; fid: a reference .npz (mu, sigma)
+            ref=None, # digits-fid: 'test' (default, DIGITS_REF), 'train', 'all' or images; fid: a reference .npz (mu, sigma)
             weights_path: str | None = None, # digits classifier or Inception weights (default: shipped / download)
             batch_size: int = 100, save_stats_to: str | None = None) -> dict:
     "The metric of `samples` against `ref` as a dict (`metric`, `value`, `n`, `ref`, `n_ref`)."
@@ -600,7 +643,7 @@ def run_fid(samples, # samples.npz, a PNG folder, or images
     check(batch_size >= 1, f'batch size must be >= 1, got {batch_size}')
     ext = DIGITS_EXTRACTOR if metric == 'digits-fid' else INCEPTION
     kw = dict(batch_size=batch_size, weights_path=weights_path, **({'feature_layer': '2048'} if metric == 'fid' else {}))
-    ref = ref or ('train' if metric == 'digits-fid' else None)
+    ref = ref or (DIGITS_REF if metric == 'digits-fid' else None)
     check(ref is not None, "metric 'fid' needs a reference .npz with mu and sigma (ADM / JiT ImageNet-256): --ref")
     s1 = feature_stats(samples, ext, **kw)
     if save_stats_to: save_stats(save_stats_to, s1)
@@ -636,11 +679,12 @@ def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one o
               n: int = 2000, # samples per checkpoint and NFE
               seed: int = 0, # noise seed (shard 0 of `sample_run`'s generator)
               batch_size: int = 500,
+              ref: str = DIGITS_REF, # the digits split to measure against
              ) -> list[dict]:
     "digits-FID of the EMA weights at every checkpoint of `run`: `[{'step', 'fid1', 'fid2', ...}]`, cached in the run."
     from meanflow_nb.train import list_checkpoints
     run = Path(run); cache = run / 'fid_curve.json'
-    key = dict(nfes=list(nfes), n=n, seed=seed)
+    key = dict(nfes=list(nfes), n=n, seed=seed, ref=ref)
     if cache.exists():
         d = json.loads(cache.read_text())
         if d.get('key') == key: return d['rows']
@@ -649,7 +693,7 @@ def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one o
     rows = []
     for p in paths:
         cfg, model, shp, step = load_run(run, ckpt=str(p))
-        rows.append(dict(step=step, **{f'fid{k}': digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, seed, batch_size)['x'])
+        rows.append(dict(step=step, **{f'fid{k}': digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, seed, batch_size)['x'], ref)
                                        for k in nfes}))
     tmp = cache.with_suffix('.tmp'); tmp.write_text(json.dumps(dict(key=key, rows=rows), indent=1)); os.replace(tmp, cache)
     return rows

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from .core import check, ConfigError, interpolate
-from .schedules import sample_t_r
+from .schedules import sample_t_r, r_eq_t_mask
 from .loss import MeanFlowLoss
 
 # %% auto #0
@@ -104,7 +104,7 @@ def truncated_t_r(n: int, lo: float, # lower end: both times are drawn from the 
     u = F_lo + (1 - F_lo) * torch.rand(2, n, generator=generator, device=device)
     a, b = base_icdf(u, P_mean, P_std, time_dist).clamp(lo, 1).unbind(0)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
-    eq = torch.rand(n, generator=generator, device=device) < ratio_r_eq_t
+    eq = r_eq_t_mask(n, ratio_r_eq_t, generator, device)  # random, or balanced (balanced_split)
     return t, torch.where(eq, t, r)
 
 # %% ../nbs/09_kim.ipynb #8e4b27fd

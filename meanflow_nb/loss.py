@@ -6,7 +6,7 @@
 from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
-import contextlib
+import contextlib, contextvars
 import torch
 import torch.nn.functional as F
 from .models import jvp_attention
@@ -14,15 +14,28 @@ from .core import bcast, interpolate, cond_velocity, check, ConfigError
 from .schedules import sample_t_r
 
 # %% auto #0
-__all__ = ['jvp_context', 'meanflow_target', 'sq_err', 'adaptive_weight', 'guided_velocity', 'MeanFlowLoss', 'sample_meanflow',
-           'guided_u']
+__all__ = ['jvp_precision', 'jvp_context', 'meanflow_target', 'sq_err', 'adaptive_weight', 'guided_velocity', 'MeanFlowLoss',
+           'precision_gap', 'sample_meanflow', 'guided_u']
 
 # %% ../nbs/04_loss.ipynb #365d8c17
+_JVP = {'dtype': 'fp32'} # the JVP precision in force (a plain dict: torch.compile can read it)
+
+@contextlib.contextmanager
+def jvp_precision(dtype: str = 'fp32'): # 'fp32' (MF's official code) or 'bf16'
+    "Context: the precision of every MeanFlow / iMF JVP inside it (`jvp_context` reads it)."
+    check(dtype in ('fp32', 'bf16'), f"jvp_dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    old, _JVP['dtype'] = _JVP['dtype'], dtype
+    try: yield
+    finally: _JVP['dtype'] = old
+
 def jvp_context():
-    "Inside `torch.func.jvp`: math SDPA (no forward-mode AD for fused kernels) and autocast off (the JVP stays fp32)."
+    "Inside `torch.func.jvp`: math SDPA (no forward-mode AD for fused kernels); autocast off (fp32 JVP) or bf16 (`jvp_precision('bf16')`)."
     stack = contextlib.ExitStack()
     stack.enter_context(jvp_attention())  # math SDPA, shared with the models' own JVP checks
-    for dev in ('cuda', 'cpu'): stack.enter_context(torch.autocast(dev, enabled=False))
+    bf16 = _JVP['dtype'] == 'bf16'
+    for dev in ('cuda', 'cpu'):
+        if dev == 'cpu' or torch.cuda.is_available():
+            stack.enter_context(torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16))
     return stack
 
 def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of shape (B,)
@@ -33,8 +46,11 @@ def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(u, u_tgt)`: `u = u_fn(z, t, r)` keeps its graph; `u_tgt = v - (t - r) dudt` is detached (Eq. 6 of MF)."
     check(t.shape == r.shape == (z.shape[0],), f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
-    check(bool((r <= t).all()), f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
-    with jvp_context():
+    if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        check(bool((r <= t).all()), f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
+    bf16 = _JVP['dtype'] == 'bf16'   # jvp_context's settings as plain nested `with`s: torch.compile traces these
+    with jvp_attention(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), \
+         torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
         u, dudt = torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
     u_tgt = v - bcast(t - r, z) * dudt
     return u, u_tgt.detach()  # sg: the target must not receive gradients
@@ -163,6 +179,34 @@ def _call(self: MeanFlowLoss, model, # called as model(z, t, h, y) -> u
                 weight=w.mean(), frac_u=m_u.mean())
 
 MeanFlowLoss.__call__ = _call
+
+# %% ../nbs/04_loss.ipynb #c4a1b002
+def precision_gap(model_name: str = 'DiT-T/2', batch: int = 32, input_size: int = 8, in_channels: int = 4,
+                  num_classes: int = 10, seed: int = 0) -> dict:
+    "The u-loss (raw squared error of the JVP samples) and the gradient of one MF step under bf16 autocast with an fp32 JVP and with a bf16 JVP, against all-fp32."
+    from meanflow_nb.models import create_model
+    g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
+    net = create_model(model_name, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    with torch.no_grad():
+        for p in net.parameters():
+            if (p == 0).all() and p.ndim > 1: p.normal_(0, 0.02, generator=g)           # un-zero adaLN / output layers
+    lf = MeanFlowLoss(ratio_r_eq_t=0.5, num_classes=num_classes, cfg_omega=1.0, cfg_kappa=0.5)
+    x = torch.randn(batch, in_channels, input_size, input_size, generator=g); y = torch.randint(0, num_classes, (batch,), generator=g)
+    drawn = lf.draw(batch, x.shape[1:], g)
+    def run(bf16: bool, jvp: str):
+        net.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), jvp_precision(jvp):
+            out = lf(net, x, y, **drawn)
+        out['loss'].backward()
+        return float(out['loss_u']), torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None]).double()
+    ref, g_ref = run(False, 'fp32')
+    res = dict(model=model_name, batch=batch, loss_u_fp32=ref)
+    for name, (bf16, jvp) in dict(bf16_fwd_fp32_jvp=(True, 'fp32'), bf16_fwd_bf16_jvp=(True, 'bf16')).items():
+        l, gr = run(bf16, jvp)
+        res[f'{name}_loss_u_rel'] = abs(l - ref) / abs(ref)
+        res[f'{name}_grad_rel'] = float((gr - g_ref).norm() / g_ref.norm())
+        res[f'{name}_grad_cos'] = float(torch.nn.functional.cosine_similarity(gr, g_ref, dim=0))
+    return res
 
 # %% ../nbs/04_loss.ipynb #88cf7490
 @torch.no_grad()

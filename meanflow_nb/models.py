@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_models.ipynb #2eda19d3
 from __future__ import annotations
-import math, time, contextlib, warnings
+import math, time, contextlib, warnings, types
 import numpy as np
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ from .core import ConfigError, check
 __all__ = ['DiT_models', 'PAPER_PARAMS', 'timestep_embedding', 'JVPLinear', 'ToyMLP', 'jvp_attention', 'TimestepEmbedder',
            'LabelEmbedder', 'sincos_pos_embed_2d', 'PatchEmbed', 'modulate', 'Attention', 'DiTBlock', 'FinalLayer',
            'unpatchify', 'DiT', 'rope_tables', 'apply_rope', 'RoPEAttention', 'SwiGLU', 'iMFBlock', 'iMFFinalLayer',
-           'iMFDiT', 'create_model', 'count_params', 'bench_models']
+           'iMFDiT', 'create_model', 'checkpoint_block', 'set_grad_ckpt', 'count_params', 'bench_models']
 
 # %% ../nbs/05_models.ipynb #5cf67fc7
 def timestep_embedding(t: torch.Tensor, # `(B,)` scalars, raw in [0, 1]
@@ -450,6 +450,52 @@ def create_model(name: str, # a key of `DiT_models`
     bad = sorted(set(overrides) - valid)
     check(not bad, f"{name} has no option(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
     return ctor(**overrides)
+
+# %% ../nbs/05_models.ipynb #d5c0a002
+class _CheckpointBlock(torch.autograd.Function):
+    "Run `fn(*inputs)` keeping only the inputs; recompute it for the JVP rule and in backward (functorch-compatible)."
+    @staticmethod
+    def forward(fn, n_in, *args):  # args: the n_in inputs, then the block's parameters (so they receive gradients)
+        with torch.no_grad(): return fn(*args[:n_in])
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fn, n_in, *args = inputs
+        ctx.fn, ctx.n_in, ctx.params = fn, n_in, args[n_in:]
+        ctx.save_for_backward(*args[:n_in]); ctx.save_for_forward(*args[:n_in])
+        ctx.amp = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ('cpu', 'cuda')]
+    @staticmethod
+    def backward(ctx, g):
+        need = ctx.needs_input_grad[2:]
+        xs = [a.detach().requires_grad_(bool(n)) for a, n in zip(ctx.saved_tensors, need)]
+        with torch.enable_grad(), contextlib.ExitStack() as st:
+            for d, on, dt in ctx.amp:
+                if d == 'cpu' or torch.cuda.is_available(): st.enter_context(torch.autocast(d, dtype=dt, enabled=on))
+            out = ctx.fn(*xs)
+        want = [x for x in xs if x.requires_grad] + [p for p, n in zip(ctx.params, need[ctx.n_in:]) if n]
+        gr = iter(torch.autograd.grad(out, want, g, allow_unused=True))
+        return (None, None, *[next(gr) if x.requires_grad else None for x in xs],
+                *[next(gr) if n else None for n in need[ctx.n_in:]])
+    @staticmethod
+    def jvp(ctx, _fn_t, _n_t, *tangents):
+        xs = ctx.saved_tensors
+        ts = tuple(torch.zeros_like(x) if t is None else t for x, t in zip(xs, tangents[:ctx.n_in]))
+        with torch.no_grad(): return torch.func.jvp(ctx.fn, tuple(xs), ts)[1]
+
+def checkpoint_block(block: nn.Module, *inputs):
+    "`block(*inputs)` with activation checkpointing that also works under `torch.func.jvp` (see above)."
+    return _CheckpointBlock.apply(block._plain_forward, len(inputs), *inputs, *block.parameters())
+
+def _ckpt_forward(self, *inputs):
+    if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()): return checkpoint_block(self, *inputs)
+    return self._plain_forward(*inputs)
+
+def set_grad_ckpt(model: nn.Module, on: bool = True) -> nn.Module:
+    "Switch activation checkpointing of every `DiTBlock` / `iMFBlock` in `model` on or off (in place; returns it)."
+    for m in model.modules():
+        if isinstance(m, (DiTBlock, iMFBlock)):
+            if on: m._plain_forward = types.MethodType(type(m).forward, m); m.forward = types.MethodType(_ckpt_forward, m)
+            else: m.__dict__.pop('forward', None); m.__dict__.pop('_plain_forward', None)
+    return model
 
 # %% ../nbs/05_models.ipynb #3aa69c5c
 PAPER_PARAMS = {'DiT-B/4': 131e6, 'DiT-B/2': 131e6, 'DiT-M/2': 308e6, 'DiT-L/2': 459e6, 'DiT-XL/2': 676e6,  # MF / KIM

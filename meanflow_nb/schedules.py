@@ -4,12 +4,12 @@
 
 # %% ../nbs/03_schedules.ipynb #1c857fbd
 from __future__ import annotations
-import math
+import math, contextlib, contextvars
 import torch
 from .core import check
 
 # %% auto #0
-__all__ = ['uniform_t', 'logit_normal_t', 'logit_normal_pdf', 'sample_t_r']
+__all__ = ['uniform_t', 'logit_normal_t', 'logit_normal_pdf', 'sample_t_r', 'balanced_split', 'balanced_mask', 'r_eq_t_mask']
 
 # %% ../nbs/03_schedules.ipynb #a14c816f
 def uniform_t(n: int, generator=None, device=None) -> torch.Tensor:
@@ -41,5 +41,27 @@ def sample_t_r(n: int, # batch size
         else (lambda: uniform_t(n, generator, device))
     a, b = draw(), draw()
     t, r = torch.maximum(a, b), torch.minimum(a, b)
-    eq = torch.rand(n, generator=generator, device=device) < ratio_r_eq_t  # rand, not randn
+    eq = r_eq_t_mask(n, ratio_r_eq_t, generator, device)  # rand, not randn (or balanced, see below)
     return t, torch.where(eq, t, r)
+
+# %% ../nbs/03_schedules.ipynb #b5a1a002
+_SPLIT = contextvars.ContextVar('r_eq_t_split', default=0)
+
+@contextlib.contextmanager
+def balanced_split(groups: int): # 0: the random mask; k >= 1: a fixed count of r = t samples in each of k groups
+    "Context: `sample_t_r` (and every sampler built on `r_eq_t_mask`) gives each of `groups` ranks a fixed r = t count."
+    tok = _SPLIT.set(int(groups))
+    try: yield
+    finally: _SPLIT.reset(tok)
+
+def balanced_mask(n: int, ratio: float, groups: int = 1, device=None) -> torch.Tensor:
+    "Deterministic r = t mask `(n,)`: each interleaved group `i % groups` holds `round(ratio * n / groups)`, evenly spread."
+    check(groups >= 1 and n % groups == 0, f'a balanced r = t split needs the batch ({n}) to divide by the groups ({groups})')
+    j = torch.arange(n, device=device, dtype=torch.float64).div(groups).floor()   # position inside the group
+    return torch.floor((j + 1) * ratio + 0.5) > torch.floor(j * ratio + 0.5)
+
+def r_eq_t_mask(n: int, ratio: float, generator=None, device=None) -> torch.Tensor:
+    "The r = t mask of one draw: Bernoulli(`ratio`) per sample, or `balanced_mask` inside `balanced_split`."
+    u = torch.rand(n, generator=generator, device=device)          # drawn in both modes: the same random stream
+    g = _SPLIT.get()
+    return balanced_mask(n, ratio, g, device) if g else u < ratio

@@ -16,9 +16,12 @@ from .kim import STUDY_FIELDS, MixtureProbe, probe_errors
 
 # %% auto #0
 __all__ = ['STUDIES', 'FIGURES', 'DOCS', 'TOY_SEEDS', 'TOY_VAL_SEED', 'TOY_NFES', 'TOY_FM', 'TOY_FM_SWEEP', 'TOY_ONE_STEP',
-           'TOY_ENERGY_N', 'study_config', 'checkpoint_curve', 'study', 'figure', 'repo_root', 'render_readme',
-           'render_figures', 'study_parser', 'cli_study', 'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary',
-           'toy_table', 'plot_toy_quality']
+           'TOY_ENERGY_N', 'DIGITS_SEEDS', 'DIGITS_TRAIN', 'DIGITS_N', 'DIGITS_CURVE_SEED', 'DIGITS_FINAL_SEED',
+           'DIGITS_METHODS', 'DIGITS_LABELS', 'DIGITS_EULER', 'DIGITS_HEUN', 'DIGITS_MF_NFE', 'study_config',
+           'checkpoint_curve', 'study', 'figure', 'repo_root', 'render_readme', 'render_figures', 'study_parser',
+           'cli_study', 'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary', 'toy_table', 'plot_toy_quality',
+           'digits_measure', 'train_seconds', 'digits_run', 'digits_reference', 'digits_summary', 'digits_table',
+           'digits_nfe_figure', 'digits_curves_figure', 'study_digits']
 
 # %% ../nbs/16_study.ipynb #s16a0007
 def study_config(preset: str | None = None, **kw):
@@ -306,6 +309,221 @@ def plot_toy_quality(path: str | Path | None = None, res: dict | None = None):
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig
+
+# %% ../nbs/16_study.ipynb #s16d0005
+from .core import speedup_ci
+
+# %% ../nbs/16_study.ipynb #s16d0007
+DIGITS_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
+DIGITS_TRAIN = dict(global_batch=32, steps=300, ckpt_every=15, keep_ckpts=1000, sample_every=0, eval_samples=64,
+                    log_every=15) # the budget: 300 steps at batch 32, a checkpoint every 5 % of training
+DIGITS_N = 1000 # samples per digits-FID (the real-vs-real floor is measured at the same N)
+DIGITS_CURVE_SEED, DIGITS_FINAL_SEED = 0, 1 # noise of the convergence curves; fresh noise of the reported numbers
+DIGITS_METHODS = { # on top of the digits preset
+    'fm': dict(method='fm', norm_p=0.0, P_mean=0.0, P_std=1.0),
+    'mf': dict(method='mf'),
+    'kim': dict(method='kim', kim_accel='minsnr', kim_beta=True)}
+DIGITS_LABELS = {'fm': 'flow matching', 'mf': 'MeanFlow', 'kim': 'Kim et al. (MinSNR + beta)'}
+DIGITS_EULER = (1, 2, 4, 8, 16) # flow-matching Euler NFEs
+DIGITS_HEUN = (2, 4, 8) # flow-matching Heun NFEs (2 calls a step)
+DIGITS_MF_NFE = (1, 2, 4) # MeanFlow / Kim et al. sampling steps
+
+# %% ../nbs/16_study.ipynb #s16d0008
+def _digits_fid(x) -> float:
+    from meanflow_nb.eval import digits_fid
+    return digits_fid(x, ref='test')
+
+@torch.no_grad()
+def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER, heun=DIGITS_HEUN,
+                   mf_nfe=DIGITS_MF_NFE) -> dict:
+    "The convergence curve (1-NFE FID at every checkpoint, one-step methods) and the final checkpoint's FIDs and memorisation check."
+    from meanflow_nb.eval import load_run, sample_shard, shard_generator, class_labels, memorisation_check
+    from meanflow_nb.flow_matching import heun_sample
+    rec = {}
+    if method != 'fm':
+        curve = dict(step=[], fid1=[])
+        for p in list_checkpoints(run):
+            cfg, model, shp, step = load_run(run, ckpt=str(p))
+            curve['step'].append(step); curve['fid1'].append(_digits_fid(sample_shard(cfg, model, shp, 0, n, 0, 1, DIGITS_CURVE_SEED, 500)['x']))
+        rec['curve'] = curve
+    cfg, model, shp, step = load_run(run)
+    final = {}
+    for k in (euler if method == 'fm' else mf_nfe):
+        s = sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_FINAL_SEED, 500)
+        final[f'euler{k}' if method == 'fm' else f'nfe{k}'] = _digits_fid(s['x'])
+        if k == (euler[-1] if method == 'fm' else 1): rec['memorisation'] = memorisation_check(s['x'])
+    if method == 'fm':
+        z = torch.randn((n, *shp), generator=shard_generator(DIGITS_FINAL_SEED, 0)); y = class_labels(0, n, cfg.num_classes)
+        v = lambda y_: (lambda z_, t_: model(z_, t_, torch.zeros_like(t_), y_))
+        for k in heun:
+            x = torch.cat([heun_sample(v(y[i:i + 500]), z[i:i + 500], k // 2) for i in range(0, n, 500)])
+            final[f'heun{k}'] = _digits_fid(x.clamp(-1, 1))
+    rec['final'] = final
+    return rec
+
+# %% ../nbs/16_study.ipynb #s16d0009
+def _locked_update(name: str, method: str, seed: int, rec: dict, folder=None):
+    "Add seed `seed`'s record to `results/NAME.json` under a file lock (several workers may finish at once)."
+    import fcntl
+    folder = Path(folder or results_dir()); folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f'.{name}.lock', 'w') as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        try: d = load_result(name, folder)
+        except FileNotFoundError:
+            d = dict(name=name, method=method, label=DIGITS_LABELS[method], settings=dict(preset='digits', **DIGITS_METHODS[method]),
+                     protocol=dict(DIGITS_TRAIN, n=DIGITS_N, curve_seed=DIGITS_CURVE_SEED, final_seed=DIGITS_FINAL_SEED, ref='test'),
+                     seeds={})
+        d['seeds'][str(seed)] = rec
+        d['seeds'] = dict(sorted(d['seeds'].items(), key=lambda kv: int(kv[0])))
+        save_result(name, d, folder)
+
+def train_seconds(out: Path) -> float:
+    "Training wall time of a run from its log; a resumed run restarts the clock, so the segments are summed."
+    secs = [json.loads(l)['sec'] for l in open(Path(out) / 'log.jsonl')]
+    return float(sum(s for s, nxt in zip(secs, secs[1:] + [-1.0]) if nxt < s))
+
+def digits_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None) -> dict:
+    "Train (or resume) one digits run, measure it, record it in `results/digits_<method>.json`, keep only its last checkpoint."
+    name = f'digits_{method}'
+    try:
+        done = load_result(name, folder)['seeds'].get(str(seed))
+        if done is not None and not quick: return done
+    except FileNotFoundError: pass
+    out = Path(runs) / 'digits' / f'{method}_s{seed}{"_quick" if quick else ""}'
+    kw = dict(DIGITS_TRAIN, **(dict(steps=6, ckpt_every=3, global_batch=8) if quick else {}))
+    train(get_config('digits', out=str(out), seed=seed, **kw, **DIGITS_METHODS[method]), resume=True, progress=False)
+    t1 = time.time()
+    rec = dict(train_wall_s=train_seconds(out), **digits_measure(out, method, **(dict(n=40, euler=(1, 2), heun=(2,), mf_nfe=(1, 2)) if quick else {})))
+    rec['measure_wall_s'] = time.time() - t1
+    if not quick: _locked_update(name, method, seed, rec, folder)
+    for p in list_checkpoints(out)[:-1]: p.unlink()
+    return rec
+
+# %% ../nbs/16_study.ipynb #s16d0010
+@torch.no_grad()
+def digits_reference(folder=None, n: int = DIGITS_N, draws: int = 20) -> dict:
+    "The real-vs-real floor at the models' N, the reference's own numbers and the classifier's split, in `results/digits_reference.json`."
+    from meanflow_nb.eval import digits_real_fid, digits_fid, load_digits_classifier, classifier_accuracy, DIGITS_CLASSIFIER_PATH
+    from meanflow_nb.data import digits_dataset
+    from safetensors import safe_open
+    tr, te = digits_dataset('train'), digits_dataset('test')
+    with safe_open(str(DIGITS_CLASSIFIER_PATH), 'pt') as fh: meta = fh.metadata()
+    res = dict(name='digits_reference', ref='test', n_ref=len(te), n_train=len(tr), n=n,
+               real_vs_real=digits_real_fid(n, draws=draws).tolist(), train_all_vs_test=digits_fid(tr.tensors[0]),
+               classifier=dict(trained_on='train', test_accuracy=classifier_accuracy(load_digits_classifier(), *te.tensors),
+                               metadata=meta))
+    save_result('digits_reference', res, folder)
+    return res
+
+# %% ../nbs/16_study.ipynb #s16d0011
+def _digits_files(folder=None) -> tuple[dict, dict]:
+    "The per-method result files (seeds common to all of them) and the reference file."
+    runs = {m: load_result(f'digits_{m}', folder) for m in DIGITS_METHODS}
+    seeds = sorted(set.intersection(*(set(r['seeds']) for r in runs.values())), key=int)
+    check(len(seeds) > 0, 'the digits result files share no seed: run `mf-study digits`')
+    return {m: [r['seeds'][s] for s in seeds] for m, r in runs.items()}, dict(load_result('digits_reference', folder), seeds=seeds)
+
+def digits_summary(folder=None) -> dict:
+    "Intervals over seeds from the digits result files: every (method, sampler, NFE), paired differences, equivalent NFE, speed-up."
+    from meanflow_nb.core import equivalent_nfe_ci
+    R, ref = _digits_files(folder)
+    col = lambda m, key: np.array([r['final'][key] for r in R[m]])
+    rows = {('fm', 'euler', k): bootstrap_ci(col('fm', f'euler{k}')) for k in DIGITS_EULER}
+    rows.update({('fm', 'heun', k): bootstrap_ci(col('fm', f'heun{k}')) for k in DIGITS_HEUN})
+    rows.update({(m, 'native', k): bootstrap_ci(col(m, f'nfe{k}')) for m in ('mf', 'kim') for k in DIGITS_MF_NFE})
+    fm_euler = np.stack([col('fm', f'euler{k}') for k in DIGITS_EULER], 1)              # (seeds, NFEs)
+    curves = {m: np.array([r['curve']['fid1'] for r in R[m]]) for m in ('mf', 'kim')}
+    steps = R['mf'][0]['curve']['step']
+    return dict(seeds=ref['seeds'], rows=rows, steps=steps, curves=curves,
+                equiv_nfe={m: equivalent_nfe_ci(fm_euler, col(m, 'nfe1'), DIGITS_EULER) for m in ('mf', 'kim')},
+                kim_minus_mf={k: paired_diff_ci(col('kim', f'nfe{k}'), col('mf', f'nfe{k}')) for k in DIGITS_MF_NFE},
+                mf1_minus_fm={k: paired_diff_ci(col('mf', 'nfe1'), col('fm', f'euler{k}')) for k in DIGITS_EULER},
+                speedup=speedup_ci(curves['mf'], curves['kim'], steps),
+                speedup_self=speedup_ci(curves['mf'], curves['mf'], steps),
+                memorisation={m: {k: bootstrap_ci([r['memorisation'][k] for r in R[m]]) for k in ('ratio', 'frac_close')} for m in R},
+                floor=bootstrap_ci(ref['real_vs_real']), floor_range=(min(ref['real_vs_real']), max(ref['real_vs_real'])),
+                reference=ref)
+
+# %% ../nbs/16_study.ipynb #s16d0012
+def _fmt_equiv(d: dict) -> str:
+    f = lambda v: f'beyond {DIGITS_EULER[-1]}' if not math.isfinite(v) else f'{v:.1f}'
+    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
+
+@result_table('digits')
+def digits_table(folder=None) -> str:
+    "The README's digits block: digits-FID against NFE for every method, and the comparisons the text makes."
+    S = digits_summary(folder); n = len(S['seeds'])
+    lab = {'euler': 'Euler', 'heun': 'Heun', 'native': ''}
+    rows = [[f"{DIGITS_LABELS[m]}{', ' + lab[s] if lab[s] else ''}", k, S['rows'][(m, s, k)]] for (m, s, k) in S['rows']]
+    rows.append([f"real digits (1,000 train images, {len(S['reference']['real_vs_real'])} draws)", '', S['floor']])
+    eq, sp, d = S['equiv_nfe'], S['speedup'], S['kim_minus_mf']
+    mem = S['memorisation']
+    lines = [md_table(['method, sampler', 'NFE', f'digits-FID, mean [95 % CI over {n} seeds]'], rows), '',
+             f"- MeanFlow at 1 NFE equals flow matching (Euler) at **{_fmt_equiv(eq['mf'])} NFE**; Kim et al. at 1 NFE: "
+             f"{_fmt_equiv(eq['kim'])} NFE.",
+             "- Kim et al. minus MeanFlow, paired over seeds: " + ', '.join(
+                 f"{k} NFE {fmt_ci(d[k])} ({'excludes 0' if d[k]['separated'] else 'includes 0: no difference claimed'})" for k in d) + '.',
+             f"- Kim et al.'s speed-up (MeanFlow's {S['steps'][-1]} steps over the first checkpoint where Kim et al.'s seed-mean 1-NFE curve "
+             f"reaches MeanFlow's final level; grid of {S['steps'][1] - S['steps'][0]} steps): "
+             + (f"**{fmt_ci(sp, 2, 'x')}**." if sp['mean'] > 0 else f"**none**: the curve never reaches that level "
+                f"(it does in {100 * sp['reached']:.0f} % of the bootstrap resamples).") ,
+             f"- Memorisation (median nearest-training-image distance of samples over that of the test images; 1 = like fresh digits, "
+             f"0 = copies): " + ', '.join(f"{DIGITS_LABELS[m]} {fmt_ci(mem[m]['ratio'], 2)}" for m in mem) + '.']
+    return '\n'.join(lines) + '\n'
+
+# %% ../nbs/16_study.ipynb #s16d0013
+@figure('digits_nfe.png')
+def digits_nfe_figure(path=None, folder=None):
+    "digits-FID against NFE: flow matching (Euler, Heun) as curves, the one-step methods as points, with 95 % intervals."
+    import matplotlib, matplotlib.pyplot as plt
+    S = digits_summary(folder); R = S['rows']
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for (s, ks, mk) in (('euler', DIGITS_EULER, 'o'), ('heun', DIGITS_HEUN, 's')):
+        d = [R[('fm', s, k)] for k in ks]
+        l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, label=f'flow matching, {s.capitalize()}')
+        ax.fill_between(ks, [v['lo'] for v in d], [v['hi'] for v in d], color=l.get_color(), alpha=0.2)
+    for i, m in enumerate(('mf', 'kim')):
+        d = [R[(m, 'native', k)] for k in DIGITS_MF_NFE]; x = np.array(DIGITS_MF_NFE) * (1.06 if i else 0.94)
+        ax.errorbar(x, [v['mean'] for v in d], yerr=[[v['mean'] - v['lo'] for v in d], [v['hi'] - v['mean'] for v in d]],
+                    fmt='D', ms=5, capsize=3, color=f'C{i + 2}', label=DIGITS_LABELS[m])
+    f = S['floor']; ax.axhspan(*S['floor_range'], color='k', alpha=0.08)
+    ax.axhline(f['mean'], color='k', ls=':', lw=1, label='real digits, N = 1,000')
+    ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xticks(DIGITS_EULER, [str(k) for k in DIGITS_EULER])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel('network calls per sample (NFE)'); ax.set_ylabel('digits-FID vs test split')
+    ax.set_title(f"digits, {len(S['seeds'])} seeds, {S['steps'][-1]} steps at batch 32", fontsize=9); ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=90)
+    return fig
+
+@figure('digits_curves.png')
+def digits_curves_figure(path=None, folder=None):
+    "1-NFE digits-FID over training for MeanFlow and Kim et al.: seed mean and seed range, MeanFlow's final level."
+    import matplotlib, matplotlib.pyplot as plt
+    S = digits_summary(folder); steps = np.array(S['steps'])
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for i, m in enumerate(('mf', 'kim')):
+        c = S['curves'][m]
+        l, = ax.plot(steps, c.mean(0), marker='o', ms=3, color=f'C{i + 2}', label=f"{DIGITS_LABELS[m]} (mean of {len(c)} seeds)")
+        ax.fill_between(steps, c.min(0), c.max(0), color=l.get_color(), alpha=0.15)
+    ax.axhline(S['curves']['mf'].mean(0)[-1], color='k', lw=0.8, ls='--', label="MeanFlow's final level")
+    ax.set_yscale('log'); ax.set_xlabel('training step'); ax.set_ylabel('1-NFE digits-FID vs test split')
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    sp = S['speedup']
+    ax.set_title(f"speed-up of Kim et al.: {fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else 'none (never reaches it)'}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=90)
+    return fig
+
+# %% ../nbs/16_study.ipynb #s16d0014
+@study('digits', minutes=30)
+def study_digits(runs: Path = Path('runs/study'), quick: bool = False, folder=None) -> dict:
+    "Digits: fair flow matching against MeanFlow and Kim et al. (MinSNR + beta), digits-FID against NFE, 5 seeds."
+    seeds = DIGITS_SEEDS[:1] if quick else DIGITS_SEEDS
+    recs = {(m, s): digits_run(runs, m, s, quick, folder) for s in seeds for m in DIGITS_METHODS}
+    if not quick: digits_reference(folder)
+    return recs
 
 # %% ../nbs/16_study.ipynb #s16b0006
 #| eval: false

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #199e24f3
 from __future__ import annotations
-import os, sys, json, math, time, glob, copy, argparse, dataclasses, warnings, hashlib, numbers, socket
+import os, sys, json, math, time, glob, copy, argparse, dataclasses, warnings, hashlib, numbers, socket, signal, threading
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -16,16 +16,19 @@ from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, set_s
 try: import fcntl  # run-folder locks (POSIX)
 except ImportError: fcntl = None
 from . import dist
-from .loss import MeanFlowLoss, sample_meanflow
+from .loss import MeanFlowLoss, sample_meanflow, jvp_precision
+from .schedules import balanced_split
 
 # %% auto #0
-__all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'RESUME_MAY_CHANGE', 'RUN_FILES', 'METHOD_NAMES',
-           'TrainConfig', 'get_config', 'validate_config', 'build_model', 'build_loss', 'generate', 'ToyData',
-           'DatasetData', 'build_data', 'total_steps', 'RunError', 'train_step', 'state_digest', 'nonfinite_weights',
-           'save_checkpoint', 'load_checkpoint', 'list_checkpoints', 'prune_checkpoints', 'latest_checkpoint',
-           'ema_update_fn', 'release_run_folder', 'lock_run_folder', 'clear_run_folder', 'claim_run_folder',
-           'config_diff', 'check_resume', 'train', 'run_label', 'RunResult', 'finish_run', 'evaluate_toy',
-           'save_sample_grid', 'plot_log', 'evaluate_images', 'field_docs', 'train_parser', 'cli_train']
+__all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'RESUME_MAY_CHANGE', 'RUN_FILES', 'EXIT_PREEMPTED',
+           'ACT_COEF', 'METHOD_NAMES', 'TrainConfig', 'get_config', 'validate_config', 'build_model', 'build_loss',
+           'generate', 'ToyData', 'DatasetData', 'build_data', 'total_steps', 'RunError', 'sync_stats', 'train_step',
+           'state_digest', 'nonfinite_weights', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
+           'prune_checkpoints', 'latest_checkpoint', 'ema_update_fn', 'release_run_folder', 'lock_run_folder',
+           'clear_run_folder', 'claim_run_folder', 'config_diff', 'check_resume', 'train', 'Preempted', 'set_precision',
+           'resolve_micro_batch', 'compiled_step', 'activation_bytes', 'fixed_bytes', 'fit_micro_batch', 'run_label',
+           'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log', 'evaluate_images', 'field_docs',
+           'train_parser', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #05ebb6f1
 @dataclass
@@ -51,6 +54,16 @@ class TrainConfig:
     grad_clip: float = 0.0 # clip the global grad norm to this (0: off)
     bf16: bool = False # bf16 autocast for the forward passes (the JVP itself stays fp32)
     compile: bool = False # torch.compile the model
+    # --- speed and memory at scale (see "Paper scale: fast and fitting" below)
+    tf32: bool = True # on CUDA, TF32 tensor cores for fp32 matmuls and convolutions (False: exact fp32)
+    jvp_dtype: str = 'fp32' # precision of the JVP: 'fp32' (MF's official code) or 'bf16' (autocast inside the JVP too)
+    micro_batch: int = 0 # per-rank micro-batch; gradients accumulate before the one all-reduce (0: no split; 'auto': fit the free GPU memory)
+    grad_ckpt: bool = False # activation checkpointing of every DiT / iMF block, also inside the JVP
+    r_eq_t_split: str = 'random' # 'random': a Bernoulli r = t mask; 'balanced': the same r = t count on every rank (04_loss)
+    overlap_sync: bool = True # all-reduce gradients in buckets during backward (False: one flat all-reduce after it)
+    bucket_mb: float = 25.0 # gradient bucket size of the overlapped all-reduce, in MB
+    compile_step: bool = False # torch.compile the whole step (loss, JVP, backward) instead of only the model
+    ckpt_every_minutes: float = 0.0 # also checkpoint when this many minutes passed since the last one (0: off)
     # --- the loss (MF names)
     P_mean: float = -0.4 # logit-normal location of t and r
     P_std: float = 1.0 # logit-normal scale
@@ -93,7 +106,7 @@ class TrainConfig:
     seed: int = 0 # the whole run is a function of this seed
     out: str = 'runs/run' # run folder
     dist_timeout: float = 600.0 # seconds before a collective with a dead rank fails
-    grad_check_every: int = 100 # steps between cross-rank gradient checks (0: never)
+    param_check_every: int = 100 # steps between cross-rank parameter fingerprints (0: never; always after a resume)
     init_from: str = '' # start from the model weights of this checkpoint or run folder (fine-tuning; not a resume)
     preset: str = '' # the preset this config came from (informational)
 
@@ -102,7 +115,8 @@ IMAGENET_TRAIN = 1_281_167 # ImageNet-1k training images: epochs -> steps
 _IN256 = dict(data='latents', num_classes=1000, global_batch=256, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
               ema_decays=(0.9999,), ema_warmup=False, P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
               class_dropout=0.1, epochs=240, log_every=100, sample_every=10_000, ckpt_every=10_000, num_workers=8,
-              eval_samples=50_000, data_kwargs={'normalization': 'mf'})
+              eval_samples=50_000, data_kwargs={'normalization': 'mf'},
+              bf16=True, r_eq_t_split='balanced', micro_batch='auto', ckpt_every_minutes=30.0)  # fast and fitting: see 08_train
 PRESETS: dict[str, dict] = {
     # MF on the 2-D checkerboard with a small MLP: the README's first command, <= 3 minutes on 2 cores
     # (uniform times: on this toy they beat the ImageNet logit-normal for both MF and FM, SWD 0.18 vs 0.21 at 2k steps)
@@ -174,8 +188,13 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
     check(len(cfg.gap_range) == 0 or (len(cfg.gap_range) == 2 and 0 <= cfg.gap_range[0] <= cfg.gap_range[1] <= 1),
           f'gap_range must be empty or (lo, hi) with 0 <= lo <= hi <= 1, got {cfg.gap_range}')
     check(not cfg.gap_range or cfg.method == 'kim', "gap_range is a Kim et al. study protocol: use it with --method kim")
-    for n in ('log_every', 'ckpt_every', 'keep_ckpts', 'sample_every', 'grad_check_every', 'warmup_steps', 'num_workers'):
+    for n in ('log_every', 'ckpt_every', 'keep_ckpts', 'sample_every', 'param_check_every', 'warmup_steps', 'num_workers'):
         check(getattr(cfg, n) >= 0, f'{n} must be non-negative, got {getattr(cfg, n)}')
+    check(cfg.jvp_dtype in ('fp32', 'bf16'), f"jvp_dtype must be 'fp32' or 'bf16', got {cfg.jvp_dtype!r}")
+    check(cfg.r_eq_t_split in ('random', 'balanced'), f"r_eq_t_split must be 'random' or 'balanced', got {cfg.r_eq_t_split!r}")
+    check(cfg.micro_batch == 'auto' or (isinstance(cfg.micro_batch, int) and cfg.micro_batch >= 0),
+          f"micro_batch must be a non-negative integer or 'auto', got {cfg.micro_batch!r}")
+    check(cfg.ckpt_every_minutes >= 0 and cfg.bucket_mb > 0, f'need ckpt_every_minutes >= 0 and bucket_mb > 0, got {cfg.ckpt_every_minutes}, {cfg.bucket_mb}')
     if cfg.data in _FILE_DATA: check(bool(cfg.data_path), f"data {cfg.data!r} needs --data_path (the folder it lives in)")
     if cfg.data_path: check(os.path.exists(cfg.data_path), f'data path {cfg.data_path!r} does not exist')
     if cfg.init_from: check(os.path.exists(cfg.init_from), f'init_from {cfg.init_from!r} does not exist')
@@ -318,24 +337,59 @@ def total_steps(cfg: TrainConfig, data) -> int:
 
 # %% ../nbs/08_train.ipynb #ca0c369d
 class RunError(RuntimeError):
-    "A training run that cannot continue (non-finite loss, no usable checkpoint)."
+    "A training run that cannot continue (non-finite loss, no usable checkpoint, ranks that disagree)."
+
+def _chunks(n: int, micro: int) -> list:
+    "Row ranges `(a, b)` of the micro-batches of a batch of `n` (one range when `micro` is 0 or >= n)."
+    return [(a, min(a + micro, n)) for a in range(0, n, micro)] if 0 < micro < n else [(0, n)]
+
+def _combine(parts: list, ns: list, masked: bool) -> dict:
+    "Micro-batch loss parts -> the parts of the whole batch (`loss_u`/`loss_v` weighted by their sample counts when `masked`)."
+    n = torch.tensor(ns, dtype=torch.float32, device=parts[0]['loss'].device)
+    fu = torch.stack([p['frac_u'].float() for p in parts]) * n if 'frac_u' in parts[0] else n
+    out = {}
+    for k in parts[0]:
+        w = (fu if k == 'loss_u' else n - fu) if masked and k in ('loss_u', 'loss_v') else n
+        out[k] = (torch.stack([p[k].float() for p in parts]) * w).sum() / w.sum().clamp(min=1e-12)
+    return out
+
+def sync_stats(stats: dict, step: int) -> dict:
+    "All-reduce the loss parts over ranks and bring them to the host (one sync); non-finite loss -> `RunError`."
+    vals = dist.all_reduce_mean(torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in stats.values()]))
+    out = dict(zip(stats.keys(), vals.tolist()))
+    if not math.isfinite(out['loss']): raise RunError(f'non-finite loss ({out["loss"]}) at step {step}; nothing was saved for this step')
+    return out
 
 def train_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, x, y, drawn: dict, step: int = 0, total: int = 1,
                grad_clip: float = 0.0, # clip the global gradient norm (0: off)
-               bf16: bool = False, # bf16 autocast around the loss (its JVP runs in fp32)
-               check_grads: bool = False, # compare gradients across ranks after the sync
+               bf16: bool = False, # bf16 autocast around the loss (its JVP runs in `jvp_dtype`)
+               micro_batch: int = 0, # split the batch into micro-batches of this size (0: no split)
+               jvp_dtype: str = 'fp32', # 'fp32' or 'bf16' (see `jvp_precision`)
+               grad_sync: dist.GradSync | None = None, # overlapped all-reduce (None: one flat all-reduce after backward)
+               sync: bool = True, # all-reduce the stats, check them, return floats (False: this rank's tensors, no host sync)
+               step_fn=None, # optional compiled `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` (see `compile_step`)
               ) -> dict:
-    "One optimiser step; returns the loss parts as floats (averaged over ranks)."
+    "One optimiser step over micro-batches; with `sync`, the rank-averaged loss parts as floats (a NaN stops before `opt.step`)."
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = loss_fn(model, x, y, step=step, total=total, **drawn)
-    stats = dist.all_reduce_mean(torch.stack([v.detach().float() for v in out.values()]))
-    stats = dict(zip(out.keys(), stats.tolist()))
-    if not math.isfinite(stats['loss']): raise RunError(f'non-finite loss ({stats["loss"]}) at step {step}; nothing was saved for this step')
-    out['loss'].backward()
-    dist.sync_gradients(model)
-    if check_grads and not dist.grads_agree(model): raise RunError(f'gradients differ across ranks at step {step}')
-    if grad_clip > 0: stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    n = x.shape[0]; chunks = _chunks(n, micro_batch); parts = []
+    for i, (a, b) in enumerate(chunks):
+        if grad_sync is not None: grad_sync.enabled = i == len(chunks) - 1      # the gradients travel once, after the last
+        cut = lambda v: v[a:b] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v
+        xb, yb, db = x[a:b], (None if y is None else y[a:b]), {k: cut(v) for k, v in drawn.items()}
+        scale = (b - a) / n if len(chunks) > 1 else 1.0                         # sum of the micro-batch means = the batch mean
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16), jvp_precision(jvp_dtype):
+            if step_fn is not None: out = step_fn(model, loss_fn, xb, yb, db, step, total, scale)
+            else:
+                out = loss_fn(model, xb, yb, step=step, total=total, **db)
+                (out['loss'] * scale if scale != 1.0 else out['loss']).backward()
+        parts.append({k: v.detach() for k, v in out.items()})
+    stats = parts[0] if len(parts) == 1 else _combine(parts, [b - a for a, b in chunks], isinstance(loss_fn, MeanFlowLoss))
+    if grad_sync is not None: grad_sync.finish()
+    else: dist.sync_gradients(model)
+    if sync: stats = sync_stats(stats, step)                                   # raises before the weights change
+    if grad_clip > 0:
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        stats['grad_norm'] = float(gn) if sync else gn
     opt.step()
     return stats
 
@@ -436,7 +490,7 @@ def _state(cfg, step, model, emas, opt, loss_fn=None) -> dict:
 RESUME_MAY_CHANGE = ( # config fields that may differ between a checkpoint and the run that resumes it
     'steps', 'epochs', # extend the run (never below the checkpoint's step)
     'log_every', 'sample_every', 'ckpt_every', 'keep_ckpts', 'eval_samples', 'baseline_fm', # bookkeeping and evaluation
-    'num_workers', 'dist_timeout', 'grad_check_every', 'compile', 'bf16', # how it runs, not what it computes
+    'num_workers', 'dist_timeout', 'compile', 'bf16', # how it runs, not what it computes
     'tf32', 'jvp_dtype', 'micro_batch', 'grad_ckpt', 'overlap_sync', 'bucket_mb', 'compile_step', # (the GPU path's knobs)
     'ckpt_every_minutes', 'param_check_every',
     'out', 'data_path', 'init_from', 'preset', # where things are (moved data, a renamed folder); init_from is moot on resume
@@ -524,12 +578,13 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
           progress: bool = True, # show a progress bar on rank 0
           quiet: bool = False, # no "resumed from step" line (a notebook that re-reads finished runs)
          ) -> dict:
-    "Train `cfg` (in a notebook, one process or under torchrun) and return the final metrics."
+    "Train `cfg` (in a notebook, one process, under torchrun or srun) and return the final metrics."
     device = dist.init_distributed(timeout_s=cfg.dist_timeout)
     rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main()
     validate_config(cfg, world)
     out = Path(cfg.out)
     claim_run_folder(out, resume, overwrite)  # rank 0 locks it; refusals reach every rank
+    set_precision(cfg.tf32, device)
     data = build_data(cfg)
     total = total_steps(cfg, data)
     set_seed(cfg.seed)  # identical init on every rank; broadcast makes sure
@@ -537,38 +592,199 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     if cfg.init_from: model.load_state_dict(_init_weights(cfg.init_from))
     dist.broadcast_params(model)
     emas = [AveragedModel(model, multi_avg_fn=ema_update_fn(d, cfg.ema_warmup)) for d in cfg.ema_decays]
+    if cfg.grad_ckpt:
+        from meanflow_nb.models import set_grad_ckpt
+        set_grad_ckpt(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     loss_fn = build_loss(cfg)
     start = _maybe_resume(out, model, emas, opt, loss_fn, cfg, total, verbose=not quiet) if resume else 0
+    if resume and world > 1: _check_params(model, start, 'after the resume')  # every rank loaded the same weights
+    micro = resolve_micro_batch(cfg, model, device, world)
     fwd = torch.compile(model) if cfg.compile else model
+    step_fn = compiled_step() if cfg.compile_step else None
+    gsync = dist.GradSync(model, cfg.bucket_mb) if cfg.overlap_sync and world > 1 else None
     if main: (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
-    stats, t0 = {}, time.perf_counter()
     batches = data.batches(start, cfg.global_batch, rank, world, cfg.seed, device)
     bar = _progress(range(start, total), main and progress, run_label(cfg))
-    with open(out / 'log.jsonl', 'a') if main else open(os.devnull, 'w') as log:
-        for step in bar:
-            x, y = next(batches)
-            g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, 2))
-            drawn = {k: v[rank::world] for k, v in loss_fn.draw(cfg.global_batch, x.shape[1:], g, device, step, total).items()}
-            for grp in opt.param_groups: grp['lr'] = _lr_at(cfg, step)
-            chk = bool(world > 1 and cfg.grad_check_every and step % cfg.grad_check_every == 0)
-            stats = train_step(fwd, loss_fn, opt, x, y, drawn, step, total, cfg.grad_clip, cfg.bf16, chk)
-            if hasattr(loss_fn, 'observe'): loss_fn.observe(stats, step, total)  # e.g. DTD's curriculum (same on all ranks)
-            for e in emas: e.update_parameters(model)
-            done = step + 1
-            if main and (done % max(cfg.log_every, 1) == 0 or done == total):
-                log.write(json.dumps(dict(step=done, lr=_lr_at(cfg, step), sec=round(time.perf_counter() - t0, 3), **stats)) + '\n'); log.flush()
-                if hasattr(bar, 'set_postfix'): bar.set_postfix(loss=f"{stats['loss']:.4g}", loss_u=f"{stats['loss_u']:.3g}", loss_v=f"{stats['loss_v']:.3g}")
-            if main and cfg.sample_every and done % cfg.sample_every == 0 and len(data.shape) == 3:
-                save_sample_grid(cfg, emas[0].module, data.shape, out / 'samples' / f'step_{done:08d}.png', device)
-            if done % max(cfg.ckpt_every, 1) == 0 or done == total:
-                if main:
-                    save_checkpoint(out / f'ckpt_{done:08d}.pt', _state(cfg, done, model, emas, opt, loss_fn))
-                    prune_checkpoints(out, cfg.keep_ckpts)
-                dist.barrier()
+    split = world if cfg.r_eq_t_split == 'balanced' else 0
+    bad = torch.full((), -1, dtype=torch.long, device=device)                 # first step with a non-finite loss (-1: none)
+    meter, t0, last_ckpt = _Meter(device), time.perf_counter(), time.monotonic()
+    with _StopSignals() as stop, (open(out / 'log.jsonl', 'a') if main else open(os.devnull, 'w')) as log:
+        try:
+            for step in bar:
+                done = step + 1
+                log_now = done % max(cfg.log_every, 1) == 0 or done == total
+                ckpt_now = done % max(cfg.ckpt_every, 1) == 0 or done == total
+                check_now = world > 1 and cfg.param_check_every > 0 and done % cfg.param_check_every == 0
+                sync_now = log_now or ckpt_now or check_now or hasattr(loss_fn, 'observe')  # the only host syncs
+                with meter.data(): x, y = next(batches)
+                g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, 2))
+                with balanced_split(split):
+                    drawn = {k: v[rank::world] for k, v in loss_fn.draw(cfg.global_batch, x.shape[1:], g, device, step, total).items()}
+                for grp in opt.param_groups: grp['lr'] = _lr_at(cfg, step)
+                try:
+                    stats = train_step(fwd, loss_fn, opt, x, y, drawn, step, total, cfg.grad_clip, cfg.bf16, micro,
+                                       cfg.jvp_dtype, gsync, sync=sync_now, step_fn=step_fn)
+                except RunError:
+                    _raise_if_bad(bad); raise                                  # an earlier silent step went first
+                if not sync_now: bad = torch.where((bad < 0) & ~torch.isfinite(stats['loss']), step, bad)
+                if hasattr(loss_fn, 'observe'): loss_fn.observe(stats, step, total)  # e.g. DTD's curriculum (same on all ranks)
+                for e in emas: e.update_parameters(model)
+                meter.step()
+                timed = main and cfg.ckpt_every_minutes > 0 and time.monotonic() - last_ckpt >= 60 * cfg.ckpt_every_minutes
+                preempt, timed = dist.any_rank(stop.flag, timed) if (world > 1 or stop.flag or timed) else (False, False)
+                if sync_now or preempt or timed: _raise_if_bad(bad)
+                if check_now: _check_params(model, done)
+                if main and log_now:
+                    row = dict(step=done, lr=_lr_at(cfg, step), sec=round(time.perf_counter() - t0, 3), **stats, **meter.read(cfg.global_batch))
+                    log.write(json.dumps(row) + '\n'); log.flush()
+                    if hasattr(bar, 'set_postfix'): bar.set_postfix(loss=f"{stats['loss']:.4g}", loss_u=f"{stats['loss_u']:.3g}",
+                                                                   loss_v=f"{stats['loss_v']:.3g}", img_s=f"{row['img_per_s']:.0f}")
+                elif log_now: meter.read(cfg.global_batch)
+                if main and cfg.sample_every and done % cfg.sample_every == 0 and len(data.shape) == 3:
+                    save_sample_grid(cfg, emas[0].module, data.shape, out / 'samples' / f'step_{done:08d}.png', device)
+                if ckpt_now or preempt or timed:
+                    if main:
+                        save_checkpoint(out / f'ckpt_{done:08d}.pt', _state(cfg, done, model, emas, opt, loss_fn))
+                        prune_checkpoints(out, cfg.keep_ckpts)
+                    dist.barrier(); last_ckpt = time.monotonic()
+                if preempt and done < total: raise Preempted(done, out)
+        finally:
+            if gsync is not None: gsync.remove()
     res = finish_run(cfg, model, emas, data, device, total, resume, progress, quiet)
     if main: release_run_folder(out)
     return res
+
+# %% ../nbs/08_train.ipynb #e8a0c001
+EXIT_PREEMPTED = 75 # exit code of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: retry)
+
+class Preempted(RuntimeError):
+    "Raised by `train` after a SIGTERM / SIGUSR1: the current step finished and its checkpoint is on disk."
+    def __init__(self, step: int, out):
+        super().__init__(f'preempted: stopped after step {step} with a checkpoint in {out}; rerun with --resume')
+        self.step = step
+
+class _StopSignals:
+    "Context: SIGTERM and SIGUSR1 set `flag` instead of killing the process (main thread only); old handlers restored."
+    SIGNALS = ('SIGTERM', 'SIGUSR1')
+    def __enter__(self):
+        self.flag, self.old = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                s = getattr(signal, name, None)
+                if s is not None: self.old[s] = signal.signal(s, self._set)
+        return self
+    def _set(self, signum, frame): self.flag = True
+    def __exit__(self, *exc):
+        for s, h in self.old.items(): signal.signal(s, h)
+
+def _raise_if_bad(bad: torch.Tensor):
+    "Raise `RunError` if any rank saw a non-finite loss at a step that was not synced (a max all-reduce of the step)."
+    b = bad.clone()
+    if dist.is_dist(): torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MAX)
+    if int(b) >= 0: raise RunError(f'non-finite loss at step {int(b)}; no checkpoint was written after it')
+
+def _check_params(model: nn.Module, step: int, when: str = ''):
+    "Raise `RunError` when a rank's parameters differ from rank 0's (see `dist.params_agree`)."
+    off = dist.params_agree(model)
+    if off: raise RunError(f'parameters differ across ranks at step {step} {when}: rank(s) {off} disagree with rank 0'.replace('  ', ' '))
+
+class _Meter:
+    "Throughput between log steps: images/s, step time, data-wait time, and the peak CUDA memory."
+    def __init__(self, device):
+        self.device, self.t, self.n, self.wait = device, time.perf_counter(), 0, 0.0
+    def data(self):
+        meter = self
+        class _W:
+            def __enter__(s): s.t = time.perf_counter()
+            def __exit__(s, *e): meter.wait += time.perf_counter() - s.t
+        return _W()
+    def step(self): self.n += 1
+    def read(self, global_batch: int) -> dict:
+        now = time.perf_counter(); dt, n = now - self.t, max(self.n, 1)
+        r = dict(img_per_s=round(global_batch * n / dt, 2), step_ms=round(1e3 * dt / n, 2), data_ms=round(1e3 * self.wait / n, 3))
+        if self.device.type == 'cuda':
+            r['peak_mem_gb'] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t, self.n, self.wait = now, 0, 0.0
+        return r
+
+# %% ../nbs/08_train.ipynb #e8a0c002
+def set_precision(tf32: bool, device) -> dict:
+    "On CUDA, TF32 tensor cores for fp32 matmuls and cuDNN convolutions on (`tf32`) or off; returns the settings in force."
+    if torch.device(device).type == 'cuda':
+        mode = 'tf32' if tf32 else 'ieee'
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    return dict(matmul=torch.backends.cuda.matmul.fp32_precision, conv=torch.backends.cudnn.conv.fp32_precision)
+
+def resolve_micro_batch(cfg: TrainConfig, model: nn.Module, device, world: int) -> int:
+    "The micro-batch of `cfg`: an integer as given, or for 'auto' the planner's fit to the free GPU memory (0 on CPU)."
+    if cfg.micro_batch != 'auto': return int(cfg.micro_batch)
+    if torch.device(device).type != 'cuda': return 0                          # CPU memory is not the limit: no split
+    free, _ = torch.cuda.mem_get_info(device)
+    m = fit_micro_batch(cfg, model, free / 2 ** 30, cfg.global_batch // world)
+    if dist.is_main(): print(f'micro_batch auto: {m} of {cfg.global_batch // world} per rank ({free / 2 ** 30:.1f} GB free)', file=sys.stderr)
+    return m
+
+def compiled_step(backend: str = 'inductor', # 'aot_eager' traces the same graphs without generating kernels (fast tests)
+                 ):
+    "A `torch.compile`d `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` doing loss, JVP and backward."
+    def step(model, loss_fn, x, y, drawn, step, total, scale):
+        out = loss_fn(model, x, y, step=step, total=total, **drawn)
+        (out['loss'] * scale).backward()
+        return {k: v.detach() for k, v in out.items()}
+    return torch.compile(step, backend=backend)
+
+# %% ../nbs/08_train.ipynb #e8a0c005
+# the memory model of a training step, used by micro_batch='auto' and by `mf-bench plan` (calibrated in 12_bench)
+def _arch(model) -> dict:
+    "Shape facts of a DiT / iMF network: blocks run per sample, tokens, width, heads, family."
+    from meanflow_nb.models import iMFDiT
+    imf = isinstance(model, iMFDiT)
+    blocks = list(model.blocks) + (list(model.u_blocks) + list(model.v_blocks or []) if imf else [])
+    T = model.x_embedder.num_patches + (sum(model.tokens) if imf else 0)
+    D = model.x_embedder.proj.out_channels
+    return dict(family='imf' if imf else 'dit', depth=len(blocks), T=T, D=D, H=blocks[0].attn.num_heads,
+                params=sum(p.numel() for p in model.parameters()))
+
+# activation bytes per sample = depth * (a * T * D + b * H * T^2) * 4, fitted to CPU peak memory (see below)
+ACT_COEF = {('dit', 'fm', 'fp32'): (15.65, 0.82), ('dit', 'jvp', 'fp32'): (51.25, 5.89), ('imf', 'jvp', 'fp32'): (72.04, 6.34),
+            ('dit', 'fm', 'bf16'): (15.65, 0.82), # the bf16 plain-sample fit (4.88, 1.23) is noise: the fp32 fit bounds it
+            ('dit', 'jvp', 'bf16'): (49.09, 6.15), ('imf', 'jvp', 'bf16'): (72.49, 6.3)}
+
+def activation_bytes(arch: dict, kind: str = 'jvp', # 'fm' (r = t sample) or 'jvp' (r < t sample; iMF: every sample)
+                     bf16: bool = False, grad_ckpt: bool = False, coef: dict | None = None) -> float:
+    "Predicted activation memory of one training sample (bytes)."
+    fam, kind = arch['family'], ('jvp' if arch['family'] == 'imf' else kind)
+    a, b = (coef or ACT_COEF)[(fam, kind, 'bf16' if bf16 else 'fp32')]
+    per_block = (a * arch['T'] * arch['D'] + b * arch['H'] * arch['T'] ** 2) * 4
+    if grad_ckpt: return arch['depth'] * arch['T'] * arch['D'] * 4 * (2 if kind == 'jvp' else 1) + per_block
+    return arch['depth'] * per_block
+
+def fixed_bytes(params: int, n_ema: int = 1) -> dict:
+    "Per-GPU bytes that do not scale with the batch: fp32 weights, gradients, AdamW's two moments, EMA copies."
+    return dict(weights=4 * params, grads=4 * params, adamw=8 * params, ema=4 * params * n_ema)
+
+def _mix_bytes(cfg, arch) -> float:
+    "Activation bytes of an average sample of `cfg` (its share of r = t samples)."
+    fm = activation_bytes(arch, 'fm', cfg.bf16, cfg.grad_ckpt)
+    jvp = activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
+    rho = 1.0 if cfg.method == 'fm' else cfg.ratio_r_eq_t
+    return jvp if arch['family'] == 'imf' else rho * fm + (1 - rho) * jvp
+
+def _fit(budget_bytes: float, per_sample: float, per_rank: int) -> int:
+    "Largest divisor of `per_rank` whose activations fit in `budget_bytes` (0 if none does)."
+    fits = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and m * per_sample <= budget_bytes]
+    return max(fits) if fits else 0
+
+def fit_micro_batch(cfg, model, free_gb: float, per_rank: int) -> int:
+    "The trainer's `micro_batch='auto'`: weights already on the GPU, `free_gb` free; 0 when the whole batch fits."
+    arch = _arch(model)
+    budget = free_gb * 2 ** 30 * 0.9 - 2 * 2 ** 30 - 12 * arch['params']       # grads + AdamW still to come
+    m = _fit(budget, _mix_bytes(cfg, arch), per_rank)
+    check(m >= 1, f'not even one sample per micro-batch fits in {free_gb:.1f} GB free; try --grad_ckpt true')
+    return 0 if m == per_rank else m
 
 # %% ../nbs/08_train.ipynb #39011b4e
 def _init_weights(path: str) -> dict:
@@ -763,6 +979,13 @@ def field_docs(cls=TrainConfig) -> dict:
         src = inspect.getsource(getattr(exported, cls.__name__))
     return {m.group(1): m.group(2).strip() for m in re.finditer(r'^\s+(\w+)\s*:[^#\n]*#\s*(.+)$', src, re.M)}
 
+def _int_or_auto(s: str):
+    if s == 'auto': return s
+    try: return int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {s!r}") from None
+
+_FLAG_TYPES = {'micro_batch': _int_or_auto} # fields whose flag is not parsed by the type of their default
+
 def train_parser(preset: str | None = None, # show this preset's values as the defaults
                 ) -> argparse.ArgumentParser:
     "The `mf-train` parser: `--preset`, `--resume`, `--no-progress` and one flag per `TrainConfig` field, described by the field's comment."
@@ -777,7 +1000,7 @@ def train_parser(preset: str | None = None, # show this preset's values as the d
         if f.name == 'preset': continue
         d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help = f"{docs.get(f.name, '')} (default: {_flag_str(getattr(shown, f.name))})"
-        p.add_argument(f'--{f.name}', type=_flag_type(d), default=None, metavar=_METAVARS.get(type(d), type(d).__name__.upper()),
+        p.add_argument(f'--{f.name}', type=_FLAG_TYPES.get(f.name, _flag_type(d)), default=None, metavar=_METAVARS.get(type(d), type(d).__name__.upper()),
                        help=help.replace('%', '%%'))
     return p
 
@@ -805,6 +1028,8 @@ def cli_train(argv: list[str] | None = None):
         res = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
         if dist.is_main(): print(json.dumps({'out': str(res.out), **res.metrics}, indent=1))
         if dist.is_main(): print(_outputs(res.out), file=sys.stderr)
+    except Preempted as ex:
+        print(str(ex), file=sys.stderr); sys.exit(EXIT_PREEMPTED)
     except RunError as ex:
         print(f'error: {ex}', file=sys.stderr); sys.exit(1)
     finally: dist.cleanup_distributed()

@@ -41,3 +41,18 @@ def test_bad_part_exits_2():
     from meanflow_nb.bench import cli_bench
     with pytest.raises(SystemExit) as ex: cli_bench(['warp', '--tiny'])
     assert ex.value.code == 2
+
+
+def test_plan_cli(capsys):
+    "mf-bench plan: memory per GPU, the micro-batch that fits and GPU-hours; consistent with plan(); bad input exits 2."
+    from meanflow_nb.bench import cli_bench, plan
+    r = cli_bench(['plan', '--preset', 'in256-mf-XL2', '--gpus', '8', '--gpu-mem-gb', '80'])
+    out = capsys.readouterr().out
+    assert 'DiT-XL/2' in out and 'GPU-hours' in out and 'AdamW' in out
+    assert r == plan('in256-mf-XL2', 8, 80)
+    assert 1 <= r['micro_batch'] <= r['per_gpu_batch'] == 32 and r['peak_gb'] <= 80
+    small = plan('in256-mf-XL2', 8, 40)
+    assert small['micro_batch'] < r['micro_batch']                            # less memory, smaller micro-batch
+    assert plan('in256-mf-XL2', 8, 40, grad_ckpt=True)['micro_batch'] > small['micro_batch']
+    with pytest.raises(SystemExit) as ex: cli_bench(['plan', '--preset', 'nope'])
+    assert ex.value.code == 2

@@ -188,3 +188,17 @@ def test_imf_guidance_at_sampling_time(tmp_path):
     meta = json.loads((tmp_path / 'b' / 'meta.json').read_text())
     assert meta['method'] == 'imf' and (meta['eval_omega'], meta['eval_t_min'], meta['eval_t_max']) == (6.0, 0.3, 0.9)
     assert samples(tmp_path / 'b')[0].shape == (20, 8, 8, 1)
+
+
+def test_memorisation_check_flags_copies_not_fresh_digits():
+    "Copies of training digits are flagged (ratio near 0, all close); held-out digits look like fresh ones (ratio 1)."
+    from meanflow_nb.eval import memorisation_check, nn_distances
+    from meanflow_nb.data import digits_dataset
+    tr, te = digits_dataset('train').tensors[0], digits_dataset('test').tensors[0]
+    a, b = tr[:700], tr[700:]                         # "train" = first half; the second half are fresh real digits
+    fresh = memorisation_check(b[:300], train=a, test=te)
+    copies = memorisation_check(a[:300] + 0.02, train=a, test=te)
+    assert 0.8 < fresh['ratio'] < 1.25 and fresh['frac_close'] < 0.2, fresh
+    assert copies['ratio'] < 0.1 and copies['frac_close'] == 1.0, copies
+    d = nn_distances(te[:3], te[:3])                  # every image is its own nearest neighbour
+    assert np.allclose(d, 0)

@@ -32,7 +32,7 @@ def final(out):
 
 def test_imf_two_gloo_ranks_match_one_rank(tmp_path):
     "All randomness of an iMF step is in draw(): 2 ranks x 32 rows train the weights of 1 rank x 64 rows."
-    common = TOY + ['--steps', '4', '--global_batch', '64', '--ckpt_every', '4', '--grad_check_every', '2']
+    common = TOY + ['--steps', '4', '--global_batch', '64', '--ckpt_every', '4', '--param_check_every', '2']
     r2 = run(train_cmd(*common, '--out', str(tmp_path / 'two'), nproc=2))
     assert r2.returncode == 0, r2.stderr[-2000:]
     m = json.loads((tmp_path / 'two' / 'metrics.json').read_text())

@@ -24,7 +24,7 @@ def torchrun(n, *args):
 
 def test_two_gloo_ranks_match_one_rank(tmp_path):
     "2 ranks x 32 samples must train the same weights as 1 rank x 64 samples (manual gradient all-reduce)."
-    common = TOY + ['--steps', '12', '--global_batch', '64', '--ckpt_every', '12', '--grad_check_every', '4']
+    common = TOY + ['--steps', '12', '--global_batch', '64', '--ckpt_every', '12', '--param_check_every', '4']
     r1 = run([sys.executable, '-m', 'meanflow_nb.train', *common, '--out', str(tmp_path / 'one')])
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = run(torchrun(2, *common, '--out', str(tmp_path / 'two')))
