@@ -989,7 +989,9 @@ _FLAG_TYPES = {'micro_batch': _int_or_auto} # fields whose flag is not parsed by
 def train_parser(preset: str | None = None, # show this preset's values as the defaults
                 ) -> argparse.ArgumentParser:
     "The `mf-train` parser: `--preset`, `--resume`, `--no-progress` and one flag per `TrainConfig` field, described by the field's comment."
-    shown, docs = get_config(preset) if preset else TrainConfig(), field_docs()
+    if preset: check(preset in PRESETS, f'unknown preset {preset!r}; valid presets: {", ".join(PRESETS)}')
+    # the preset's values unvalidated: a preset may still need a flag (the in256-* presets need --data_path)
+    shown, docs = TrainConfig(**PRESETS[preset]) if preset else TrainConfig(), field_docs()
     p = CLIParser(prog='mf-train', formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_SYNTAX,
                                 description='Train flow matching, MeanFlow, Kim et al. or iMF: a preset fills every field, flags override it.')
     p.add_argument('--preset', default=None, help=f'one of: {", ".join(PRESETS)}' + (f' (now: {preset})' if preset else ''))
