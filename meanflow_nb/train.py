@@ -1017,7 +1017,7 @@ def _preset_of(argv) -> str | None:
 
 def _outputs(out: Path) -> str:
     "One line naming a run folder and what is in it."
-    names = sorted(p.name + ('/' if p.is_dir() else '') for p in Path(out).iterdir()) if Path(out).is_dir() else []
+    names = sorted(p.name + ('/' if p.is_dir() else '') for p in Path(out).iterdir() if not p.name.startswith('.')) if Path(out).is_dir() else []  # not the .lock
     return f"outputs in {out}/: {', '.join(names)}"
 
 @cli_errors
