@@ -16,12 +16,14 @@ from .kim import STUDY_FIELDS, MixtureProbe, probe_errors
 
 # %% auto #0
 __all__ = ['STUDIES', 'FIGURES', 'DOCS', 'TOY_SEEDS', 'TOY_VAL_SEED', 'TOY_NFES', 'TOY_FM', 'TOY_FM_SWEEP', 'TOY_ONE_STEP',
-           'TOY_ENERGY_N', 'DIGITS_SEEDS', 'DIGITS_TRAIN', 'DIGITS_N', 'DIGITS_CURVE_SEED', 'DIGITS_FINAL_SEED',
-           'DIGITS_METHODS', 'DIGITS_LABELS', 'DIGITS_EULER', 'DIGITS_HEUN', 'DIGITS_MF_NFE', 'study_config',
-           'checkpoint_curve', 'study', 'figure', 'repo_root', 'render_readme', 'render_figures', 'study_parser',
-           'cli_study', 'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary', 'toy_table', 'plot_toy_quality',
-           'digits_measure', 'train_seconds', 'digits_run', 'digits_reference', 'digits_summary', 'digits_table',
-           'digits_nfe_figure', 'digits_curves_figure', 'study_digits']
+           'TOY_ENERGY_N', 'DIGITS_SEEDS', 'DIGITS_VAL_SEED', 'DIGITS_TRAIN', 'DIGITS_N', 'DIGITS_CURVE_SEED',
+           'DIGITS_FINAL_SEED', 'DIGITS_FM', 'DIGITS_FM_SWEEP', 'DIGITS_METHODS', 'DIGITS_LABELS', 'DIGITS_ONE_STEP',
+           'DIGITS_EULER', 'DIGITS_HEUN', 'DIGITS_MF_NFE', 'DIGITS_IMF_OMEGAS', 'study_config', 'checkpoint_curve',
+           'study', 'figure', 'repo_root', 'render_readme', 'render_figures', 'study_parser', 'cli_study',
+           'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary', 'toy_table', 'plot_toy_quality', 'toy_findings',
+           'digits_measure', 'train_seconds', 'digits_fm_settings', 'digits_run', 'digits_reference', 'digits_summary',
+           'digits_table', 'digits_nfe_figure', 'digits_curves_figure', 'digits_findings', 'study_digits',
+           'study_main_job', 'main_job_text', 'study_bench', 'bench_text', 'digits_fid_text', 'plan_block']
 
 # %% ../nbs/16_study.ipynb #s16a0007
 def study_config(preset: str | None = None, **kw):
@@ -206,23 +208,42 @@ def _fm_score(rec: dict) -> float:
     return float(np.mean(rec['euler']['swd']))
 
 # %% ../nbs/16_study.ipynb #s16a0016
+def _canon(d: dict) -> str: return json.dumps(d, sort_keys=True)
+
+def _toy_previous(folder, seeds: tuple, n: int) -> dict:
+    "The runs of an existing `toy_fm_vs_mf` result, as `_toy_run` records keyed by (kind, name, settings), when seeds and size match."
+    try: res = load_result('toy_fm_vs_mf', folder)
+    except FileNotFoundError: return {}
+    if tuple(res['seeds']) != tuple(seeds) or res['eval_samples'] != n: return {}
+    out = {('sweep', k, _canon(r['settings'])): dict(settings=r['settings'], train_sec=r['train_sec'],
+                                                     euler=dict(nfe=r['nfe'], swd=r['swd'])) for k, r in res['sweep'].items()}
+    for m, d in res['methods'].items():
+        out[('method', m, _canon(d['settings']))] = [
+            dict(name=m, seed=s, settings=d['settings'], train_sec=d['train_sec'][i],
+                 **{sol: dict(nfe=d[sol]['nfe'], swd=d[sol]['swd'][i], energy=d[sol]['energy'][i])
+                    for sol in ('euler', 'heun', 'native') if sol in d}) for i, s in enumerate(res['seeds'])]
+    return out
+
 @study('toy-fm-vs-mf', minutes=45)  # ~2.3 CPU-minutes per run measured on the shared machine, 22 runs
 def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None,
               seeds: tuple | None = None, # default: `TOY_SEEDS`
               one_step: tuple | None = None, # names of `TOY_ONE_STEP` to run (default: all)
+              reuse: bool = True, # keep the runs already in the result file (same settings, seeds and evaluation size)
              ) -> dict:
     "2-D toy: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF; quality vs NFE, 5 seeds."
     runs = Path(runs); n = 500 if quick else 10_000
     seeds = tuple(seeds or (TOY_SEEDS[:2] if quick else TOY_SEEDS)); nfes = TOY_NFES[:3] if quick else TOY_NFES
     fm_evals = dict(euler=nfes, heun=nfes)
-    sweep = {k: _toy_run(runs, f'fm_sweep {k}', TOY_VAL_SEED, {**TOY_FM, **v}, dict(euler=nfes), quick, n, sweep=True)
+    prev = {} if quick or not reuse else _toy_previous(folder, seeds, n)
+    sweep = {k: prev.get(('sweep', k, _canon({**TOY_FM, **v}))) or
+                _toy_run(runs, f'fm_sweep {k}', TOY_VAL_SEED, {**TOY_FM, **v}, dict(euler=nfes), quick, n, sweep=True)
              for k, v in TOY_FM_SWEEP.items()}
     best = min(sweep, key=lambda k: _fm_score(sweep[k]))
     print(f'flow matching: chose {best!r} on validation seed {TOY_VAL_SEED}', flush=True)
-    runs_ = {'flow matching': [_toy_run(runs, 'fm', s, {**TOY_FM, **TOY_FM_SWEEP[best]}, fm_evals, quick, n) for s in seeds]}
-    for m, kw in TOY_ONE_STEP.items():
-        if one_step is not None and m not in one_step: continue
-        runs_[m] = [_toy_run(runs, m, s, kw, dict(native=(1, 2)), quick, n) for s in seeds]
+    todo = {'flow matching': ({**TOY_FM, **TOY_FM_SWEEP[best]}, fm_evals)}
+    todo.update({m: (kw, dict(native=(1, 2))) for m, kw in TOY_ONE_STEP.items() if one_step is None or m in one_step})
+    runs_ = {m: prev.get(('method', m, _canon(kw))) or [_toy_run(runs, m if m != 'flow matching' else 'fm', s, kw, ev, quick, n)
+                                                         for s in seeds] for m, (kw, ev) in todo.items()}
     floors = []
     for s in seeds:
         ev = toy_eval_set(get_config('toy2d', seed=s), n)
@@ -242,7 +263,7 @@ def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None,
 
 # %% ../nbs/16_study.ipynb #s16a0020
 def toy_summary(res: dict, metric: str = 'swd') -> dict:
-    "Intervals from a `toy_fm_vs_mf` result: per (method, sampler, NFE), paired MF-vs-FM differences, equivalent NFE."
+    "Intervals from a `toy_fm_vs_mf` result: per (method, sampler, NFE), paired differences (each one-step model at 1 NFE minus flow matching at each Euler NFE, and minus MeanFlow), equivalent NFE."
     M, rows = res['methods'], {}
     for m, d in M.items():
         for sol in ('euler', 'heun', 'native'):
@@ -251,8 +272,11 @@ def toy_summary(res: dict, metric: str = 'swd') -> dict:
     fm, mf = M['flow matching']['euler'], M['MeanFlow']['native']
     fm_c, mf_1 = np.array(fm[metric]), np.array(mf[metric])[:, 0]
     diffs = {k: paired_diff_ci(mf_1, fm_c[:, i]) for i, k in enumerate(fm['nfe'])}
-    equiv = {m: equivalent_nfe_ci(fm_c, np.array(M[m]['native'][metric])[:, 0], fm['nfe']) for m in M if 'native' in M[m]}
-    return dict(rows=rows, mf1_minus_fm=diffs, equiv_nfe=equiv, floor=bootstrap_ci(res['floor'][metric]),
+    one = {m: np.array(M[m]['native'][metric])[:, 0] for m in M if 'native' in M[m]}
+    vs_fm = {m: {k: paired_diff_ci(v, fm_c[:, i]) for i, k in enumerate(fm['nfe'])} for m, v in one.items()}
+    vs_mf = {m: paired_diff_ci(v, mf_1) for m, v in one.items() if m != 'MeanFlow'}
+    equiv = {m: equivalent_nfe_ci(fm_c, v, fm['nfe']) for m, v in one.items()}
+    return dict(rows=rows, mf1_minus_fm=diffs, one_minus_fm=vs_fm, one_minus_mf=vs_mf, equiv_nfe=equiv, floor=bootstrap_ci(res['floor'][metric]),
                 floor_range=(min(res['floor'][metric]), max(res['floor'][metric])))
 
 # %% ../nbs/16_study.ipynb #s16b0002
@@ -266,6 +290,14 @@ def _nfe_text(d: dict) -> str:
     if d['mean'] <= 1: return 'at most 1'
     hi = '> 128' if math.isinf(d['hi']) else f"{d['hi']:.0f}"
     return f"{d['mean']:.0f} [{d['lo']:.0f}, {hi}]"
+
+def _crossing(d: dict) -> str:
+    "Where a one-step model at 1 NFE stops being better than flow matching (Euler), from the paired differences by NFE."
+    better = [k for k, x in d.items() if x['separated'] and x['hi'] < 0]
+    worse = [k for k, x in d.items() if x['separated'] and x['lo'] > 0]
+    txt = [f"better up to {max(better)} NFE ({fmt_ci(d[max(better)])})" if better else 'never better']
+    txt.append(f"worse from {min(worse)} NFE on ({fmt_ci(d[min(worse)])})" if worse else 'never worse')
+    return ', '.join(txt)
 
 @result_table('toy')
 def toy_table(res: dict | None = None) -> str:
@@ -283,7 +315,12 @@ def toy_table(res: dict | None = None) -> str:
         f"(range {lo:.3f} to {hi:.3f} over the {n} seeds' draws), energy {fmt_ci(e['floor'])}. Flow matching: "
         f"{res['fm_choice']}, chosen on validation seed {res['val_seed']} among {len(res['sweep'])} settings.", '',
         f"**Flow matching (Euler) needs this many NFE to match each one-step model at 1 NFE** (seed-mean curve, "
-        f"log-linear between grid points, 95 % interval): SWD: {eq(s)}. Energy distance: {eq(e)}."])
+        f"log-linear between grid points, 95 % interval): SWD: {eq(s)}. Energy distance: {eq(e)}.", '',
+        "**Paired over seeds, each one-step model at 1 NFE against flow matching (Euler)**, SWD difference (negative: the "
+        "one-step model is better), claimed only where the interval excludes 0: "
+        + '; '.join(f"{m}: {_crossing(d)}" for m, d in s['one_minus_fm'].items()) + '. Against MeanFlow at 1 NFE: '
+        + ('; '.join(f"{m} {fmt_ci(d)} ({'excludes 0' if d['separated'] else 'includes 0: no difference claimed'})"
+                     for m, d in s['one_minus_mf'].items()) or 'no other one-step model in the file') + '.'])
 
 # %% ../nbs/16_study.ipynb #s16b0003
 @figure('toy_quality_nfe.png')
@@ -310,59 +347,113 @@ def plot_toy_quality(path: str | Path | None = None, res: dict | None = None):
     if path: fig.savefig(path, dpi=110)
     return fig
 
+# %% ../nbs/16_study.ipynb #s16b0007
+def _sep(d: dict, better: str = 'better', worse: str = 'worse') -> str:
+    "'better' / 'worse' / 'no difference claimed' from a paired difference (lower is better)."
+    return (better if d['hi'] < 0 else worse) if d['separated'] else 'no difference claimed'
+
+def toy_findings(res: dict | None = None) -> str:
+    "The results page's bullet points on the toy, every number read from the result file."
+    res = res or load_result('toy_fm_vs_mf')
+    s, M = toy_summary(res, 'swd'), res['methods']; R = s['rows']
+    fm_k = M['flow matching']['euler']['nfe']
+    best = min(fm_k, key=lambda k: R[('flow matching', 'euler', k)]['mean'])
+    out = [f"**What the toy shows** ({len(res['seeds'])} training seeds, 95 % intervals; a difference is claimed only where "
+           "the paired interval excludes 0; SWD, lower is better):", '']
+    for m, d in s['one_minus_fm'].items():
+        two = paired_diff_ci(np.array(M[m]['native']['swd'])[:, 1], np.array(M[m]['native']['swd'])[:, 0])
+        out.append(f"- **{m}** at 1 NFE: {fmt_ci(R[(m, 'native', 1)])}, as good as flow matching with Euler at "
+                   f"{_nfe_text(s['equiv_nfe'][m])} NFE; against flow matching with k Euler NFE it is {_crossing(d)}. "
+                   f"Its second step: {fmt_ci(R[(m, 'native', 2)])}, paired change {fmt_ci(two)} ({_sep(two)}).")
+    for m, d in s['one_minus_mf'].items():
+        out.append(f"- {m} minus MeanFlow at 1 NFE: {fmt_ci(d)} ({_sep(d)}).")
+    out.append(f"- Flow matching's best Euler result is at {best} NFE ({fmt_ci(R[('flow matching', 'euler', best)])}); more "
+               f"steps do not reach two draws of the data ({fmt_ci(s['floor'])}): there the network, not the sampler, limits it.")
+    sw = res['sweep']
+    out.append(f"- The flow-matching sweep (validation seed {res['val_seed']}, criterion the mean Euler SWD over the grid) chose "
+               f"{res['fm_choice']}: " + ', '.join(f"{k} {v['score']:.3f}" for k, v in sw.items()) + '.')
+    return '\n'.join(out) + '\n'
+
 # %% ../nbs/16_study.ipynb #s16d0005
 from .core import speedup_ci
 
 # %% ../nbs/16_study.ipynb #s16d0007
 DIGITS_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
+DIGITS_VAL_SEED = 100 # the training seed flow matching's settings are chosen on (never reported as a result)
 DIGITS_TRAIN = dict(global_batch=32, steps=300, ckpt_every=15, keep_ckpts=1000, sample_every=0, eval_samples=64,
                     log_every=15) # the budget: 300 steps at batch 32, a checkpoint every 5 % of training
 DIGITS_N = 1000 # samples per digits-FID (the real-vs-real floor is measured at the same N)
-DIGITS_CURVE_SEED, DIGITS_FINAL_SEED = 0, 1 # noise of the convergence curves; fresh noise of the reported numbers
-DIGITS_METHODS = { # on top of the digits preset
-    'fm': dict(method='fm', norm_p=0.0, P_mean=0.0, P_std=1.0),
+DIGITS_CURVE_SEED, DIGITS_FINAL_SEED = 0, 1 # validation noise (curves, choices); fresh noise of the reported numbers
+DIGITS_FM = dict(method='fm', norm_p=0.0) # flow matching: plain squared error, every sample r = t
+DIGITS_FM_SWEEP = { # flow matching's time distribution, chosen on the validation seed
+    'logit-normal(0, 1)': dict(P_mean=0.0, P_std=1.0),
+    'logit-normal(-0.4, 1)': dict(P_mean=-0.4, P_std=1.0),
+    'uniform': dict(time_dist='uniform')}
+DIGITS_METHODS = { # on top of the digits preset; flow matching's time distribution comes from the sweep
+    'fm': DIGITS_FM,
     'mf': dict(method='mf'),
-    'kim': dict(method='kim', kim_accel='minsnr', kim_beta=True)}
-DIGITS_LABELS = {'fm': 'flow matching', 'mf': 'MeanFlow', 'kim': 'Kim et al. (MinSNR + beta)'}
-DIGITS_EULER = (1, 2, 4, 8, 16) # flow-matching Euler NFEs
-DIGITS_HEUN = (2, 4, 8) # flow-matching Heun NFEs (2 calls a step)
-DIGITS_MF_NFE = (1, 2, 4) # MeanFlow / Kim et al. sampling steps
+    'kim': dict(method='kim', kim_accel='minsnr', kim_beta=True),
+    'imf': dict(method='imf', model='iMF-D/2')}
+DIGITS_LABELS = {'fm': 'flow matching', 'mf': 'MeanFlow', 'kim': 'Kim et al. (MinSNR + beta)', 'imf': 'iMF'}
+DIGITS_ONE_STEP = ('mf', 'kim', 'imf')
+DIGITS_EULER = (1, 2, 4, 8, 16, 32, 64, 128) # flow-matching Euler NFEs
+DIGITS_HEUN = (2, 4, 8, 16, 32, 64, 128) # flow-matching Heun NFEs (2 calls a step)
+DIGITS_MF_NFE = (1, 2, 4) # MeanFlow / Kim et al. / iMF sampling steps
+DIGITS_IMF_OMEGAS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0) # iMF's guidance scales, one chosen per NFE on the validation noise
 
 # %% ../nbs/16_study.ipynb #s16d0008
 def _digits_fid(x) -> float:
     from meanflow_nb.eval import digits_fid
     return digits_fid(x, ref='test')
 
+def _fm_fids(cfg, model, shp, n: int, seed: int, euler=DIGITS_EULER, heun=DIGITS_HEUN) -> tuple[dict, np.ndarray]:
+    "Flow matching's digits-FID at every Euler and Heun NFE on noise `seed`, and the samples of the largest Euler NFE."
+    from meanflow_nb.eval import sample_shard, shard_generator, class_labels
+    from meanflow_nb.flow_matching import heun_sample
+    out, last = {}, None
+    for k in euler:
+        last = sample_shard(cfg, model, shp, 0, n, 0, k, seed, 500)['x']; out[f'euler{k}'] = _digits_fid(last)
+    z = torch.randn((n, *shp), generator=shard_generator(seed, 0)); y = class_labels(0, n, cfg.num_classes)
+    v = lambda y_: (lambda z_, t_: model(z_, t_, torch.zeros_like(t_), y_))
+    for k in heun:
+        x = torch.cat([heun_sample(v(y[i:i + 500]), z[i:i + 500], k // 2) for i in range(0, n, 500)])
+        out[f'heun{k}'] = _digits_fid(x.clamp(-1, 1))
+    return out, last
+
 @torch.no_grad()
 def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER, heun=DIGITS_HEUN,
-                   mf_nfe=DIGITS_MF_NFE) -> dict:
-    "The convergence curve (1-NFE FID at every checkpoint, one-step methods) and the final checkpoint's FIDs and memorisation check."
-    from meanflow_nb.eval import load_run, sample_shard, shard_generator, class_labels, memorisation_check
-    from meanflow_nb.flow_matching import heun_sample
+                   mf_nfe=DIGITS_MF_NFE, omegas=DIGITS_IMF_OMEGAS) -> dict:
+    "The 1-NFE convergence curve (MeanFlow, Kim et al.), the final checkpoint's FIDs on fresh noise and its memorisation check; iMF's omega per NFE chosen on the validation noise."
+    from meanflow_nb.eval import load_run, sample_shard, memorisation_check
     rec = {}
-    if method != 'fm':
+    if method in ('mf', 'kim'):
         curve = dict(step=[], fid1=[])
         for p in list_checkpoints(run):
             cfg, model, shp, step = load_run(run, ckpt=str(p))
             curve['step'].append(step); curve['fid1'].append(_digits_fid(sample_shard(cfg, model, shp, 0, n, 0, 1, DIGITS_CURVE_SEED, 500)['x']))
         rec['curve'] = curve
     cfg, model, shp, step = load_run(run)
-    final = {}
-    for k in (euler if method == 'fm' else mf_nfe):
-        s = sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_FINAL_SEED, 500)
-        final[f'euler{k}' if method == 'fm' else f'nfe{k}'] = _digits_fid(s['x'])
-        if k == (euler[-1] if method == 'fm' else 1): rec['memorisation'] = memorisation_check(s['x'])
     if method == 'fm':
-        z = torch.randn((n, *shp), generator=shard_generator(DIGITS_FINAL_SEED, 0)); y = class_labels(0, n, cfg.num_classes)
-        v = lambda y_: (lambda z_, t_: model(z_, t_, torch.zeros_like(t_), y_))
-        for k in heun:
-            x = torch.cat([heun_sample(v(y[i:i + 500]), z[i:i + 500], k // 2) for i in range(0, n, 500)])
-            final[f'heun{k}'] = _digits_fid(x.clamp(-1, 1))
+        rec['final'], x = _fm_fids(cfg, model, shp, n, DIGITS_FINAL_SEED, euler, heun)
+        rec['memorisation'] = memorisation_check(x)
+        return rec
+    final, val, chosen = {}, {}, {}
+    for k in mf_nfe:
+        if method == 'imf':   # guidance is an input: pick omega on the validation noise, report it on fresh noise
+            val[f'nfe{k}'] = {}
+            for w in omegas:
+                cfg.eval_omega = w
+                val[f'nfe{k}'][str(w)] = _digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_CURVE_SEED, 500)['x'])
+            chosen[f'nfe{k}'] = cfg.eval_omega = float(min(val[f'nfe{k}'], key=val[f'nfe{k}'].get))
+        s = sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_FINAL_SEED, 500)
+        final[f'nfe{k}'] = _digits_fid(s['x'])
+        if k == 1: rec['memorisation'] = memorisation_check(s['x'])
     rec['final'] = final
+    if method == 'imf': rec.update(omega=chosen, omega_val=val)
     return rec
 
 # %% ../nbs/16_study.ipynb #s16d0009
-def _locked_update(name: str, method: str, seed: int, rec: dict, folder=None):
+def _locked_update(name: str, method: str, seed: int, rec: dict, folder=None, settings: dict | None = None):
     "Add seed `seed`'s record to `results/NAME.json` under a file lock (several workers may finish at once)."
     import fcntl
     folder = Path(folder or results_dir()); folder.mkdir(parents=True, exist_ok=True)
@@ -370,7 +461,8 @@ def _locked_update(name: str, method: str, seed: int, rec: dict, folder=None):
         fcntl.flock(lk, fcntl.LOCK_EX)
         try: d = load_result(name, folder)
         except FileNotFoundError:
-            d = dict(name=name, method=method, label=DIGITS_LABELS[method], settings=dict(preset='digits', **DIGITS_METHODS[method]),
+            d = dict(name=name, method=method, label=DIGITS_LABELS[method],
+                     settings=dict(preset='digits', **(settings or DIGITS_METHODS[method])),
                      protocol=dict(DIGITS_TRAIN, n=DIGITS_N, curve_seed=DIGITS_CURVE_SEED, final_seed=DIGITS_FINAL_SEED, ref='test'),
                      seeds={})
         d['seeds'][str(seed)] = rec
@@ -382,6 +474,28 @@ def train_seconds(out: Path) -> float:
     secs = [json.loads(l)['sec'] for l in open(Path(out) / 'log.jsonl')]
     return float(sum(s for s, nxt in zip(secs, secs[1:] + [-1.0]) if nxt < s))
 
+def digits_fm_settings(runs: Path, quick: bool = False, folder=None) -> dict:
+    "Flow matching's settings: each `DIGITS_FM_SWEEP` entry trained on `DIGITS_VAL_SEED`, the lowest mean Euler FID on the validation noise wins (`results/digits_fm_sweep.json`)."
+    from meanflow_nb.eval import load_run
+    if not quick:
+        try: return load_result('digits_fm_sweep', folder)['settings']
+        except FileNotFoundError: pass
+    euler, n = ((1, 2), 40) if quick else (DIGITS_EULER[:6], DIGITS_N)
+    kw = dict(DIGITS_TRAIN, **(dict(steps=6, ckpt_every=6, global_batch=8) if quick else {}), keep_ckpts=1)
+    rows = {}
+    for name, st in DIGITS_FM_SWEEP.items():
+        out = Path(runs) / 'digits' / f"fm_sweep_{name.replace(' ', '').replace('(', '_').replace(')', '').replace(',', '_')}{'_quick' if quick else ''}"
+        train(get_config('digits', out=str(out), seed=DIGITS_VAL_SEED, **kw, **DIGITS_FM, **st), resume=True, progress=False)
+        cfg, model, shp, _ = load_run(out)
+        fids = _fm_fids(cfg, model, shp, n, DIGITS_CURVE_SEED, euler, ())[0]
+        rows[name] = dict(settings=st, euler_nfe=list(euler), euler_fid=[fids[f'euler{k}'] for k in euler],
+                          score=float(np.mean([fids[f'euler{k}'] for k in euler])))
+    best = min(rows, key=lambda k: rows[k]['score'])
+    res = dict(name='digits_fm_sweep', val_seed=DIGITS_VAL_SEED, noise_seed=DIGITS_CURVE_SEED, n=n, criterion='mean Euler FID over the NFE grid',
+               sweep=rows, choice=best, settings=dict(DIGITS_FM, **DIGITS_FM_SWEEP[best]))
+    if not quick: save_result('digits_fm_sweep', res, folder)
+    return res['settings']
+
 def digits_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None) -> dict:
     "Train (or resume) one digits run, measure it, record it in `results/digits_<method>.json`, keep only its last checkpoint."
     name = f'digits_{method}'
@@ -389,13 +503,14 @@ def digits_run(runs: Path, method: str, seed: int, quick: bool = False, folder=N
         done = load_result(name, folder)['seeds'].get(str(seed))
         if done is not None and not quick: return done
     except FileNotFoundError: pass
+    settings = digits_fm_settings(runs, quick, folder) if method == 'fm' else DIGITS_METHODS[method]
     out = Path(runs) / 'digits' / f'{method}_s{seed}{"_quick" if quick else ""}'
     kw = dict(DIGITS_TRAIN, **(dict(steps=6, ckpt_every=3, global_batch=8) if quick else {}))
-    train(get_config('digits', out=str(out), seed=seed, **kw, **DIGITS_METHODS[method]), resume=True, progress=False)
+    train(get_config('digits', out=str(out), seed=seed, **kw, **settings), resume=True, progress=False)
     t1 = time.time()
-    rec = dict(train_wall_s=train_seconds(out), **digits_measure(out, method, **(dict(n=40, euler=(1, 2), heun=(2,), mf_nfe=(1, 2)) if quick else {})))
+    rec = dict(train_wall_s=train_seconds(out), **digits_measure(out, method, **(dict(n=40, euler=(1, 2), heun=(2,), mf_nfe=(1, 2), omegas=(1.0, 2.0)) if quick else {})))
     rec['measure_wall_s'] = time.time() - t1
-    if not quick: _locked_update(name, method, seed, rec, folder)
+    if not quick: _locked_update(name, method, seed, rec, folder, settings)
     for p in list_checkpoints(out)[:-1]: p.unlink()
     return rec
 
@@ -406,12 +521,12 @@ def digits_reference(folder=None, n: int = DIGITS_N, draws: int = 20) -> dict:
     from meanflow_nb.eval import digits_real_fid, digits_fid, load_digits_classifier, classifier_accuracy, DIGITS_CLASSIFIER_PATH
     from meanflow_nb.data import digits_dataset
     from safetensors import safe_open
-    tr, te = digits_dataset('train'), digits_dataset('test')
+    tr, te, clf = digits_dataset('train'), digits_dataset('test'), load_digits_classifier()
     with safe_open(str(DIGITS_CLASSIFIER_PATH), 'pt') as fh: meta = fh.metadata()
     res = dict(name='digits_reference', ref='test', n_ref=len(te), n_train=len(tr), n=n,
                real_vs_real=digits_real_fid(n, draws=draws).tolist(), train_all_vs_test=digits_fid(tr.tensors[0]),
-               classifier=dict(trained_on='train', test_accuracy=classifier_accuracy(load_digits_classifier(), *te.tensors),
-                               metadata=meta))
+               classifier=dict(trained_on='train', test_accuracy=classifier_accuracy(clf, *te.tensors),
+                               params=sum(p.numel() for p in clf.parameters()), metadata=meta))
     save_result('digits_reference', res, folder)
     return res
 
@@ -425,29 +540,34 @@ def _digits_files(folder=None) -> tuple[dict, dict]:
 
 def digits_summary(folder=None) -> dict:
     "Intervals over seeds from the digits result files: every (method, sampler, NFE), paired differences, equivalent NFE, speed-up."
-    from meanflow_nb.core import equivalent_nfe_ci
     R, ref = _digits_files(folder)
     col = lambda m, key: np.array([r['final'][key] for r in R[m]])
-    rows = {('fm', 'euler', k): bootstrap_ci(col('fm', f'euler{k}')) for k in DIGITS_EULER}
-    rows.update({('fm', 'heun', k): bootstrap_ci(col('fm', f'heun{k}')) for k in DIGITS_HEUN})
-    rows.update({(m, 'native', k): bootstrap_ci(col(m, f'nfe{k}')) for m in ('mf', 'kim') for k in DIGITS_MF_NFE})
-    fm_euler = np.stack([col('fm', f'euler{k}') for k in DIGITS_EULER], 1)              # (seeds, NFEs)
+    euler = [k for k in DIGITS_EULER if all(f'euler{k}' in r['final'] for r in R['fm'])]
+    heun = [k for k in DIGITS_HEUN if all(f'heun{k}' in r['final'] for r in R['fm'])]
+    rows = {('fm', 'euler', k): bootstrap_ci(col('fm', f'euler{k}')) for k in euler}
+    rows.update({('fm', 'heun', k): bootstrap_ci(col('fm', f'heun{k}')) for k in heun})
+    rows.update({(m, 'native', k): bootstrap_ci(col(m, f'nfe{k}')) for m in DIGITS_ONE_STEP for k in DIGITS_MF_NFE})
+    fm_euler = np.stack([col('fm', f'euler{k}') for k in euler], 1)              # (seeds, NFEs)
     curves = {m: np.array([r['curve']['fid1'] for r in R[m]]) for m in ('mf', 'kim')}
     steps = R['mf'][0]['curve']['step']
-    return dict(seeds=ref['seeds'], rows=rows, steps=steps, curves=curves,
-                equiv_nfe={m: equivalent_nfe_ci(fm_euler, col(m, 'nfe1'), DIGITS_EULER) for m in ('mf', 'kim')},
-                kim_minus_mf={k: paired_diff_ci(col('kim', f'nfe{k}'), col('mf', f'nfe{k}')) for k in DIGITS_MF_NFE},
-                mf1_minus_fm={k: paired_diff_ci(col('mf', 'nfe1'), col('fm', f'euler{k}')) for k in DIGITS_EULER},
+    return dict(seeds=ref['seeds'], rows=rows, steps=steps, curves=curves, euler=euler, heun=heun,
+                equiv_nfe={m: equivalent_nfe_ci(fm_euler, col(m, 'nfe1'), euler) for m in DIGITS_ONE_STEP},
+                vs_mf={m: {k: paired_diff_ci(col(m, f'nfe{k}'), col('mf', f'nfe{k}')) for k in DIGITS_MF_NFE} for m in ('kim', 'imf')},
+                mf1_minus_fm={k: paired_diff_ci(col('mf', 'nfe1'), col('fm', f'euler{k}')) for k in euler},
                 speedup=speedup_ci(curves['mf'], curves['kim'], steps),
                 speedup_self=speedup_ci(curves['mf'], curves['mf'], steps),
+                imf_omega={k: [r['omega'][f'nfe{k}'] for r in R['imf']] for k in DIGITS_MF_NFE},
                 memorisation={m: {k: bootstrap_ci([r['memorisation'][k] for r in R[m]]) for k in ('ratio', 'frac_close')} for m in R},
                 floor=bootstrap_ci(ref['real_vs_real']), floor_range=(min(ref['real_vs_real']), max(ref['real_vs_real'])),
                 reference=ref)
 
 # %% ../nbs/16_study.ipynb #s16d0012
-def _fmt_equiv(d: dict) -> str:
-    f = lambda v: f'beyond {DIGITS_EULER[-1]}' if not math.isfinite(v) else f'{v:.1f}'
+def _fmt_equiv(d: dict, top: int = DIGITS_EULER[-1]) -> str:
+    f = lambda v: f'beyond {top}' if not math.isfinite(v) else f'{v:.1f}'
     return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
+
+def _diff_text(d: dict) -> str:
+    return f"{fmt_ci(d)} ({'excludes 0' if d['separated'] else 'includes 0: no difference claimed'})"
 
 @result_table('digits')
 def digits_table(folder=None) -> str:
@@ -455,14 +575,18 @@ def digits_table(folder=None) -> str:
     S = digits_summary(folder); n = len(S['seeds'])
     lab = {'euler': 'Euler', 'heun': 'Heun', 'native': ''}
     rows = [[f"{DIGITS_LABELS[m]}{', ' + lab[s] if lab[s] else ''}", k, S['rows'][(m, s, k)]] for (m, s, k) in S['rows']]
-    rows.append([f"real digits (1,000 train images, {len(S['reference']['real_vs_real'])} draws)", '', S['floor']])
-    eq, sp, d = S['equiv_nfe'], S['speedup'], S['kim_minus_mf']
-    mem = S['memorisation']
+    rows.append([f"real digits ({DIGITS_N:,} train images, {len(S['reference']['real_vs_real'])} draws)", '', S['floor']])
+    eq, sp, mem = S['equiv_nfe'], S['speedup'], S['memorisation']
+    try: sw = load_result('digits_fm_sweep', folder); fm_txt = (f"Flow matching's time distribution: {sw['choice']}, chosen on validation "
+                                                                 f"seed {sw['val_seed']} among {len(sw['sweep'])} settings. ")
+    except FileNotFoundError: fm_txt = ''
+    om = ', '.join(f"{k} NFE {'/'.join(f'{w:g}' for w in S['imf_omega'][k])}" for k in DIGITS_MF_NFE)
     lines = [md_table(['method, sampler', 'NFE', f'digits-FID, mean [95 % CI over {n} seeds]'], rows), '',
-             f"- MeanFlow at 1 NFE equals flow matching (Euler) at **{_fmt_equiv(eq['mf'])} NFE**; Kim et al. at 1 NFE: "
-             f"{_fmt_equiv(eq['kim'])} NFE.",
-             "- Kim et al. minus MeanFlow, paired over seeds: " + ', '.join(
-                 f"{k} NFE {fmt_ci(d[k])} ({'excludes 0' if d[k]['separated'] else 'includes 0: no difference claimed'})" for k in d) + '.',
+             f"{fm_txt}iMF's guidance scale, chosen per run and NFE on validation noise (seeds {', '.join(S['seeds'])}): {om}.", '',
+             "- Flow matching (Euler) reaches each one-step model's 1-NFE digits-FID at: " + '; '.join(
+                 f"{DIGITS_LABELS[m]} **{_fmt_equiv(eq[m], S['euler'][-1])} NFE**" for m in DIGITS_ONE_STEP) + '.',
+             "- Paired over seeds, minus MeanFlow: " + '; '.join(
+                 f"{DIGITS_LABELS[m]}: " + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['vs_mf'][m].items()) for m in S['vs_mf']) + '.',
              f"- Kim et al.'s speed-up (MeanFlow's {S['steps'][-1]} steps over the first checkpoint where Kim et al.'s seed-mean 1-NFE curve "
              f"reaches MeanFlow's final level; grid of {S['steps'][1] - S['steps'][0]} steps): "
              + (f"**{fmt_ci(sp, 2, 'x')}**." if sp['mean'] > 0 else f"**none**: the curve never reaches that level "
@@ -478,20 +602,21 @@ def digits_nfe_figure(path=None, folder=None):
     import matplotlib, matplotlib.pyplot as plt
     S = digits_summary(folder); R = S['rows']
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for (s, ks, mk) in (('euler', DIGITS_EULER, 'o'), ('heun', DIGITS_HEUN, 's')):
+    for (s, ks, mk) in (('euler', S['euler'], 'o'), ('heun', S['heun'], 's')):
         d = [R[('fm', s, k)] for k in ks]
         l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, label=f'flow matching, {s.capitalize()}')
         ax.fill_between(ks, [v['lo'] for v in d], [v['hi'] for v in d], color=l.get_color(), alpha=0.2)
-    for i, m in enumerate(('mf', 'kim')):
-        d = [R[(m, 'native', k)] for k in DIGITS_MF_NFE]; x = np.array(DIGITS_MF_NFE) * (1.06 if i else 0.94)
+    for i, m in enumerate(DIGITS_ONE_STEP):
+        d = [R[(m, 'native', k)] for k in DIGITS_MF_NFE]; x = np.array(DIGITS_MF_NFE) * (1 + 0.07 * (i - 1))
         ax.errorbar(x, [v['mean'] for v in d], yerr=[[v['mean'] - v['lo'] for v in d], [v['hi'] - v['mean'] for v in d]],
                     fmt='D', ms=5, capsize=3, color=f'C{i + 2}', label=DIGITS_LABELS[m])
     f = S['floor']; ax.axhspan(*S['floor_range'], color='k', alpha=0.08)
-    ax.axhline(f['mean'], color='k', ls=':', lw=1, label='real digits, N = 1,000')
-    ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xticks(DIGITS_EULER, [str(k) for k in DIGITS_EULER])
+    ax.axhline(f['mean'], color='k', ls=':', lw=1, label=f'real digits, N = {DIGITS_N:,}')
+    ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xticks(S['euler'], [str(k) for k in S['euler']])
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel('network calls per sample (NFE)'); ax.set_ylabel('digits-FID vs test split')
-    ax.set_title(f"digits, {len(S['seeds'])} seeds, {S['steps'][-1]} steps at batch 32", fontsize=9); ax.legend(fontsize=7)
+    ax.set_title(f"digits, {len(S['seeds'])} seeds, {S['steps'][-1]} steps at batch {DIGITS_TRAIN['global_batch']}", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=90)
     return fig
@@ -516,14 +641,118 @@ def digits_curves_figure(path=None, folder=None):
     if path: fig.savefig(path, dpi=90)
     return fig
 
+# %% ../nbs/16_study.ipynb #s16d0033
+def digits_findings(folder=None) -> str:
+    "The results page's bullet points on digits, every number read from the result files."
+    S = digits_summary(folder); R = S['rows']; n = len(S['seeds'])
+    fm_best = min((('euler', k) for k in S['euler']), key=lambda sk: R[('fm', *sk)]['mean'])
+    out = [f"**What the digits runs show** ({n} training seeds, 95 % intervals; a difference is claimed only where the "
+           "paired interval excludes 0; digits-FID, lower is better):", '']
+    for m in DIGITS_ONE_STEP:
+        out.append(f"- **{DIGITS_LABELS[m]}** at 1 NFE: {fmt_ci(R[(m, 'native', 1)])}, as good as flow matching with Euler at "
+                   f"{_fmt_equiv(S['equiv_nfe'][m], S['euler'][-1])} NFE; at 2 NFE {fmt_ci(R[(m, 'native', 2)])}.")
+    for m, d in S['vs_mf'].items():
+        out.append(f"- {DIGITS_LABELS[m]} minus MeanFlow: " + ', '.join(f"{k} NFE {fmt_ci(x)} ({_sep(x)})" for k, x in d.items()) + '.')
+    sp = S['speedup']
+    out.append(f"- Kim et al.'s speed-up over MeanFlow on the 1-NFE curves: " + (fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else
+               f"none: its seed-mean curve never reaches MeanFlow's final level (in {100 * sp['reached']:.0f} % of the bootstrap resamples it does)") + '.')
+    out.append(f"- Flow matching's best: {fmt_ci(R[('fm', *fm_best)])} at {fm_best[1]} Euler NFE; real digits at the same N: "
+               f"{fmt_ci(S['floor'])}. Every model is far above that floor: these are short runs, not converged models.")
+    mem = S['memorisation']; lo = min(v['ratio']['mean'] for v in mem.values()); hi = max(v['ratio']['mean'] for v in mem.values())
+    out.append(f"- Memorisation: samples sit {lo:.2f} to {hi:.2f} times farther from their nearest training image than the test "
+               "digits do (seed means; copies would score near 0).")
+    return '\n'.join(out) + '\n'
+
 # %% ../nbs/16_study.ipynb #s16d0014
-@study('digits', minutes=30)
+@study('digits', minutes=45)
 def study_digits(runs: Path = Path('runs/study'), quick: bool = False, folder=None) -> dict:
-    "Digits: fair flow matching against MeanFlow and Kim et al. (MinSNR + beta), digits-FID against NFE, 5 seeds."
+    "Digits: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF, digits-FID against NFE, 5 seeds."
     seeds = DIGITS_SEEDS[:1] if quick else DIGITS_SEEDS
     recs = {(m, s): digits_run(runs, m, s, quick, folder) for s in seeds for m in DIGITS_METHODS}
     if not quick: digits_reference(folder)
     return recs
+
+# %% ../nbs/16_study.ipynb #s16e0002
+@study('main-job', minutes=5)
+def study_main_job(runs: Path = Path('runs/study'), quick: bool = False, folder=None) -> dict:
+    "The README's first command, timed: `mf-train --preset toy2d` in a fresh process with one torch thread."
+    import resource, subprocess
+    out = Path(runs) / ('main_job_quick' if quick else 'main_job')
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, '-m', 'meanflow_nb.train', '--preset', 'toy2d', '--out', str(out), '--no-progress']
+    if quick: cmd += ['--steps', '20', '--eval_samples', '500']
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', MPLBACKEND='Agg')
+    load0, r0, t0 = os.getloadavg(), resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall, r1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    check(p.returncode == 0, f"the main job failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:] or ''}")
+    res = dict(name='main_job', command='mf-train --preset toy2d --out runs/toy2d', threads=1, wall_s=round(wall, 1),
+               user_s=round(r1.ru_utime - r0.ru_utime, 1), sys_s=round(r1.ru_stime - r0.ru_stime, 1),
+               max_rss_mb=round(r1.ru_maxrss / 1024), cpus=os.cpu_count(), loadavg_start=[round(x, 2) for x in load0],
+               loadavg_end=[round(x, 2) for x in os.getloadavg()], torch=torch.__version__, date=time.strftime('%Y-%m-%d'),
+               metrics=json.loads((out / 'metrics.json').read_text()))
+    if not quick:
+        save_result('main_job', res, folder)
+        shutil.copy(out / 'samples.png', repo_root() / 'nbs' / 'images' / 'toy2d_samples.png')  # the README's figure
+    return res
+
+def _min_s(s: float) -> str: return f'{int(s // 60)} min {round(s % 60):02d} s'
+
+@result_table('main_job')
+def main_job_text(folder=None) -> str:
+    "The README's sentence on the main job: wall time, CPU, memory and what it printed."
+    r = load_result('main_job', folder); m = r['metrics']
+    return (f"Measured by `mf-study main-job` ({r['date']}, torch {r['torch']}, {r['cpus']} cores, one torch thread, load "
+            f"average {r['loadavg_start'][0]:.2f} at the start): **{_min_s(r['wall_s'])}** wall-clock, {r['user_s']:.0f} s user and "
+            f"{r['sys_s']:.0f} s system CPU, {r['max_rss_mb'] / 1024:.1f} GB peak memory. It printed SWD {m['swd_1nfe']:.3f} (1 step), "
+            f"{m['swd_2nfe']:.3f} (2 steps) and {m['swd_fm100']:.3f} for the flow-matching baseline at 100 Euler steps, against "
+            f"{m['swd_data_floor']:.3f} between two draws of the data (`results/main_job.json`).\n")
+
+# %% ../nbs/16_study.ipynb #s16e0003
+@study('bench', minutes=25)
+def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=None) -> dict:
+    "Every `mf-bench` part side by side in one process (the README's benchmark table); `results/bench.json`."
+    from meanflow_nb.bench import run_bench, PARTS
+    res = run_bench(PARTS, 'tiny' if quick else 'default', threads=1, verbose=True)
+    if not quick: save_result('bench', res, folder)
+    return res
+
+@result_table('bench')
+def bench_text(folder=None) -> str:
+    "The README's benchmark table from `results/bench.json`."
+    from meanflow_nb.bench import bench_table
+    r = load_result('bench', folder); m = r['meta']
+    return (bench_table(r) + '\n\n' + f"`mf-study bench` on {m['date'][:10]}: torch {m['torch']}, {m['cpus']} cores, one thread per "
+            f"process, load average {m['loadavg_start'][0]:.2f} at the start and {m['loadavg_end'][0]:.2f} at the end.\n")
+
+# %% ../nbs/16_study.ipynb #s16e0004
+@result_table('digits_fid')
+def digits_fid_text(folder=None) -> str:
+    "The README's paragraph on digits-FID itself: the classifier, the reference and the real-data floor."
+    r = load_result('digits_reference', folder); rv = r['real_vs_real']
+    c = r['classifier']
+    params = f"A {c['params'] / 1000:.0f}k-parameter classifier" if 'params' in c else 'A small classifier'
+    return (f"{params} trained on the {r['n_train']:,}-image train split only and shipped with the package "
+            f"({100 * c['test_accuracy']:.1f} % accuracy on the test split), as a torch-fidelity feature extractor. The reference is the "
+            f"{r['n_ref']:,}-image **test** split, which neither the generators nor the classifier train on. At the studies' "
+            f"N = {r['n']:,}, real train digits score {np.mean(rv):.2f} ({min(rv):.2f} to {max(rv):.2f} over {len(rv)} subsets); "
+            f"the whole train split scores {r['train_all_vs_test']:.2f} (`results/digits_reference.json`).\n")
+
+# %% ../nbs/16_study.ipynb #s16e0005
+@result_table('plan')
+def plan_block(presets=('in256-mf-B4', 'in256-mf-XL2', 'in256-kim-XL2', 'in256-imf-B2', 'in256-imf-XL2'),
+               gpus: int = 8, gpu_mem_gb: float = 80.0) -> str:
+    "The README's planner table: `mf-bench plan` for each ImageNet preset on 8 x 80 GB (computed, not measured)."
+    from meanflow_nb.bench import plan
+    rows = []
+    for p in presets:
+        r = plan(p, gpus, gpu_mem_gb)
+        rows.append([f'`{p}`', f"{r['params_m']} M", r['per_gpu_batch'],
+                     f"{r['act_fm_mb_per_sample'] / 1024:.2f} / {r['act_jvp_mb_per_sample'] / 1024:.2f} GB", r['micro_batch'] or 'none',
+                     f"{r['peak_gb']} GB" if r['peak_gb'] else '-', f"{r['gpu_hours']:,}"])
+    mfu, tf = r['mfu'], r['peak_tflops']
+    return md_table([f'preset ({gpus} x {gpu_mem_gb:g} GB)', 'params', 'per GPU', 'activations r = t / JVP per sample', 'micro-batch',
+                     'planned peak', f'GPU-hours ({100 * mfu:.0f} % MFU, {tf:g} TFLOP/s bf16)'], rows) + '\n'
 
 # %% ../nbs/16_study.ipynb #s16b0006
 #| eval: false

@@ -89,3 +89,27 @@ def test_toy2d_baseline_is_plain_flow_matching(tmp_path):
     assert base['method'] == 'fm' and base['baseline_fm'] is False and main['method'] == 'mf'
     for k, v in cfg.baseline_kwargs.items(): assert base[k] == v, k
     assert main['norm_p'] == 0.75
+
+
+def _prose(text: str) -> str:
+    "A page's text without its generated blocks, code, inline code and link targets."
+    text = re.sub(r'<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->', '', text, flags=re.S)
+    text = re.sub(r'```.*?```', '', text, flags=re.S)
+    text = re.sub(r'`[^`\n]*`', '', text)
+    return re.sub(r'\]\([^)]*\)', ']', text)
+
+
+MEASURED = re.compile(r'\b\d+\.\d+\b|\b\d+(?:\.\d+)?\s?x\b|\b\d+\s?%|\b\d+ min\b|\b\d+ s\b')
+
+
+def test_readme_measured_numbers_live_in_generated_blocks():
+    "From the main job to the docs section, every measured-looking number (decimals, ratios, percentages, durations) is in a block."
+    sec = README[README.index('## Two commands on a fresh machine'):README.index('## Docs')]
+    bad = MEASURED.findall(_prose(sec))
+    assert not bad, f'numbers written by hand in the README (render them from results/ instead): {bad}'
+
+
+def test_hand_written_number_is_caught():
+    "The check above can fail: a hand-written ratio or decimal outside a block is found."
+    sec = 'MeanFlow is 1.49x faster, SWD 0.184. <!-- results:toy -->\n0.179\n<!-- /results:toy --> `p = 0.75`'
+    assert MEASURED.findall(_prose(sec)) == ['1.49x', '0.184']
