@@ -54,7 +54,7 @@ STUDIES: dict[str, dict] = {} # name -> dict(fn, minutes, doc)
 FIGURES: dict[str, callable] = {} # figure file (under nbs/images) -> function(path) drawing it from the result files
 
 def study(name: str, minutes: float):
-    "Register `fn(runs: Path, quick: bool) -> dict` as study `name`, expected to take `minutes` on one free core."
+    "Register `fn(runs: Path, quick: bool, fresh: bool) -> dict` as study `name`, expected to take `minutes` on one free core."
     def _reg(fn): STUDIES[name] = dict(fn=fn, minutes=minutes, doc=(fn.__doc__ or '').strip()); return fn
     return _reg
 
@@ -103,6 +103,7 @@ def study_parser() -> argparse.ArgumentParser:
                    "(re-render the README's results blocks and the figures from the result files)")
     p.add_argument('--runs', default='runs/study', help='cache of finished training runs (resumable)')
     p.add_argument('--quick', action='store_true', help='a tiny version of each study (minutes -> seconds), for testing')
+    p.add_argument('--fresh', action='store_true', help='redo every run, ignoring the records already in results/ (default: keep them, so an interrupted study resumes)')
     p.add_argument('--check', action='store_true', help="with 'readme': change nothing, exit 1 if a block is stale")
     return p
 
@@ -129,7 +130,7 @@ def cli_study(argv: list[str] | None = None):
     print(f"running {', '.join(names)}: expected {'under a minute' if a.quick else f'about {total:g} minutes'} on one free core")
     for n in names:
         t0 = time.time()
-        STUDIES[n]['fn'](Path(a.runs), a.quick)
+        STUDIES[n]['fn'](Path(a.runs), a.quick, fresh=a.fresh)
         print(f'{n}: done in {(time.time() - t0) / 60:.1f} min')
     if not a.quick:
         for d in DOCS: render_readme(repo_root() / d)
@@ -225,7 +226,7 @@ def _toy_previous(folder, seeds: tuple, n: int) -> dict:
     return out
 
 @study('toy-fm-vs-mf', minutes=45)  # ~2.3 CPU-minutes per run measured on the shared machine, 22 runs
-def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None,
+def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False,
               seeds: tuple | None = None, # default: `TOY_SEEDS`
               one_step: tuple | None = None, # names of `TOY_ONE_STEP` to run (default: all)
               reuse: bool = True, # keep the runs already in the result file (same settings, seeds and evaluation size)
@@ -234,7 +235,7 @@ def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None,
     runs = Path(runs); n = 500 if quick else 10_000
     seeds = tuple(seeds or (TOY_SEEDS[:2] if quick else TOY_SEEDS)); nfes = TOY_NFES[:3] if quick else TOY_NFES
     fm_evals = dict(euler=nfes, heun=nfes)
-    prev = {} if quick or not reuse else _toy_previous(folder, seeds, n)
+    prev = {} if quick or fresh or not reuse else _toy_previous(folder, seeds, n)
     sweep = {k: prev.get(('sweep', k, _canon({**TOY_FM, **v}))) or
                 _toy_run(runs, f'fm_sweep {k}', TOY_VAL_SEED, {**TOY_FM, **v}, dict(euler=nfes), quick, n, sweep=True)
              for k, v in TOY_FM_SWEEP.items()}
@@ -474,10 +475,10 @@ def train_seconds(out: Path) -> float:
     secs = [json.loads(l)['sec'] for l in open(Path(out) / 'log.jsonl')]
     return float(sum(s for s, nxt in zip(secs, secs[1:] + [-1.0]) if nxt < s))
 
-def digits_fm_settings(runs: Path, quick: bool = False, folder=None) -> dict:
+def digits_fm_settings(runs: Path, quick: bool = False, folder=None, fresh: bool = False) -> dict:
     "Flow matching's settings: each `DIGITS_FM_SWEEP` entry trained on `DIGITS_VAL_SEED`, the lowest mean Euler FID on the validation noise wins (`results/digits_fm_sweep.json`)."
     from meanflow_nb.eval import load_run
-    if not quick:
+    if not (quick or fresh):
         try: return load_result('digits_fm_sweep', folder)['settings']
         except FileNotFoundError: pass
     euler, n = ((1, 2), 40) if quick else (DIGITS_EULER[:6], DIGITS_N)
@@ -496,12 +497,12 @@ def digits_fm_settings(runs: Path, quick: bool = False, folder=None) -> dict:
     if not quick: save_result('digits_fm_sweep', res, folder)
     return res['settings']
 
-def digits_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None) -> dict:
+def digits_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None, fresh: bool = False) -> dict:
     "Train (or resume) one digits run, measure it, record it in `results/digits_<method>.json`, keep only its last checkpoint."
     name = f'digits_{method}'
     try:
         done = load_result(name, folder)['seeds'].get(str(seed))
-        if done is not None and not quick: return done
+        if done is not None and not (quick or fresh): return done
     except FileNotFoundError: pass
     settings = digits_fm_settings(runs, quick, folder) if method == 'fm' else DIGITS_METHODS[method]
     out = Path(runs) / 'digits' / f'{method}_s{seed}{"_quick" if quick else ""}'
@@ -665,16 +666,17 @@ def digits_findings(folder=None) -> str:
 
 # %% ../nbs/16_study.ipynb #s16d0014
 @study('digits', minutes=45)
-def study_digits(runs: Path = Path('runs/study'), quick: bool = False, folder=None) -> dict:
+def study_digits(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
     "Digits: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF, digits-FID against NFE, 5 seeds."
     seeds = DIGITS_SEEDS[:1] if quick else DIGITS_SEEDS
-    recs = {(m, s): digits_run(runs, m, s, quick, folder) for s in seeds for m in DIGITS_METHODS}
+    if fresh and not quick: digits_fm_settings(runs, False, folder, fresh=True)   # the sweep first; the runs then read its choice
+    recs = {(m, s): digits_run(runs, m, s, quick, folder, fresh) for s in seeds for m in DIGITS_METHODS}
     if not quick: digits_reference(folder)
     return recs
 
 # %% ../nbs/16_study.ipynb #s16e0002
 @study('main-job', minutes=5)
-def study_main_job(runs: Path = Path('runs/study'), quick: bool = False, folder=None) -> dict:
+def study_main_job(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = True) -> dict:
     "The README's first command, timed: `mf-train --preset toy2d` in a fresh process with one torch thread."
     import resource, subprocess
     out = Path(runs) / ('main_job_quick' if quick else 'main_job')
@@ -710,7 +712,7 @@ def main_job_text(folder=None) -> str:
 
 # %% ../nbs/16_study.ipynb #s16e0003
 @study('bench', minutes=25)
-def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=None) -> dict:
+def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = True) -> dict:
     "Every `mf-bench` part side by side in one process (the README's benchmark table); `results/bench.json`."
     from meanflow_nb.bench import run_bench, PARTS
     res = run_bench(PARTS, 'tiny' if quick else 'default', threads=1, verbose=True)
