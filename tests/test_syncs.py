@@ -47,7 +47,8 @@ def counting(calls: list, active):
 
 CASES = {'mf': dict(method='mf', model='DiT-T/2'),
          'kim-minsnr': dict(method='kim', kim_accel='minsnr', model='DiT-T/2'),
-         'imf': dict(method='imf', model='iMF-T/2', ratio_r_eq_t=0.5)}
+         'imf': dict(method='imf', model='iMF-T/2', ratio_r_eq_t=0.5),
+         'kim-minsnr-micro': dict(method='kim', kim_accel='minsnr', model='DiT-T/2', micro_batch=6)}  # 3 micro-batches
 
 
 @pytest.mark.parametrize('case', list(CASES))
@@ -86,3 +87,14 @@ def test_counter_sees_a_sync(tmp_path):
         x = torch.arange(4.)
         bool(x.sum() > 0); x[x > 1]; (x > 1).nonzero(); on[0] = False; float(x.sum())
     assert [c.split(' at ')[0] for c in calls] == ['__bool__', 'boolean-mask indexing', 'nonzero'], calls
+
+
+def test_kim_syncs_for_observe_only_during_dtd():
+    "The trainer reads the loss parts every step for Kim et al. only while DTD's curriculum runs (MinSNR: never)."
+    from meanflow_nb.kim import kim_loss
+    from meanflow_nb.loss import MeanFlowLoss
+    dtd = kim_loss(T.get_config('digits', method='kim', kim_accel='dtd', dtd_clusters=3), MeanFlowLoss())
+    assert dtd.needs_observe
+    dtd.dtd.state['stage'] = 3                                      # the last stage: the curriculum is done
+    assert dtd.dtd.done and not dtd.needs_observe
+    assert not kim_loss(T.get_config('digits', method='kim', kim_accel='minsnr'), MeanFlowLoss()).needs_observe
