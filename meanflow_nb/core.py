@@ -11,10 +11,10 @@ import torch
 
 # %% auto #0
 __all__ = ['RESULT_TABLES', 'bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test',
-           'ConfigError', 'check', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved', 'bootstrap_ci',
-           'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'save_result', 'load_result',
-           'result_table', 'md_table', 'readme_blocks', 'sync_readme', 'image_grid', 'show_images', 'scatter2d',
-           'plot_field']
+           'ConfigError', 'check', 'check_values', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved',
+           'bootstrap_ci', 'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'save_result',
+           'load_result', 'result_table', 'md_table', 'readme_blocks', 'sync_readme', 'image_grid', 'show_images',
+           'scatter2d', 'plot_field']
 
 # %% ../nbs/00_core.ipynb #393d5e47
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,19 @@ class ConfigError(ValueError):
 def check(cond: bool, msg: str):
     "Raise `ConfigError(msg)` unless `cond`."
     if not cond: raise ConfigError(msg)
+
+def _host_readable(t: torch.Tensor) -> bool:
+    "True when the host can read `t`'s values without waiting for an accelerator (a CPU tensor)."
+    return t.device.type == 'cpu'
+
+def check_values(ok: torch.Tensor, # bool tensor: True where the values are valid
+                 msg, # callable -> str: the error, built only on failure (it may read the values)
+                ):
+    "`ConfigError(msg())` unless `ok` is all True, for CPU tensors; on an accelerator a device-side assert (no host sync)."
+    if torch.compiler.is_compiling(): return                                # a data-dependent check: eager only
+    if _host_readable(ok):
+        if not bool(ok.all()): raise ConfigError(msg())
+    else: torch._assert_async(ok.all(), 'invalid input values (rerun on the CPU for the full message)')
 
 def check_kwargs(fn, # the callable the keywords go to
                  kw: dict, # the user's keywords

@@ -8,9 +8,9 @@ import math, time
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
-from .core import bcast, interpolate, cond_velocity, check
+from .core import bcast, interpolate, cond_velocity, check, check_values
 from .schedules import sample_t_r
-from .loss import jvp_context, sq_err, adaptive_weight
+from .loss import jvp_call, sq_err, adaptive_weight
 from .models import timestep_embedding
 
 # %% auto #0
@@ -120,9 +120,8 @@ def imf_compound(u_fn, # u_fn(z, t, r) -> u, or (u, v) when `has_aux`
                 ) -> tuple:
     "`(V, u, dudt, v)`: iMF's compound prediction `V = u + (t - r) sg(dudt)` (v is None unless `has_aux`)."
     check(t.shape == r.shape == (z.shape[0],), f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
-    check(bool((r <= t).all()), f'iMF needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
-    with jvp_context():
-        out = torch.func.jvp(u_fn, (z, t, r), (v_theta, torch.ones_like(t), torch.zeros_like(r)), has_aux=has_aux)
+    check_values(r <= t, lambda: f'iMF needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
+    out = jvp_call(u_fn, (z, t, r), (v_theta, torch.ones_like(t), torch.zeros_like(r)), has_aux=has_aux)  # traceable by torch.compile
     u, dudt, v = out if has_aux else (*out, None)
     return u + bcast(t - r, z) * dudt.detach(), u, dudt, v  # sg: V gets gradients through u only
 

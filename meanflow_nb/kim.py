@@ -238,6 +238,7 @@ def _kim_load(self: KimLoss, sd: dict):
     if self.dtd is not None: self.dtd.load_state_dict(sd['dtd'])
 
 KimLoss.observe = _kim_observe
+KimLoss.needs_observe = property(lambda self: self.dtd is not None and not self.dtd.done)  # the trainer syncs for it
 KimLoss.state_dict = lambda self: {'dtd': self.dtd.state_dict()} if self.dtd is not None else {}
 KimLoss.load_state_dict = _kim_load
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 import contextlib, contextvars
+import numpy as np
 import torch
 import torch.nn.functional as F
 from .models import jvp_attention
-from .core import bcast, interpolate, cond_velocity, check, ConfigError
-from .schedules import sample_t_r
+from .core import bcast, interpolate, cond_velocity, check, check_values, ConfigError
+from .schedules import sample_t_r, host_masks
 
 # %% auto #0
-__all__ = ['jvp_precision', 'jvp_context', 'meanflow_target', 'sq_err', 'adaptive_weight', 'guided_velocity', 'MeanFlowLoss',
-           'precision_gap', 'sample_meanflow', 'guided_u']
+__all__ = ['jvp_precision', 'jvp_context', 'jvp_call', 'meanflow_target', 'sq_err', 'adaptive_weight', 'guided_velocity',
+           'MeanFlowLoss', 'precision_gap', 'sample_meanflow', 'guided_u']
 
 # %% ../nbs/04_loss.ipynb #365d8c17
 _JVP = {'dtype': 'fp32'} # the JVP precision in force (a plain dict: torch.compile can read it)
@@ -38,6 +39,13 @@ def jvp_context():
             stack.enter_context(torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16))
     return stack
 
+def jvp_call(fn: Callable, primals: tuple, tangents: tuple, has_aux: bool = False):
+    "`torch.func.jvp` under `jvp_context`'s settings, written as plain nested `with`s: torch.compile traces these (not an `ExitStack`)."
+    bf16 = _JVP['dtype'] == 'bf16'
+    with jvp_attention(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), \
+         torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
+        return torch.func.jvp(fn, primals, tangents, has_aux=has_aux)
+
 def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of shape (B,)
                     z: torch.Tensor, # z_t, (B, ...)
                     t: torch.Tensor, # (B,)
@@ -46,12 +54,8 @@ def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(u, u_tgt)`: `u = u_fn(z, t, r)` keeps its graph; `u_tgt = v - (t - r) dudt` is detached (Eq. 6 of MF)."
     check(t.shape == r.shape == (z.shape[0],), f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
-    if not torch.compiler.is_compiling():  # a data-dependent check: eager only
-        check(bool((r <= t).all()), f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
-    bf16 = _JVP['dtype'] == 'bf16'   # jvp_context's settings as plain nested `with`s: torch.compile traces these
-    with jvp_attention(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), \
-         torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
-        u, dudt = torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    check_values(r <= t, lambda: f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
+    u, dudt = jvp_call(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
     u_tgt = v - bcast(t - r, z) * dudt
     return u, u_tgt.detach()  # sg: the target must not receive gradients
 
@@ -118,12 +122,15 @@ def _drop_labels(self: MeanFlowLoss, y, drop):
     return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
 def _draw(self: MeanFlowLoss, n: int, shape, generator=None, device=None, step: int = 0, total: int = 1) -> dict:
-    "Every random quantity of one step for `n` samples of shape `shape`: times `t`, `r`, noise `e`, dropout mask `drop`."
-    if self.tr_sampler is not None: t, r = self.tr_sampler(n, generator=generator, device=device, step=step, total=total)
-    else: t, r = sample_t_r(n, self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator=generator, device=device)
+    "Every random quantity of one step for `n` samples of shape `shape`: times `t`, `r`, noise `e`, dropout mask `drop` (and `eq_host`, see below)."
+    with host_masks() as masks:                                           # the balanced r = t mask, known on the host
+        if self.tr_sampler is not None: t, r = self.tr_sampler(n, generator=generator, device=device, step=step, total=total)
+        else: t, r = sample_t_r(n, self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator=generator, device=device)
     e = torch.randn((n, *shape), generator=generator, device=device)
     drop = torch.rand(n, generator=generator, device=device) < self.class_dropout
-    return dict(t=t, r=r, e=e, drop=drop)
+    d = dict(t=t, r=r, e=e, drop=drop)
+    if len(masks) == 1 and tuple(masks[0].shape) == (n,): d['eq_host'] = masks[0]   # a CPU tensor: the split needs no sync
+    return d
 
 MeanFlowLoss.draw = _draw
 
@@ -141,24 +148,37 @@ def _guide(self: MeanFlowLoss, model, z, t, v, y):
     return guided_velocity(v, v_c, v_u, omega, kappa)
 
 # %% ../nbs/04_loss.ipynb #9236f288
+def _split(eq: torch.Tensor, # the r = t mask (B,) on the batch's device
+           eq_host: torch.Tensor | None = None, # the same mask on the host, when the draw knows it (balanced split)
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Indices of the `r < t` and of the `r = t` samples: from `eq_host` without a host sync, else by `nonzero` (a sync on CUDA)."
+    if eq_host is None: return (~eq).nonzero().squeeze(1), eq.nonzero().squeeze(1)
+    m = eq_host.numpy()                                                   # `numpy` refuses a device tensor: host only
+    idx = lambda a: torch.from_numpy(np.flatnonzero(a)).to(eq.device, non_blocking=True)
+    iu, iv = idx(~m), idx(m)
+    check_values(eq[iv], lambda: 'eq_host marks a sample with r < t as r = t: it must be the mask the draw applied')
+    return iu, iv
+
 def _call(self: MeanFlowLoss, model, # called as model(z, t, h, y) -> u
           x: torch.Tensor, # data batch (B, ...)
           y: torch.Tensor | None = None, # labels (B,) or None
           t=None, r=None, e=None, drop=None, # optional pre-drawn times (B,), noise and dropout mask (see `draw`)
           step: int = 0, total: int = 1, # training progress, for schedules that depend on it
-          generator=None):
+          generator=None,
+          eq_host=None, # optional r = t mask (B,) on the host (a balanced `draw` adds it): the split without a host sync
+         ):
     "One MeanFlow loss evaluation: a dict with `loss` (to backprop), `loss_u`, `loss_v`, `weight`."
     B, dev = x.shape[0], x.device
     if t is None or e is None or drop is None:
         d = self.draw(B, x.shape[1:], generator, dev, step, total)
-        t, r = (d['t'], d['r']) if t is None else (t, r)
+        t, r, eq_host = (d['t'], d['r'], d.get('eq_host')) if t is None else (t, r, eq_host)
         e = d['e'] if e is None else e
         drop = d['drop'] if drop is None else drop
     z, v = interpolate(x, e, t), cond_velocity(x, e)                     # z_t = (1-t)x + te, v = e - x
     y = _drop_labels(self, y, drop)                                       # class dropout to the null label
     v = _guide(self, model, z, t, v, y)                                   # v_g, or v when unguided
     eq = (r == t)
-    iu, iv = (~eq).nonzero().squeeze(1), eq.nonzero().squeeze(1)
+    iu, iv = _split(eq, eq_host)                                          # the r < t and the r = t samples
     sub = lambda a, i: None if a is None else a[i]
     err = torch.zeros(B, device=dev)
     if len(iv):                                                           # r = t: the target is v itself, no JVP

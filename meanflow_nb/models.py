@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .core import ConfigError, check
+from .core import ConfigError, check, check_values
 
 # %% auto #0
 __all__ = ['DiT_models', 'PAPER_PARAMS', 'timestep_embedding', 'JVPLinear', 'ToyMLP', 'jvp_attention', 'TimestepEmbedder',
@@ -97,7 +97,7 @@ def _labels(y, B: int, num_classes: int, device) -> torch.Tensor:
     "Labels `(B,)` long; `None` means the null label `num_classes`; out-of-range labels raise `ConfigError`."
     if y is None: return torch.full((B,), num_classes, dtype=torch.long, device=device)
     check(not y.is_floating_point() and y.shape == (B,), f'labels must be a (B,) = ({B},) integer tensor, got {y.dtype} {tuple(y.shape)}')
-    check(bool(((y >= 0) & (y <= num_classes)).all()), f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
+    check_values((y >= 0) & (y <= num_classes), lambda: f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
     return y
 
 # %% ../nbs/05_models.ipynb #a7e91be0
@@ -135,8 +135,7 @@ def _labels(y, B: int, num_classes: int, device) -> torch.Tensor:
     "Labels `(B,)` long; `None` means the null label `num_classes`; out-of-range labels raise `ConfigError`."
     if y is None: return torch.full((B,), num_classes, dtype=torch.long, device=device)
     check(not y.is_floating_point() and tuple(y.shape) == (B,), f'labels must be a (B,) = ({B},) integer tensor, got {y.dtype} {tuple(y.shape)}')
-    if not torch.compiler.is_compiling():
-        check(bool(((y >= 0) & (y <= num_classes)).all()), f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
+    check_values((y >= 0) & (y <= num_classes), lambda: f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
     return y
 
 # %% ../nbs/05_models.ipynb #965be4d4

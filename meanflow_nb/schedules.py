@@ -9,7 +9,8 @@ import torch
 from .core import check
 
 # %% auto #0
-__all__ = ['uniform_t', 'logit_normal_t', 'logit_normal_pdf', 'sample_t_r', 'balanced_split', 'balanced_mask', 'r_eq_t_mask']
+__all__ = ['uniform_t', 'logit_normal_t', 'logit_normal_pdf', 'sample_t_r', 'balanced_split', 'balanced_mask', 'r_eq_t_mask',
+           'host_masks']
 
 # %% ../nbs/03_schedules.ipynb #a14c816f
 def uniform_t(n: int, generator=None, device=None) -> torch.Tensor:
@@ -46,6 +47,7 @@ def sample_t_r(n: int, # batch size
 
 # %% ../nbs/03_schedules.ipynb #b5a1a002
 _SPLIT = contextvars.ContextVar('r_eq_t_split', default=0)
+_HOST_MASKS = contextvars.ContextVar('r_eq_t_host_masks', default=None)  # a list while `host_masks` collects
 
 @contextlib.contextmanager
 def balanced_split(groups: int): # 0: the random mask; k >= 1: a fixed count of r = t samples in each of k groups
@@ -64,4 +66,14 @@ def r_eq_t_mask(n: int, ratio: float, generator=None, device=None) -> torch.Tens
     "The r = t mask of one draw: Bernoulli(`ratio`) per sample, or `balanced_mask` inside `balanced_split`."
     u = torch.rand(n, generator=generator, device=device)          # drawn in both modes: the same random stream
     g = _SPLIT.get()
-    return balanced_mask(n, ratio, g, device) if g else u < ratio
+    if not g: return u < ratio
+    m = balanced_mask(n, ratio, g)                                  # known on the host: built there, copied without a wait
+    if _HOST_MASKS.get() is not None: _HOST_MASKS.get().append(m)
+    return m.to(device, non_blocking=True) if device is not None else m
+
+@contextlib.contextmanager
+def host_masks():
+    "Context: collects (a list) the host copy of every balanced r = t mask drawn inside it; random masks are not known there."
+    tok = _HOST_MASKS.set([])
+    try: yield _HOST_MASKS.get()
+    finally: _HOST_MASKS.reset(tok)

@@ -24,11 +24,11 @@ __all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'R
            'ACT_COEF', 'METHOD_NAMES', 'TrainConfig', 'get_config', 'validate_config', 'build_model', 'build_loss',
            'generate', 'ToyData', 'DatasetData', 'build_data', 'total_steps', 'RunError', 'sync_stats', 'train_step',
            'state_digest', 'nonfinite_weights', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
-           'prune_checkpoints', 'latest_checkpoint', 'ema_update_fn', 'release_run_folder', 'lock_run_folder',
-           'clear_run_folder', 'claim_run_folder', 'config_diff', 'check_resume', 'train', 'Preempted', 'set_precision',
-           'resolve_micro_batch', 'compiled_step', 'activation_bytes', 'fixed_bytes', 'fit_micro_batch', 'run_label',
-           'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log', 'evaluate_images', 'field_docs',
-           'train_parser', 'cli_train']
+           'prune_checkpoints', 'latest_checkpoint', 'ema_update_fn', 'ema_update', 'release_run_folder',
+           'lock_run_folder', 'clear_run_folder', 'claim_run_folder', 'config_diff', 'check_resume', 'train',
+           'Preempted', 'set_precision', 'resolve_micro_batch', 'compiled_step', 'activation_bytes', 'fixed_bytes',
+           'fit_micro_batch', 'run_label', 'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log',
+           'evaluate_images', 'field_docs', 'train_parser', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #05ebb6f1
 @dataclass
@@ -312,16 +312,25 @@ class _StepBatchSampler:
             yield idx[k * self.per_rank:(k + 1) * self.per_rank]
             step += 1
 
+def _check_labels(y: torch.Tensor, num_classes: int):
+    "Labels of a host batch must lie in [0, num_classes): checked where the data enters (the networks then only assert on the device)."
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()): raise ConfigError(f'the data has labels outside [0, {num_classes}) (min {int(y.min())}, max {int(y.max())}); '
+                                          f'set num_classes to the number of classes of the data')
+
 class DatasetData:
     "A dataset of `(x, y)` from `meanflow_nb.data` as step-indexed batches."
     def __init__(self, cfg: TrainConfig):
         from meanflow_nb.data import build_dataset
         self.ds = build_dataset(cfg.data, cfg.data_path or None, 'train', **cfg.data_kwargs)
         self.shape, self.size, self.num_workers = tuple(self.ds[0][0].shape), len(self.ds), cfg.num_workers
+        self.num_classes = cfg.num_classes
     def batches(self, start: int, global_batch: int, rank: int, world: int, seed: int, device):
         bs = _StepBatchSampler(self.ds, global_batch // world, rank, world, seed, start)
         dl = DataLoader(self.ds, batch_sampler=bs, num_workers=self.num_workers, pin_memory=device.type == 'cuda')
-        for x, y in dl: yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for x, y in dl:
+            if self.num_classes: _check_labels(y, self.num_classes)          # on the host, before the device sees them
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 def build_data(cfg: TrainConfig):
     "Step-indexed batches for `cfg.data`."
@@ -345,7 +354,7 @@ def _chunks(n: int, micro: int) -> list:
 
 def _combine(parts: list, ns: list, masked: bool) -> dict:
     "Micro-batch loss parts -> the parts of the whole batch (`loss_u`/`loss_v` weighted by their sample counts when `masked`)."
-    n = torch.tensor(ns, dtype=torch.float32, device=parts[0]['loss'].device)
+    n = torch.tensor(ns, dtype=torch.float32).to(parts[0]['loss'].device, non_blocking=True)  # no blocking copy
     fu = torch.stack([p['frac_u'].float() for p in parts]) * n if 'frac_u' in parts[0] else n
     out = {}
     for k in parts[0]:
@@ -481,6 +490,18 @@ def ema_update_fn(decay: float, warmup: bool = True):
         torch._foreach_lerp_(avg, cur, 1 - d)
     return update
 
+@torch.no_grad()
+def ema_update(ema: AveragedModel, # built with multi_avg_fn=ema_update_fn(decay, warmup)
+               model: nn.Module, decay: float,
+               n: int, # updates so far (`ema.n_averaged`, kept on the host by the caller)
+               warmup: bool = True):
+    "`ema.update_parameters(model)` without a host sync: the count comes from the host, not from a device copy of it."
+    avg, cur = [p.detach() for p in ema.module.parameters()], [p.detach() for p in model.parameters()]
+    if n == 0: torch._foreach_copy_(avg, cur)                                 # the first update copies
+    else: ema_update_fn(decay, warmup)(avg, cur, n)
+    for b, bm in zip(ema.module.buffers(), model.buffers()): b.copy_(bm)
+    ema.n_averaged += 1                                                        # a CPU buffer: no device work
+
 def _state(cfg, step, model, emas, opt, loss_fn=None) -> dict:
     "Everything a resumed run needs (the loss's own state too, for stateful schedules such as DTD)."
     return dict(step=step, model=model.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(),
@@ -599,6 +620,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     loss_fn = build_loss(cfg)
     start = _maybe_resume(out, model, emas, opt, loss_fn, cfg, total, verbose=not quiet) if resume else 0
     if resume and world > 1: _check_params(model, start, 'after the resume')  # every rank loaded the same weights
+    ema_n = [int(e.n_averaged) for e in emas]                                  # the EMA counts, kept on the host
     micro = resolve_micro_batch(cfg, model, device, world)
     fwd = torch.compile(model) if cfg.compile else model
     step_fn = compiled_step() if cfg.compile_step else None
@@ -616,7 +638,8 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
                 log_now = done % max(cfg.log_every, 1) == 0 or done == total
                 ckpt_now = done % max(cfg.ckpt_every, 1) == 0 or done == total
                 check_now = world > 1 and cfg.param_check_every > 0 and done % cfg.param_check_every == 0
-                sync_now = log_now or ckpt_now or check_now or hasattr(loss_fn, 'observe')  # the only host syncs
+                observe = getattr(loss_fn, 'needs_observe', hasattr(loss_fn, 'observe'))  # e.g. DTD, during its curriculum
+                sync_now = log_now or ckpt_now or check_now or observe                # the only host syncs
                 with meter.data(): x, y = next(batches)
                 g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, 2))
                 with balanced_split(split):
@@ -628,8 +651,8 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
                 except RunError:
                     _raise_if_bad(bad); raise                                  # an earlier silent step went first
                 if not sync_now: bad = torch.where((bad < 0) & ~torch.isfinite(stats['loss']), step, bad)
-                if hasattr(loss_fn, 'observe'): loss_fn.observe(stats, step, total)  # e.g. DTD's curriculum (same on all ranks)
-                for e in emas: e.update_parameters(model)
+                if observe: loss_fn.observe(stats, step, total)                # DTD's pacing (rank-averaged: the same on all ranks)
+                for i, e in enumerate(emas): ema_update(e, model, cfg.ema_decays[i], ema_n[i], cfg.ema_warmup); ema_n[i] += 1
                 meter.step()
                 timed = main and cfg.ckpt_every_minutes > 0 and time.monotonic() - last_ckpt >= 60 * cfg.ckpt_every_minutes
                 preempt, timed = dist.any_rank(stop.flag, timed) if (world > 1 or stop.flag or timed) else (False, False)

@@ -1,7 +1,8 @@
 """The GPU check of the paper-scale path, ready to run: `pytest tests/gpu -q` on one CUDA GPU (a few minutes).
 Skipped without CUDA. It checks that TF32 and bf16 take effect, that the compiled step equals eager, that the
-NCCL collectives work with 1 rank, that micro-batches equal the un-split step, and that the planner's activation
-memory is within 25 % of the measured peak for DiT-B/2 and iMF-B/2."""
+NCCL collectives work with 1 rank, that micro-batches equal the un-split step, that the planner's activation
+memory is within 25 % of the measured peak for DiT-B/2 and iMF-B/2, and that the non-log training steps of MF, Kim
+and iMF make no host sync."""
 import os, subprocess, sys, warnings
 from pathlib import Path
 import pytest
@@ -124,3 +125,30 @@ def test_planner_memory_within_25_percent(name, kind, bf16):
     pred = activation_bytes(arch, kind, bf16)
     print(f'{name} {kind} bf16={bf16}: measured {meas / 2**20:.1f} MB/sample, planned {pred / 2**20:.1f} MB/sample ({pred / meas - 1:+.1%})')
     assert abs(pred / meas - 1) <= 0.25, (meas, pred)
+
+
+@pytest.mark.parametrize('case', ['mf', 'kim-minsnr', 'imf'])
+def test_no_host_sync_outside_log_steps_on_gpu(tmp_path, monkeypatch, case):
+    """A 5-step digits run (balanced r = t split; only the last step logs and checkpoints) whose steps 2-4, from the
+    batch on the GPU to the next batch, run under `torch.cuda.set_sync_debug_mode('error')`: any host sync raises
+    (step 1 is left out: first-call set-up). The CPU twin, with a count of host reads, is tests/test_syncs.py."""
+    import meanflow_nb.train as T
+    cases = {'mf': dict(method='mf', model='DiT-T/2'), 'kim-minsnr': dict(method='kim', kim_accel='minsnr', model='DiT-T/2'),
+             'imf': dict(method='imf', model='iMF-T/2', ratio_r_eq_t=0.5)}
+    steps, state = 5, dict(fetched=0)
+    cfg = T.get_config('digits', **cases[case], global_batch=32, steps=steps, log_every=steps, ckpt_every=steps,
+                       sample_every=0, ckpt_every_minutes=0.0, r_eq_t_split='balanced', out=str(tmp_path / case))
+    class Meter(T._Meter):
+        def data(self):
+            w = super().data()
+            class W:
+                def __enter__(s): torch.cuda.set_sync_debug_mode(0); return w.__enter__()
+                def __exit__(s, *e):
+                    r = w.__exit__(*e); state['fetched'] += 1
+                    if 1 < state['fetched'] < steps: torch.cuda.set_sync_debug_mode('error')
+                    return r
+            return W()
+    monkeypatch.setattr(T, '_Meter', Meter)
+    try: T.train(cfg, progress=False, quiet=True)
+    finally: torch.cuda.set_sync_debug_mode(0)
+    assert state['fetched'] == steps
