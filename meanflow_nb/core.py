@@ -12,9 +12,9 @@ import torch
 # %% auto #0
 __all__ = ['RESULT_TABLES', 'bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test',
            'ConfigError', 'check', 'check_values', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved',
-           'bootstrap_ci', 'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'save_result',
-           'load_result', 'result_table', 'md_table', 'readme_blocks', 'sync_readme', 'image_grid', 'show_images',
-           'scatter2d', 'plot_field']
+           'bootstrap_ci', 'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir',
+           'write_text_atomic', 'save_result', 'load_result', 'result_table', 'md_table', 'readme_blocks',
+           'sync_readme', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
 
 # %% ../nbs/00_core.ipynb #393d5e47
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -245,15 +245,24 @@ def _jsonable(o):
     if isinstance(o, np.integer): return int(o)
     return o
 
+def write_text_atomic(path: Path | str, # the file to (re)write
+                      text: str) -> Path:
+    "Write `text` to `path` so that a reader (or a crash) sees the old file or the new one, never a mix: a temporary file\n    in the same folder, flushed to disk, then renamed over `path`."
+    path = Path(path); tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+    return path
+
 def save_result(name: str, # file stem, e.g. 'toy_fm_vs_mf'
                 d: dict, # per-seed values, curves, settings; numbers are kept to 6 significant digits
                 folder: Path | str | None = None) -> Path:
-    "Write `results/NAME.json` (small, committed, diff-friendly)."
+    "Write `results/NAME.json` (small, committed, diff-friendly), atomically."
     check(name.replace('_', '').replace('-', '').isalnum(), f'result names are letters, digits, - and _: {name!r}')
     p = Path(folder or results_dir()) / f'{name}.json'
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(_jsonable(d), indent=1) + '\n')
-    return p
+    return write_text_atomic(p, json.dumps(_jsonable(d), indent=1) + '\n')
 
 def load_result(name: str, folder: Path | str | None = None) -> dict:
     "Read `results/NAME.json`."

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset, DataLoader, DistributedSampler
-from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, in_test
+from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, in_test, write_text_atomic
 from . import dist
 
 # %% auto #0
@@ -338,7 +338,7 @@ def _open_shard(path: Path):
                           'delete it and rerun mf-latents with the same arguments to encode it again') from None
 
 def _write_json_atomic(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + '.tmp'); tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 # %% ../nbs/06_data.ipynb #efe96496
 def _prepare_out(out: Path, meta: dict):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test
+from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test, write_text_atomic
 from . import dist
 
 # %% auto #0
@@ -695,7 +695,7 @@ def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one o
         cfg, model, shp, step = load_run(run, ckpt=str(p))
         rows.append(dict(step=step, **{f'fid{k}': digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, seed, batch_size)['x'], ref)
                                        for k in nfes}))
-    tmp = cache.with_suffix('.tmp'); tmp.write_text(json.dumps(dict(key=key, rows=rows), indent=1)); os.replace(tmp, cache)
+    write_text_atomic(cache, json.dumps(dict(key=key, rows=rows), indent=1))
     return rows
 
 # %% ../nbs/11_eval.ipynb #a2becb1d

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
-from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, set_seed, in_test
+from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, set_seed, in_test, write_text_atomic
 try: import fcntl  # run-folder locks (POSIX)
 except ImportError: fcntl = None
 from . import dist
@@ -590,7 +590,7 @@ def _trim_log(out: Path, start: int):
     p = out / 'log.jsonl'
     if not p.exists(): return
     keep = [l if l.endswith('\n') else l + '\n' for l in p.read_text().splitlines(keepends=True) if _log_step(l) <= start]
-    tmp = p.with_suffix('.tmp'); tmp.write_text(''.join(keep)); os.replace(tmp, p)
+    write_text_atomic(p, ''.join(keep))
 
 # %% ../nbs/08_train.ipynb #b9e5f28d
 def train(cfg: TrainConfig, # what to train; see `get_config`
@@ -625,7 +625,7 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     fwd = torch.compile(model) if cfg.compile else model
     step_fn = compiled_step() if cfg.compile_step else None
     gsync = dist.GradSync(model, cfg.bucket_mb) if cfg.overlap_sync and world > 1 else None
-    if main: (out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
+    if main: write_text_atomic(out / 'config.json', json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
     batches = data.batches(start, cfg.global_batch, rank, world, cfg.seed, device)
     bar = _progress(range(start, total), main and progress, run_label(cfg))
     split = world if cfg.r_eq_t_split == 'balanced' else 0
@@ -868,7 +868,7 @@ def finish_run(cfg, model, emas, data, device, total, resume=False, progress=Tru
         metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data, progress) if len(data.shape) == 1 \
             else evaluate_images(cfg, res.ema, data.shape, device)
         metrics.update(steps=total, method=cfg.method, preset=cfg.preset)
-        (out / 'metrics.json').write_text(json.dumps(metrics, indent=1))
+        write_text_atomic(out / 'metrics.json', json.dumps(metrics, indent=1))
     res.metrics = dist.broadcast_object(metrics)
     return res
 
