@@ -225,7 +225,7 @@ def _toy_previous(folder, seeds: tuple, n: int) -> dict:
                     for sol in ('euler', 'heun', 'native') if sol in d}) for i, s in enumerate(res['seeds'])]
     return out
 
-@study('toy-fm-vs-mf', minutes=45)  # ~2.3 CPU-minutes per run measured on the shared machine, 22 runs
+@study('toy-fm-vs-mf', minutes=60)  # 22 runs: ~1.5 to 3 CPU-minutes each, an iMF run ~5
 def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False,
               seeds: tuple | None = None, # default: `TOY_SEEDS`
               one_step: tuple | None = None, # names of `TOY_ONE_STEP` to run (default: all)
@@ -665,7 +665,7 @@ def digits_findings(folder=None) -> str:
     return '\n'.join(out) + '\n'
 
 # %% ../nbs/16_study.ipynb #s16d0014
-@study('digits', minutes=45)
+@study('digits', minutes=90)  # 23 runs: training 1 to 4 min each, measuring 1 to 5 min
 def study_digits(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
     "Digits: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF, digits-FID against NFE, 5 seeds."
     seeds = DIGITS_SEEDS[:1] if quick else DIGITS_SEEDS
