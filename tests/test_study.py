@@ -113,3 +113,22 @@ def test_hand_written_number_is_caught():
     "The check above can fail: a hand-written ratio or decimal outside a block is found."
     sec = 'MeanFlow is 1.49x faster, SWD 0.184. <!-- results:toy -->\n0.179\n<!-- /results:toy --> `p = 0.75`'
     assert MEASURED.findall(_prose(sec)) == ['1.49x', '0.184']
+
+
+def test_digits_table_numbers_are_the_files_bootstrap():
+    "Independently of the renderer: every FID interval of the digits block is `bootstrap_ci` of the files' per-seed values."
+    files = {m: load_result(f'digits_{m}') for m in study.DIGITS_METHODS}
+    seeds = sorted(set.intersection(*(set(f['seeds']) for f in files.values())), key=int)
+    assert len(seeds) >= 5
+    rows = {}
+    for line in readme_blocks(README)['digits'].splitlines():
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        if len(cells) == 3 and cells[1].isdigit(): rows[(cells[0], int(cells[1]))] = cells[2]
+    want = {}
+    for m, f in files.items():
+        for key in f['seeds'][seeds[0]]['final']:
+            sol, k = re.match(r'([a-z]+)(\d+)$', key).groups()
+            label = study.DIGITS_LABELS[m] + ({'euler': ', Euler', 'heun': ', Heun'}.get(sol, ''))
+            if (label, int(k)) in rows: want[(label, int(k))] = fmt_ci(bootstrap_ci([f['seeds'][s]['final'][key] for s in seeds]))
+    assert len(rows) >= 20 and set(want) == set(rows), (sorted(set(rows) ^ set(want)))
+    assert rows == want
