@@ -18,12 +18,13 @@ from .kim import STUDY_FIELDS, MixtureProbe, probe_errors
 __all__ = ['STUDIES', 'FIGURES', 'DOCS', 'TOY_SEEDS', 'TOY_VAL_SEED', 'TOY_NFES', 'TOY_FM', 'TOY_FM_SWEEP', 'TOY_ONE_STEP',
            'TOY_ENERGY_N', 'DIGITS_SEEDS', 'DIGITS_VAL_SEED', 'DIGITS_TRAIN', 'DIGITS_N', 'DIGITS_CURVE_SEED',
            'DIGITS_FINAL_SEED', 'DIGITS_FM', 'DIGITS_FM_SWEEP', 'DIGITS_METHODS', 'DIGITS_LABELS', 'DIGITS_ONE_STEP',
-           'DIGITS_EULER', 'DIGITS_HEUN', 'DIGITS_MF_NFE', 'DIGITS_IMF_OMEGAS', 'study_config', 'checkpoint_curve',
-           'study', 'figure', 'repo_root', 'render_readme', 'render_figures', 'study_parser', 'cli_study',
-           'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary', 'toy_table', 'plot_toy_quality', 'toy_findings',
-           'digits_measure', 'train_seconds', 'digits_fm_settings', 'digits_run', 'digits_reference', 'digits_summary',
-           'digits_table', 'digits_nfe_figure', 'digits_curves_figure', 'digits_findings', 'study_digits',
-           'study_main_job', 'main_job_text', 'study_bench', 'bench_text', 'digits_fid_text', 'plan_block']
+           'DIGITS_EULER', 'DIGITS_HEUN', 'DIGITS_MF_NFE', 'DIGITS_IMF_MATCHED', 'DIGITS_IMF_OMEGAS', 'study_config',
+           'checkpoint_curve', 'study', 'figure', 'repo_root', 'render_readme', 'render_figures', 'study_parser',
+           'cli_study', 'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary', 'toy_table', 'plot_toy_quality',
+           'toy_findings', 'digits_measure', 'train_seconds', 'digits_fm_settings', 'digits_run', 'digits_reference',
+           'digits_summary', 'digits_table', 'digits_nfe_figure', 'digits_curves_figure', 'digits_findings',
+           'study_digits', 'study_main_job', 'main_job_text', 'study_bench', 'bench_text', 'digits_fid_text',
+           'plan_block']
 
 # %% ../nbs/16_study.ipynb #s16a0007
 def study_config(preset: str | None = None, **kw):
@@ -400,7 +401,8 @@ DIGITS_ONE_STEP = ('mf', 'kim', 'imf')
 DIGITS_EULER = (1, 2, 4, 8, 16, 32, 64) # flow-matching Euler NFEs (a network call costs ~1 s per 1,000 samples here)
 DIGITS_HEUN = (2, 4, 8, 16, 32) # flow-matching Heun NFEs (2 calls a step)
 DIGITS_MF_NFE = (1, 2, 4) # MeanFlow / Kim et al. / iMF sampling steps
-DIGITS_IMF_OMEGAS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0) # iMF's guidance scales, one chosen per NFE on the validation noise
+DIGITS_IMF_MATCHED = 2.0 # the others' trained-in guidance (omega 1, kappa 0.5) is CFG at scale omega / (1 - kappa) = 2 (MF Sec. 4.2)
+DIGITS_IMF_OMEGAS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0) # iMF's guidance scales (training draws them on [1, 8]), one chosen per NFE on the validation noise
 
 # %% ../nbs/16_study.ipynb #s16d0008
 def _digits_fid(x) -> float:
@@ -450,7 +452,10 @@ def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER
         final[f'nfe{k}'] = _digits_fid(s['x'])
         if k == 1: rec['memorisation'] = memorisation_check(s['x'])
     rec['final'] = final
-    if method == 'imf': rec.update(omega=chosen, omega_val=val)
+    if method == 'imf':   # and at the others' guidance scale, on the same fresh noise: the comparison at equal guidance
+        cfg.eval_omega = DIGITS_IMF_MATCHED
+        matched = {f'nfe{k}': _digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_FINAL_SEED, 500)['x']) for k in mf_nfe}
+        rec.update(omega=chosen, omega_val=val, final_matched=matched)
     return rec
 
 # %% ../nbs/16_study.ipynb #s16d0009
@@ -548,12 +553,16 @@ def digits_summary(folder=None) -> dict:
     rows = {('fm', 'euler', k): bootstrap_ci(col('fm', f'euler{k}')) for k in euler}
     rows.update({('fm', 'heun', k): bootstrap_ci(col('fm', f'heun{k}')) for k in heun})
     rows.update({(m, 'native', k): bootstrap_ci(col(m, f'nfe{k}')) for m in DIGITS_ONE_STEP for k in DIGITS_MF_NFE})
+    matched = all('final_matched' in r for r in R['imf'])
+    col_m = lambda k: np.array([r['final_matched'][f'nfe{k}'] for r in R['imf']])
+    if matched: rows.update({('imf', 'matched', k): bootstrap_ci(col_m(k)) for k in DIGITS_MF_NFE})
     fm_euler = np.stack([col('fm', f'euler{k}') for k in euler], 1)              # (seeds, NFEs)
     curves = {m: np.array([r['curve']['fid1'] for r in R[m]]) for m in ('mf', 'kim')}
     steps = R['mf'][0]['curve']['step']
     return dict(seeds=ref['seeds'], rows=rows, steps=steps, curves=curves, euler=euler, heun=heun,
                 equiv_nfe={m: equivalent_nfe_ci(fm_euler, col(m, 'nfe1'), euler) for m in DIGITS_ONE_STEP},
                 vs_mf={m: {k: paired_diff_ci(col(m, f'nfe{k}'), col('mf', f'nfe{k}')) for k in DIGITS_MF_NFE} for m in ('kim', 'imf')},
+                imf_matched_vs_mf={k: paired_diff_ci(col_m(k), col('mf', f'nfe{k}')) for k in DIGITS_MF_NFE} if matched else {},
                 mf1_minus_fm={k: paired_diff_ci(col('mf', 'nfe1'), col('fm', f'euler{k}')) for k in euler},
                 speedup=speedup_ci(curves['mf'], curves['kim'], steps),
                 speedup_self=speedup_ci(curves['mf'], curves['mf'], steps),
@@ -574,7 +583,7 @@ def _diff_text(d: dict) -> str:
 def digits_table(folder=None) -> str:
     "The README's digits block: digits-FID against NFE for every method, and the comparisons the text makes."
     S = digits_summary(folder); n = len(S['seeds'])
-    lab = {'euler': 'Euler', 'heun': 'Heun', 'native': ''}
+    lab = {'euler': 'Euler', 'heun': 'Heun', 'native': '', 'matched': f'omega {DIGITS_IMF_MATCHED:g} (the others\' guidance)'}
     rows = [[f"{DIGITS_LABELS[m]}{', ' + lab[s] if lab[s] else ''}", k, S['rows'][(m, s, k)]] for (m, s, k) in S['rows']]
     rows.append([f"real digits ({DIGITS_N:,} train images, {len(S['reference']['real_vs_real'])} draws)", '', S['floor']])
     eq, sp, mem = S['equiv_nfe'], S['speedup'], S['memorisation']
@@ -587,7 +596,9 @@ def digits_table(folder=None) -> str:
              "- Flow matching (Euler) reaches each one-step model's 1-NFE digits-FID at: " + '; '.join(
                  f"{DIGITS_LABELS[m]} **{_fmt_equiv(eq[m], S['euler'][-1])} NFE**" for m in DIGITS_ONE_STEP) + '.',
              "- Paired over seeds, minus MeanFlow: " + '; '.join(
-                 f"{DIGITS_LABELS[m]}: " + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['vs_mf'][m].items()) for m in S['vs_mf']) + '.',
+                 f"{DIGITS_LABELS[m]}: " + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['vs_mf'][m].items()) for m in S['vs_mf'])
+             + ('; iMF at the others\' guidance scale: ' + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['imf_matched_vs_mf'].items())
+                if S['imf_matched_vs_mf'] else '') + '.',
              f"- Kim et al.'s speed-up (MeanFlow's {S['steps'][-1]} steps over the first checkpoint where Kim et al.'s seed-mean 1-NFE curve "
              f"reaches MeanFlow's final level; grid of {S['steps'][1] - S['steps'][0]} steps): "
              + (f"**{fmt_ci(sp, 2, 'x')}**." if sp['mean'] > 0 else f"**none**: the curve never reaches that level "
@@ -654,6 +665,10 @@ def digits_findings(folder=None) -> str:
                    f"{_fmt_equiv(S['equiv_nfe'][m], S['euler'][-1])} NFE; at 2 NFE {fmt_ci(R[(m, 'native', 2)])}.")
     for m, d in S['vs_mf'].items():
         out.append(f"- {DIGITS_LABELS[m]} minus MeanFlow: " + ', '.join(f"{k} NFE {fmt_ci(x)} ({_sep(x)})" for k, x in d.items()) + '.')
+    if S['imf_matched_vs_mf']:
+        d = S['imf_matched_vs_mf']
+        out.append(f"- iMF at the others' effective guidance scale ({DIGITS_IMF_MATCHED:g}) instead of its chosen one: 1 NFE "
+                   f"{fmt_ci(R[('imf', 'matched', 1)])}; minus MeanFlow " + ', '.join(f"{k} NFE {fmt_ci(x)} ({_sep(x)})" for k, x in d.items()) + '.')
     sp = S['speedup']
     out.append(f"- Kim et al.'s speed-up over MeanFlow on the 1-NFE curves: " + (fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else
                f"none: its seed-mean curve never reaches MeanFlow's final level (in {100 * sp['reached']:.0f} % of the bootstrap resamples it does)") + '.')
