@@ -573,6 +573,7 @@ def digits_summary(folder=None) -> dict:
 
 # %% ../nbs/16_study.ipynb #s16d0012
 def _fmt_equiv(d: dict, top: int = DIGITS_EULER[-1]) -> str:
+    if not math.isfinite(d['lo']): return f'more than {top} (not reached on the grid in any bootstrap resample)'
     f = lambda v: f'beyond {top}' if not math.isfinite(v) else f'{v:.1f}'
     return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
 
