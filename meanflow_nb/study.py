@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .core import (check, ConfigError, cli_errors, bootstrap_ci, paired_diff_ci, equivalent_nfe_ci, fmt_ci, md_table,
-                   result_table, save_result, load_result, results_dir, RESULT_TABLES, sync_readme, readme_blocks)
+                   result_table, save_result, load_result, results_dir, RESULT_TABLES, sync_readme, readme_blocks, write_text_atomic)
 from .train import get_config, TrainConfig, train, build_model, list_checkpoints, load_checkpoint, generate, _mix
 from .kim import STUDY_FIELDS, MixtureProbe, probe_errors
 
@@ -727,12 +727,19 @@ def main_job_text(folder=None) -> str:
             f"{m['swd_data_floor']:.3f} between two draws of the data (`results/main_job.json`).\n")
 
 # %% ../nbs/16_study.ipynb #s16e0003
-@study('bench', minutes=25)
-def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = True) -> dict:
-    "Every `mf-bench` part side by side in one process (the README's benchmark table); `results/bench.json`."
+@study('bench', minutes=10)
+def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
+    "Every `mf-bench` part side by side in one process (the README's benchmark table); `results/bench.json`. Parts finished before a crash are kept (in `runs/`) unless `fresh`."
     from meanflow_nb.bench import run_bench, PARTS
-    res = run_bench(PARTS, 'tiny' if quick else 'default', threads=1, verbose=True)
+    part_file = Path(runs) / f"bench_parts{'_quick' if quick else ''}.json"
+    res = {} if fresh or not part_file.exists() else json.loads(part_file.read_text())
+    for p in PARTS:
+        if p in res: continue
+        r = run_bench((p,), 'tiny' if quick else 'default', threads=1, verbose=True)
+        res.setdefault('meta', r['meta'])['loadavg_end'] = r['meta']['loadavg_end']; res[p] = r[p]
+        part_file.parent.mkdir(parents=True, exist_ok=True); write_text_atomic(part_file, json.dumps(res))
     if not quick: save_result('bench', res, folder)
+    part_file.unlink(missing_ok=True)
     return res
 
 @result_table('bench')

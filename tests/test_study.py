@@ -130,5 +130,8 @@ def test_digits_table_numbers_are_the_files_bootstrap():
             sol, k = re.match(r'([a-z]+)(\d+)$', key).groups()
             label = study.DIGITS_LABELS[m] + ({'euler': ', Euler', 'heun': ', Heun'}.get(sol, ''))
             if (label, int(k)) in rows: want[(label, int(k))] = fmt_ci(bootstrap_ci([f['seeds'][s]['final'][key] for s in seeds]))
+        for key in f['seeds'][seeds[0]].get('final_matched', {}):   # iMF at the others' guidance scale
+            label, k = f"iMF, omega {study.DIGITS_IMF_MATCHED:g} (the others' guidance)", int(key[3:])
+            want[(label, k)] = fmt_ci(bootstrap_ci([f['seeds'][s]['final_matched'][key] for s in seeds]))
     assert len(rows) >= 20 and set(want) == set(rows), (sorted(set(rows) ^ set(want)))
     assert rows == want
