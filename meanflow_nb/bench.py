@@ -14,8 +14,8 @@ from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 __all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader',
            'bench_data', 'steps_per_s_from_log', 'bench_ddp', 'bench_model_forward', 'run_bench', 'bench_rows',
            'bench_table', 'cli_bench', 'cpu_peak_bytes', 'measure_activation_bytes', 'calibrate', 'plan',
-           'bench_compiled', 'bench_precision', 'peak_rss_mb', 'bench_grad_ckpt', 'bench_overlap', 'bench_scale',
-           'scale_rows', 'cli_plan', 'plan_text']
+           'bench_compiled', 'bench_precision', 'bench_grad_ckpt', 'bench_overlap', 'bench_scale', 'scale_rows',
+           'cli_plan', 'plan_text']
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
 from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
@@ -379,32 +379,6 @@ def bench_precision(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 3) 
     return dict(model=model, batch=batch, **{f'{k}_cpu_ms': round(v['cpu_ms'], 1) for k, v in tm.items()},
                 bf16_speedup=round(tm['fp32']['cpu_ms'] / tm['bf16']['cpu_ms'], 2),
                 bf16_jvp_speedup=round(tm['fp32']['cpu_ms'] / tm['bf16_jvp']['cpu_ms'], 2))
-
-_RSS_STEP = """
-import resource, sys, json, warnings, torch
-warnings.simplefilter('ignore'); torch.set_num_threads(1)
-from meanflow_nb.models import create_model, set_grad_ckpt, iMFDiT
-from meanflow_nb.loss import MeanFlowLoss
-from meanflow_nb.imf import IMFLoss
-name, kw, size, kind, ckpt, B = json.loads(sys.argv[1])
-torch.manual_seed(0)
-net = set_grad_ckpt(create_model(name, input_size=size, in_channels=4, num_classes=10, **kw), ckpt)
-lf = (IMFLoss if isinstance(net, iMFDiT) else MeanFlowLoss)(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
-g = torch.Generator().manual_seed(0)
-x, y = torch.randn(B, 4, size, size, generator=g), torch.randint(0, 10, (B,), generator=g)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-lf(net, x, y, **lf.draw(B, x.shape[1:], g))['loss'].backward()
-print(json.dumps([before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
-"""
-
-def peak_rss_mb(model: str, model_kwargs: dict, input_size: int, kind: str, grad_ckpt: bool, batch: int) -> float:
-    "Growth of the peak resident memory (MB) of a fresh process over one loss + backward (`ru_maxrss`, Linux)."
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-c', _RSS_STEP, json.dumps([model, model_kwargs, input_size, kind, grad_ckpt, batch])],
-                       capture_output=True, text=True, env=env, timeout=900)
-    if r.returncode != 0: raise RuntimeError(r.stderr[-1500:])
-    before, after = json.loads(r.stdout.strip().splitlines()[-1])
-    return (after - before) / 1024
 
 def bench_grad_ckpt(models: tuple = (('DiT-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4}),
                                      ('iMF-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4, 'head_depth': 2})),

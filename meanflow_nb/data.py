@@ -337,9 +337,6 @@ def _open_shard(path: Path):
         raise ConfigError(f'latent shard {path} is unreadable ({" ".join(str(ex).split())[:100]}); '
                           'delete it and rerun mf-latents with the same arguments to encode it again') from None
 
-def _write_json_atomic(path: Path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=1))
-
 # %% ../nbs/06_data.ipynb #efe96496
 def _prepare_out(out: Path, meta: dict):
     "Every rank checks an existing `meta.json` against this run; rank 0 writes it if missing."
@@ -350,7 +347,7 @@ def _prepare_out(out: Path, meta: dict):
         if old.get('classes') != meta['classes']: diff.append('classes differ')
         check(not diff, f'{out} holds latents of another run ({"; ".join(diff)}); use another output directory')
     dist.barrier()
-    if dist.is_main() and not (out / 'meta.json').is_file(): _write_json_atomic(out / 'meta.json', meta)
+    if dist.is_main() and not (out / 'meta.json').is_file(): write_text_atomic(out / 'meta.json', json.dumps(meta, indent=1))
     dist.barrier()
 
 def _shard_done(path: Path, meta: dict, count: int) -> bool:

@@ -454,7 +454,8 @@ def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER
     rec['final'] = final
     if method == 'imf':   # and at the others' guidance scale, on the same fresh noise: the comparison at equal guidance
         cfg.eval_omega = DIGITS_IMF_MATCHED
-        matched = {f'nfe{k}': _digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_FINAL_SEED, 500)['x']) for k in mf_nfe}
+        matched = {f'nfe{k}': final[f'nfe{k}'] if chosen[f'nfe{k}'] == DIGITS_IMF_MATCHED else   # the same samples
+                   _digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_FINAL_SEED, 500)['x']) for k in mf_nfe}
         rec.update(omega=chosen, omega_val=val, final_matched=matched)
     return rec
 
