@@ -12,10 +12,10 @@ from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
 __all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader',
-           'bench_data', 'steps_per_s_from_log', 'bench_ddp', 'bench_model_forward', 'run_bench', 'bench_rows',
-           'bench_table', 'cli_bench', 'cpu_peak_bytes', 'measure_activation_bytes', 'calibrate', 'plan',
-           'bench_compiled', 'bench_precision', 'bench_grad_ckpt', 'bench_overlap', 'bench_scale', 'scale_rows',
-           'cli_plan', 'plan_text']
+           'bench_data', 'steps_per_s_from_log', 'launch_sps', 'bench_ddp', 'bench_model_forward', 'run_bench',
+           'bench_rows', 'bench_table', 'cli_bench', 'cpu_peak_bytes', 'measure_activation_bytes', 'calibrate', 'plan',
+           'bench_compiled', 'bench_precision', 'bench_grad_ckpt', 'bench_allreduce', 'bench_overlap', 'bench_scale',
+           'scale_rows', 'overlap_rows', 'cli_plan', 'plan_text']
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
 from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
@@ -130,22 +130,37 @@ def steps_per_s_from_log(log: str | Path, # a run's `log.jsonl`, logged every st
     return (rows[-1]['step'] - rows[0]['step']) / (rows[-1]['sec'] - rows[0]['sec'])
 
 # %% ../nbs/12_bench.ipynb #e5750656
-def _torchrun_train(world: int, out: Path, steps: int, model: str, batch: int, timeout: float, extra: tuple = ()) -> subprocess.CompletedProcess:
+def _torchrun_cmd(world: int, out: Path, steps: int, model: str, batch: int, extra: tuple = ()) -> tuple[list, dict]:
+    "The command line and environment of one `mf-train --preset digits` job under torchrun (gloo, 1 thread per rank)."
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', MPLBACKEND='Agg')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}', '-m', 'meanflow_nb.train',
            '--preset', 'digits', '--model', model, '--global_batch', str(batch), '--steps', str(steps), '--log_every', '1',
            '--sample_every', '0', '--ckpt_every', str(steps), '--param_check_every', '0', '--no-progress', '--out', str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return cmd, env
+
+def launch_sps(jobs: list, # `(world, global_batch, extra_args)` per job; all jobs start at once
+               steps: int = 30, warmup: int = 5, model: str = 'DiT-D/2', timeout: float = 600) -> list[float]:
+    "Steps/s of each of `jobs`, launched together as separate torchrun jobs (each from its own `log.jsonl`)."
+    with tempfile.TemporaryDirectory() as d:
+        procs = []
+        for i, (w, b, extra) in enumerate(jobs):
+            cmd, env = _torchrun_cmd(w, Path(d) / f'j{i}', steps, model, b, extra)
+            with open(Path(d) / f'j{i}.err', 'w') as err:          # files, not pipes: two jobs cannot block on a full pipe
+                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err))
+        try:
+            for p in procs: p.wait(timeout=timeout)
+        finally:
+            for p in procs:
+                if p.poll() is None: p.kill()
+        for i, (p, (w, b, _)) in enumerate(zip(procs, jobs)):
+            if p.returncode != 0: raise RuntimeError(f'torchrun with {w} rank(s), batch {b} failed:\n{(Path(d) / f"j{i}.err").read_text()[-1500:]}')
+        return [steps_per_s_from_log(Path(d) / f'j{i}' / 'log.jsonl', warmup) for i in range(len(jobs))]
 
 def bench_ddp(worlds: tuple = (1, 2), steps: int = 30, warmup: int = 5, model: str = 'DiT-D/2', batch: int = 128,
               timeout: float = 600, extra: tuple = ()) -> dict:
-    "Steps/s of `mf-train --preset digits` under torchrun with each world size (gloo, 1 thread per rank)."
+    "Steps/s of `mf-train --preset digits` under torchrun with each world size, one launch each (`bench_overlap` repeats them)."
     out = dict(model=model, global_batch=batch, steps=steps, warmup=warmup, loadavg=_loadavg())
-    with tempfile.TemporaryDirectory() as d:
-        for w in worlds:
-            r = _torchrun_train(w, Path(d) / f'w{w}', steps, model, batch, timeout, extra)
-            if r.returncode != 0: raise RuntimeError(f'torchrun with {w} rank(s) failed:\n{r.stderr[-1500:]}')
-            out[f'steps_per_s_{w}'] = round(steps_per_s_from_log(Path(d) / f'w{w}' / 'log.jsonl', warmup), 3)
+    for w in worlds: out[f'steps_per_s_{w}'] = round(launch_sps([(w, batch, extra)], steps, warmup, model, timeout)[0], 3)
     if 1 in worlds and 2 in worlds: out['scaling_2_over_1'] = round(out['steps_per_s_2'] / out['steps_per_s_1'], 2)
     return out
 
@@ -393,27 +408,66 @@ def bench_grad_ckpt(models: tuple = (('DiT-T/2', {'hidden_size': 256, 'depth': 6
                                                                              mb=round(a, 1), mb_ckpt=round(b, 1), reduction=round(a / b, 2) if b > 0 else None)
     return out
 
-def bench_overlap(steps: int = 30, warmup: int = 5, model: str = 'DiT-D/2', batch: int = 128, timeout: float = 900) -> dict:
-    """2-rank / 1-rank throughput of `mf-train --preset digits`: strong scaling (the same global `batch`, halved per rank) with
-    the flat and the overlapped all-reduce, and weak scaling (`batch` per rank, so a 2-rank step does twice the work)."""
-    flat = bench_ddp((1, 2), steps, warmup, model, batch, timeout, ('--overlap_sync', 'false'))
-    over = bench_ddp((2,), steps, warmup, model, batch, timeout, ('--overlap_sync', 'true'))
-    weak = {k: bench_ddp((2,), steps, warmup, model, 2 * batch, timeout, ('--overlap_sync', v))['steps_per_s_2'] for k, v in (('flat', 'false'), ('overlap', 'true'))}
-    img = lambda sps, b: sps * b                                       # images/s of the whole job
-    return dict(model=model, global_batch=batch, steps_per_s_1=flat['steps_per_s_1'], steps_per_s_2_flat=flat['steps_per_s_2'],
-                steps_per_s_2_overlap=over['steps_per_s_2'], scaling_flat=flat['scaling_2_over_1'],
-                scaling_overlap=round(over['steps_per_s_2'] / flat['steps_per_s_1'], 2),
-                weak_steps_per_s_2_flat=weak['flat'], weak_steps_per_s_2_overlap=weak['overlap'],
-                weak_scaling_flat=round(img(weak['flat'], 2 * batch) / img(flat['steps_per_s_1'], batch), 2),
-                weak_scaling_overlap=round(img(weak['overlap'], 2 * batch) / img(flat['steps_per_s_1'], batch), 2), loadavg=_loadavg())
+def _spread(vals) -> dict:
+    "Median, smallest and largest of a few repeated measurements."
+    v = sorted(float(x) for x in vals)
+    return dict(median=round(float(np.median(v)), 3), lo=round(v[0], 3), hi=round(v[-1], 3), n=len(v))
+
+def _allreduce_worker(rank: int, world: int, init: str, numel: int, repeats: int, q):
+    import torch.distributed as td
+    torch.set_num_threads(1)
+    td.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
+    x, ts = torch.randn(numel), []
+    for _ in range(repeats + 3):
+        td.barrier(); t = time.perf_counter(); td.all_reduce(x); ts.append(time.perf_counter() - t)
+    if rank == 0: q.put(float(np.median(ts[3:])))
+    td.destroy_process_group()
+
+def bench_allreduce(numel: int, world: int = 2, repeats: int = 20) -> dict:
+    "Median wall time of one gloo all-reduce of `numel` fp32 values across `world` local processes (after a barrier)."
+    ctx = torch.multiprocessing.get_context('spawn'); q = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as d:
+        torch.multiprocessing.spawn(_allreduce_worker, (world, f'file://{d}/store', numel, repeats, q), nprocs=world)
+    return dict(numel=numel, world=world, ms=round(1e3 * q.get(), 2))
+
+def bench_overlap(rounds: int = 5, steps: int = 24, warmup: int = 4, model: str = 'DiT-D/2', batch: int = 128,
+                  bucket_mb: float = 1.0, # bucket size of the overlapped runs (the default 25 MB is one bucket for this model)
+                  timeout: float = 900) -> dict:
+    """2-rank / 1-rank throughput of `mf-train --preset digits`, repeated over `rounds` interleaved rounds: strong scaling
+    (global `batch`, halved per rank) and weak scaling (`batch` per rank), each with the flat and the overlapped all-reduce,
+    and the two ceilings this machine sets (1 rank at half the batch; two unconnected 1-rank jobs at once)."""
+    from meanflow_nb.train import get_config, build_model
+    from meanflow_nb.dist import GradSync
+    flat, over = ('--overlap_sync', 'false'), ('--overlap_sync', 'true', '--bucket_mb', str(bucket_mb))
+    runs = {'one': [(1, batch, ())], 'one_half': [(1, batch // 2, ())], 'pair': [(1, batch, ()), (1, batch, ())],
+            'strong_flat': [(2, batch, flat)], 'strong_overlap': [(2, batch, over)],
+            'weak_flat': [(2, 2 * batch, flat)], 'weak_overlap': [(2, 2 * batch, over)]}
+    names, raw, load = list(runs), [], [_loadavg()]
+    for k in range(rounds):                                            # rotate the order: no run always goes first
+        raw.append({n: [round(v, 4) for v in launch_sps(runs[n], steps, warmup, model, timeout)] for n in names[k % 7:] + names[:k % 7]})
+        load.append(_loadavg())
+    ratio = {'strong_flat': lambda r: r['strong_flat'][0] / r['one'][0], 'strong_overlap': lambda r: r['strong_overlap'][0] / r['one'][0],
+             'strong_ceiling': lambda r: r['one_half'][0] / r['one'][0],
+             'weak_flat': lambda r: 2 * r['weak_flat'][0] / r['one'][0], 'weak_overlap': lambda r: 2 * r['weak_overlap'][0] / r['one'][0],
+             'weak_ceiling': lambda r: sum(r['pair']) / r['one'][0]}
+    per = {k: [f(r) for r in raw] for k, f in ratio.items()}
+    net = build_model(get_config('digits', model=model), (1, 8, 8))
+    numel = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    ar = bench_allreduce(numel)
+    step_ms = 1e3 / float(np.median([r['one'][0] for r in raw]))
+    return dict(model=model, batch=batch, rounds=rounds, steps=steps, warmup=warmup, bucket_mb=bucket_mb,
+                buckets=len(GradSync(net, bucket_mb).buckets), raw=raw, ratios={k: _spread(v) for k, v in per.items()},
+                overlap_minus_flat={s: _spread([o - f for o, f in zip(per[f'{s}_overlap'], per[f'{s}_flat'])]) for s in ('strong', 'weak')},
+                allreduce=dict(ar, step_ms_1=round(step_ms, 1), share=round(ar['ms'] / step_ms, 4)), goal=1.8,
+                goal_met=_spread(per['weak_overlap'])['median'] >= 1.8, loadavg=load)
 
 def bench_scale(size: str = 'default') -> dict:
     "The paper-scale options side by side (see above)."
-    S = dict(default=dict(model='DiT-D/2', batch=128, repeats=3, steps=30, warmup=5),
-             tiny=dict(model='DiT-T/2', batch=16, repeats=1, steps=6, warmup=2))[size]
+    S = dict(default=dict(model='DiT-D/2', batch=128, repeats=3, rounds=5, steps=24, warmup=4),
+             tiny=dict(model='DiT-T/2', batch=16, repeats=1, rounds=1, steps=6, warmup=2))[size]
     ck = {} if size == 'default' else dict(models=(('DiT-T/2', {'hidden_size': 64, 'depth': 2, 'num_heads': 4}),), input_size=8, batch=8)
     out = dict(precision=bench_precision(S['model'], S['batch'], S['repeats']), grad_ckpt=bench_grad_ckpt(**ck),  # memory before compiling
-               overlap=bench_overlap(S['steps'], S['warmup'], S['model'], S['batch']))
+               overlap=bench_overlap(S['rounds'], S['steps'], S['warmup'], S['model'], S['batch']))
     return dict(out, compiled=bench_compiled(S['model'], S['batch'], S['repeats']))
 
 def scale_rows(r: dict) -> list:
@@ -423,17 +477,29 @@ def scale_rows(r: dict) -> list:
             (f'MF step bf16 JVP / fp32 ({p["model"]})', f'{p["bf16_jvp_speedup"]:.2f}x', f'{p["bf16_jvp_cpu_ms"]:.0f} ms CPU'),
             (f'MF step compiled / eager ({c["model"]})', f'{c["speedup"]:.2f}x' if 'speedup' in c else 'fails',
              f'{c["compiled_cpu_ms"]:.0f} vs {c["eager_cpu_ms"]:.0f} ms CPU, compile {c["compile_s"]} s' if 'speedup' in c else c['error']),
-            (f'2 ranks / 1 rank, flat all-reduce ({o["model"]}, batch {o["global_batch"]})', f'{o["scaling_flat"]:.2f}x', f'load {o["loadavg"]}'),
-            (f'2 ranks / 1 rank, overlapped all-reduce ({o["model"]})', f'{o["scaling_overlap"]:.2f}x', 'same global batch (strong scaling)')]
-    if 'weak_scaling_flat' in o:
-        rows += [(f'2 ranks / 1 rank, images/s, batch {o["global_batch"]} per rank, flat all-reduce', f'{o["weak_scaling_flat"]:.2f}x',
-                  'same batch per rank (weak scaling)'),
-                 (f'2 ranks / 1 rank, images/s, batch {o["global_batch"]} per rank, overlapped all-reduce', f'{o["weak_scaling_overlap"]:.2f}x',
-                  'same batch per rank (weak scaling); goal >= 1.8x')]
+            *overlap_rows(o)]
     for k, v in r['grad_ckpt'].items():
         rows.append((f'activations per sample, --grad_ckpt ({k}, width {v["width"]}, depth {v["depth"]}, batch {v["batch"]})',
                      f'{v["reduction"]:.2f}x less' if v['reduction'] else 'not measured (no growth seen)', f'{v["mb_ckpt"]} vs {v["mb"]} MB per sample'))
     return rows
+
+def overlap_rows(o: dict) -> list:
+    "Table rows of `bench_overlap`: medians over the rounds, with the smallest and largest round."
+    q = lambda s: f"{s['median']:.2f}x"
+    span = lambda s: f"rounds {s['lo']:.2f} to {s['hi']:.2f} (n = {s['n']})"
+    R, b, a = o['ratios'], o['batch'], o['allreduce']
+    over = f"{o['buckets']} bucket{'s' if o['buckets'] != 1 else ''} of {o['bucket_mb']:g} MB"
+    d = o['overlap_minus_flat']['weak']
+    return [(f'2 ranks / 1 rank, images/s, batch {b} per rank (weak scaling), flat all-reduce ({o["model"]})', q(R['weak_flat']), span(R['weak_flat'])),
+            (f'same, overlapped all-reduce ({over})', q(R['weak_overlap']),
+             f"{span(R['weak_overlap'])}; goal >= {o['goal']}x {'met' if o['goal_met'] else 'not met'} (median)"),
+            ('same, two unconnected 1-rank jobs at once: the ceiling of this machine', q(R['weak_ceiling']), span(R['weak_ceiling'])),
+            ('weak scaling, overlapped minus flat, paired by round', f"{d['median']:+.2f}", f"rounds {d['lo']:+.2f} to {d['hi']:+.2f}"),
+            (f'2 ranks / 1 rank, steps/s, global batch {b} (strong scaling), flat all-reduce', q(R['strong_flat']), span(R['strong_flat'])),
+            ('same, overlapped all-reduce', q(R['strong_overlap']), span(R['strong_overlap'])),
+            (f'1 rank at batch {b // 2} / batch {b}, steps/s: the ceiling of strong scaling', q(R['strong_ceiling']), span(R['strong_ceiling'])),
+            (f"gradient all-reduce, {a['numel'] / 1e6:.2f} M fp32 values, {a['world']} gloo ranks", f"{a['ms']:.1f} ms",
+             f"{100 * a['share']:.1f} % of a 1-rank step ({a['step_ms_1']:.0f} ms)")]
 
 # %% ../nbs/12_bench.ipynb #f9a0a022
 def cli_plan(argv: list | None = None):
