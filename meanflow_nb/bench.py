@@ -12,10 +12,10 @@ from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
 __all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader',
-           'bench_data', 'steps_per_s_from_log', 'launch_sps', 'bench_ddp', 'bench_model_forward', 'run_bench',
-           'bench_rows', 'bench_table', 'cli_bench', 'cpu_peak_bytes', 'measure_activation_bytes', 'calibrate', 'plan',
-           'bench_compiled', 'bench_precision', 'bench_grad_ckpt', 'bench_allreduce', 'bench_overlap', 'bench_scale',
-           'scale_rows', 'overlap_rows', 'cli_plan', 'plan_text']
+           'bench_data', 'steps_per_s_from_log', 'launch_sps', 'bench_ddp', 'bench_model_forward', 'cpu_info',
+           'run_bench', 'bench_rows', 'bench_table', 'bench_findings', 'cli_bench', 'cpu_peak_bytes',
+           'measure_activation_bytes', 'calibrate', 'plan', 'bench_compiled', 'bench_precision', 'bench_grad_ckpt',
+           'bench_allreduce', 'bench_overlap', 'bench_scale', 'scale_rows', 'overlap_rows', 'cli_plan', 'plan_text']
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
 from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
@@ -189,6 +189,14 @@ SIZES = {
 }
 
 # %% ../nbs/12_bench.ipynb #4ad3dd2b
+def cpu_info() -> dict:
+    "The CPU's model name and whether it has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), from `/proc/cpuinfo` (Linux)."
+    try: txt = Path('/proc/cpuinfo').read_text()
+    except OSError: return dict(cpu=platform.processor() or 'unknown', cpu_bf16=None)
+    field = lambda k: next((l.split(':', 1)[1].strip() for l in txt.splitlines() if l.startswith(k)), '')
+    flags = set(field('flags').split())
+    return dict(cpu=field('model name') or 'unknown', cpu_bf16=bool(flags & {'avx512_bf16', 'amx_bf16'}))
+
 def run_bench(parts=PARTS, # any of `PARTS`
               size: str = 'default', # 'default' or 'tiny'
               threads: int = 1, # torch CPU threads for the in-process parts
@@ -198,7 +206,7 @@ def run_bench(parts=PARTS, # any of `PARTS`
     check(size in SIZES, f'size must be one of {", ".join(SIZES)}, got {size!r}')
     S, old = SIZES[size], torch.get_num_threads(); torch.set_num_threads(threads)
     res = {'meta': dict(size=size, threads=threads, torch=torch.__version__, python=platform.python_version(),
-                        machine=platform.machine(), cpus=os.cpu_count(), loadavg_start=_loadavg(), date=time.strftime('%Y-%m-%d %H:%M'))}
+                        machine=platform.machine(), cpus=os.cpu_count(), **cpu_info(), loadavg_start=_loadavg(), date=time.strftime('%Y-%m-%d %H:%M'))}
     jobs = {'steps': lambda: {'digits': bench_steps('digits', **S['steps']), 'toy2d': bench_steps('toy2d', **S['toy'])},
             'sampling': lambda: bench_sampling(**S['sampling']), 'data': lambda: bench_data(**S['data']),
             'ddp': lambda: bench_ddp(**S['ddp']), 'models': lambda: bench_model_forward(**S['models']), 'scale': lambda: bench_scale(size)}
@@ -246,6 +254,63 @@ def bench_table(res: dict) -> str:
     w = [max(len(str(r[i])) for r in rows + [('measurement', 'value', 'detail')]) for i in range(3)]
     line = lambda r: '| ' + ' | '.join(str(c).ljust(w[i]) for i, c in enumerate(r)) + ' |'
     return '\n'.join([line(('measurement', 'value', 'detail')), '|' + '|'.join('-' * (x + 2) for x in w) + '|'] + [line(r) for r in rows])
+
+def _x(v: float) -> str: return f'{v:.2f}x'
+
+def bench_findings(res: dict) -> str:
+    "What a `run_bench` result says, as Markdown bullets written from its numbers (the README's and `12_bench`'s text)."
+    out, m = [], res.get('meta', {})
+    if 'steps' in res:
+        d, t = res['steps']['digits'], res['steps'].get('toy2d')
+        out.append(f"**Training step.** A MeanFlow step costs {_x(d['mf_over_fm'])} a flow-matching step on {d['model']} digits (batch "
+                   f"{d['batch']})" + (f" and {_x(t['mf_over_fm'])} on the toy MLP" if t else '') + ": the JVP adds about one forward pass, "
+                   "and only for the `r < t` samples; on digits both methods also pay the guidance forward pass. An iMF step costs "
+                   f"{_x(d['imf_over_mf'])} a MeanFlow step on digits, which compares architectures as much as losses ({d['imf_model']} adds "
+                   "conditioning tokens and a v-head, and every iMF sample runs the JVP).")
+    if 'sampling' in res:
+        s = res['sampling']
+        out.append(f"**Sampling.** One MeanFlow step gives {s['speedup']:.0f}x the samples/s of {s['fm_steps']} flow-matching Euler steps on "
+                   f"the same network ({'above' if s['speedup'] >= 90 else 'below'} the goal of 90x).")
+    if 'data' in res and 'steps' in res:
+        ips, d = res['data']['trainer_loader']['images_per_s'], res['steps']['digits']
+        need = 1e3 * d['batch'] / d['mf_wall_ms']
+        out.append(f"**Data.** The trainer's digits loader delivers {ips:,.0f} images/s, {ips / need:,.0f} times what a MeanFlow step "
+                   f"consumes ({need:,.0f} images/s), so loading never limits these runs.")
+    sc = res.get('scale', {})
+    if 'precision' in sc:
+        p, bf = sc['precision'], m.get('cpu_bf16')
+        why = {True: 'it has bf16 matrix instructions', False: 'it has no bf16 matrix instructions, so bf16 is converted in software',
+               None: 'whether it has bf16 matrix instructions was not recorded'}[bf]
+        fwd = f"; a bare forward pass runs at {_x(res['models']['bf16_speedup'])}" if 'models' in res else ''
+        out.append(f"**bf16 on this CPU** ({m.get('cpu', 'unknown')}: {why}): bf16 autocast runs the MeanFlow step at "
+                   f"{_x(p['bf16_speedup'])} the fp32 speed ({_x(p['bf16_jvp_speedup'])} with a bf16 JVP too){fwd}. This says nothing "
+                   "about GPUs, where bf16 runs on tensor cores; its accuracy cost is measured in `04_loss`.")
+    if 'compiled' in sc:
+        c = sc['compiled']
+        out.append(f"**Compiled step.** Loss, JVP and backward compiled together run at {_x(c['speedup'])} the eager speed after "
+                   f"{c['compile_s']:.0f} s of compiling." if 'speedup' in c else f"**Compiled step.** Compiling failed here: {c['error']}.")
+    if sc.get('grad_ckpt'):
+        g = sc['grad_ckpt']
+        out.append("**Activation checkpointing** keeps " + ', '.join(f"{v['reduction']:.1f}x less ({k.replace('_', ' ')})" for k, v in g.items()
+                   if v['reduction']) + " activation memory per sample (width " + f"{next(iter(g.values()))['width']}, depth "
+                   f"{next(iter(g.values()))['depth']}).")
+    if 'ratios' in sc.get('overlap', {}):
+        o = sc['overlap']; R, a, n = o['ratios'], o['allreduce'], o['rounds']
+        wf, wo, wc = R['weak_flat']['median'], R['weak_overlap']['median'], R['weak_ceiling']['median']
+        d = o['overlap_minus_flat']['weak']
+        diff = ('no difference beyond the spread of the rounds' if d['lo'] <= 0 <= d['hi'] else
+                f"{'a gain' if d['median'] > 0 else 'a loss'} of {abs(d['median']):.2f} in every round")
+        out.append(f"**Two ranks.** With {o['batch']} samples per rank, 2 gloo ranks process {_x(wf)} (flat all-reduce) and {_x(wo)} "
+                   f"(overlapped) the images/s of 1 rank (medians of {n} interleaved rounds), so the goal of {o['goal']}x is "
+                   f"{'met' if o['goal_met'] else 'not met'} on the median. Two unconnected 1-rank jobs run at once reach {_x(wc)}: "
+                   f"that is what two busy cores of this machine give with no communication at all, and the trainer keeps "
+                   f"{100 * wf / wc:.0f} % of it. The gradient all-reduce itself takes {a['ms']:.1f} ms, {100 * a['share']:.1f} % of a "
+                   f"step. Overlapping it with backward shows {diff} (paired by round, {d['lo']:+.2f} to {d['hi']:+.2f}): each rank has "
+                   "one core, so nothing is idle for the overlap to use; on GPUs NCCL runs beside the compute. At a fixed global batch of "
+                   f"{o['batch']} (strong scaling) 2 ranks reach {_x(R['strong_flat']['median'])} (flat) and "
+                   f"{_x(R['strong_overlap']['median'])} (overlapped), against a ceiling of {_x(R['strong_ceiling']['median'])}: one rank "
+                   f"at half the batch is only that much faster, because the optimiser, the EMA and small matmuls do not shrink with the batch.")
+    return '\n'.join(f'- {b}' for b in out)
 
 # %% ../nbs/12_bench.ipynb #1733c2fd
 @cli_errors

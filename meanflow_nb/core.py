@@ -12,7 +12,7 @@ import torch
 # %% auto #0
 __all__ = ['RESULT_TABLES', 'bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test',
            'ConfigError', 'check', 'check_values', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved',
-           'bootstrap_ci', 'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir',
+           'bootstrap_ci', 'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'write_atomic',
            'write_text_atomic', 'save_result', 'load_result', 'result_table', 'md_table', 'readme_blocks',
            'sync_readme', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
 
@@ -245,15 +245,23 @@ def _jsonable(o):
     if isinstance(o, np.integer): return int(o)
     return o
 
-def write_text_atomic(path: Path | str, # the file to (re)write
-                      text: str) -> Path:
-    "Write `text` to `path` so that a reader (or a crash) sees the old file or the new one, never a mix: a temporary file\n    in the same folder, flushed to disk, then renamed over `path`."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+def write_atomic(path: Path | str, # the file to (re)write
+                 write, # `write(f)` fills the open binary file `f`
+                 tmp_suffix: str | None = None, # the temporary file's name is `path` + this (default: a hidden per-process name)
+                ) -> Path:
+    "Write `path` so that a reader (or a crash) sees the old file or the new one, never a mix: `write` fills a temporary\n    file in the same folder, which is flushed to disk, then renamed over `path`."
+    path = Path(path)
+    tmp = path.with_name(path.name + tmp_suffix if tmp_suffix else f'.{path.name}.{os.getpid()}.tmp')
     try:
-        with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        with open(tmp, 'wb') as f: write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     finally: tmp.unlink(missing_ok=True)
     return path
+
+def write_text_atomic(path: Path | str, # the file to (re)write
+                      text: str) -> Path:
+    "Write `text` (UTF-8) to `path` atomically, like `write_atomic`."
+    return write_atomic(path, lambda f: f.write(text.encode()))
 
 def save_result(name: str, # file stem, e.g. 'toy_fm_vs_mf'
                 d: dict, # per-seed values, curves, settings; numbers are kept to 6 significant digits

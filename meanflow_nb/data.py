@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset, DataLoader, DistributedSampler
-from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, in_test, write_text_atomic
+from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, in_test, write_text_atomic, write_atomic
 from . import dist
 
 # %% auto #0
@@ -375,15 +375,14 @@ def _encode_shard(vae, ds, lo, hi, batch_size, num_workers, device) -> dict:
 
 # %% ../nbs/06_data.ipynb #f97d904f
 def _save_shard(t: dict, path: Path, meta: dict, s: int, lo: int):
-    "Write one shard atomically: `path.tmp`, then rename."
-    from safetensors.torch import save_file
+    "Write one shard atomically (`core.write_atomic`: `path.tmp`, fsync, rename)."
+    from safetensors.torch import save
     check(list(t['mean'].shape[1:]) == meta['latent_shape'],
           f'VAE gave latents {tuple(t["mean"].shape[1:])}, expected {tuple(meta["latent_shape"])}')
     md = dict(format=LATENT_FORMAT, vae=meta['vae'], resolution=str(meta['resolution']), normalization='none',
               latent_shape=json.dumps(meta['latent_shape']), shard=str(s), start=str(lo), count=str(len(t['y'])))
-    tmp = path.with_name(path.name + '.tmp')
-    save_file(t, str(tmp), metadata=md)
-    os.replace(tmp, path)  # atomic: a shard on disk is always complete
+    blob = save(t, metadata=md)
+    write_atomic(path, lambda f: f.write(blob), '.tmp')  # a shard on disk is always complete
 
 # %% ../nbs/06_data.ipynb #f2a428e9
 def _scan_on_rank0(data, verify, strict) -> FolderScan:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test, write_text_atomic
+from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test, write_text_atomic, write_atomic
 from . import dist
 
 # %% auto #0
@@ -446,10 +446,8 @@ def sample_shard(cfg, model, shape: tuple, start: int, stop: int, k: int, # shar
 
 # %% ../nbs/11_eval.ipynb #30ad7d3d
 def _save_npz_atomic(path: Path, **arrays):
-    "Write an `.npz` so that it appears complete or not at all (temporary file, then rename)."
-    tmp = path.with_suffix('.tmp')
-    with open(tmp, 'wb') as f: np.savez(f, **arrays)
-    os.replace(tmp, path)
+    "Write an `.npz` so that it appears complete or not at all (`core.write_atomic`)."
+    write_atomic(path, lambda f: np.savez(f, **arrays), '.tmp')
 
 def write_pngs(folder: str | Path, x: np.ndarray, start: int = 0):
     "Write uint8 NHWC images as `folder/000000.png`, ... (grey for one channel)."

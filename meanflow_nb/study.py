@@ -574,9 +574,10 @@ def digits_summary(folder=None) -> dict:
 
 # %% ../nbs/16_study.ipynb #s16d0012
 def _fmt_equiv(d: dict, top: int = DIGITS_EULER[-1]) -> str:
-    if not math.isfinite(d['lo']): return f'more than {top} (not reached on the grid in any bootstrap resample)'
+    "An equivalent NFE with its interval and unit; 'more than TOP NFE' when no bootstrap resample reaches it on the grid."
+    if not math.isfinite(d['lo']): return f'more than {top} NFE (the largest on the grid; no bootstrap resample reaches it)'
     f = lambda v: f'beyond {top}' if not math.isfinite(v) else f'{v:.1f}'
-    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
+    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}] NFE"
 
 def _diff_text(d: dict) -> str:
     return f"{fmt_ci(d)} ({'excludes 0' if d['separated'] else 'includes 0: no difference claimed'})"
@@ -596,7 +597,7 @@ def digits_table(folder=None) -> str:
     lines = [md_table(['method, sampler', 'NFE', f'digits-FID, mean [95 % CI over {n} seeds]'], rows), '',
              f"{fm_txt}iMF's guidance scale, chosen per run and NFE on validation noise (seeds {', '.join(S['seeds'])}): {om}.", '',
              "- Flow matching (Euler) reaches each one-step model's 1-NFE digits-FID at: " + '; '.join(
-                 f"{DIGITS_LABELS[m]} **{_fmt_equiv(eq[m], S['euler'][-1])} NFE**" for m in DIGITS_ONE_STEP) + '.',
+                 f"{DIGITS_LABELS[m]} **{_fmt_equiv(eq[m], S['euler'][-1])}**" for m in DIGITS_ONE_STEP) + '.',
              "- Paired over seeds, minus MeanFlow: " + '; '.join(
                  f"{DIGITS_LABELS[m]}: " + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['vs_mf'][m].items()) for m in S['vs_mf'])
              + ('; iMF at the others\' guidance scale: ' + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['imf_matched_vs_mf'].items())
@@ -664,7 +665,7 @@ def digits_findings(folder=None) -> str:
            "paired interval excludes 0; digits-FID, lower is better):", '']
     for m in DIGITS_ONE_STEP:
         out.append(f"- **{DIGITS_LABELS[m]}** at 1 NFE: {fmt_ci(R[(m, 'native', 1)])}, as good as flow matching with Euler at "
-                   f"{_fmt_equiv(S['equiv_nfe'][m], S['euler'][-1])} NFE; at 2 NFE {fmt_ci(R[(m, 'native', 2)])}.")
+                   f"{_fmt_equiv(S['equiv_nfe'][m], S['euler'][-1])}; at 2 NFE {fmt_ci(R[(m, 'native', 2)])}.")
     for m, d in S['vs_mf'].items():
         out.append(f"- {DIGITS_LABELS[m]} minus MeanFlow: " + ', '.join(f"{k} NFE {fmt_ci(x)} ({_sep(x)})" for k, x in d.items()) + '.')
     if S['imf_matched_vs_mf']:
@@ -728,7 +729,7 @@ def main_job_text(folder=None) -> str:
             f"{m['swd_data_floor']:.3f} between two draws of the data (`results/main_job.json`).\n")
 
 # %% ../nbs/16_study.ipynb #s16e0003
-@study('bench', minutes=10)
+@study('bench', minutes=20)
 def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
     "Every `mf-bench` part side by side in one process (the README's benchmark table); `results/bench.json`. Parts finished before a crash are kept (in `runs/`) unless `fresh`."
     from meanflow_nb.bench import run_bench, PARTS
@@ -746,10 +747,11 @@ def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=Non
 @result_table('bench')
 def bench_text(folder=None) -> str:
     "The README's benchmark table from `results/bench.json`."
-    from meanflow_nb.bench import bench_table
+    from meanflow_nb.bench import bench_table, bench_findings
     r = load_result('bench', folder); m = r['meta']
-    return (bench_table(r) + '\n\n' + f"`mf-study bench` on {m['date'][:10]}: torch {m['torch']}, {m['cpus']} cores, one thread per "
-            f"process, load average {m['loadavg_start'][0]:.2f} at the start and {m['loadavg_end'][0]:.2f} at the end.\n")
+    return (bench_table(r) + '\n\n' + f"`mf-study bench` on {m['date'][:10]}: torch {m['torch']}, {m['cpus']} cores"
+            + (f" ({m['cpu']})" if 'cpu' in m else '') + f", one thread per process, load average {m['loadavg_start'][0]:.2f} at the "
+            f"start and {m['loadavg_end'][0]:.2f} at the end. What it says:\n\n" + bench_findings(r) + '\n')
 
 # %% ../nbs/16_study.ipynb #s16e0004
 @result_table('digits_fid')

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
-from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, set_seed, in_test, write_text_atomic
+from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, set_seed, in_test, write_text_atomic, write_atomic
 try: import fcntl  # run-folder locks (POSIX)
 except ImportError: fcntl = None
 from . import dist
@@ -432,14 +432,12 @@ def nonfinite_weights(state: dict) -> list[str]:
 
 def save_checkpoint(path: str | Path, state: dict):
     "Write `state` and its `state_digest` to `path` atomically (temporary file, fsync, rename); refuse non-finite weights."
-    path = Path(path); tmp = path.with_name(path.name + '.tmp')
+    path = Path(path)
     bad = nonfinite_weights(state)
     if bad: raise RunError(f'non-finite weights at step {state.get("step")} ({bad[0]}{f" and {len(bad) - 1} more" if len(bad) > 1 else ""}); '
                            f'{path.name} was not written, the previous checkpoints are kept')
     state = {**state, 'sha256': state_digest(state)}
-    with open(tmp, 'wb') as f:
-        torch.save(state, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(state, f), '.tmp')  # `ckpt_*.pt.tmp`: a run-folder file (RUN_FILES)
 
 def load_checkpoint(path: str | Path) -> dict:
     "Load a checkpoint with `weights_only=True` and verify it; a corrupt, truncated, altered or foreign file raises `RunError`."
