@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_data.ipynb #31439587
 from __future__ import annotations
-import os, json, time, math, warnings, argparse, tempfile, shutil
+import os, json, time, math, hashlib, warnings, argparse, tempfile, shutil
 from pathlib import Path
 from dataclasses import dataclass
 from collections import Counter
@@ -358,6 +358,8 @@ def _shard_done(path: Path, meta: dict, count: int) -> bool:
     ok = m.get('vae') == meta['vae'] and m.get('resolution') == str(meta['resolution']) and m.get('count') == str(count)
     check(ok, f'{path} comes from another run (vae {m.get("vae")!r}, resolution {m.get("resolution")}, '
               f'{m.get("count")} images); use another output directory')
+    if _shard_intact(path) is False:                       # bytes changed on disk since it was written: encode it again
+        warnings.warn(f'{path}: its tensors no longer match their sha256; encoding the shard again'); return False
     return True
 
 # %% ../nbs/06_data.ipynb #a5eb02c3
@@ -374,13 +376,28 @@ def _encode_shard(vae, ds, lo, hi, batch_size, num_workers, device) -> dict:
                 index=torch.arange(lo, hi))
 
 # %% ../nbs/06_data.ipynb #f97d904f
+def _tensor_digest(t: dict) -> str:
+    "sha256 of a shard's tensors: names, dtypes, shapes and bytes, in name order."
+    h = hashlib.sha256()
+    for k in sorted(t):
+        v = t[k].detach().cpu().contiguous()
+        h.update(f'{k}|{v.dtype}|{tuple(v.shape)}|'.encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+def _shard_intact(path: Path) -> bool | None:
+    "Whether the tensors of shard `path` still hash to the sha256 in its metadata (None: written without one)."
+    with _open_shard(path) as f:
+        want = (f.metadata() or {}).get('sha256')
+        return None if want is None else _tensor_digest({k: f.get_tensor(k) for k in f.keys()}) == want
+
 def _save_shard(t: dict, path: Path, meta: dict, s: int, lo: int):
     "Write one shard atomically (`core.write_atomic`: `path.tmp`, fsync, rename)."
     from safetensors.torch import save
     check(list(t['mean'].shape[1:]) == meta['latent_shape'],
           f'VAE gave latents {tuple(t["mean"].shape[1:])}, expected {tuple(meta["latent_shape"])}')
     md = dict(format=LATENT_FORMAT, vae=meta['vae'], resolution=str(meta['resolution']), normalization='none',
-              latent_shape=json.dumps(meta['latent_shape']), shard=str(s), start=str(lo), count=str(len(t['y'])))
+              latent_shape=json.dumps(meta['latent_shape']), shard=str(s), start=str(lo), count=str(len(t['y'])),
+              sha256=_tensor_digest(t))
     blob = save(t, metadata=md)
     write_atomic(path, lambda f: f.write(blob), '.tmp')  # a shard on disk is always complete
 
@@ -442,6 +459,7 @@ class LatentDataset(Dataset):
                  vae: str | None = None, # if given, the VAE id the latents must come from
                  resolution: int | None = None, # if given, the image resolution the latents must come from
                  sample: bool = True, # False: return the posterior mean (deterministic)
+                 verify: bool = False, # also hash every shard's tensors against the sha256 written with it (reads all the data)
                 ):
         from safetensors import safe_open
         root = Path(root); check(root.is_dir(), f'latent directory {root} does not exist')
@@ -455,7 +473,7 @@ class LatentDataset(Dataset):
         missing = [s for s in range(m['n_shards']) if not _shard_path(root, s).is_file()]
         check(not missing, f'latents in {root} are incomplete: {len(missing)} of {m["n_shards"]} shards missing '
                            f'(first: {missing[0] if missing else None}); rerun mf-latents with the same arguments')
-        self.root, self.normalization, self.sample = root, normalization, sample
+        self.root, self.normalization, self.sample, self.verify = root, normalization, sample, verify
         self.y = torch.cat([self._check_shard(s) for s in range(m['n_shards'])])
         check(len(self.y) == m['n'], f'latents in {root}: shards hold {len(self.y)} items, meta.json says {m["n"]}')
         self.classes, self.latent_shape, self._files = m['classes'], tuple(m['latent_shape']), {}
@@ -479,7 +497,11 @@ def _check_shard(self: LatentDataset, s: int) -> torch.Tensor:
         check(md.get('vae') == m['vae'] and md.get('resolution') == str(m['resolution']),
               f'{p} comes from VAE {md.get("vae")!r} at resolution {md.get("resolution")}, '
               f'but {self.root} from {m["vae"]!r} at {m["resolution"]}')
-        return f.get_tensor('y')
+        y = f.get_tensor('y')
+    check(not self.verify or _shard_intact(p) is not False,
+          f'latent shard {p} is corrupt: its tensors no longer match their sha256; rerun mf-latents with the same arguments '
+          'to encode it again')
+    return y
 
 @patch
 def __getitem__(self: LatentDataset, i: int):
