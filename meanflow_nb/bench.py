@@ -298,13 +298,16 @@ def bench_findings(res: dict) -> str:
         o = sc['overlap']; R, a, n = o['ratios'], o['allreduce'], o['rounds']
         wf, wo, wc = R['weak_flat']['median'], R['weak_overlap']['median'], R['weak_ceiling']['median']
         d = o['overlap_minus_flat']['weak']
-        diff = ('no difference beyond the spread of the rounds' if d['lo'] <= 0 <= d['hi'] else
+        keep = {k: 100 * float(np.median([2 * r[f'weak_{k}'][0] / sum(r['pair']) for r in o['raw']])) for k in ('flat', 'overlap')}
+        lower = sum(r['weak_overlap'][0] < r['weak_flat'][0] for r in o['raw'])
+        diff = (f"a median change of {d['median']:+.2f} (lower in {lower} of {n} rounds), which the rounds do not separate from 0"
+                if d['lo'] <= 0 <= d['hi'] else
                 f"{'a gain' if d['median'] > 0 else 'a loss'} of {abs(d['median']):.2f} in every round")
         out.append(f"**Two ranks.** With {o['batch']} samples per rank, 2 gloo ranks process {_x(wf)} (flat all-reduce) and {_x(wo)} "
                    f"(overlapped) the images/s of 1 rank (medians of {n} interleaved rounds), so the goal of {o['goal']}x is "
                    f"{'met' if o['goal_met'] else 'not met'} on the median. Two unconnected 1-rank jobs run at once reach {_x(wc)}: "
                    f"that is what two busy cores of this machine give with no communication at all, and the trainer keeps "
-                   f"{100 * wf / wc:.0f} % of it. The gradient all-reduce itself takes {a['ms']:.1f} ms, {100 * a['share']:.1f} % of a "
+                   f"{keep['flat']:.0f} % of it ({keep['overlap']:.0f} % overlapped; medians of the rounds' ratios). The gradient all-reduce itself takes {a['ms']:.1f} ms, {100 * a['share']:.1f} % of a "
                    f"step. Overlapping it with backward shows {diff} (paired by round, {d['lo']:+.2f} to {d['hi']:+.2f}): each rank has "
                    "one core, so nothing is idle for the overlap to use; on GPUs NCCL runs beside the compute. At a fixed global batch of "
                    f"{o['batch']} (strong scaling) 2 ranks reach {_x(R['strong_flat']['median'])} (flat) and "
