@@ -1,4 +1,5 @@
-"""The GPU check of the paper-scale path, ready to run: `pytest tests/gpu -q` on one CUDA GPU (a few minutes).
+"""The GPU check of the paper-scale path, ready to run: `pytest tests/gpu -q -rP` on one CUDA GPU (a few minutes;
+`-rP` prints what the passing checks measured).
 Skipped without CUDA. It checks that TF32 and bf16 take effect, that the compiled step equals eager, that the
 NCCL collectives work with 1 rank, that micro-batches equal the un-split step, that the planner's activation
 memory is within 25 % of the measured peak for DiT-B/2 and iMF-B/2, and that the non-log training steps of MF, Kim
