@@ -485,6 +485,8 @@ def _allreduce_worker(rank: int, world: int, init: str, numel: int, repeats: int
     import torch.distributed as td
     torch.set_num_threads(1)
     td.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
+    y = torch.full((3,), rank + 1.0); td.all_reduce(y)                 # a real sum across the processes, or no timing
+    assert torch.equal(y, torch.full((3,), world * (world + 1) / 2)), y
     x, ts = torch.randn(numel), []
     for _ in range(repeats + 3):
         td.barrier(); t = time.perf_counter(); td.all_reduce(x); ts.append(time.perf_counter() - t)

@@ -56,3 +56,10 @@ def test_plan_cli(capsys):
     assert plan('in256-mf-XL2', 8, 40, grad_ckpt=True)['micro_batch'] > small['micro_batch']
     with pytest.raises(SystemExit) as ex: cli_bench(['plan', '--preset', 'nope'])
     assert ex.value.code == 2
+
+
+def test_bench_allreduce_spawns_two_gloo_ranks():
+    "The all-reduce timing runs a real 2-process gloo group (its workers check a sum across ranks before timing)."
+    from meanflow_nb.bench import bench_allreduce
+    r = bench_allreduce(10_000, world=2, repeats=3)
+    assert r['numel'] == 10_000 and r['world'] == 2 and 0 < r['ms'] < 5_000, r
