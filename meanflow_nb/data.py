@@ -352,13 +352,14 @@ def _prepare_out(out: Path, meta: dict):
 
 def _shard_done(path: Path, meta: dict, count: int) -> bool:
     "True if a complete shard of this run is on disk; an incompatible one is an error."
-    from safetensors import safe_open
     if not path.is_file(): return False
-    with _open_shard(path) as f: m = f.metadata() or {}
-    ok = m.get('vae') == meta['vae'] and m.get('resolution') == str(meta['resolution']) and m.get('count') == str(count)
-    check(ok, f'{path} comes from another run (vae {m.get("vae")!r}, resolution {m.get("resolution")}, '
-              f'{m.get("count")} images); use another output directory')
-    if _shard_intact(path) is False:                       # bytes changed on disk since it was written: encode it again
+    with _open_shard(path) as f:
+        m = f.metadata() or {}
+        ok = m.get('vae') == meta['vae'] and m.get('resolution') == str(meta['resolution']) and m.get('count') == str(count)
+        check(ok, f'{path} comes from another run (vae {m.get("vae")!r}, resolution {m.get("resolution")}, '
+                  f'{m.get("count")} images); use another output directory')
+        intact = _shard_intact(f)
+    if intact is False:                                    # bytes changed on disk since it was written: encode it again
         warnings.warn(f'{path}: its tensors no longer match their sha256; encoding the shard again'); return False
     return True
 
@@ -384,11 +385,10 @@ def _tensor_digest(t: dict) -> str:
         h.update(f'{k}|{v.dtype}|{tuple(v.shape)}|'.encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-def _shard_intact(path: Path) -> bool | None:
-    "Whether the tensors of shard `path` still hash to the sha256 in its metadata (None: written without one)."
-    with _open_shard(path) as f:
-        want = (f.metadata() or {}).get('sha256')
-        return None if want is None else _tensor_digest({k: f.get_tensor(k) for k in f.keys()}) == want
+def _shard_intact(f) -> bool | None:
+    "Whether the tensors of an open shard `f` (`_open_shard`) still hash to the sha256 in its metadata (None: written without one)."
+    want = (f.metadata() or {}).get('sha256')
+    return None if want is None else _tensor_digest({k: f.get_tensor(k) for k in f.keys()}) == want
 
 def _save_shard(t: dict, path: Path, meta: dict, s: int, lo: int):
     "Write one shard atomically (`core.write_atomic`: `path.tmp`, fsync, rename)."
@@ -461,7 +461,6 @@ class LatentDataset(Dataset):
                  sample: bool = True, # False: return the posterior mean (deterministic)
                  verify: bool = False, # also hash every shard's tensors against the sha256 written with it (reads all the data)
                 ):
-        from safetensors import safe_open
         root = Path(root); check(root.is_dir(), f'latent directory {root} does not exist')
         check((root / 'meta.json').is_file(), f'{root} is not a latent directory (no meta.json); make one with mf-latents')
         check(normalization in LATENT_NORMS, f'unknown latent normalization {normalization!r}; choose one of {LATENT_NORMS}')
@@ -497,16 +496,14 @@ def _check_shard(self: LatentDataset, s: int) -> torch.Tensor:
         check(md.get('vae') == m['vae'] and md.get('resolution') == str(m['resolution']),
               f'{p} comes from VAE {md.get("vae")!r} at resolution {md.get("resolution")}, '
               f'but {self.root} from {m["vae"]!r} at {m["resolution"]}')
-        y = f.get_tensor('y')
-    check(not self.verify or _shard_intact(p) is not False,
-          f'latent shard {p} is corrupt: its tensors no longer match their sha256; rerun mf-latents with the same arguments '
-          'to encode it again')
-    return y
+        check(not self.verify or _shard_intact(f) is not False,
+              f'latent shard {p} is corrupt: its tensors no longer match their sha256; rerun mf-latents with the same arguments '
+              'to encode it again')
+        return f.get_tensor('y')
 
 @patch
 def __getitem__(self: LatentDataset, i: int):
     "`(z, y)` with `z = normalize(mean + std * eps)`, a new `eps` at every call."
-    from safetensors import safe_open
     s, o = divmod(int(i), self.meta['shard_size'])
     if s not in self._files: self._files[s] = _open_shard(_shard_path(self.root, s))  # opened lazily, per worker
     f = self._files[s]
