@@ -25,12 +25,13 @@ __all__ = ['DIGITS_SPLITS', 'DATASETS', 'IMG_EXTENSIONS', 'MF_LATENT_SCALE', 'IM
            'bench_latents', 'bench_loader']
 
 # %% ../nbs/06_data.ipynb #933f837d
-DIGITS_SPLITS = ('train', 'test', 'all')
+DIGITS_SPLITS = ('train', 'val', 'test', 'all')
 
-def digits_dataset(split: str = 'train', # 'train', 'test' or 'all'
+def digits_dataset(split: str = 'train', # 'train', 'val' (needs `val_frac`), 'test' or 'all'
                    size: int = 8, # 8 (native) or 16 (bilinear upsample)
                    test_frac: float = 0.2, # share of each class held out for 'test'
                    seed: int = 0, # seed of the stratified split
+                   val_frac: float = 0.0, # share of each class of the train split held out as 'val' (0: none; train is then the rest)
                   ) -> TensorDataset:
     "scikit-learn's digits as `(x, y)`: `x` float `(N, 1, size, size)` in [-1, 1], `y` long."
     from sklearn.datasets import load_digits
@@ -38,13 +39,17 @@ def digits_dataset(split: str = 'train', # 'train', 'test' or 'all'
     check(split in DIGITS_SPLITS, f'digits: unknown split {split!r}; choose one of {DIGITS_SPLITS}')
     check(size in (8, 16), f'digits: size must be 8 or 16, got {size!r}')
     check(0 < test_frac < 1, f'digits: test_frac must be in (0, 1), got {test_frac!r}')
+    check(0 <= val_frac < 1, f'digits: val_frac must be in [0, 1), got {val_frac!r}')
+    check(split != 'val' or val_frac > 0, "digits: split 'val' needs val_frac > 0 (the share of train held out)")
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1  # 0..16 -> [-1, 1]
     y = torch.tensor(d.target, dtype=torch.long)
     if size == 16: x = F.interpolate(x, size=16, mode='bilinear', align_corners=False)
     if split != 'all':
         tr, te = train_test_split(np.arange(len(y)), test_size=test_frac, random_state=seed, stratify=d.target)
-        idx = torch.from_numpy(np.sort(tr if split == 'train' else te))
+        if val_frac > 0:  # carved from train only, stratified again: the test split is untouched
+            tr, va = train_test_split(tr, test_size=val_frac, random_state=seed, stratify=d.target[tr])
+        idx = torch.from_numpy(np.sort({'train': tr, 'test': te}.get(split, va if split == 'val' else None)))
         x, y = x[idx], y[idx]
     return TensorDataset(x, y)
 

@@ -17,6 +17,7 @@ LAYERS = {
     'bench': 6, 'pretrained': 6,
     'eval': 7,               # eval resolves pretrained checkpoints
     'study': 8,              # study drivers: they run the trainer
+    'convergence': 9,        # the digits convergence study (and the mf-study entry point, which loads it)
 }
 MODULES = sorted(p.stem for p in PKG.glob('*.py') if not p.stem.startswith('_'))
 
