@@ -8,17 +8,20 @@ import os, sys, json, math, time, functools
 from pathlib import Path
 import numpy as np
 import torch
-from .core import check, load_result, save_result, results_dir
+from .core import (check, load_result, save_result, results_dir, bootstrap_ci, speedup_ci, equivalent_nfe_ci,
+                              fmt_ci, md_table, result_table)
 from .train import get_config, TrainConfig, train, build_model, list_checkpoints, _mix
-from .study import study, train_seconds, cli_study
+from .study import study, figure, train_seconds, cli_study
 
 # %% auto #0
 __all__ = ['CONV_SEEDS', 'CONV_VAL_SEED', 'CONV_DATA', 'CONV_BATCH', 'CONV_MF_STEPS', 'CONV_CKPTS', 'CONV_N', 'CONV_CURVE_SEED',
            'CONV_FINAL_SEED', 'CONV_METHODS', 'CONV_LABELS', 'CONV_BUDGET', 'CONV_FM_SWEEP', 'CONV_EULER', 'CONV_HEUN',
            'CONV_FM_CURVE_NFE', 'CONV_NFE', 'CONV_IMF_OMEGAS', 'CONV_PILOT', 'CONV_CANDIDATES', 'CONV_FLAT',
-           'conv_steps', 'conv_config', 'step_compute', 'conv_fid', 'conv_measure', 'conv_protocol', 'conv_pilot',
-           'pilot_budget', 'conv_compute', 'conv_fm_settings', 'conv_fm_sweep_run', 'conv_run', 'conv_jobs',
-           'conv_worker', 'study_digits_conv']
+           'CONV_ONE_STEP', 'CONV_FM_KEY', 'conv_steps', 'conv_config', 'step_compute', 'conv_fid', 'conv_measure',
+           'conv_protocol', 'conv_pilot', 'pilot_budget', 'conv_compute', 'conv_fm_settings', 'conv_fm_sweep_run',
+           'conv_run', 'conv_jobs', 'conv_worker', 'study_digits_conv', 't_ci', 'paired_t_ci', 'both_ci', 'read_curve',
+           'conv_files', 'conv_curves', 'conv_axis', 'conv_summary', 'conv_table', 'conv_curves_figure',
+           'conv_nfe_figure', 'fake_conv_results']
 
 # %% ../nbs/17_convergence.ipynb #s17c0007
 CONV_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
@@ -303,3 +306,223 @@ def study_digits_conv(runs: Path = Path('runs/study'), quick: bool = False, fold
     bad = [p.wait() for p in procs]
     check(not any(bad), f'a digits-conv worker failed (exit codes {bad}); rerun `mf-study digits-conv` to resume')
     return dict(compute=comp, mf_steps=mf_steps)
+
+# %% ../nbs/17_convergence.ipynb #s17c0101
+def t_ci(values, level: float = 0.95) -> dict:
+    "Mean and Student-t interval of the mean over seeds: `dict(mean, lo, hi, n)` (exact for normal per-seed values; with 5 seeds the percentile bootstrap is too narrow)."
+    from scipy.stats import t as student_t
+    v = np.asarray(values, float)
+    check(v.ndim == 1 and len(v) >= 2 and np.isfinite(v).all(), f't_ci needs >= 2 finite values, got {v.tolist()}')
+    h = float(student_t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return dict(mean=float(v.mean()), lo=float(v.mean() - h), hi=float(v.mean() + h), n=len(v))
+
+def paired_t_ci(a, b, level: float = 0.95) -> dict:
+    "Paired t-interval of `a - b` over seeds, `separated` when it excludes 0 (the claims rest on this one)."
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    check(a.shape == b.shape, f'paired values need the same seeds, got {a.shape} and {b.shape}')
+    d = t_ci(a - b, level)
+    return dict(d, separated=bool(d['lo'] > 0 or d['hi'] < 0))
+
+def both_ci(values) -> dict:
+    "The t-interval, with the percentile bootstrap beside it (`boot`)."
+    return dict(t_ci(values), boot=bootstrap_ci(values))
+
+# %% ../nbs/17_convergence.ipynb #s17c0104
+def read_curve(steps, curves, at) -> np.ndarray:
+    "Each seed's curve (rows of `curves`, lower is better) read at `at` (steps or compute on the same axis): log-linear between the bracketing checkpoints; NaN outside the curve."
+    s, c = np.asarray(steps, float), np.log(np.asarray(curves, float))
+    if at < s[0] or at > s[-1]: return np.full(len(c), np.nan)
+    return np.exp(np.array([np.interp(at, s, row) for row in c]))
+
+# %% ../nbs/17_convergence.ipynb #s17c0107
+def conv_files(folder=None) -> dict:
+    "The result files of the digits-convergence study: per method the records of the seeds every method has, the compute per step, the protocol."
+    runs = {m: load_result(f'digits_conv_{m}', folder) for m in CONV_METHODS}
+    seeds = sorted(set.intersection(*(set(r['runs']) for r in runs.values())), key=int)
+    check(len(seeds) >= 2, f'the digits-convergence files share {len(seeds)} seed(s): run `mf-study digits-conv`')
+    comp = load_result('digits_conv_compute', folder)['methods']
+    return dict(seeds=seeds, R={m: [r['runs'][s] for s in seeds] for m, r in runs.items()}, compute=comp,
+                protocol=runs['mf']['protocol'], pilot=load_result('digits_conv_pilot', folder)['runs']['mf'],
+                sweep=load_result('digits_conv_fm_sweep', folder))
+
+def conv_curves(F: dict, m: str, key: str = 'fid1') -> tuple[np.ndarray, np.ndarray]:
+    "`(steps, (seeds, checkpoints) curve)` of method `m`."
+    return np.array(F['R'][m][0]['curve']['step'], float), np.array([r['curve'][key] for r in F['R'][m]], float)
+
+def conv_axis(F: dict, m: str, steps, unit: str = 'flops'):
+    "Steps of `m` on a compute axis: TFLOPs (counted) or CPU minutes (one idle thread)."
+    c = F['compute'][m]
+    return np.asarray(steps, float) * (c['flops_per_step'] / 1e12 if unit == 'flops' else c['cpu_s_per_step'] / 60)
+
+# %% ../nbs/17_convergence.ipynb #s17c0108
+CONV_ONE_STEP = ('mf', 'kim_minsnr', 'kim_dtd', 'imf')
+CONV_FM_KEY = f'euler{CONV_FM_CURVE_NFE}'
+
+def conv_summary(folder=None) -> dict:
+    "Every number the digits-convergence text gives, from the files: finals, flatness, equal steps, matched compute, Kim et al.'s speed-up, flow matching's equivalent NFE."
+    F = conv_files(folder); R = F['R']; S = dict(seeds=F['seeds'], files=F)
+    fin = lambda m, k: np.array([r['final'][k] for r in R[m]], float)
+    S['final'] = {(m, k): both_ci(fin(m, f'nfe{k}')) for m in CONV_ONE_STEP for k in CONV_NFE}
+    fm_keys = sorted(R['fm'][0]['final'], key=lambda k: (k[:4], int(''.join(ch for ch in k if ch.isdigit()))))
+    S['fm_final'] = {k: both_ci(fin('fm', k)) for k in fm_keys}
+    S['vs_mf_final'] = {(m, k): paired_t_ci(fin(m, f'nfe{k}'), fin('mf', f'nfe{k}')) for m in CONV_ONE_STEP[1:] for k in CONV_NFE}
+    steps, mf = conv_curves(F, 'mf'); mean = mf.mean(0); q = int(np.argmin(np.abs(steps - 0.75 * steps[-1])))
+    S['flat'] = dict(at=int(steps[q]), end=int(steps[-1]), gain=float(1 - mean[-1] / mean[q]), ok=bool(1 - mean[-1] / mean[q] <= 0.15))
+    # converged level: the mean of each run's last 3 checkpoints (flow matching's curve oscillates at constant lr)
+    S['level'] = {m: both_ci(conv_curves(F, m)[1][:, -3:].mean(1)) for m in CONV_ONE_STEP}
+    # equal steps: every curve read at iMF's last step (a checkpoint of each one-step method)
+    at_s = float(conv_curves(F, 'imf')[0][-1])
+    eq = {m: read_curve(*conv_curves(F, m), at_s) for m in CONV_ONE_STEP}
+    eq['fm'] = read_curve(*conv_curves(F, 'fm', CONV_FM_KEY), at_s)
+    S['equal_steps'] = dict(at=int(at_s), values={m: both_ci(v) for m, v in eq.items()},
+                           vs_mf={m: paired_t_ci(eq[m], eq['mf']) for m in eq if m != 'mf'})
+    # matched compute: every curve read at MeanFlow's total compute, in counted FLOPs and in CPU time
+    S['matched'] = {}
+    for unit in ('flops', 'cpu'):
+        budget = float(conv_axis(F, 'mf', [steps[-1]], unit)[0])
+        vals = {m: read_curve(conv_axis(F, m, conv_curves(F, m)[0], unit), conv_curves(F, m)[1], budget) for m in CONV_ONE_STEP}
+        s_fm, c_fm = conv_curves(F, 'fm', CONV_FM_KEY)
+        vals['fm'] = read_curve(conv_axis(F, 'fm', s_fm, unit), c_fm, budget)
+        S['matched'][unit] = dict(budget=budget, values={m: both_ci(v) if np.isfinite(v).all() else None for m, v in vals.items()},
+                                  vs_mf={m: paired_t_ci(v, vals['mf']) for m, v in vals.items() if m != 'mf' and np.isfinite(v).all()},
+                                  steps={m: budget / float(conv_axis(F, m, [1], unit)[0]) for m in vals})
+    # Kim et al.'s speed-up on the 1-NFE curves (same step grid as MeanFlow), and MeanFlow against itself
+    S['speedup'] = {m: speedup_ci(mf, conv_curves(F, m)[1], steps, final_k=3) for m in ('kim_minsnr', 'kim_dtd', 'mf')}
+    # flow matching's equivalent NFE for MeanFlow's 1 NFE, Euler and Heun, and the measured grid points around it
+    S['equiv'] = {}
+    for solver in ('euler', 'heun'):
+        ks = [int(k[len(solver):]) for k in fm_keys if k.startswith(solver)]
+        grid = np.stack([fin('fm', f'{solver}{k}') for k in ks], 1)
+        S['equiv'][solver] = {m: dict(equivalent_nfe_ci(grid, fin(m, 'nfe1'), ks), around=_around(grid, fin(m, 'nfe1'), ks, solver))
+                              for m in CONV_ONE_STEP}
+    return S
+
+def _around(grid, target, ks, solver) -> list:
+    "The two measured grid points that bracket the seed-mean crossing, each with the paired difference (flow matching minus the one-step model)."
+    mean = grid.mean(0); i = int(np.argmax(mean <= target.mean())) if (mean <= target.mean()).any() else len(ks)
+    pick = [j for j in (i - 1, i) if 0 <= j < len(ks)]
+    return [dict(nfe=ks[j], solver=solver, diff=paired_t_ci(grid[:, j], target)) for j in pick]
+
+# %% ../nbs/17_convergence.ipynb #s17c0109
+def _ci2(d: dict, nd: int | None = None) -> str:
+    "`mean [t-interval]` with the percentile bootstrap after it."
+    return f"{fmt_ci(d, nd)} (bootstrap [{fmt_ci(d['boot'], nd).split('[')[1]})" if 'boot' in d else fmt_ci(d, nd)
+
+def _sep_t(d: dict) -> str:
+    return f"{fmt_ci(d)}, {'excludes 0' if d['separated'] else 'includes 0: no difference claimed'}"
+
+@result_table('digits_conv')
+def conv_table(folder=None) -> str:
+    "The README's digits block: each method at its own converged budget, at equal steps and at MeanFlow's compute; Kim et al.'s speed-up; flow matching's equivalent NFE for Euler and Heun."
+    S = conv_summary(folder); F = S['files']; n = len(S['seeds']); P = F['protocol']
+    comp = lambda m: F['compute'][m]
+    rows = []
+    for m in CONV_METHODS:
+        st = P['steps'][m]
+        one = S['final'][(m, 1)] if m != 'fm' else S['fm_final'][f'euler{CONV_EULER[-1]}']
+        rows.append([CONV_LABELS[m], f'{st:,}', f"{st * comp(m)['flops_per_step'] / 1e12:.1f}", f"{st * comp(m)['cpu_s_per_step'] / 60:.1f}",
+                     (_ci2(S['final'][(m, 1)]) if m != 'fm' else '-'), (_ci2(S['final'][(m, 2)]) if m != 'fm' else '-'),
+                     (_ci2(S['level'][m]) if m != 'fm' else f"{_ci2(one)} at {CONV_EULER[-1]} Euler NFE")])
+    head = ['method', 'steps', 'training TFLOPs', 'CPU min', '1 NFE', '2 NFE', '1 NFE, mean of last 3 checkpoints']
+    eqs, mt = S['equal_steps'], S['matched']['flops']
+    lines = [f"digits-FID against the test split, mean [95 % t-interval over {n} seeds] (percentile bootstrap in brackets after it); "
+             f"batch {P['batch']}, trained on the train split minus a 20 % validation split.", '',
+             md_table(head, rows), '',
+             f"- MeanFlow's budget ({P['mf_steps']:,} steps) was chosen on a pilot run (validation seed, validation split); "
+             f"on the reported seed mean its last quarter (steps {S['flat']['at']:,} to {S['flat']['end']:,}) improves the 1-NFE "
+             f"digits-FID by {100 * S['flat']['gain']:.1f} % ({'within' if S['flat']['ok'] else 'above'} the 15 % rule).",
+             f"- At equal steps ({eqs['at']:,}), minus MeanFlow (1 NFE; flow matching at {CONV_FM_CURVE_NFE} Euler NFE): "
+             + '; '.join(f"{CONV_LABELS[m]} {_sep_t(d)}" for m, d in eqs['vs_mf'].items()) + '.',
+             f"- At MeanFlow's total compute ({mt['budget']:.1f} TFLOPs; flow matching at {CONV_FM_CURVE_NFE} Euler NFE), minus MeanFlow: "
+             + '; '.join(f"{CONV_LABELS[m]} ({mt['steps'][m]:,.0f} steps) {_sep_t(d)}" for m, d in mt['vs_mf'].items()) + '.',
+             "- Kim et al.'s speed-up (MeanFlow's steps over the first checkpoint where the variant's seed-mean 1-NFE curve "
+             "reaches MeanFlow's final level, the mean of its last 3 checkpoints; bootstrap over paired seeds): "
+             + '; '.join(f"{CONV_LABELS[m]} **{_speed(S['speedup'][m])}**" for m in ('kim_minsnr', 'kim_dtd'))
+             + f"; MeanFlow against itself {_speed(S['speedup']['mf'])} (the largest the grid shows without a real speed-up). "
+             "Kim et al. report about 2.1x to 2.5x with DTD on ImageNet DiT-M/2 to XL/2 (their Sec. 6.2, Fig. 6).",
+             "- Flow matching's NFE that matches each one-step model's 1-NFE digits-FID: " + '; '.join(
+                 f"{CONV_LABELS[m]} Euler **{_equiv_txt(S['equiv']['euler'][m])}**, Heun **{_equiv_txt(S['equiv']['heun'][m])}**"
+                 for m in CONV_ONE_STEP) + '.']
+    return '\n'.join(lines) + '\n'
+
+def _speed(d: dict) -> str:
+    if d['mean'] <= 0: return f"none (the curve never reaches it; {100 * d['reached']:.0f} % of resamples do)"
+    return f"{fmt_ci(d, 2, 'x')}"
+
+def _equiv_txt(d: dict) -> str:
+    f = lambda v: 'beyond the grid' if not math.isfinite(v) else f'{v:.1f}'
+    around = ', '.join(f"{a['nfe']} NFE: {fmt_ci(a['diff'])}" for a in d['around'])
+    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}] (measured, flow matching minus it: {around})"
+
+# %% ../nbs/17_convergence.ipynb #s17c0110
+@figure('digits_conv_curves.png')
+def conv_curves_figure(path=None, folder=None):
+    "1-NFE digits-FID over training against steps and against counted FLOPs, seed mean and range, every method."
+    import matplotlib, matplotlib.pyplot as plt
+    F = conv_files(folder)
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, unit in zip(axs, ('steps', 'flops')):
+        for i, m in enumerate(CONV_METHODS):
+            s, c = conv_curves(F, m, CONV_FM_KEY if m == 'fm' else 'fid1')
+            x = s if unit == 'steps' else conv_axis(F, m, s, 'flops')
+            lab = CONV_LABELS[m] + (f' ({CONV_FM_CURVE_NFE} Euler NFE)' if m == 'fm' else ' (1 NFE)')
+            l, = ax.plot(x, c.mean(0), marker='o', ms=2.5, color=f'C{i}', label=lab)
+            ax.fill_between(x, c.min(0), c.max(0), color=l.get_color(), alpha=0.15)
+        ax.set_yscale('log'); ax.set_xlabel('training step' if unit == 'steps' else 'training compute (TFLOPs, counted)')
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yticks([1, 2, 5, 10, 20, 50])
+    mfb = float(conv_axis(F, 'mf', [F['protocol']['mf_steps']], 'flops')[0])
+    axs[1].axvline(mfb, color='k', lw=0.8, ls='--', label="MeanFlow's total compute")
+    axs[0].set_ylabel('digits-FID vs test split'); axs[1].legend(fontsize=7)
+    fig.suptitle(f"digits, {len(F['seeds'])} seeds at batch {F['protocol']['batch']} (mf-study digits-conv): mean and seed range", fontsize=9)
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=90)
+    return fig
+
+@figure('digits_conv_nfe.png')
+def conv_nfe_figure(path=None, folder=None):
+    "digits-FID against NFE at the end of training: flow matching with Euler and Heun, the one-step methods at 1 and 2 NFE (t-intervals)."
+    import matplotlib, matplotlib.pyplot as plt
+    S = conv_summary(folder)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for solver, mk in (('euler', 'o'), ('heun', 's')):
+        ks = sorted(int(k[len(solver):]) for k in S['fm_final'] if k.startswith(solver)); d = [S['fm_final'][f'{solver}{k}'] for k in ks]
+        l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, label=f'flow matching, {solver.capitalize()}')
+        ax.fill_between(ks, [v['lo'] for v in d], [v['hi'] for v in d], color=l.get_color(), alpha=0.2)
+    for i, m in enumerate(CONV_ONE_STEP):
+        d = [S['final'][(m, k)] for k in CONV_NFE]; x = np.array(CONV_NFE) * (1 + 0.06 * (i - 1.5))
+        ax.errorbar(x, [v['mean'] for v in d], yerr=[[v['mean'] - v['lo'] for v in d], [v['hi'] - v['mean'] for v in d]],
+                    fmt='D', ms=4, capsize=3, color=f'C{i + 2}', label=CONV_LABELS[m])
+    ax.set_xscale('log', base=2); ax.set_yscale('log'); ks = sorted(int(k[5:]) for k in S['fm_final'] if k.startswith('euler'))
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([1, 2, 5, 10, 20, 50])
+    ax.set_xlabel('network calls per sample (NFE)'); ax.set_ylabel('digits-FID vs test split')
+    ax.set_title(f"digits at convergence, {len(S['seeds'])} seeds (mf-study digits-conv)", fontsize=9); ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path: fig.savefig(path, dpi=90)
+    return fig
+
+# %% ../nbs/17_convergence.ipynb #s17c0112
+def fake_conv_results(folder, seeds=(0, 1, 2), mf_steps: int = 160, seed: int = 0):
+    "Synthetic result files of the digits-convergence study with known curves (FID = a + b / step per method), for tests of the summaries."
+    rng = np.random.default_rng(seed); folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    P = dict(conv_protocol(mf_steps)); steps = P['steps']
+    lv = dict(fm=1.5, mf=1.2, kim_minsnr=1.1, kim_dtd=1.0, imf=2.0)
+    comp = {m: dict(flops_per_step=int(4e9 if m != 'imf' else 16e9), cpu_s_per_step=0.1 if m != 'imf' else 0.4) for m in CONV_METHODS}
+    save_result('digits_conv_compute', dict(name='digits_conv_compute', methods=comp), folder)
+    save_result('digits_conv_pilot', dict(name='digits_conv_pilot', runs=dict(mf=dict(budget=mf_steps, gain={}, met=True))), folder)
+    save_result('digits_conv_fm_sweep', dict(name='digits_conv_fm_sweep', runs={}), folder)
+    for m in CONV_METHODS:
+        st = np.arange(1, CONV_CKPTS + 1) * (steps[m] // CONV_CKPTS)
+        runs = {}
+        for s in seeds:
+            j = 1 + 0.02 * rng.standard_normal()
+            curve = dict(step=st.tolist(), fid1=(j * (lv[m] + 20 * steps['mf'] / 16 / st)).tolist())
+            if m == 'fm': curve[CONV_FM_KEY] = curve['fid1']; final = {f'euler{k}': j * (lv[m] + 30 / k) for k in CONV_EULER}
+            else: final = {f'nfe{k}': j * lv[m] / k ** 0.1 for k in CONV_NFE}
+            if m == 'fm': final.update({f'heun{k}': j * (lv[m] + 10 / k) for k in CONV_HEUN})
+            runs[str(s)] = dict(curve=curve, final=final, steps=int(steps[m]))
+        save_result(f'digits_conv_{m}', dict(name=f'digits_conv_{m}', protocol=P, runs=runs), folder)
+    return folder
+
