@@ -17,11 +17,13 @@ from .study import study, figure, train_seconds, cli_study
 __all__ = ['CONV_SEEDS', 'CONV_VAL_SEED', 'CONV_DATA', 'CONV_BATCH', 'CONV_MF_STEPS', 'CONV_CKPTS', 'CONV_N', 'CONV_CURVE_SEED',
            'CONV_FINAL_SEED', 'CONV_METHODS', 'CONV_LABELS', 'CONV_BUDGET', 'CONV_FM_SWEEP', 'CONV_EULER', 'CONV_HEUN',
            'CONV_FM_CURVE_NFE', 'CONV_NFE', 'CONV_IMF_OMEGAS', 'CONV_PILOT', 'CONV_CANDIDATES', 'CONV_FLAT',
-           'CONV_ONE_STEP', 'CONV_FM_KEY', 'conv_steps', 'conv_config', 'step_compute', 'conv_fid', 'conv_measure',
-           'conv_protocol', 'conv_pilot', 'pilot_budget', 'conv_compute', 'conv_fm_settings', 'conv_fm_sweep_run',
-           'conv_run', 'conv_jobs', 'conv_worker', 'study_digits_conv', 't_ci', 'paired_t_ci', 'both_ci', 'read_curve',
-           'conv_files', 'conv_curves', 'conv_axis', 'conv_summary', 'conv_table', 'conv_curves_figure',
-           'conv_nfe_figure', 'fake_conv_results']
+           'CONV_ONE_STEP', 'CONV_FM_KEY', 'TOY_LONG_SEEDS', 'TOY_LONG_VAL_SEED', 'TOY_LONG_STEPS', 'TOY_LONG_FM_STEPS',
+           'TOY_LONG_EVERY', 'TOY_LONG_RECIPES', 'TOY_LONG_FM', 'TOY_LONG_EULER', 'TOY_LONG_HEUN', 'conv_steps',
+           'conv_config', 'step_compute', 'conv_fid', 'conv_measure', 'conv_protocol', 'conv_pilot', 'pilot_budget',
+           'conv_compute', 'conv_fm_settings', 'conv_fm_sweep_run', 'conv_run', 'conv_jobs', 'conv_worker',
+           'study_digits_conv', 't_ci', 'paired_t_ci', 'both_ci', 'read_curve', 'conv_files', 'conv_curves',
+           'conv_axis', 'conv_summary', 'conv_table', 'conv_curves_figure', 'conv_nfe_figure', 'fake_conv_results',
+           'toy_long_recipe', 'toy_long_run', 'study_toy_long']
 
 # %% ../nbs/17_convergence.ipynb #s17c0007
 CONV_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
@@ -526,3 +528,82 @@ def fake_conv_results(folder, seeds=(0, 1, 2), mf_steps: int = 160, seed: int = 
         save_result(f'digits_conv_{m}', dict(name=f'digits_conv_{m}', protocol=P, runs=runs), folder)
     return folder
 
+
+# %% ../nbs/17_convergence.ipynb #s17u0002
+TOY_LONG_SEEDS = (10, 11, 12, 13, 14) # training seeds that no other result file uses
+TOY_LONG_VAL_SEED = 100 # MeanFlow's recipe is chosen on this seed only
+TOY_LONG_STEPS = 6000 # MeanFlow's long budget (toy2d's is 2,000)
+TOY_LONG_FM_STEPS = 10_000 # flow matching trains past MeanFlow's compute in both units (measured ratios 1.3x FLOPs, 1.6x CPU)
+TOY_LONG_EVERY = 250 # checkpoint spacing
+TOY_LONG_RECIPES = { # MeanFlow's recipe grid on the validation seed: time distribution x share of r = t samples
+    f'{td}, r=t {q:g}': dict(time_dist=td, ratio_r_eq_t=q, **({'P_mean': -0.4, 'P_std': 1.0} if td == 'logit_normal' else {}))
+    for td in ('uniform', 'logit_normal') for q in (0.25, 0.5, 0.75)}
+TOY_LONG_FM = dict(method='fm', ratio_r_eq_t=1.0, norm_p=0.0, time_dist='logit_normal', P_mean=0.0, P_std=1.0) # toy2d's baseline, chosen on seed 100 by `mf-study toy-fm-vs-mf`
+TOY_LONG_EULER = (1, 2, 4, 6, 8, 10, 12, 14, 16, 24, 32, 64, 128) # flow matching's dense Euler grid
+TOY_LONG_HEUN = (2, 4, 6, 8, 10, 12, 14, 16, 24, 32) # and Heun's
+
+# %% ../nbs/17_convergence.ipynb #s17u0003
+def _toy_long_cfg(out, seed: int, steps: int, settings: dict, quick: bool = False) -> TrainConfig:
+    return get_config('toy2d', out=str(out), seed=seed, steps=steps, ckpt_every=TOY_LONG_EVERY if not quick else 4,
+                      keep_ckpts=10_000, eval_samples=200, log_every=TOY_LONG_EVERY, baseline_fm=False, **settings)
+
+def _toy_ckpt_quality(run: Path, step: int, ev: dict, solvers: dict) -> dict:
+    "SWD of a toy run's checkpoint at `step` (EMA weights) for each solver's NFE grid."
+    from meanflow_nb.eval import load_run
+    from meanflow_nb.study import toy_quality
+    cfg, model, _, st = load_run(run, ckpt=str(Path(run) / f'ckpt_{step:08d}.pt'))
+    check(st == step, f'{run}: checkpoint of step {step} holds step {st}')
+    return {s: toy_quality(cfg, model, ev, nfes, s, energy_n=0) for s, nfes in solvers.items()}
+
+def toy_long_recipe(runs: Path, quick: bool = False, folder=None) -> dict:
+    "MeanFlow's toy recipe: every `TOY_LONG_RECIPES` entry trained 2,000 steps on the validation seed, scored by 1- and 2-step SWD against a fresh draw."
+    from meanflow_nb.study import toy_eval_set
+    rows = {}
+    for name, st in TOY_LONG_RECIPES.items():
+        if (d := _conv_done('toy_long_recipe', name, folder)) is not None: rows[name] = d; continue
+        out = Path(runs) / 'toy_long' / f"recipe_{''.join(ch for ch in name if ch.isalnum() or ch == '.')}{'_quick' if quick else ''}"
+        cfg = _toy_long_cfg(out, TOY_LONG_VAL_SEED, 8 if quick else 2000, st, quick)
+        train(cfg, resume=True, progress=False)
+        ev = toy_eval_set(cfg, 500 if quick else 10_000)
+        q = _toy_ckpt_quality(out, cfg.steps, ev, dict(native=(1, 2)))['native']
+        rows[name] = dict(settings=st, swd=q['swd'], score=float(np.mean(q['swd'])))
+        _conv_update('toy_long_recipe', name, rows[name], folder, seed=TOY_LONG_VAL_SEED, criterion='mean SWD at 1 and 2 steps')
+    best = min(rows, key=lambda k: rows[k]['score'])
+    return dict(TOY_LONG_RECIPES[best], _choice=best)
+
+def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None, recipe: dict | None = None) -> dict:
+    "One long toy run ('mf' with the chosen recipe, or 'fm'), SWD at every 2,000-step mark and, for flow matching, at every checkpoint near a matched-compute point."
+    from meanflow_nb.study import toy_eval_set
+    if (d := _conv_done(f'toy_long_{method}', str(seed), folder)) is not None: return d
+    st = {k: v for k, v in (recipe or {}).items() if not k.startswith('_')} if method == 'mf' else TOY_LONG_FM
+    steps = (16 if method == 'fm' else 8) if quick else (TOY_LONG_FM_STEPS if method == 'fm' else TOY_LONG_STEPS)
+    out = Path(runs) / 'toy_long' / f"{method}_s{seed}{'_quick' if quick else ''}"
+    cfg = _toy_long_cfg(out, seed, steps, st, quick)
+    train(cfg, resume=True, progress=False)
+    ev = toy_eval_set(cfg, 500 if quick else 10_000)
+    solvers = dict(euler=TOY_LONG_EULER[:3], heun=TOY_LONG_HEUN[:1]) if quick else dict(euler=TOY_LONG_EULER, heun=TOY_LONG_HEUN)
+    marks = [s for s in range(cfg.ckpt_every, steps + 1, cfg.ckpt_every)] if method == 'fm' else \
+            [s for s in (2000, 4000, 6000, 4, 8) if s <= steps and s % cfg.ckpt_every == 0]
+    q = {str(s): _toy_ckpt_quality(out, s, ev, solvers if method == 'fm' else dict(native=(1, 2))) for s in marks}
+    rec = dict(settings=st, steps=steps, quality=q)
+    _conv_update(f'toy_long_{method}', str(seed), rec, folder, eval_samples=len(ev['ref']))
+    return rec
+
+# %% ../nbs/17_convergence.ipynb #s17u0004
+@study('toy-long', minutes=60)
+def study_toy_long(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
+    "The toy longer and at matched compute: MeanFlow's recipe chosen on the validation seed, MeanFlow 6,000 steps and flow matching 10,000 on 5 new seeds, Euler and Heun on a dense grid."
+    check(not fresh, 'toy-long resumes from its result files; delete results/toy_long_*.json to start over')
+    if quick and folder is None: folder = Path(runs) / 'toy_long' / 'quick_results'
+    comp = {}
+    try: comp = load_result('toy_long_compute', folder)['methods']
+    except FileNotFoundError:
+        comp = {m: step_compute(_toy_long_cfg('/tmp/unused', 0, 100, TOY_LONG_FM if m == 'fm' else {}), steps=2 if quick else 50)
+                for m in ('mf', 'fm')}
+        save_result('toy_long_compute', dict(name='toy_long_compute', methods=comp, date=time.strftime('%Y-%m-%d'),
+                                             loadavg_start=[round(x, 2) for x in os.getloadavg()]), folder)
+    recipe = toy_long_recipe(runs, quick, folder)
+    print(f"toy-long: MeanFlow's recipe {recipe['_choice']!r} (validation seed {TOY_LONG_VAL_SEED})", flush=True)
+    seeds = TOY_LONG_SEEDS[:2] if quick else TOY_LONG_SEEDS
+    recs = {(m, s): toy_long_run(runs, m, s, quick, folder, recipe) for s in seeds for m in ('mf', 'fm')}
+    return dict(compute=comp, recipe=recipe, runs=recs)
