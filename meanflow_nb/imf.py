@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from .core import bcast, interpolate, cond_velocity, check, check_values
 from .schedules import sample_t_r
-from .loss import jvp_call, sq_err, adaptive_weight
+from .loss import jvp_call, plain_call, sq_err, adaptive_weight
 from .models import timestep_embedding
 
 # %% auto #0
@@ -117,12 +117,16 @@ def imf_compound(u_fn, # u_fn(z, t, r) -> u, or (u, v) when `has_aux`
                  r: torch.Tensor, # (B,), r <= t
                  v_theta: torch.Tensor, # the network's own velocity: the z-tangent (replaces MF's e - x)
                  has_aux: bool = False, # u_fn also returns the v-head's output
+                 tangent_fn=None, # optional u-only `f(z, t, r) -> u` for the JVP (a network call without its v-head)
                 ) -> tuple:
-    "`(V, u, dudt, v)`: iMF's compound prediction `V = u + (t - r) sg(dudt)` (v is None unless `has_aux`)."
+    "`(V, u, dudt, v)`: iMF's compound prediction `V = u + (t - r) sg(dudt)` (v is None unless `has_aux`). The JVP runs without grad on the u output only, then a plain forward gives `u` (and `v`) with their graph."
     check(t.shape == r.shape == (z.shape[0],), f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
     check_values(r <= t, lambda: f'iMF needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
-    out = jvp_call(u_fn, (z, t, r), (v_theta, torch.ones_like(t), torch.zeros_like(r)), has_aux=has_aux)  # traceable by torch.compile
-    u, dudt, v = out if has_aux else (*out, None)
+    f = tangent_fn or ((lambda *a: u_fn(*a)[0]) if has_aux else u_fn)                 # the tangent of u only
+    with torch.no_grad():                                                              # sg(dudt): no tangent graph for backward
+        _, dudt = jvp_call(f, (z, t, r), (v_theta, torch.ones_like(t), torch.zeros_like(r)))  # traceable by torch.compile
+    out = plain_call(u_fn, z, t, r)                                                    # u (and v) with their graph
+    u, v = out if has_aux else (out, None)
     return u + bcast(t - r, z) * dudt.detach(), u, dudt, v  # sg: V gets gradients through u only
 
 # %% ../nbs/10_imf.ipynb #a19ef2f7
@@ -202,7 +206,8 @@ def _imf_call(self: IMFLoss, model, # called as model(z, h, omega, t_min, t_max,
     v_c, v_u = _v_query(self, model, z, t, w, y, self.v_head)
     v_g = imf_guided_velocity(v, v_c, v_u, w)                                          # iMF: guided target
     u_fn = lambda z_, t_, r_: _call_net(model, z_, t_ - r_, omega, t_min, t_max, y, self.v_head, t_)  # no t: h only
-    V, u, dudt, v_pred = imf_compound(u_fn, z, t, r, v_c.to(z.dtype), has_aux=self.v_head)  # tangent: own v (iMF)
+    u_only = lambda z_, t_, r_: _call_net(model, z_, t_ - r_, omega, t_min, t_max, y, False, t_)     # the JVP skips the v-head
+    V, u, dudt, v_pred = imf_compound(u_fn, z, t, r, v_c.to(z.dtype), has_aux=self.v_head, tangent_fn=u_only)  # tangent: own v (iMF)
     err_u = sq_err(V.float(), v_g.float()); w_u = adaptive_weight(err_u, self.norm_p, self.norm_eps)
     loss = (w_u * err_u).mean()
     if self.v_head:

@@ -15,8 +15,8 @@ from .core import bcast, interpolate, cond_velocity, check, check_values, Config
 from .schedules import sample_t_r, host_masks
 
 # %% auto #0
-__all__ = ['jvp_precision', 'jvp_context', 'jvp_call', 'meanflow_target', 'sq_err', 'adaptive_weight', 'guided_velocity',
-           'MeanFlowLoss', 'precision_gap', 'sample_meanflow', 'guided_u']
+__all__ = ['jvp_precision', 'jvp_context', 'jvp_call', 'plain_call', 'meanflow_target', 'sq_err', 'adaptive_weight',
+           'guided_velocity', 'MeanFlowLoss', 'precision_gap', 'sample_meanflow', 'guided_u']
 
 # %% ../nbs/04_loss.ipynb #365d8c17
 _JVP = {'dtype': 'fp32'} # the JVP precision in force (a plain dict: torch.compile can read it)
@@ -46,16 +46,25 @@ def jvp_call(fn: Callable, primals: tuple, tangents: tuple, has_aux: bool = Fals
          torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
         return torch.func.jvp(fn, primals, tangents, has_aux=has_aux)
 
+def plain_call(fn: Callable, *args):
+    "`fn(*args)` under the autocast settings `jvp_call` uses (the JVP's precision), without restricting SDPA to the math kernel."
+    bf16 = _JVP['dtype'] == 'bf16'
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), \
+         torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
+        return fn(*args)
+
 def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of shape (B,)
                     z: torch.Tensor, # z_t, (B, ...)
                     t: torch.Tensor, # (B,)
                     r: torch.Tensor, # (B,), r <= t
                     v: torch.Tensor, # velocity along which to differentiate (e - x, or a guided v_g)
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(u, u_tgt)`: `u = u_fn(z, t, r)` keeps its graph; `u_tgt = v - (t - r) dudt` is detached (Eq. 6 of MF)."
+    "`(u, u_tgt)`: `u = u_fn(z, t, r)` keeps its graph; `u_tgt = v - (t - r) dudt` is detached (Eq. 6 of MF). The JVP runs without grad (no tangent graph is kept for backward), then a plain forward gives `u`."
     check(t.shape == r.shape == (z.shape[0],), f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
     check_values(r <= t, lambda: f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
-    u, dudt = jvp_call(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    with torch.no_grad():                     # sg: the tangent needs no graph for backward (it only enters the target)
+        _, dudt = jvp_call(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    u = plain_call(u_fn, z, t, r)             # u with its graph: a plain forward, in the JVP's precision, fused SDPA allowed
     u_tgt = v - bcast(t - r, z) * dudt
     return u, u_tgt.detach()  # sg: the target must not receive gradients
 

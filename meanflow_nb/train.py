@@ -732,12 +732,15 @@ class _Meter:
 
 # %% ../nbs/08_train.ipynb #e8a0c002
 def set_precision(tf32: bool, device) -> dict:
-    "On CUDA, TF32 tensor cores for fp32 matmuls and cuDNN convolutions on (`tf32`) or off; returns the settings in force."
+    """On CUDA, TF32 tensor cores for fp32 matmuls and cuDNN convolutions on (`tf32`) or off; returns the settings in
+    force. Set through the legacy APIs (`torch.set_float32_matmul_precision`, `cudnn.allow_tf32`): once the newer
+    `fp32_precision` attributes are set, torch's legacy getters (`get_float32_matmul_precision`,
+    `backends.cuda.matmul.allow_tf32`), which other libraries still call, raise. On a CPU nothing changes."""
     if torch.device(device).type == 'cuda':
-        mode = 'tf32' if tf32 else 'ieee'
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    return dict(matmul=torch.backends.cuda.matmul.fp32_precision, conv=torch.backends.cudnn.conv.fp32_precision)
+        torch.set_float32_matmul_precision('high' if tf32 else 'highest')   # 'high': TF32 for fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+    return dict(matmul=torch.get_float32_matmul_precision(), matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+                conv_tf32=torch.backends.cudnn.allow_tf32)
 
 def resolve_micro_batch(cfg: TrainConfig, model: nn.Module, device, world: int) -> int:
     "The micro-batch of `cfg`: an integer as given, or for 'auto' the planner's fit to the free GPU memory (0 on CPU)."
