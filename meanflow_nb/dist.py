@@ -8,10 +8,10 @@ import os, re, datetime, threading, time
 import torch
 import torch.distributed as dist
 from torch import nn
-from .core import set_seed
+from .core import set_seed, ConfigError, check
 
 # %% auto #0
-__all__ = ['is_dist', 'get_rank', 'get_world_size', 'is_main', 'expand_nodelist', 'slurm_env', 'init_distributed',
+__all__ = ['is_dist', 'get_rank', 'get_world_size', 'is_main', 'expand_nodelist', 'slurm_env', 'launch_env', 'init_distributed',
            'cleanup_distributed', 'barrier', 'all_reduce_mean', 'all_gather_cat', 'broadcast_object', 'seed_per_rank',
            'broadcast_params', 'sync_gradients', 'param_fingerprint', 'params_agree', 'GradSync', 'any_rank']
 
@@ -62,14 +62,42 @@ def slurm_env(env: dict | None = None, # default: `os.environ`
                 MASTER_PORT=env.get('MASTER_PORT') or str(port + int(env.get('SLURM_JOB_ID', '0')) % 1000))
 
 # %% ../nbs/07_dist.ipynb #72eb9a45
+_LAUNCH_VARS = 'torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT: launch with torchrun, or unset them for one process'
+
+def launch_env(env: dict | None = None, # default: `os.environ`
+               gpus: int | None = None, # visible CUDA devices (default: `torch.cuda.device_count()`; 0: CPU)
+              ) -> tuple[int, int, int]:
+    "`(world, rank, local_rank)` from torchrun's variables, checked: one `ConfigError` line naming a missing, non-integer or out-of-range one."
+    env = os.environ if env is None else env
+    def num(name, lo, hi, default=None):
+        v = env.get(name)
+        if v is None or not v.strip():
+            check(default is not None, f'{name} is not set, but WORLD_SIZE={env.get("WORLD_SIZE")}; {_LAUNCH_VARS}')
+            return default
+        try: n = int(v)
+        except ValueError: n = None
+        check(n is not None and lo <= n <= hi, f'{name} must be an integer in [{lo}, {hi}], got {v!r}; {_LAUNCH_VARS}')
+        return n
+    world = num('WORLD_SIZE', 1, 1 << 20, 1)
+    multi = world > 1
+    check(multi or not env.get('RANK', '').strip() or env.get('WORLD_SIZE', '').strip(), f'RANK is set but WORLD_SIZE is not; {_LAUNCH_VARS}')
+    rank = num('RANK', 0, world - 1, None if multi else 0)
+    local_rank = num('LOCAL_RANK', 0, world - 1, None if multi else 0)
+    if multi:
+        check(bool(env.get('MASTER_ADDR', '').strip()), f'MASTER_ADDR is not set, but WORLD_SIZE={world}; {_LAUNCH_VARS}')
+        num('MASTER_PORT', 1, 65535)
+    gpus = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if gpus is None else gpus
+    check(gpus == 0 or local_rank < gpus, f'LOCAL_RANK {local_rank} names GPU {local_rank}, but this node shows {gpus} '
+          f'(CUDA_VISIBLE_DEVICES={env.get("CUDA_VISIBLE_DEVICES", "unset")}); give torchrun --nproc_per_node {gpus} or fewer')
+    return world, rank, local_rank
+
 def init_distributed(backend: str | None = None, # 'nccl' or 'gloo'; default: nccl with CUDA, else gloo
                      timeout_s: float = 600, # a rank that dies makes the others fail after this, instead of hanging
                     ) -> torch.device:
     "Join the process group if `torchrun` (or `srun` without torchrun, see `slurm_env`) launched us; return this rank's device."
     for k, v in slurm_env().items(): os.environ.setdefault(k, v)   # srun without torchrun: ranks from SLURM's variables
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
     use_cuda = torch.cuda.is_available() and backend != 'gloo'
+    world, _, local_rank = launch_env(gpus=torch.cuda.device_count() if use_cuda else 0)
     device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
     if use_cuda: torch.cuda.set_device(device)
     if world > 1 and not is_dist():

@@ -168,6 +168,7 @@ def get_config(preset: str | None = None, **overrides) -> TrainConfig:
 
 # %% ../nbs/08_train.ipynb #cd329a57
 METHODS = ('fm', 'mf', 'kim', 'imf')
+TOY_MODELS = {'ToyMLP': 'meanflow_nb.models:ToyMLP', 'ToyIMF': 'meanflow_nb.imf:ToyIMF'} # networks for vector data
 
 def validate_config(cfg: TrainConfig, world_size: int | None = None):
     "Raise `ConfigError` for a config that cannot run."
@@ -181,10 +182,25 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
     check(cfg.global_batch >= 1, f'global_batch must be positive, got {cfg.global_batch}')
     check(cfg.global_batch % world == 0, f'global_batch {cfg.global_batch} is not divisible by the world size {world}')
     check(cfg.lr > 0, f'lr must be positive, got {cfg.lr}')
+    check(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas),
+          f"betas must be two numbers in [0, 1) such as 0.9,0.95, got {','.join(map(str, cfg.betas)) or '(none)'}")
+    for n in ('weight_decay', 'grad_clip', 'v_target_noise', 'norm_p', 'cfg_omega', 'eval_omega', 'dtd_patience',
+              'num_classes', 'epochs', 'ckpt_every_minutes'):
+        check(getattr(cfg, n) >= 0, f'{n} must be >= 0, got {getattr(cfg, n)}')
+    for n in ('P_std', 'norm_eps', 'kim_k', 'minsnr_gamma', 'dist_timeout', 'bucket_mb'):
+        check(getattr(cfg, n) > 0, f'{n} must be > 0, got {getattr(cfg, n)}')
+    check(0 <= cfg.seed <= 2 ** 63 - 1, f'seed must be in [0, 2**63 - 1], got {cfg.seed}')
+    check(0 <= cfg.cfg_kappa < 1, f'cfg_kappa must be in [0, 1), got {cfg.cfg_kappa}')
+    check(cfg.eval_samples >= 2, f'eval_samples must be >= 2 (the samples of the end-of-run distances), got {cfg.eval_samples}')
+    check(cfg.dtd_clusters >= 1, f'dtd_clusters must be >= 1, got {cfg.dtd_clusters}')
+    check(cfg.imf_omega_max >= 1, f'imf_omega_max must be >= 1 (guidance scales are drawn from [1, imf_omega_max]), got {cfg.imf_omega_max}')
+    check(cfg.cfg_t_start <= cfg.cfg_t_end, f'need cfg_t_start <= cfg_t_end, got {cfg.cfg_t_start} > {cfg.cfg_t_end}')
+    check(cfg.eval_t_min <= cfg.eval_t_max, f'need eval_t_min <= eval_t_max, got {cfg.eval_t_min} > {cfg.eval_t_max}')
+    check(cfg.time_dist in ('logit_normal', 'uniform'), f"time_dist must be 'logit_normal' or 'uniform', got {cfg.time_dist!r}")
+    _check_names(cfg)
     check(all(0 <= d < 1 for d in cfg.ema_decays) and len(cfg.ema_decays) >= 1, f'ema_decays must lie in [0, 1), got {cfg.ema_decays}')
     check(cfg.kim_accel in ('minsnr', 'dtd', 'none'), f"kim_accel must be 'minsnr', 'dtd' or 'none', got {cfg.kim_accel!r}")
     check(cfg.dtd_clustering in ('uniform', 'quantile'), f"dtd_clustering must be 'uniform' or 'quantile', got {cfg.dtd_clustering!r}")
-    check(cfg.v_target_noise >= 0, f'v_target_noise must be non-negative, got {cfg.v_target_noise}')
     check(len(cfg.gap_range) == 0 or (len(cfg.gap_range) == 2 and 0 <= cfg.gap_range[0] <= cfg.gap_range[1] <= 1),
           f'gap_range must be empty or (lo, hi) with 0 <= lo <= hi <= 1, got {cfg.gap_range}')
     check(not cfg.gap_range or cfg.method == 'kim', "gap_range is a Kim et al. study protocol: use it with --method kim")
@@ -194,12 +210,20 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
     check(cfg.r_eq_t_split in ('random', 'balanced'), f"r_eq_t_split must be 'random' or 'balanced', got {cfg.r_eq_t_split!r}")
     check(cfg.micro_batch == 'auto' or (isinstance(cfg.micro_batch, int) and cfg.micro_batch >= 0),
           f"micro_batch must be a non-negative integer or 'auto', got {cfg.micro_batch!r}")
-    check(cfg.ckpt_every_minutes >= 0 and cfg.bucket_mb > 0, f'need ckpt_every_minutes >= 0 and bucket_mb > 0, got {cfg.ckpt_every_minutes}, {cfg.bucket_mb}')
     if cfg.data in _FILE_DATA: check(bool(cfg.data_path), f"data {cfg.data!r} needs --data_path (the folder it lives in)")
     if cfg.data_path: check(os.path.exists(cfg.data_path), f'data path {cfg.data_path!r} does not exist')
     if cfg.init_from: check(os.path.exists(cfg.init_from), f'init_from {cfg.init_from!r} does not exist')
 
 _FILE_DATA = ('imagefolder', 'latents')
+
+def _check_names(cfg: TrainConfig):
+    "The model and the data are names the trainer knows (checked before any folder is touched)."
+    from meanflow_nb.models import DiT_models
+    from meanflow_nb.toy import TOY_DATASETS
+    from meanflow_nb.data import DATASETS
+    models, data = (*TOY_MODELS, *DiT_models), (*TOY_DATASETS, 'ring', *DATASETS)
+    check(cfg.model in models, f'unknown model {cfg.model!r}; valid: {", ".join(models)}')
+    check(cfg.data in data, f'unknown data {cfg.data!r}; valid: {", ".join(data)}')
 
 _ANY_TYPE = ('micro_batch',) # fields whose own checks accept more than their default's type (an int or 'auto')
 
@@ -212,14 +236,14 @@ def _check_types(cfg: TrainConfig):
         if isinstance(d, bool): ok, kind = isinstance(v, bool), 'true or false'
         elif isinstance(d, int): ok, kind = isinstance(v, numbers.Integral) and not isinstance(v, bool), 'an integer'
         elif isinstance(d, float): ok, kind = isinstance(v, numbers.Real) and not isinstance(v, bool), 'a number'
-        elif isinstance(d, (tuple, list)): ok, kind = isinstance(v, (tuple, list)), 'a list of numbers'
+        elif isinstance(d, (tuple, list)):
+            ok, kind = isinstance(v, (tuple, list)) and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v), 'a list of numbers'
+            if ok: check(all(math.isfinite(x) for x in v), f'{f.name} must be finite numbers, got {",".join(map(str, v))}')
         else: ok, kind = isinstance(v, type(d)), f'a {type(d).__name__}'
         check(ok, f'{f.name} must be {kind}, got {v!r}')
         if isinstance(d, float): check(math.isfinite(v), f'{f.name} must be finite, got {v}')
 
 # %% ../nbs/08_train.ipynb #c37823aa
-TOY_MODELS = {'ToyMLP': 'meanflow_nb.models:ToyMLP', 'ToyIMF': 'meanflow_nb.imf:ToyIMF'} # networks for vector data
-
 def build_model(cfg: TrainConfig, sample_shape: tuple) -> nn.Module:
     "The network for `cfg`, sized for data samples of shape `sample_shape` (`(d,)` or `(C, H, W)`)."
     import importlib
@@ -602,13 +626,14 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main()
     validate_config(cfg, world)
     out = Path(cfg.out)
+    init = _init_weights(cfg.init_from, cfg) if cfg.init_from else None  # another model's weights: refused before the folder is touched
     claim_run_folder(out, resume, overwrite)  # rank 0 locks it; refusals reach every rank
     set_precision(cfg.tf32, device)
     data = build_data(cfg)
     total = total_steps(cfg, data)
     set_seed(cfg.seed)  # identical init on every rank; broadcast makes sure
     model = build_model(cfg, data.shape).to(device)
-    if cfg.init_from: model.load_state_dict(_init_weights(cfg.init_from))
+    if init is not None: _load_init(model, init, cfg.init_from)
     dist.broadcast_params(model)
     emas = [AveragedModel(model, multi_avg_fn=ema_update_fn(d, cfg.ema_warmup)) for d in cfg.ema_decays]
     if cfg.grad_ckpt:
@@ -811,12 +836,27 @@ def fit_micro_batch(cfg, model, free_gb: float, per_rank: int) -> int:
     return 0 if m == per_rank else m
 
 # %% ../nbs/08_train.ipynb #39011b4e
-def _init_weights(path: str) -> dict:
-    "Model weights of a checkpoint file, or of the newest usable checkpoint of a run folder."
+def _init_weights(path: str, cfg: TrainConfig | None = None) -> dict:
+    "Model weights of a checkpoint file, or of the newest usable checkpoint of a run folder; `ConfigError` if they are another model's."
     p = Path(path)
     st = latest_checkpoint(p) if p.is_dir() else load_checkpoint(p)
     if st is None: raise ConfigError(f'init_from: no checkpoint in {path}')
+    old = st['config'].get('model') if isinstance(st['config'], dict) else None
+    if cfg is not None: check(old == cfg.model, f'init_from {str(path)!r} holds a {old} model, but this run trains {cfg.model}; '
+                                                f'pass --model {old}, or a checkpoint of a {cfg.model} run')
     return st['model']
+
+def _load_init(model: nn.Module, weights: dict, path: str):
+    "Load `init_from` weights into `model`; `ConfigError` naming the first tensor that does not fit (other model_kwargs or data)."
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    shape = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or extra or shape:
+        what = (f'{shape[0]} is {tuple(weights[shape[0]].shape)} there, {tuple(own[shape[0]].shape)} here' if shape else
+                f'it lacks {missing[0]}' if missing else f'it has {extra[0]}, which this model lacks')
+        raise ConfigError(f'init_from {str(path)!r}: its weights do not fit this model ({what}); '
+                          'model_kwargs, num_classes and the data shape must match the run it comes from')
+    model.load_state_dict(weights)
 
 METHOD_NAMES = {'fm': 'flow matching', 'mf': 'MeanFlow', 'kim': 'Kim et al.', 'imf': 'iMF'}
 

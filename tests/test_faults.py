@@ -443,3 +443,75 @@ def test_error_after_step_1_is_one_line(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     one_line(r.stderr, 'non-finite loss')
     for ck in list_checkpoints(tmp_path / 'nan'): load_checkpoint(ck)  # every checkpoint written is verified and finite
+
+
+# ---------------------------------------------------------------- every number is checked before any work starts
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--betas', '0.9'], 'betas must be two numbers in [0, 1) such as 0.9,0.95, got 0.9'),
+    (['--betas', '0.9,1.0'], 'betas must be two numbers in [0, 1)'),
+    (['--betas', '0.9,nan'], 'betas must be finite numbers, got 0.9,nan'),
+    (['--betas', ''], 'betas must be two numbers in [0, 1) such as 0.9,0.95, got (none)'),
+    (['--weight_decay=-0.1'], 'weight_decay must be >= 0, got -0.1'),
+    (['--weight_decay', 'inf'], 'weight_decay must be finite'),
+    (['--seed=-1'], 'seed must be in [0, 2**63 - 1], got -1'),
+    (['--seed', str(2 ** 63)], 'seed must be in [0, 2**63 - 1]'),
+    (['--eval_samples=-5'], 'eval_samples must be >= 2'),
+    (['--eval_samples', '0'], 'eval_samples must be >= 2'),
+    (['--grad_clip=-1'], 'grad_clip must be >= 0, got -1'),
+    (['--ema_decays', '1.0'], 'ema_decays must lie in [0, 1)'),
+    (['--ema_decays', 'inf'], 'ema_decays must be finite numbers'),
+    (['--norm_eps', '0'], 'norm_eps must be > 0'),
+    (['--P_std', '0'], 'P_std must be > 0'),
+    (['--cfg_kappa', '1'], 'cfg_kappa must be in [0, 1)'),
+    (['--cfg_t_start', '0.8', '--cfg_t_end', '0.2'], 'need cfg_t_start <= cfg_t_end'),
+    (['--dist_timeout', '0'], 'dist_timeout must be > 0'),
+    (['--num_classes=-1'], 'num_classes must be >= 0'),
+    (['--imf_omega_max', '0.5'], 'imf_omega_max must be >= 1'),
+    (['--time_dist', 'normal'], "time_dist must be 'logit_normal' or 'uniform', got 'normal'"),
+    (['--model', 'DiT-Q/3'], "unknown model 'DiT-Q/3'; valid: ToyMLP, ToyIMF, DiT-B/4"),
+    (['--data', 'cifar100'], "unknown data 'cifar100'; valid: checkerboard"),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flags, needle):
+    "Every numeric field finite and in range, every name known: exit 2, one line naming the flag, no run folder made."
+    out = tmp_path / 'o'
+    code, _, err = cli(cli_train, TOY + ['--steps', '2', '--out', out] + flags, capsys)
+    assert code == 2, err
+    one_line(err, needle)
+    assert not out.exists()
+
+
+def test_init_from_another_model_is_one_line(run, tmp_path, capsys):
+    "Fine-tuning from a checkpoint of another model (or the same model at another width): exit 2 naming both, nothing written."
+    before, out = snap(run), tmp_path / 'ft'
+    code, _, err = cli(cli_train, TOY + ['--steps', '2', '--model', 'ToyIMF', '--model_kwargs', '{}', '--init_from', run, '--out', out], capsys)
+    assert code == 2
+    one_line(err, f"init_from '{run}' holds a ToyMLP model, but this run trains ToyIMF; pass --model ToyMLP")
+    assert not out.exists()
+    code, _, err = cli(cli_train, TOY + ['--steps', '2', '--model_kwargs', '{"hidden": 16, "depth": 2}', '--init_from',
+                                         run / 'ckpt_00000010.pt', '--out', out], capsys)
+    assert code == 2
+    one_line(err, 'its weights do not fit this model (net.0.weight is (32, ')
+    assert snap(out) == {} and snap(run) == before        # the folder was claimed, nothing written into it
+    code, _, err = cli(cli_train, TOY + ['--steps', '2', '--init_from', run, '--out', tmp_path / 'ok'], capsys)
+    assert code == 0, err                                  # the same model and widths: fine-tunes
+
+
+@pytest.mark.parametrize('env,needle', [
+    (dict(WORLD_SIZE='2', RANK='5', LOCAL_RANK='0', MASTER_ADDR='localhost', MASTER_PORT='29500'), 'RANK must be an integer in [0, 1], got '),
+    (dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0', MASTER_ADDR='localhost', MASTER_PORT='x'), "MASTER_PORT must be an integer in [1, 65535], got 'x'"),
+    (dict(WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='localhost', MASTER_PORT='29500'), 'RANK is not set, but WORLD_SIZE=2'),
+    (dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='0', MASTER_PORT='29500'), 'MASTER_ADDR is not set'),
+    (dict(WORLD_SIZE='two'), "WORLD_SIZE must be an integer in [1, "),
+    (dict(RANK='0'), 'RANK is set but WORLD_SIZE is not'),
+    (dict(WORLD_SIZE='1', LOCAL_RANK='1.5'), "LOCAL_RANK must be an integer in [0, 0], got '1.5'"),
+])
+def test_bad_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatch, env, needle):
+    "torchrun's variables missing, not integers or out of range: exit 2, one line naming the variable, before any work."
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID'): monkeypatch.delenv(k, raising=False)
+    for k, v in env.items(): monkeypatch.setenv(k, v)
+    out = tmp_path / 'o'
+    code, _, err = cli(cli_train, TOY + ['--steps', '2', '--out', out], capsys)
+    assert code == 2, err
+    assert 'launch with torchrun' in one_line(err, needle)
+    assert not out.exists()
