@@ -23,7 +23,7 @@ __all__ = ['CONV_SEEDS', 'CONV_VAL_SEED', 'CONV_DATA', 'CONV_BATCH', 'CONV_MF_ST
            'conv_compute', 'conv_fm_settings', 'conv_fm_sweep_run', 'conv_run', 'conv_jobs', 'conv_worker',
            'study_digits_conv', 't_ci', 'paired_t_ci', 'both_ci', 'read_curve', 'conv_files', 'conv_curves',
            'conv_axis', 'conv_summary', 'conv_table', 'conv_curves_figure', 'conv_nfe_figure', 'fake_conv_results',
-           'toy_long_recipe', 'toy_long_run', 'study_toy_long']
+           'conv_findings', 'toy_long_recipe', 'toy_long_run', 'study_toy_long', 'toy_long_summary', 'toy_long_table']
 
 # %% ../nbs/17_convergence.ipynb #s17c0007
 CONV_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
@@ -529,6 +529,52 @@ def fake_conv_results(folder, seeds=(0, 1, 2), mf_steps: int = 160, seed: int = 
     return folder
 
 
+# %% ../nbs/17_convergence.ipynb #s17y0002
+def _verdict(d: dict, a: str, b: str) -> str:
+    "'A is better than B' / 'worse' / 'not different from' by the paired t-interval of A - B (lower is better)."
+    if not d['separated']: return f'{a} is not distinguishable from {b} ({fmt_ci(d)})'
+    return f"{a} is {'better' if d['hi'] < 0 else 'worse'} than {b} ({fmt_ci(d)})"
+
+@result_table('digits_conv_findings')
+def conv_findings(folder=None) -> str:
+    "What the digits-convergence runs say, and which claims of the 300-step protocol changed; every number from the files."
+    S = conv_summary(folder); n = len(S['seeds']); L = CONV_LABELS
+    out = [f"**What the converged digits runs say** ({n} paired seeds; a difference is claimed only where the paired "
+           "t-interval excludes 0):", '']
+    for m in CONV_ONE_STEP[1:]:
+        out.append(f"- At each method's own budget, 1 NFE: {_verdict(S['vs_mf_final'][(m, 1)], L[m], 'MeanFlow')}; "
+                   f"2 NFE: {_verdict(S['vs_mf_final'][(m, 2)], L[m], 'MeanFlow').split(' is ', 1)[1]}.")
+    mt = S['matched']['flops']
+    if 'imf' in mt['vs_mf']:
+        out.append(f"- At MeanFlow's total compute ({mt['steps']['imf']:.0f} iMF steps), 1 NFE: {_verdict(mt['vs_mf']['imf'], 'iMF', 'MeanFlow')}.")
+    sp, self_ = S['speedup'], S['speedup']['mf']
+    for m in ('kim_minsnr', 'kim_dtd'):
+        d = sp[m]
+        ok = d['mean'] > 0 and d['lo'] > self_['mean']
+        out.append(f"- {L[m]} reaches MeanFlow's final 1-NFE level "
+                   + (f"after {d['first_step']:,.0f} of {S['files']['protocol']['mf_steps']:,} steps: a speed-up of {_speed(d)}, "
+                      if d['mean'] > 0 else "never within the budget, ")
+                   + ("above what the checkpoint grid shows for MeanFlow against itself" if ok else
+                      f"not separated from the {fmt_ci(self_, 2, 'x')} that the grid shows for MeanFlow against itself: no speed-up claimed") + '.')
+    eu, he = S['equiv']['euler']['mf'], S['equiv']['heun']['mf']
+    out.append(f"- One MeanFlow step matches flow matching at {_equiv_txt(eu)} Euler NFE and {_equiv_txt(he)} Heun NFE.")
+    try:   # the same questions under the superseded 300-step protocol, from its files
+        from meanflow_nb.study import digits_summary
+        O = digits_summary(folder)
+        old = lambda m: O['vs_mf'][m][1]
+        out += ['', "**What changed against the 300-step protocol** (`results/digits_*.json`, 300 steps at batch 32, "
+                "choices scored on the test split; 1 NFE, minus MeanFlow):", '',
+                f"- iMF: {fmt_ci(old('imf'))} at 300 steps; now {fmt_ci(S['vs_mf_final'][('imf', 1)])} at its own budget"
+                + (f" and {fmt_ci(mt['vs_mf']['imf'])} at MeanFlow's compute." if 'imf' in mt['vs_mf'] else '.'),
+                f"- Kim et al. (MinSNR + beta): {fmt_ci(old('kim'))} at 300 steps; now {fmt_ci(S['vs_mf_final'][('kim_minsnr', 1)])}.",
+                f"- MeanFlow's 1 NFE in flow-matching Euler NFE: {_fmt_old_equiv(O['equiv_nfe']['mf'])} at 300 steps; now {_equiv_txt(eu).split(' (')[0]}."]
+    except FileNotFoundError: pass
+    return '\n'.join(out) + '\n'
+
+def _fmt_old_equiv(d: dict) -> str:
+    f = lambda v: 'beyond the grid' if not math.isfinite(v) else f'{v:.1f}'
+    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
+
 # %% ../nbs/17_convergence.ipynb #s17u0002
 TOY_LONG_SEEDS = (10, 11, 12, 13, 14) # training seeds that no other result file uses
 TOY_LONG_VAL_SEED = 100 # MeanFlow's recipe is chosen on this seed only
@@ -607,3 +653,49 @@ def study_toy_long(runs: Path = Path('runs/study'), quick: bool = False, folder=
     seeds = TOY_LONG_SEEDS[:2] if quick else TOY_LONG_SEEDS
     recs = {(m, s): toy_long_run(runs, m, s, quick, folder, recipe) for s in seeds for m in ('mf', 'fm')}
     return dict(compute=comp, recipe=recipe, runs=recs)
+
+# %% ../nbs/17_convergence.ipynb #s17w0002
+def toy_long_summary(folder=None) -> dict:
+    "The long toy runs: MeanFlow's 1- and 2-step SWD at 2,000 and 6,000 steps, flow matching's Euler and Heun SWD at equal steps and at MeanFlow's compute, equivalent NFEs with t- and bootstrap intervals."
+    mf, fm = load_result('toy_long_mf', folder)['runs'], load_result('toy_long_fm', folder)['runs']
+    comp = load_result('toy_long_compute', folder)['methods']
+    seeds = sorted(set(mf) & set(fm), key=int)
+    check(len(seeds) >= 2, f'the long toy files share {len(seeds)} seed(s): run `mf-study toy-long`')
+    last = max(int(k) for k in mf[seeds[0]]['quality'])
+    ratio = {u: comp['mf'][k] / comp['fm'][k] for u, k in (('flops', 'flops_per_step'), ('cpu', 'cpu_s_per_step'))}
+    fm_marks = sorted(int(k) for k in fm[seeds[0]]['quality'])
+    near = lambda s: min(fm_marks, key=lambda m: abs(m - s))
+    S = dict(seeds=seeds, ratio=ratio, recipe=load_result('toy_long_recipe', folder), points={})
+    for mark in sorted(int(k) for k in mf[seeds[0]]['quality']):
+        one = np.array([mf[s]['quality'][str(mark)]['native']['swd'][0] for s in seeds])
+        two = np.array([mf[s]['quality'][str(mark)]['native']['swd'][1] for s in seeds])
+        targets = {'equal steps': mark}
+        if mark == last: targets.update({f'{u}-matched': near(mark * r) for u, r in ratio.items()})
+        for what, fstep in targets.items():
+            q = {s: fm[s]['quality'][str(fstep)] for s in seeds}
+            row = dict(mf_step=mark, fm_step=fstep, mf1=both_ci(one), mf2=both_ci(two))
+            for solver in ('euler', 'heun'):
+                ks = q[seeds[0]][solver]['nfe']; grid = np.array([q[s][solver]['swd'] for s in seeds])
+                row[solver] = dict(nfe=ks, mean=grid.mean(0).tolist(), equiv=equivalent_nfe_ci(grid, one, ks),
+                                   around=_around(grid, one, ks, solver))
+            S['points'][(mark, what)] = row
+    return S
+
+@result_table('toy_long')
+def toy_long_table(folder=None) -> str:
+    "The README's long-toy block: MeanFlow's one step in flow-matching NFE, Euler and Heun, at 2,000 and 6,000 steps and at matched compute."
+    S = toy_long_summary(folder); n = len(S['seeds']); rec = S['recipe']
+    best = min(rec['runs'], key=lambda k: rec['runs'][k]['score'])
+    rows = []
+    for (mark, what), r in S['points'].items():
+        if what == 'equal steps' and mark not in (2000, 4000, 6000) and len(S['points']) > 3: continue
+        rows.append([f'{mark:,}', f"{r['fm_step']:,} ({what})", fmt_ci(r['mf1']), fmt_ci(r['mf2']),
+                     _equiv_txt(r['euler']['equiv'] | dict(around=r['euler']['around'])),
+                     _equiv_txt(r['heun']['equiv'] | dict(around=r['heun']['around']))])
+    return '\n'.join([
+        f"Checkerboard, {n} new seeds, SWD on 10,000 samples, mean [95 % t-interval]; equivalent NFE with a bootstrap "
+        f"interval, and the measured grid points around it (flow matching's SWD minus MeanFlow's 1-step SWD, paired t). "
+        f"MeanFlow's recipe, chosen on validation seed {TOY_LONG_VAL_SEED}: {best}. Per step MeanFlow costs "
+        f"{S['ratio']['flops']:.2f}x flow matching's FLOPs and {S['ratio']['cpu']:.2f}x its CPU time.", '',
+        md_table(['MeanFlow steps', 'flow-matching steps', 'MeanFlow 1 step', 'MeanFlow 2 steps',
+                  'flow matching, Euler: equivalent NFE', 'flow matching, Heun: equivalent NFE'], rows)]) + '\n'

@@ -797,10 +797,13 @@ def _arch(model) -> dict:
     return dict(family='imf' if imf else 'dit', depth=len(blocks), T=T, D=D, H=blocks[0].attn.num_heads,
                 params=sum(p.numel() for p in model.parameters()))
 
-# activation bytes per sample = depth * (a * T * D + b * H * T^2) * 4, fitted to CPU peak memory (see below)
-ACT_COEF = {('dit', 'fm', 'fp32'): (15.65, 0.82), ('dit', 'jvp', 'fp32'): (51.25, 5.89), ('imf', 'jvp', 'fp32'): (72.04, 6.34),
-            ('dit', 'fm', 'bf16'): (15.65, 0.82), # the bf16 plain-sample fit (4.88, 1.23) is noise: the fp32 fit bounds it
-            ('dit', 'jvp', 'bf16'): (49.09, 6.15), ('imf', 'jvp', 'bf16'): (72.49, 6.3)}
+# activation bytes per sample = depth * (a * T * D + b * H * T^2) * 4, fitted to the bytes autograd holds for backward
+# (12_bench's `calibrate(measure='saved')`). The JVP runs without grad, so a JVP sample holds what a plain forward
+# does; its forward runs in the JVP's precision (fp32 by default), so under bf16 autocast a JVP sample (and every iMF
+# sample) holds fp32 activations, a plain sample bf16 ones (measured on their own). b ~ 0: fused attention (flash on the
+# CPU, flash or memory-efficient on CUDA) keeps no T x T scores for backward.
+ACT_COEF = {('dit', 'fm', 'fp32'): (21.95, 0.0), ('dit', 'jvp', 'fp32'): (21.95, 0.0), ('imf', 'jvp', 'fp32'): (28.91, 0.08),
+            ('dit', 'fm', 'bf16'): (13.59, 0.0), ('dit', 'jvp', 'bf16'): (21.95, 0.0), ('imf', 'jvp', 'bf16'): (28.91, 0.08)}
 
 def activation_bytes(arch: dict, kind: str = 'jvp', # 'fm' (r = t sample) or 'jvp' (r < t sample; iMF: every sample)
                      bf16: bool = False, grad_ckpt: bool = False, coef: dict | None = None) -> float:
@@ -808,7 +811,7 @@ def activation_bytes(arch: dict, kind: str = 'jvp', # 'fm' (r = t sample) or 'jv
     fam, kind = arch['family'], ('jvp' if arch['family'] == 'imf' else kind)
     a, b = (coef or ACT_COEF)[(fam, kind, 'bf16' if bf16 else 'fp32')]
     per_block = (a * arch['T'] * arch['D'] + b * arch['H'] * arch['T'] ** 2) * 4
-    if grad_ckpt: return arch['depth'] * arch['T'] * arch['D'] * 4 * (2 if kind == 'jvp' else 1) + per_block
+    if grad_ckpt: return arch['depth'] * arch['T'] * arch['D'] * 4 + per_block   # block inputs + one block's activations
     return arch['depth'] * per_block
 
 def fixed_bytes(params: int, n_ema: int = 1) -> dict:
