@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #199e24f3
 from __future__ import annotations
-import os, sys, json, math, time, glob, copy, argparse, dataclasses, warnings, hashlib, numbers, socket, signal, threading
+import os, re, sys, json, math, time, glob, copy, argparse, dataclasses, warnings, hashlib, numbers, socket, signal, threading
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -20,15 +20,15 @@ from .loss import MeanFlowLoss, sample_meanflow, jvp_precision
 from .schedules import balanced_split
 
 # %% auto #0
-__all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'RESUME_MAY_CHANGE', 'RUN_FILES', 'EXIT_PREEMPTED',
-           'ACT_COEF', 'METHOD_NAMES', 'TrainConfig', 'get_config', 'validate_config', 'build_model', 'build_loss',
-           'generate', 'ToyData', 'DatasetData', 'build_data', 'total_steps', 'RunError', 'sync_stats', 'train_step',
-           'state_digest', 'nonfinite_weights', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
-           'prune_checkpoints', 'latest_checkpoint', 'ema_update_fn', 'ema_update', 'release_run_folder',
-           'lock_run_folder', 'clear_run_folder', 'claim_run_folder', 'config_diff', 'check_resume', 'train',
-           'Preempted', 'set_precision', 'resolve_micro_batch', 'compiled_step', 'activation_bytes', 'fixed_bytes',
-           'fit_micro_batch', 'run_label', 'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log',
-           'evaluate_images', 'field_docs', 'train_parser', 'cli_train']
+__all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'CKPT_NAME', 'RESUME_MAY_CHANGE', 'RUN_FILES',
+           'RUN_OUTPUTS', 'EXIT_PREEMPTED', 'ACT_COEF', 'METHOD_NAMES', 'TrainConfig', 'get_config', 'validate_config',
+           'build_model', 'build_loss', 'generate', 'ToyData', 'DatasetData', 'build_data', 'total_steps', 'RunError',
+           'sync_stats', 'train_step', 'state_digest', 'nonfinite_weights', 'save_checkpoint', 'load_checkpoint',
+           'list_checkpoints', 'prune_checkpoints', 'latest_checkpoint', 'ema_update_fn', 'ema_update',
+           'release_run_folder', 'lock_run_folder', 'clear_run_folder', 'claim_run_folder', 'config_diff',
+           'check_resume', 'train', 'Preempted', 'set_precision', 'resolve_micro_batch', 'compiled_step',
+           'activation_bytes', 'fixed_bytes', 'fit_micro_batch', 'run_label', 'RunResult', 'finish_run', 'evaluate_toy',
+           'save_sample_grid', 'plot_log', 'evaluate_images', 'field_docs', 'train_parser', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #05ebb6f1
 @dataclass
@@ -477,12 +477,17 @@ def load_checkpoint(path: str | Path) -> dict:
     if bad: raise RunError(f'checkpoint {path} holds non-finite weights ({bad[0]})')
     return st
 
+CKPT_NAME = re.compile(r'ckpt_(\d{8,})\.pt') # the trainer's names, f'ckpt_{step:08d}.pt': nothing else in a folder is a checkpoint
+
 def list_checkpoints(out: str | Path) -> list[Path]:
-    "The run's checkpoints, oldest first."
-    return sorted(Path(out).glob('ckpt_*.pt'))
+    "The run's checkpoints, oldest step first: files named exactly `ckpt_<8 or more digits>.pt` (`ckpt_best.pt`, `ckpt_1.pt` are not)."
+    d = Path(out)
+    if not d.is_dir(): return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_NAME.fullmatch(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
 
 def prune_checkpoints(out: str | Path, keep: int):
-    "Delete all but the newest `keep` checkpoints."
+    "Delete all but the newest `keep` checkpoints (by step; other files are never touched)."
     for p in list_checkpoints(out)[:-keep] if keep > 0 else []: p.unlink(missing_ok=True)
 
 # %% ../nbs/08_train.ipynb #0b1dafcb
@@ -561,12 +566,17 @@ def lock_run_folder(out: str | Path):
     os.ftruncate(fd, 0); os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())
     _LOCKS[str(out.resolve())] = fd
 
+_OWN_CKPT = re.compile(r'ckpt_\d{8,}\.pt(\.tmp)?') # a checkpoint of `RUN_FILES`: the trainer's exact names only
+
 def clear_run_folder(out: str | Path):
-    "Delete a run's own files (`RUN_FILES`, also in `baseline_fm/`), nothing else."
+    "Delete a run's own files (`RUN_FILES`, also in `baseline_fm/`), nothing else (not `ckpt_best.pt` nor `notes.txt`)."
     out = Path(out)
     for d in (out, out / 'baseline_fm'):
         for pat in RUN_FILES:
-            for p in d.glob(pat): p.unlink()
+            for p in d.glob(pat):
+                if not p.name.startswith('ckpt_') or _OWN_CKPT.fullmatch(p.name): p.unlink()
+
+RUN_OUTPUTS = ('config.json', 'log.jsonl', 'metrics.json') # files a new run would overwrite: a folder holding one holds a run
 
 def claim_run_folder(out: str | Path, resume: bool = False, overwrite: bool = False):
     "Rank 0 creates, locks and checks the run folder; a refusal is raised as the same `ConfigError` on every rank."
@@ -579,6 +589,9 @@ def claim_run_folder(out: str | Path, resume: bool = False, overwrite: bool = Fa
             ck = [] if resume else list_checkpoints(out)
             check(not ck, f'run folder {str(out)!r} already holds a run (newest: {ck[-1].name if ck else ""}); pass --resume '
                           'to continue it, --overwrite to start it over, or choose another --out')
+            old = [] if resume else [n for n in RUN_OUTPUTS if (out / n).exists()]
+            check(not old, f'run folder {str(out)!r} holds the files of a run ({", ".join(old)}) but no checkpoint; pass --resume '
+                           'to start it again from step 0, --overwrite to replace them, or choose another --out')
         except ConfigError as ex: err = str(ex); release_run_folder(out)
     err = dist.broadcast_object(err)
     if err: raise ConfigError(err)

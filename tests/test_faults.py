@@ -515,3 +515,43 @@ def test_bad_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatch, env
     assert code == 2, err
     assert 'launch with torchrun' in one_line(err, needle)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- only the trainer's own files are a run's
+
+def test_checkpoints_are_the_trainers_names_by_step(run, tmp_path, capsys):
+    "`ckpt_best.pt`, `ckpt_1.pt`, a `.bak` and notes beside the checkpoints: never resumed from, never pruned, never deleted."
+    shutil.copy(run / 'ckpt_00000010.pt', run / 'ckpt_best.pt')          # sorts after ckpt_00000020.pt by name
+    shutil.copy(run / 'ckpt_00000010.pt', run / 'ckpt_1.pt')
+    shutil.copy(run / 'ckpt_00000020.pt', run / 'ckpt_00000020.pt.bak')
+    (run / 'notes.txt').write_text('mine')
+    others = {k: v for k, v in snap(run).items() if k in ('ckpt_best.pt', 'ckpt_1.pt', 'ckpt_00000020.pt.bak', 'notes.txt')}
+    assert [p.name for p in list_checkpoints(run)] == ['ckpt_00000010.pt', 'ckpt_00000020.pt']
+    code, _, err = cli(cli_train, TOY + ['--steps', '50', '--resume', '--out', run], capsys)
+    assert code == 0, err
+    assert 'resumed from step 20' in err
+    assert ckpt_steps(run) == [30, 40, 50]                                # keep_ckpts 3 pruned only its own
+    assert {k: v for k, v in snap(run).items() if k in others} == others
+    code, _, err = cli(cli_train, TOY + ['--steps', '10', '--overwrite', '--out', run], capsys)
+    assert code == 0, err
+    assert ckpt_steps(run) == [10] and {k: v for k, v in snap(run).items() if k in others} == others
+    d = tmp_path / 'steps'; d.mkdir()
+    for n in ('ckpt_100000000.pt', 'ckpt_99999999.pt', 'ckpt_00000005.pt', 'ckpt_5.pt', 'ckpt_0000000x.pt'): (d / n).write_bytes(b'')
+    assert [p.name for p in list_checkpoints(d)] == ['ckpt_00000005.pt', 'ckpt_99999999.pt', 'ckpt_100000000.pt']
+
+
+def test_run_files_without_checkpoints_are_not_overwritten(tmp_path, capsys):
+    """A folder with config.json, log.jsonl or metrics.json but no checkpoint (a run killed before its first one, or another
+    tool's): refused without --resume or --overwrite, exit 2, byte-identical."""
+    out = tmp_path / 'o'; out.mkdir()
+    for name in ('config.json', 'log.jsonl', 'metrics.json'):
+        (out / name).write_text('{"theirs": 1}\n'); before = snap(out)
+        code, _, err = cli(cli_train, TOY + ['--steps', '2', '--out', out], capsys)
+        assert code == 2
+        one_line(err, f'holds the files of a run ({name}')
+        assert snap(out) == before
+        (out / name).unlink()
+    (out / 'metrics.json').write_text('{"theirs": 1}\n')
+    code, _, err = cli(cli_train, TOY + ['--steps', '2', '--overwrite', '--out', out], capsys)
+    assert code == 0, err
+    assert json.loads((out / 'metrics.json').read_text())['steps'] == 2
