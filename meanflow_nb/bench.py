@@ -13,9 +13,10 @@ from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 # %% auto #0
 __all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader',
            'bench_data', 'steps_per_s_from_log', 'launch_sps', 'bench_ddp', 'bench_model_forward', 'cpu_info',
-           'run_bench', 'bench_rows', 'bench_table', 'bench_findings', 'cli_bench', 'cpu_peak_bytes',
-           'measure_activation_bytes', 'calibrate', 'plan', 'bench_compiled', 'bench_precision', 'bench_grad_ckpt',
-           'bench_allreduce', 'bench_overlap', 'bench_scale', 'scale_rows', 'overlap_rows', 'cli_plan', 'plan_text']
+           'run_bench', 'bench_rows', 'bench_table', 'bench_findings', 'cli_bench', 'cpu_peak_bytes', 'saved_bytes',
+           'measure_activation_bytes', 'calibrate', 'model_flops', 'step_flops', 'plan', 'bench_compiled',
+           'bench_precision', 'bench_grad_ckpt', 'bench_allreduce', 'bench_overlap', 'bench_scale', 'scale_rows',
+           'overlap_rows', 'bench_jvp', 'cli_plan', 'plan_text']
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
 from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
@@ -178,14 +179,15 @@ def bench_model_forward(model: str = 'DiT-D/2', batch: int = 128, repeats: int =
     return {k: r[k] for k in keep if k in r}
 
 # %% ../nbs/12_bench.ipynb #a47120da
-PARTS = ('steps', 'sampling', 'data', 'ddp', 'models', 'scale')
+PARTS = ('steps', 'sampling', 'data', 'ddp', 'models', 'jvp', 'scale')
 SIZES = {
     'default': dict(steps=dict(batch=128, repeats=5), toy=dict(batch=1024, repeats=5), sampling=dict(model='DiT-D/2', batch=128, repeats=2),
                     data=dict(batch=128, n_batches=200), ddp=dict(steps=30, warmup=5, model='DiT-D/2', batch=128),
-                    models=dict(model='DiT-D/2', batch=128, repeats=5)),
+                    models=dict(model='DiT-D/2', batch=128, repeats=5), jvp=dict(model='DiT-D/2', batch=128, repeats=5)),
     'tiny': dict(steps=dict(model='DiT-T/2', imf_model='iMF-T/2', batch=16, repeats=2), toy=dict(batch=128, repeats=2),
                  sampling=dict(model='DiT-T/2', batch=16, repeats=1), data=dict(batch=32, n_batches=10, latents=False),
-                 ddp=dict(steps=6, warmup=2, model='DiT-T/2', batch=16), models=dict(model='DiT-T/2', batch=16, repeats=1)),
+                 ddp=dict(steps=6, warmup=2, model='DiT-T/2', batch=16), models=dict(model='DiT-T/2', batch=16, repeats=1),
+                 jvp=dict(model='DiT-T/2', batch=16, repeats=2)),
 }
 
 # %% ../nbs/12_bench.ipynb #4ad3dd2b
@@ -209,7 +211,8 @@ def run_bench(parts=PARTS, # any of `PARTS`
                         machine=platform.machine(), cpus=os.cpu_count(), **cpu_info(), loadavg_start=_loadavg(), date=time.strftime('%Y-%m-%d %H:%M'))}
     jobs = {'steps': lambda: {'digits': bench_steps('digits', **S['steps']), 'toy2d': bench_steps('toy2d', **S['toy'])},
             'sampling': lambda: bench_sampling(**S['sampling']), 'data': lambda: bench_data(**S['data']),
-            'ddp': lambda: bench_ddp(**S['ddp']), 'models': lambda: bench_model_forward(**S['models']), 'scale': lambda: bench_scale(size)}
+            'ddp': lambda: bench_ddp(**S['ddp']), 'models': lambda: bench_model_forward(**S['models']),
+            'jvp': lambda: bench_jvp(**S['jvp']), 'scale': lambda: bench_scale(size)}
     try:
         for p in PARTS:
             if p not in parts: continue
@@ -245,6 +248,12 @@ def bench_rows(res: dict) -> list:
         r = res['models']
         rows.append((f'forward bf16 / fp32 ({r["model"]}, batch {r["batch"]})', f'{r["bf16_speedup"]:.2f}x',
                      f'{r["fwd_bf16_img_per_s"]:.0f} vs {r["fwd_fp32_img_per_s"]:.0f} images/s'))
+    if 'jvp' in res:
+        r = res['jvp']
+        rows.append((f'JVP sample without grad + plain forward / one JVP with grad, loss + backward ({r["model"]}, batch {r["batch"]})',
+                     f'{1 + r["extra_step_time"]:.2f}x', f'{r["ms_no_grad_jvp"]:.1f} vs {r["ms_jvp_with_graph"]:.1f} ms CPU'))
+        rows.append((f'saved bytes per JVP sample / per plain sample ({r["model"]})', f'{r["saved_ratio"]:.2f}x',
+                     f'{r["saved_mb_jvp"]:.2f} vs {r["saved_mb_plain"]:.2f} MB; one JVP with grad: {r["saved_ratio_with_graph"]:.2f}x'))
     if 'scale' in res: rows += scale_rows(res['scale'])
     return rows
 
@@ -319,9 +328,11 @@ def bench_findings(res: dict) -> str:
 @cli_errors
 def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     "Console script `mf-bench`: run benchmark parts, print a table, optionally write JSON; `mf-bench plan ...` plans a preset."
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['plan']: return cli_plan(argv[1:])
-    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models, scale. `mf-bench plan --help`: the planner.')
+    console, argv = argv is None, sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['plan']:
+        r = cli_plan(argv[1:])
+        return None if console else r                       # a console script's return value would be its exit status
+    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models, jvp, scale. `mf-bench plan --help`: the planner.')
     p.add_argument('parts', nargs='*', default=['all'], help=f'all (default) or any of: {", ".join(PARTS)}')
     p.add_argument('--json', default=None, help='also write the results here')
     p.add_argument('--tiny', action='store_true', help='tiny sizes (a smoke test in seconds)')
@@ -345,11 +356,39 @@ def cpu_peak_bytes(fn) -> int:
         cur += e.self_cpu_memory_usage; peak = max(peak, cur)   # self: an op's children report their own allocations
     return peak
 
+class _Held:
+    "What a saved-tensor hook hands autograd: the tensor, and a weak reference target whose death ends its count."
+    __slots__ = ('t', '__weakref__')
+
+def saved_bytes(fn, exclude=()) -> tuple:
+    """`(peak, out)`: the peak bytes that autograd holds for backward while `out = fn()` runs. A saved tensor counts
+    from its pack until the graph node that holds it is freed; tensors sharing storage count once; the storages of
+    `exclude` (the parameters) do not count."""
+    import weakref
+    live, refs = dict(cur=0, peak=0), {}
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    def drop(k):
+        refs[k][0] -= 1
+        if refs[k][0] == 0: live['cur'] -= refs.pop(k)[1]
+    def pack(t):
+        h = _Held(); h.t = t
+        try: s = t.untyped_storage(); k, n = s.data_ptr(), s.nbytes()
+        except RuntimeError: k, n = ('wrapped', id(h)), t.numel() * t.element_size()   # a functorch wrapper: no storage
+        if k in skip: return h
+        if k not in refs: refs[k] = [0, n]; live['cur'] += n; live['peak'] = max(live['peak'], live['cur'])
+        refs[k][0] += 1; weakref.finalize(h, drop, k)
+        return h
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t): out = fn()
+    return live['peak'], out
+
 def measure_activation_bytes(model: str = 'DiT-T/2', input_size: int = 8, in_channels: int = 4,
                              kind: str = 'jvp', # 'fm': every sample r = t; 'jvp': every sample r < t (iMF: always JVP)
                              bf16: bool = False, grad_ckpt: bool = False, batches: tuple = (4, 12),
-                             model_kwargs: dict | None = None, seed: int = 0) -> dict:
-    "Activation bytes per sample of one trainer loss + backward: the slope of CPU peak memory between two batch sizes."
+                             model_kwargs: dict | None = None, seed: int = 0,
+                             measure: str = 'peak', # 'peak': CPU tensor-memory peak (profiler); 'saved': bytes autograd holds (`saved_bytes`)
+                            ) -> dict:
+    "Activation bytes per sample of one trainer loss + backward: the slope of CPU peak memory (or saved bytes) between two batch sizes."
+    check(measure in ('peak', 'saved'), f"measure must be 'peak' or 'saved', got {measure!r}")
     import contextlib, warnings
     from meanflow_nb.models import create_model, set_grad_ckpt, iMFDiT
     from meanflow_nb.loss import MeanFlowLoss
@@ -364,33 +403,39 @@ def measure_activation_bytes(model: str = 'DiT-T/2', input_size: int = 8, in_cha
         g = torch.Generator().manual_seed(seed)
         x, y = torch.randn(B, in_channels, input_size, input_size, generator=g), torch.randint(0, 10, (B,), generator=g)
         d = lf.draw(B, x.shape[1:], g)
-        def step():
-            net.zero_grad(set_to_none=True)
+        def loss():
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), warnings.catch_warnings():
-                warnings.simplefilter('ignore'); lf(net, x, y, **d)['loss'].backward()
-        step(); peaks.append(cpu_peak_bytes(step))                              # warm: grads already allocated
+                warnings.simplefilter('ignore'); return lf(net, x, y, **d)['loss']
+        def step(): net.zero_grad(set_to_none=True); loss().backward()
+        step()                                                                  # warm: grads already allocated
+        if measure == 'peak': peaks.append(cpu_peak_bytes(step))
+        else: n, out = saved_bytes(loss, list(net.parameters())); out.backward(); peaks.append(n)
     slope = (peaks[1] - peaks[0]) / (batches[1] - batches[0])
     return dict(model=model, **{k: v for k, v in _arch(net).items() if k != 'params'}, kind=kind, bf16=bf16, grad_ckpt=grad_ckpt,
-                bytes_per_sample=slope, peaks=peaks)
+                measure=measure, bytes_per_sample=slope, peaks=peaks)
 
 CALIB = [('DiT-T/2', 16, 4, {}), ('DiT-T/2', 8, 4, {'hidden_size': 128}), ('DiT-T/2', 32, 4, {'num_heads': 2}),
          ('iMF-T/2', 16, 4, {}), ('iMF-T/2', 8, 4, {'hidden_size': 128}), ('iMF-T/2', 32, 4, {'num_heads': 2})]
 HELD_OUT = [('DiT-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3}), ('iMF-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3})]
 
-def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16')) -> tuple:
+def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16'),
+              measure: str = 'peak', # see `measure_activation_bytes`
+             ) -> tuple:
     "Fit `ACT_COEF` (least squares on the measured bytes per sample) and the relative error on held-out models."
     rows = []
     for prec in precisions:
         for name, size, ch, kw in list(configs) + list(held_out):
             for kind in (('jvp',) if name.startswith('iMF') else ('fm', 'jvp')):
-                r = measure_activation_bytes(name, size, ch, kind, prec == 'bf16', model_kwargs=kw)
+                r = measure_activation_bytes(name, size, ch, kind, prec == 'bf16', model_kwargs=kw, measure=measure)
                 rows.append(dict(r, held_out=(name, size, ch, kw) in held_out, prec=prec))
     coef = {}
     for key in {(r['family'], r['kind'], r['prec']) for r in rows}:
         fit = [r for r in rows if (r['family'], r['kind'], r['prec']) == key and not r['held_out']]
         A = torch.tensor([[r['depth'] * r['T'] * r['D'], r['depth'] * r['H'] * r['T'] ** 2] for r in fit], dtype=torch.float64)
         b = torch.tensor([r['bytes_per_sample'] / 4 for r in fit], dtype=torch.float64)
-        coef[key] = tuple(round(float(c), 2) for c in torch.linalg.lstsq(A, b[:, None]).solution[:, 0])
+        a_, b_ = (float(c) for c in torch.linalg.lstsq(A, b[:, None]).solution[:, 0])
+        if b_ < 0: a_, b_ = float(A[:, 0] @ b / (A[:, 0] @ A[:, 0])), 0.0   # no T^2 term to speak of (fused attention): fit a alone
+        coef[key] = (round(a_, 2), round(b_, 2))
     for r in rows:
         pred = activation_bytes(r, r['kind'], r['prec'] == 'bf16', coef=coef)
         r['pred_rel_err'] = round(pred / r['bytes_per_sample'] - 1, 3)
@@ -400,31 +445,59 @@ def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16')) -> 
 from .train import _arch, ACT_COEF, activation_bytes, fixed_bytes, _mix_bytes, _fit, fit_micro_batch  # the memory model
 
 # %% ../nbs/12_bench.ipynb #f9a0a003
-def _flops_per_sample(arch: dict) -> float:
-    "Forward FLOPs of one sample: 2 x params x tokens for the matmuls, plus the attention scores and their use."
-    return 2 * arch['params'] * arch['T'] + arch['depth'] * 4 * arch['T'] ** 2 * arch['D']
+def model_flops(model, # a DiT or iMF network (the meta device will do: only shapes are read)
+                v_head: bool = True, # iMF: count the v-head (False: the u path only, as in the JVP)
+               ) -> float:
+    """Forward FLOPs of one sample, as `torch.utils.flop_counter` counts them (2 per multiply-add of a matmul): each
+    linear layer or patch convolution once per token it sees, except the conditioning MLPs (adaLN modulation, the
+    time / guidance embedders), which run once per sample; plus attention, `4 T^2 D` per block."""
+    import torch.nn as nn
+    a = _arch(model)
+    T_all, T_img = a['T'], model.x_embedder.num_patches                       # iMF: prefix + image tokens; else equal
+    f, blocks = 0.0, 0
+    for name, m in model.named_modules():
+        if not v_head and name.split('.')[0] in ('v_blocks', 'v_final'): continue
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            per = 1 if ('adaLN' in name or 'embedder' in name) else T_img if (isinstance(m, nn.Conv2d) or 'final' in name) else T_all
+            f += 2 * m.weight.numel() * per
+        elif hasattr(m, 'attn') and type(m).__name__.endswith('Block'): blocks += 1   # DiTBlock, iMFBlock
+    return f + blocks * 4 * T_all ** 2 * a['D']
+
+def step_flops(cfg, model) -> float:
+    """FLOPs of one training sample of `cfg`, in forward passes `F` of `model_flops`: a plain sample (`r = t`) 3 F
+    (forward + backward); a MeanFlow JVP sample 5 F (the JVP without grad, primal + tangent ~ 2 F; then the forward
+    with grad and its backward, 3 F); the guidance query 2 F (a no-grad forward of both labels). iMF: the guidance
+    query 2 F, the JVP through the u path only (2 F_u), then forward + backward with the v-head (3 F)."""
+    F = model_flops(model)
+    if _arch(model)['family'] == 'imf':
+        return (2 if cfg.num_classes > 0 else 1) * F + 2 * model_flops(model, v_head=False) + 3 * F
+    rho = 1.0 if cfg.method == 'fm' else cfg.ratio_r_eq_t
+    guided = cfg.num_classes > 0 and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
+    return F * (3 * rho + 5 * (1 - rho) + (2 if guided else 0))
 
 def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
          mfu: float = 0.35, # assumed model-FLOP utilisation
          peak_tflops: float = 989.0, # dense bf16 peak of one GPU (H100 SXM); A100: 312
          **overrides) -> dict:
     "Per-GPU memory, the micro-batch that fits, and the GPU-hours of a preset on `gpus` GPUs of `gpu_mem_gb` GB."
+    for n, v in (('gpus', gpus), ('gpu_mem_gb', gpu_mem_gb), ('mfu', mfu), ('peak_tflops', peak_tflops)):
+        check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f'{n} must be a finite number > 0, got {v!r}')
+    check(int(gpus) == gpus and mfu <= 1, f'need a whole number of GPUs and an MFU in (0, 1], got gpus={gpus}, mfu={mfu}')
     from meanflow_nb.train import get_config, total_steps, IMAGENET_TRAIN
     from meanflow_nb.models import create_model
     cfg = _cfg_no_data(preset, **overrides)
     check(cfg.global_batch % gpus == 0, f'global batch {cfg.global_batch} does not divide by {gpus} GPUs')
     kw = dict(input_size=32, in_channels=4, num_classes=cfg.num_classes, **cfg.model_kwargs)
     if cfg.model.startswith('iMF'): kw.setdefault('v_head', cfg.imf_v_head)
-    with torch.device('meta'): arch = _arch(create_model(cfg.model, **kw))
+    with torch.device('meta'): net = create_model(cfg.model, **kw)
+    arch = _arch(net)
     per_rank, GB = cfg.global_batch // gpus, 2 ** 30
     fixed = fixed_bytes(arch['params'], len(cfg.ema_decays))
     fm, jvp = activation_bytes(arch, 'fm', cfg.bf16, cfg.grad_ckpt), activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
     budget = gpu_mem_gb * GB * 0.9 - 2 * GB - sum(fixed.values())
     mix = _mix_bytes(cfg, arch); m = _fit(budget, mix, per_rank)
     steps = cfg.steps or math.ceil(cfg.epochs * IMAGENET_TRAIN / cfg.global_batch)
-    rho = cfg.ratio_r_eq_t if arch['family'] == 'dit' else 0.0
-    guided = cfg.method != 'imf' and cfg.num_classes > 0 and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
-    f = _flops_per_sample(arch) * (3 * rho + 4 * (1 - rho) + (2 if guided or arch['family'] == 'imf' else 0))
+    fwd, f = model_flops(net), step_flops(cfg, net)
     gpu_hours = steps * cfg.global_batch * f / (mfu * peak_tflops * 1e12) / 3600
     return dict(preset=preset, model=cfg.model, params_m=round(arch['params'] / 1e6, 1), gpus=gpus, gpu_mem_gb=gpu_mem_gb,
                 per_gpu_batch=per_rank, bf16=cfg.bf16, grad_ckpt=cfg.grad_ckpt,
@@ -432,7 +505,7 @@ def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
                 act_fm_mb_per_sample=round(fm / 2 ** 20, 1), act_jvp_mb_per_sample=round(jvp / 2 ** 20, 1),
                 act_full_batch_gb=round(per_rank * mix / GB, 1), micro_batch=m, fits=m >= 1,
                 peak_gb=round((sum(fixed.values()) + m * mix) / GB + 2, 1) if m else None,
-                steps=steps, mfu=mfu, peak_tflops=peak_tflops, gpu_hours=round(gpu_hours), days=round(gpu_hours / gpus / 24, 1))
+                fwd_gflops_per_sample=round(fwd / 1e9, 2), step_gflops_per_sample=round(f / 1e9, 2), steps=steps, mfu=mfu, peak_tflops=peak_tflops, gpu_hours=round(gpu_hours), days=round(gpu_hours / gpus / 24, 1))
 
 def _cfg_no_data(preset: str, **overrides):
     "A preset's `TrainConfig` without checking its data path (planning needs no data)."
@@ -573,6 +646,47 @@ def overlap_rows(o: dict) -> list:
             (f"gradient all-reduce, {a['numel'] / 1e6:.2f} M fp32 values, {a['world']} gloo ranks", f"{a['ms']:.1f} ms",
              f"{100 * a['share']:.1f} % of a 1-rank step ({a['step_ms_1']:.0f} ms)")]
 
+# %% ../nbs/12_bench.ipynb #f9a0a031
+def _jvp_with_graph_target(u_fn, z, t, r, v):
+    "The JVP target as it was before: one `torch.func.jvp` with grad on, which records the tangent's graph too."
+    from meanflow_nb.loss import jvp_call
+    from meanflow_nb.core import bcast
+    u, dudt = jvp_call(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    return u, (v - bcast(t - r, z) * dudt).detach()
+
+def bench_jvp(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5, input_size: int = 8, in_channels: int = 4) -> dict:
+    "Loss + backward of `batch` JVP samples (r < t), JVP without grad + plain forward against one JVP with grad: ms and saved bytes per sample."
+    import meanflow_nb.loss as L
+    from meanflow_nb.models import create_model
+    torch.manual_seed(0); g = torch.Generator().manual_seed(0)
+    net = create_model(model, input_size=input_size, in_channels=in_channels, num_classes=10)
+    lf = L.MeanFlowLoss(num_classes=10, ratio_r_eq_t=0.0)
+    x, y = torch.randn(batch, in_channels, input_size, input_size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    d = lf.draw(batch, x.shape[1:], g)
+    new_target = L.meanflow_target
+    def run(target):
+        def f():
+            L.meanflow_target = target
+            try: net.zero_grad(set_to_none=True); lf(net, x, y, **d)['loss'].backward()
+            finally: L.meanflow_target = new_target
+        return f
+    tm = time_interleaved({'no_grad_jvp': run(new_target), 'jvp_with_graph': run(_jvp_with_graph_target)}, repeats=repeats)
+    def per_sample(target, kind='jvp'):
+        l = lf if kind == 'jvp' else L.MeanFlowLoss(num_classes=10, ratio_r_eq_t=1.0)
+        b = []
+        for B in (4, 12):
+            dd = l.draw(B, x.shape[1:], torch.Generator().manual_seed(0))
+            L.meanflow_target = target
+            try: n, out = saved_bytes(lambda: l(net, x[:B], y[:B], **dd)['loss'], list(net.parameters()))
+            finally: L.meanflow_target = new_target
+            out.backward(); b.append(n)
+        return (b[1] - b[0]) / 8
+    plain, new, old = per_sample(new_target, 'fm'), per_sample(new_target), per_sample(_jvp_with_graph_target)
+    ms_new, ms_old = tm['no_grad_jvp']['cpu_ms'], tm['jvp_with_graph']['cpu_ms']
+    return dict(model=model, batch=batch, ms_no_grad_jvp=ms_new, ms_jvp_with_graph=ms_old, extra_step_time=ms_new / ms_old - 1,
+                saved_mb_plain=plain / 2 ** 20, saved_mb_jvp=new / 2 ** 20, saved_mb_jvp_with_graph=old / 2 ** 20,
+                saved_ratio=new / plain, saved_ratio_with_graph=old / plain)
+
 # %% ../nbs/12_bench.ipynb #f9a0a022
 def cli_plan(argv: list | None = None):
     "`mf-bench plan --preset P --gpus G --gpu-mem-gb M`: the memory plan and cost of a preset."
@@ -582,14 +696,20 @@ def cli_plan(argv: list | None = None):
     p.add_argument('--peak-tflops', type=float, default=989.0)
     p.add_argument('--grad_ckpt', action='store_true', help='plan with activation checkpointing')
     p.add_argument('--fp32', action='store_true', help='plan without bf16 autocast')
-    p.add_argument('--json', action='store_true', help='print JSON instead of text')
+    p.add_argument('--json', default=None, metavar='PATH', help='also write the plan as JSON to PATH')
     a = p.parse_args(argv)
-    check(a.gpus >= 1 and a.gpu_mem_gb > 0 and 0 < a.mfu <= 1, 'need --gpus >= 1, --gpu-mem-gb > 0 and 0 < --mfu <= 1')
+    finite = lambda v: math.isfinite(v) and v > 0
+    check(a.gpus >= 1, f'--gpus must be >= 1, got {a.gpus}')
+    check(finite(a.gpu_mem_gb), f'--gpu-mem-gb must be a finite number > 0, got {a.gpu_mem_gb}')
+    check(finite(a.peak_tflops), f'--peak-tflops must be a finite number > 0, got {a.peak_tflops}')
+    check(finite(a.mfu) and a.mfu <= 1, f'--mfu must lie in (0, 1], got {a.mfu}')
+    check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')
     kw = dict(grad_ckpt=True) if a.grad_ckpt else {}
     if a.fp32: kw['bf16'] = False
     r = plan(a.preset, a.gpus, a.gpu_mem_gb, a.mfu, a.peak_tflops, **kw)
-    if a.json: print(json.dumps(r, indent=1)); return r
-    print(plan_text(r)); return r
+    print(plan_text(r))
+    if a.json: Path(a.json).write_text(json.dumps(r, indent=1)); print(f'wrote {a.json}', file=sys.stderr)
+    return r
 
 def plan_text(r: dict) -> str:
     "A plan as a few readable lines."

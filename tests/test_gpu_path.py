@@ -142,3 +142,70 @@ def test_set_precision_leaves_legacy_getters_answering(device):
             assert r['matmul'] == got[0], r
     finally:
         torch.set_float32_matmul_precision(before[0]); torch.backends.cudnn.allow_tf32 = before[2]
+
+
+class _Cfg:
+    "The fields of a TrainConfig that the planner's step FLOPs read."
+    def __init__(self, rho, guided=False):
+        self.method, self.ratio_r_eq_t, self.num_classes = 'mf', rho, 10
+        self.cfg_omega, self.cfg_kappa = (1.5, 0.3) if guided else (1.0, 0.0)
+
+
+@pytest.mark.parametrize('name,kw', [('DiT-T/2', dict(hidden_size=96, depth=3, num_heads=3)),
+                                     ('iMF-T/2', dict(hidden_size=96, depth=3, num_heads=3, head_depth=1))])
+def test_planner_flops_match_flop_counter(name, kw):
+    """The planner's forward FLOPs per sample (adaLN and embedders once per sample, not per token) equal torch's
+    `FlopCounterMode` on a small network's forward (math attention, so the counter sees its matmuls); its FLOPs of a
+    training sample (plain, JVP, guided, iMF) equal the counter's over a whole loss + backward within 5 %."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from meanflow_nb.models import create_model, jvp_attention
+    from meanflow_nb.loss import MeanFlowLoss
+    from meanflow_nb.imf import IMFLoss
+    from meanflow_nb.bench import model_flops, step_flops
+    torch.manual_seed(0)
+    net = create_model(name, input_size=16, in_channels=4, num_classes=10, **kw)
+    imf = name.startswith('iMF')
+    B = 4; g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(B, 4, 16, 16, generator=g), torch.rand(B, generator=g), torch.randint(0, 10, (B,), generator=g)
+    heads = (True, False) if imf else (True,)
+    for head in heads:
+        with FlopCounterMode(display=False) as fc, jvp_attention(), torch.no_grad():
+            net(x, t, None, None, None, y, return_v=head) if imf else net(x, t, t, y)
+        counted, planned = fc.get_total_flops() / B, model_flops(net, v_head=head)
+        print(f'{name} (v-head {head}) forward: FlopCounterMode {counted / 1e6:.2f} MFLOP/sample, planner {planned / 1e6:.2f} ({planned / counted - 1:+.2%})')
+        assert abs(planned / counted - 1) <= 0.02, (planned, counted)
+    cases = [(0.5, False)] if imf else [(1.0, False), (0.0, False), (0.5, True)]
+    for rho, guided in cases:
+        cfg = _Cfg(rho, guided)
+        lf = IMFLoss(num_classes=10, ratio_r_eq_t=rho) if imf else MeanFlowLoss(num_classes=10, ratio_r_eq_t=rho, cfg_omega=cfg.cfg_omega, cfg_kappa=cfg.cfg_kappa)
+        d = lf.draw(B, x.shape[1:], torch.Generator().manual_seed(1))
+        cfg.ratio_r_eq_t = float((d['r'] == d['t']).float().mean())           # the share this draw made
+        with FlopCounterMode(display=False) as fc, jvp_attention():
+            lf(net, x, y, **d)['loss'].backward()
+        counted, planned = fc.get_total_flops() / B, step_flops(cfg, net)
+        print(f'{name} training sample (r = t share {rho}, guided {guided}): FlopCounterMode {counted / 1e6:.2f} MFLOP, planner {planned / 1e6:.2f} ({planned / counted - 1:+.2%})')
+        assert abs(planned / counted - 1) <= 0.05, (rho, guided, planned, counted)
+
+
+def test_plan_console_script_exits_0_and_writes_json(tmp_path):
+    "`mf-bench plan` as a console script: exit 0, the plan on stdout, nothing but the JSON note on stderr, `--json PATH` written."
+    from meanflow_nb.bench import plan
+    exe = Path(sys.executable).parent / 'mf-bench'
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'meanflow_nb.bench']
+    out = tmp_path / 'plan.json'
+    r = subprocess.run(cmd + ['plan', '--preset', 'in256-mf-XL2', '--json', str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert 'DiT-XL/2' in r.stdout and 'GPU-hours' in r.stdout, r.stdout
+    assert r.stderr.strip() == f'wrote {out}', r.stderr
+    assert json.loads(out.read_text()) == json.loads(json.dumps(plan('in256-mf-XL2')))
+
+
+@pytest.mark.parametrize('flag', ['--peak-tflops', '--gpu-mem-gb', '--mfu'])
+@pytest.mark.parametrize('value', ['0', '-5', 'nan', 'inf'])
+def test_plan_bad_number_is_one_line_exit_2(flag, value, capsys):
+    "Zero, negative or non-finite TFLOP/s, memory or MFU: one line on stderr and exit 2 (no traceback, no plan)."
+    from meanflow_nb.bench import cli_bench
+    with pytest.raises(SystemExit) as ex: cli_bench(['plan', '--preset', 'in256-mf-XL2', f'{flag}={value}'])
+    assert ex.value.code == 2
+    err, out = capsys.readouterr().err, capsys.readouterr().out
+    assert len(err.strip().splitlines()) == 1 and flag in err, err
