@@ -635,6 +635,10 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
           quiet: bool = False, # no "resumed from step" line (a notebook that re-reads finished runs)
          ) -> dict:
     "Train `cfg` (in a notebook, one process, under torchrun or srun) and return the final metrics."
+    with _StopSignals() as stop:  # SIGTERM / SIGUSR1 in any phase (startup, training, evaluation) -> `Preempted`
+        return _train(cfg, stop, resume, overwrite, progress, quiet)
+
+def _train(cfg: TrainConfig, stop, resume: bool, overwrite: bool, progress: bool, quiet: bool):
     device = dist.init_distributed(timeout_s=cfg.dist_timeout)
     rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main()
     validate_config(cfg, world)
@@ -661,13 +665,14 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
     fwd = torch.compile(model) if cfg.compile else model
     step_fn = compiled_step() if cfg.compile_step else None
     gsync = dist.GradSync(model, cfg.bucket_mb) if cfg.overlap_sync and world > 1 else None
+    if (dist.any_rank(stop.flag)[0] if world > 1 else stop.flag): raise Preempted(start, out, 'startup')  # nothing written yet
     if main: write_text_atomic(out / 'config.json', json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
     batches = data.batches(start, cfg.global_batch, rank, world, cfg.seed, device)
     bar = _progress(range(start, total), main and progress, run_label(cfg))
     split = world if cfg.r_eq_t_split == 'balanced' else 0
     bad = torch.full((), -1, dtype=torch.long, device=device)                 # first step with a non-finite loss (-1: none)
     meter, t0, last_ckpt = _Meter(device), time.perf_counter(), time.monotonic()
-    with _StopSignals() as stop, (open(out / 'log.jsonl', 'a') if main else open(os.devnull, 'w')) as log:
+    with (open(out / 'log.jsonl', 'a') if main else open(os.devnull, 'w')) as log:
         try:
             for step in bar:
                 done = step + 1
@@ -718,24 +723,41 @@ def train(cfg: TrainConfig, # what to train; see `get_config`
 EXIT_PREEMPTED = 75 # exit code of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: retry)
 
 class Preempted(RuntimeError):
-    "Raised by `train` after a SIGTERM / SIGUSR1: the current step finished and its checkpoint is on disk."
-    def __init__(self, step: int, out):
-        super().__init__(f'preempted: stopped after step {step} with a checkpoint in {out}; rerun with --resume')
-        self.step = step
+    "Raised by `train` after a SIGTERM / SIGUSR1, in any phase: what is on disk is consistent, and `--resume` goes on."
+    def __init__(self, step: int, out, phase: str = 'training'): # 'startup', 'training' or 'evaluation'
+        at = f' (the checkpoint of step {step} is in {out})' if step else ''
+        super().__init__({
+            'training': f'preempted: stopped after step {step} with a checkpoint in {out}; rerun with --resume',
+            'startup': f'preempted during startup, before step {step + 1}: nothing new to save{at}; rerun with --resume',
+            'evaluation': f'preempted during the final evaluation: the checkpoint of step {step} is in {out}, no metrics.json '
+                          'was written; rerun with --resume to evaluate it'}[phase])
+        self.step, self.phase = step, phase
 
 class _StopSignals:
-    "Context: SIGTERM and SIGUSR1 set `flag` instead of killing the process (main thread only); old handlers restored."
+    "Context: SIGTERM and SIGUSR1 set `flag` instead of killing the process (main thread only). Nested contexts share one flag; the outermost restores the old handlers."
     SIGNALS = ('SIGTERM', 'SIGUSR1')
+    _depth, _flag, _old = 0, False, {}
     def __enter__(self):
-        self.flag, self.old = False, {}
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                s = getattr(signal, name, None)
-                if s is not None: self.old[s] = signal.signal(s, self._set)
+        S = _StopSignals
+        if S._depth == 0:
+            S._flag, S._old = False, {}
+            if threading.current_thread() is threading.main_thread():
+                for name in self.SIGNALS:
+                    s = getattr(signal, name, None)
+                    if s is not None: S._old[s] = signal.signal(s, S._set)
+        S._depth += 1
         return self
-    def _set(self, signum, frame): self.flag = True
+    @property
+    def flag(self) -> bool: return _StopSignals._flag
+    @staticmethod
+    def _set(signum, frame): _StopSignals._flag = True
+    @staticmethod
+    def requested() -> bool: return _StopSignals._depth > 0 and _StopSignals._flag
     def __exit__(self, *exc):
-        for s, h in self.old.items(): signal.signal(s, h)
+        S = _StopSignals; S._depth -= 1
+        if S._depth == 0:
+            for s, h in S._old.items(): signal.signal(s, h)
+            S._old = {}
 
 def _raise_if_bad(bad: torch.Tensor):
     "Raise `RunError` if any rank saw a non-finite loss at a step that was not synced (a max all-reduce of the step)."
@@ -922,11 +944,16 @@ def finish_run(cfg, model, emas, data, device, total, resume=False, progress=Tru
                              resume=resume, progress=progress, quiet=quiet)
     metrics = {}
     if dist.is_main():
-        metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data, progress) if len(data.shape) == 1 \
-            else evaluate_images(cfg, res.ema, data.shape, device)
-        metrics.update(steps=total, method=cfg.method, preset=cfg.preset)
-        write_text_atomic(out / 'metrics.json', json.dumps(metrics, indent=1))
+        try:                                     # a SIGTERM / SIGUSR1 here: no metrics.json, every rank raises `Preempted`
+            if _StopSignals.requested(): raise Preempted(total, out, 'evaluation')
+            metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data, progress) if len(data.shape) == 1 \
+                else evaluate_images(cfg, res.ema, data.shape, device)
+            metrics.update(steps=total, method=cfg.method, preset=cfg.preset)
+            if _StopSignals.requested(): raise Preempted(total, out, 'evaluation')
+            write_text_atomic(out / 'metrics.json', json.dumps(metrics, indent=1))
+        except Preempted: metrics = None
     res.metrics = dist.broadcast_object(metrics)
+    if res.metrics is None: raise Preempted(total, out, 'evaluation')
     return res
 
 # %% ../nbs/08_train.ipynb #523cac7d
@@ -947,7 +974,9 @@ def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, d
     from tqdm.auto import tqdm
     bar = tqdm(total=6 + 2 * (baseline is not None), desc=f'{run_label(cfg)}: evaluating', disable=not progress,
                dynamic_ncols=True)
-    def step(what, v): bar.set_postfix_str(what); v = v(); bar.update(); return v
+    def step(what, v):
+        if _StopSignals.requested(): raise Preempted(cfg.steps, cfg.out, 'evaluation')  # SIGTERM: stop between parts
+        bar.set_postfix_str(what); v = v(); bar.update(); return v
     name = METHOD_NAMES.get(cfg.method, cfg.method)
     xs, titles = {}, {}
     for k in (1, 2):
@@ -1103,10 +1132,13 @@ def _outputs(out: Path) -> str:
 @cli_errors
 def cli_train(argv: list[str] | None = None):
     "Console script `mf-train`."
+    with _StopSignals(): _cli_train(argv)  # SIGTERM / SIGUSR1 from the start: exit 75 in every phase
+
+def _cli_train(argv):
     a = vars(train_parser(_preset_of(argv if argv is not None else sys.argv[1:])).parse_args(argv))
     preset, resume, overwrite, quiet = a.pop('preset'), a.pop('resume'), a.pop('overwrite'), a.pop('no_progress')
-    cfg = get_config(preset, **{k: v for k, v in a.items() if v is not None})
     try:
+        cfg = get_config(preset, **{k: v for k, v in a.items() if v is not None})
         res = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
         if dist.is_main(): print(json.dumps({'out': str(res.out), **res.metrics}, indent=1))
         if dist.is_main(): print(_outputs(res.out), file=sys.stderr)

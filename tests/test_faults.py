@@ -555,3 +555,69 @@ def test_run_files_without_checkpoints_are_not_overwritten(tmp_path, capsys):
     code, _, err = cli(cli_train, TOY + ['--steps', '2', '--overwrite', '--out', out], capsys)
     assert code == 0, err
     assert json.loads((out / 'metrics.json').read_text())['steps'] == 2
+
+
+# ---------------------------------------------------------------- SIGTERM / SIGUSR1 exit 75 in every phase
+
+def preempted_line(err: str, needle: str) -> str:
+    "The stderr of a preempted run: exactly one line (no traceback), naming what is on disk and `--resume`."
+    assert 'Traceback' not in err, err
+    lines = [l for l in err.strip().splitlines() if not l.startswith('resumed from step ')]
+    assert len(lines) == 1 and needle in lines[0] and '--resume' in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_during_startup_exits_75_with_nothing_written(tmp_path, capsys, monkeypatch, sig):
+    "A signal while the data and model are built: exit 75 before step 1, no checkpoint, no config.json; the same command then runs."
+    import meanflow_nb.train as T
+    real = T.build_data
+    def build_data(cfg): os.kill(os.getpid(), sig); return real(cfg)
+    monkeypatch.setattr(T, 'build_data', build_data)
+    handler = signal.getsignal(sig)
+    out = tmp_path / 'o'
+    code, _, err = cli(cli_train, TOY + ['--steps', '20', '--out', out], capsys)
+    assert code == 75, err
+    preempted_line(err, 'preempted during startup, before step 1: nothing new to save')
+    assert snap(out) == {}                                        # not even config.json
+    assert signal.getsignal(sig) == handler                       # the handlers are the caller's again
+    monkeypatch.setattr(T, 'build_data', real)
+    code, _, err = cli(cli_train, TOY + ['--steps', '20', '--out', out], capsys)
+    assert code == 0, err
+    assert ckpt_steps(out) == [10, 20]
+
+
+def test_signal_during_the_final_evaluation_exits_75_and_resume_evaluates(run, capsys, monkeypatch):
+    "A SIGTERM while the metrics are computed: exit 75, the last checkpoint kept, no metrics.json; --resume only evaluates."
+    import meanflow_nb.train as T
+    real = T.evaluate_toy
+    def evaluate_toy(*a, **k): os.kill(os.getpid(), signal.SIGTERM); return real(*a, **k)
+    monkeypatch.setattr(T, 'evaluate_toy', evaluate_toy)
+    (run / 'metrics.json').unlink()
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    assert code == 75, err
+    preempted_line(err, 'preempted during the final evaluation: the checkpoint of step 30 is in')
+    assert ckpt_steps(run) == [10, 20, 30] and not (run / 'metrics.json').exists()
+    before = snap(run)
+    monkeypatch.setattr(T, 'evaluate_toy', real)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    assert code == 0, err
+    assert json.loads((run / 'metrics.json').read_text())['steps'] == 30
+    cks = lambda s: {k: v for k, v in s.items() if k.startswith('ckpt_')}
+    assert cks(snap(run)) == cks(before) and 'resumed from step 30' in err  # no step retrained
+    assert log_steps(run) == list(range(5, 31, 5))
+
+
+def test_signal_during_training_exits_75_in_process(tmp_path, capsys, monkeypatch):
+    "The loop's own case, in-process: SIGUSR1 at step 13 -> the step ends, ckpt_00000013.pt is written, exit 75."
+    import meanflow_nb.train as T
+    real = T.train_step
+    def train_step(*a, **k):
+        if a[6] == 12: os.kill(os.getpid(), signal.SIGUSR1)      # step index 12: the 13th step
+        return real(*a, **k)
+    monkeypatch.setattr(T, 'train_step', train_step)
+    out = tmp_path / 'o'
+    code, _, err = cli(cli_train, TOY + ['--steps', '20', '--out', out], capsys)
+    assert code == 75, err
+    preempted_line(err, 'preempted: stopped after step 13 with a checkpoint in')
+    assert ckpt_steps(out) == [10, 13] and not (out / 'metrics.json').exists()
