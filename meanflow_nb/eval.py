@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_eval.ipynb #b607db7b
 from __future__ import annotations
-import os, sys, copy, json, math, time, shutil, argparse, dataclasses, functools
+import os, sys, copy, json, math, time, shutil, argparse, dataclasses, functools, hashlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -400,11 +400,14 @@ def load_run(run: str | Path, # run folder written by `mf-train` / `train`
              weights: str = 'ema', # 'ema' (the EMA copy used for metrics) or 'raw' (the trained weights)
              ema_index: int = 0, # which EMA copy, for runs with several decays
              shape: tuple | None = None, # sample shape, if it cannot be inferred from the config
-             device='cpu') -> tuple:
+             device='cpu',
+             info: dict | None = None, # filled with the checkpoint's `path` and `sha256` (its content hash, what caches key on)
+            ) -> tuple:
     "`(cfg, model, shape, step)` of a trained run, the model in eval mode on `device`."
-    from meanflow_nb.train import build_model
+    from meanflow_nb.train import build_model, state_digest
     check(weights in ('ema', 'raw'), f"weights must be 'ema' or 'raw', got {weights!r}")
     st, path = _pick_checkpoint(Path(run), ckpt)
+    if info is not None: info.update(path=str(path), sha256=st.get('sha256') or state_digest(st))
     cfg = _ckpt_config(st['config']); shp = sample_shape(cfg, shape)
     if weights == 'ema':
         check(0 <= ema_index < len(st.get('ema', [])), f'{path} has {len(st.get("ema", []))} EMA copies; no index {ema_index}')
@@ -471,6 +474,9 @@ def _check_meta(out: Path, meta: dict):
     if not (out / 'COMPLETE').exists(): (out / 'shards').mkdir(exist_ok=True)
     if p.exists():
         old = json.loads(p.read_text())
+        was, now = old.get('ckpt_sha256'), meta.get('ckpt_sha256')
+        check(was == now, f'{out} holds samples of another checkpoint (sha256 {(was or "not recorded")[:12]}, now {(now or "unknown")[:12]}): '
+                          f'the run was retrained or its checkpoint replaced; use another --out, or delete {out} to sample again')
         diff = {k: (old.get(k), v) for k, v in meta.items() if k != 'format' and old.get(k) != v}
         check(not diff, f'{out} holds samples made with other settings {diff} (old, new); use another --out')
     else: p.write_text(json.dumps(meta, indent=1))
@@ -493,9 +499,11 @@ def sample_run(run: str | Path, out: str | Path, # run folder to sample from; ou
     check(fmt in ('npz', 'png', 'both'), f"format must be 'npz', 'png' or 'both', got {fmt!r}")
     shards = shard_ranges(n, shard_size); check(batch_size >= 1, f'batch size must be >= 1, got {batch_size}')
     device = device or dist.init_distributed()
-    cfg, model, shp, step = loader(device) if loader else load_run(run, ckpt, weights, shape=shape, device=device)
+    info = {}
+    cfg, model, shp, step = loader(device) if loader else load_run(run, ckpt, weights, shape=shape, device=device, info=info)
     cfg = _apply_guidance(cfg, guidance)
-    out = Path(out); meta = _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shp, fmt)
+    sha = info.get('sha256') or (_file_sha256(run) if loader and Path(run).is_file() else None)  # a released file: its bytes
+    out = Path(out); meta = _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shp, fmt, sha)
     _on_main(lambda: _check_meta(out, meta))
     if (out / 'COMPLETE').exists(): return {**meta, **json.loads((out / 'COMPLETE').read_text()), 'out': str(out), 'skipped': True}
     todo = _pending(out, shards); mine = todo[dist.get_rank()::dist.get_world_size()]
@@ -516,8 +524,15 @@ def _apply_guidance(cfg, guidance: dict | None):
           f'{cfg.method!r} trains its guidance in (cfg_omega={cfg.cfg_omega}, cfg_kappa={cfg.cfg_kappa})')
     return dataclasses.replace(cfg, **g)
 
-def _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shape, fmt) -> dict:
-    return dict(run=str(Path(run).resolve()), ckpt=str(ckpt) if ckpt else None, step=step, method=cfg.method,
+def _file_sha256(path) -> str:
+    "sha256 of a file's bytes, read in 16 MB blocks."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 24), b''): h.update(b)
+    return h.hexdigest()
+
+def _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shape, fmt, sha=None) -> dict:
+    return dict(run=str(Path(run).resolve()), ckpt=str(ckpt) if ckpt else None, step=step, ckpt_sha256=sha, method=cfg.method,
                 model=cfg.model, weights=weights, n=n, nfe=nfe, seed=seed, shard_size=shard_size, shape=list(shape),
                 num_classes=cfg.num_classes, eval_omega=cfg.eval_omega, eval_t_min=cfg.eval_t_min,
                 eval_t_max=cfg.eval_t_max, format=fmt)
@@ -683,18 +698,22 @@ def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one o
     from meanflow_nb.train import list_checkpoints
     run = Path(run); cache = run / 'fid_curve.json'
     key = dict(nfes=list(nfes), n=n, seed=seed, ref=ref)
+    old = {}
     if cache.exists():
-        d = json.loads(cache.read_text())
-        if d.get('key') == key: return d['rows']
+        try: d = json.loads(cache.read_text())
+        except ValueError: d = {}                                              # a torn cache: measure again
+        if d.get('key') == key: old = {(r.get('step'), r.get('sha256')): r for r in d.get('rows', [])}
     paths = list_checkpoints(run)
     check(len(paths) > 0, f'run folder {run} holds no checkpoint (ckpt_*.pt)')
     rows = []
-    for p in paths:
-        cfg, model, shp, step = load_run(run, ckpt=str(p))
-        rows.append(dict(step=step, **{f'fid{k}': digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, seed, batch_size)['x'], ref)
-                                       for k in nfes}))
-    write_text_atomic(cache, json.dumps(dict(key=key, rows=rows), indent=1))
-    return rows
+    for p in paths:                           # a row is reused only for the same step and content hash of its checkpoint
+        info = {}
+        cfg, model, shp, step = load_run(run, ckpt=str(p), info=info)
+        r = old.get((step, info['sha256']))
+        rows.append(r or dict(step=step, sha256=info['sha256'], **{
+            f'fid{k}': digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, seed, batch_size)['x'], ref) for k in nfes}))
+    if rows != list(old.values()): write_text_atomic(cache, json.dumps(dict(key=key, rows=rows), indent=1))
+    return [{k: v for k, v in r.items() if k != 'sha256'} for r in rows]
 
 # %% ../nbs/11_eval.ipynb #a2becb1d
 #| eval: false

@@ -621,3 +621,47 @@ def test_signal_during_training_exits_75_in_process(tmp_path, capsys, monkeypatc
     assert code == 75, err
     preempted_line(err, 'preempted: stopped after step 13 with a checkpoint in')
     assert ckpt_steps(out) == [10, 13] and not (out / 'metrics.json').exists()
+
+
+# ---------------------------------------------------------------- caches are keyed on the checkpoint's content
+
+def replace_checkpoint(path, delta=0.05):
+    "The run retrained: a valid checkpoint at the same step with other weights (its own sha256)."
+    st = load_checkpoint(path)
+    st['model'] = {k: v + delta if v.is_floating_point() else v for k, v in st['model'].items()}
+    st['ema'] = [{k: v + delta if v.is_floating_point() else v for k, v in e.items()} for e in st['ema']]
+    save_checkpoint(path, st)
+
+
+def test_sample_folder_of_a_replaced_checkpoint_is_refused(run, tmp_path, capsys):
+    "mf-sample into a folder made from a checkpoint that was since replaced at the same step: exit 2, samples untouched."
+    out = tmp_path / 's'
+    args = [run, '--out', out, '-n', '16', '--shard-size', '8', '--no-progress']
+    code, _, err = cli(cli_sample, args, capsys)
+    assert code == 0, err
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['ckpt_sha256'] == load_checkpoint(run / 'ckpt_00000020.pt')['sha256'] and meta['step'] == 20
+    code, _, err = cli(cli_sample, args, capsys)
+    assert code == 0 and json.loads(_)['skipped']                       # the same checkpoint: the samples are reused
+    before = snap(out)
+    replace_checkpoint(run / 'ckpt_00000020.pt')
+    code, _, err = cli(cli_sample, args, capsys)
+    assert code == 2
+    one_line(err, f'{out} holds samples of another checkpoint (sha256 {meta["ckpt_sha256"][:12]}, now ')
+    assert snap(out) == before
+
+
+def test_fid_curve_cache_follows_the_checkpoints(run, monkeypatch):
+    "fid_curve's cache: reused for the same checkpoints, measured again for a replaced or a new one, and only for those."
+    import meanflow_nb.eval as E
+    calls = []
+    def fake_fid(x, ref): calls.append(1); return float(np.asarray(x, dtype=float).mean())
+    monkeypatch.setattr(E, 'digits_fid', fake_fid)
+    first = E.fid_curve(run, nfes=(1,), n=8, batch_size=8)
+    assert [r['step'] for r in first] == [10, 20] and len(calls) == 2
+    assert E.fid_curve(run, nfes=(1,), n=8, batch_size=8) == first and len(calls) == 2      # cached
+    replace_checkpoint(run / 'ckpt_00000020.pt')
+    again = E.fid_curve(run, nfes=(1,), n=8, batch_size=8)
+    assert len(calls) == 3 and again[0] == first[0] and again[1]['fid1'] != first[1]['fid1']
+    rows = json.loads((run / 'fid_curve.json').read_text())['rows']
+    assert all(len(r['sha256']) == 64 for r in rows)
