@@ -107,11 +107,66 @@ def _read_orbax(path: Path) -> dict:
     check(len(out) > 0, f'{path} holds no zarr arrays: not a flax / orbax checkpoint folder')
     return out
 
+def _flax_ext(code: int, data: bytes):
+    "A msgpack extension of `flax.serialization`: 1 ndarray, 3 numpy scalar (`(shape, dtype name, bytes)`), 2 complex."
+    import msgpack
+    if code in (1, 3):
+        shape, dtype, buf = msgpack.unpackb(data, raw=True)
+        name, shape = (dtype.decode() if isinstance(dtype, bytes) else dtype), tuple(shape)
+        if name == 'bfloat16': return torch.frombuffer(bytearray(buf), dtype=torch.bfloat16).reshape(shape) if buf else torch.zeros(shape, dtype=torch.bfloat16)
+        return torch.from_numpy(np.frombuffer(buf, dtype=np.dtype(name)).reshape(shape).copy())
+    if code == 2: re_, im = msgpack.unpackb(data); return complex(re_, im)
+    return msgpack.ExtType(code, data)
+
+def _unchunk(tree):
+    "flax splits arrays over 1 GiB into `{'__msgpack_chunked_array__': True, 'shape': {...}, 'chunks': {...}}`: join them."
+    if not isinstance(tree, dict): return tree
+    if tree.get('__msgpack_chunked_array__'):
+        ordered = lambda d: [d[k] for k in sorted(d, key=int)] if isinstance(d, dict) else list(d)
+        return torch.cat([c.reshape(-1) for c in ordered(tree['chunks'])]).reshape(tuple(int(s) for s in ordered(tree['shape'])))
+    return {str(k): _unchunk(v) for k, v in tree.items()}
+
+def _read_msgpack(path: Path) -> dict:
+    "Flat `{dotted name: leaf}` of a flax msgpack file: flax's older single-file checkpoint, or orbax's aggregated `checkpoint`."
+    try: import msgpack
+    except ImportError: raise ConfigError(f'{path} is a flax msgpack checkpoint: reading it needs `pip install msgpack`') from None
+    try: tree = msgpack.unpackb(path.read_bytes(), ext_hook=_flax_ext, raw=False, strict_map_key=False)
+    except Exception as ex:
+        raise ConfigError(f'cannot read checkpoint {path} as flax msgpack: {type(ex).__name__}: {" ".join(str(ex).split())[:160]}') from None
+    check(isinstance(tree, dict), f'{path} holds a msgpack {type(tree).__name__}, not a flax state tree')
+    return _flatten(_unchunk(tree))
+
+def _is_msgpack(path: Path) -> bool:
+    "The file starts like a msgpack map (what `flax.serialization.to_bytes` writes for a state tree)."
+    with open(path, 'rb') as f: b = f.read(1)
+    return bool(b) and (0x80 <= b[0] <= 0x8f or b[0] in (0xde, 0xdf))
+
+def _newest_step(path: Path) -> Path | None:
+    "`flax.training.checkpoints` keeps `checkpoint_<step>` files or folders side by side: the one of the highest step."
+    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := re.fullmatch(r'checkpoint_(\d+)', p.name))]
+    return max(found)[1] if found else None
+
+def _read_folder(path: Path) -> dict:
+    "A flax checkpoint folder: orbax with aggregated arrays (a msgpack `checkpoint` beside `_METADATA`), orbax with "
+    "tensorstore arrays, or a parent of `checkpoint_<step>` entries (the newest is read)."
+    if (path / 'checkpoint').is_file():
+        flat = _read_msgpack(path / 'checkpoint')
+        arrays = {k: v for k, v in flat.items() if torch.is_tensor(v)}
+        if any(isinstance(v, str) for v in flat.values()): arrays = {**_read_orbax(path), **arrays}  # placeholders: in tensorstore
+        check(len(arrays) > 0, f'{path / "checkpoint"} holds no arrays')
+        return arrays
+    if not (path / '_METADATA').exists() and not (path / 'manifest.ocdbt').exists():
+        newest = _newest_step(path)
+        if newest is not None: return read_checkpoint(newest)
+    return _read_orbax(path)
+
 def read_checkpoint(path: str | Path) -> dict:
-    "Flat `{dotted name: tensor}` of a `.pth`/`.pt`, `.safetensors` or `.npz` file, or of a flax (orbax) folder."
+    "Flat `{dotted name: tensor}` of a `.pth`/`.pt`, `.safetensors`, `.npz` or flax msgpack file, or of a flax (orbax) folder."
     path = Path(path)
     check(path.exists(), f'checkpoint {path} does not exist')
-    if path.is_dir(): return _read_orbax(path)
+    if path.is_dir(): return _read_folder(path)
+    if path.suffix not in ('.safetensors', '.npz', '.pt', '.pth', '.bin', '.ckpt') and _is_msgpack(path):
+        return {k: v for k, v in _read_msgpack(path).items() if torch.is_tensor(v)}
     try:
         if path.suffix == '.safetensors':
             from safetensors.torch import load_file

@@ -339,3 +339,80 @@ def test_mf_orbax_folder(tmp_path):
     net = load_pretrained(tmp_path / 'ckpt', input_size=8, num_heads=2)
     torch.testing.assert_close(net.x_embedder.proj.weight, torch.from_numpy(ema['x_embedder/proj/kernel']).permute(3, 2, 0, 1))
     torch.testing.assert_close(net.blocks[1].mlp[2].weight, torch.from_numpy(ema['blocks/layers_1/mlp/fc2/_flax_linear/kernel']).T)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MF-B/4 as flax writes it without tensorstore: msgpack (flax.serialization), single file, orbax aggregate, step folders
+# ---------------------------------------------------------------------------------------------------------------
+def flax_msgpack(tree) -> bytes:
+    "What `flax.serialization.msgpack_serialize` writes: nested dicts, arrays as extension 1 `(shape, dtype name, bytes)`, numpy scalars as 3."
+    msgpack = pytest.importorskip('msgpack')
+    def ext(x):
+        if isinstance(x, np.ndarray): return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes('C')), use_bin_type=True))
+        if isinstance(x, np.generic): return msgpack.ExtType(3, msgpack.packb(((), x.dtype.name, np.asarray(x).tobytes()), use_bin_type=True))
+        return x
+    return msgpack.packb(tree, default=ext, strict_types=True)
+
+
+def nest(flat: dict) -> dict:
+    "`{'a/b/c': v}` -> `{'a': {'b': {'c': v}}}` (a flax state tree)."
+    out = {}
+    for k, v in flat.items():
+        *path, last = k.split('/'); d = out
+        for p in path: d = d.setdefault(p, {})
+        d[last] = v
+    return out
+
+
+def mf_state(seed):
+    ema = official_mf_tree(seed=seed, dtype=np.float32)
+    state = {'ema_params': {'net': nest(ema)}, 'params': {'net': nest(official_mf_tree(seed=seed + 50, dtype=np.float32))},
+             'step': np.int64(7), 'opt_state': {'0': {'count': np.array(3, np.int32)}}}
+    return state, ema
+
+
+def check_loaded(net, ema):
+    torch.testing.assert_close(net.x_embedder.proj.weight, torch.from_numpy(ema['x_embedder/proj/kernel']).permute(3, 2, 0, 1))
+    torch.testing.assert_close(net.blocks[1].mlp[2].weight, torch.from_numpy(ema['blocks/layers_1/mlp/fc2/_flax_linear/kernel']).T)
+
+
+def test_mf_flax_msgpack_single_file(tmp_path):
+    "flax's older single-file checkpoint (`checkpoint_<step>`, no suffix): msgpack, EMA weights taken."
+    state, ema = mf_state(0)
+    (tmp_path / 'checkpoint_7').write_bytes(flax_msgpack(state))
+    check_loaded(load_pretrained(tmp_path / 'checkpoint_7', input_size=8, num_heads=2), ema)
+
+
+def test_mf_orbax_aggregated_msgpack(tmp_path):
+    "An orbax folder whose arrays were aggregated: a msgpack `checkpoint` beside `_METADATA`, read without tensorstore."
+    state, ema = mf_state(1)
+    d = tmp_path / 'ckpt'; d.mkdir(); (d / '_METADATA').write_text('{}'); (d / 'checkpoint').write_bytes(flax_msgpack(state))
+    check_loaded(load_pretrained(d, input_size=8, num_heads=2), ema)
+
+
+def test_mf_newest_step_folder_is_taken(tmp_path):
+    "A parent folder of `checkpoint_<step>` entries: the highest step (12, not 3, though '3' sorts after '12')."
+    old, _ = mf_state(2); new, ema = mf_state(3)
+    for step, st in ((3, old), (12, new)):
+        d = tmp_path / f'checkpoint_{step}'; d.mkdir(); (d / '_METADATA').write_text('{}'); (d / 'checkpoint').write_bytes(flax_msgpack(st))
+    (tmp_path / 'notes.txt').write_text('not a step')
+    check_loaded(load_pretrained(tmp_path, input_size=8, num_heads=2), ema)
+
+
+def test_flax_msgpack_chunks_bfloat16_and_damage(tmp_path):
+    "Arrays flax chunked (over 1 GiB) are joined, bfloat16 is kept, and a torn file is one ConfigError."
+    from meanflow_nb.pretrained import read_checkpoint
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    chunked = {'__msgpack_chunked_array__': True, 'shape': {'0': 3, '1': 4},
+               'chunks': {'0': a.reshape(-1)[:5].copy(), '1': a.reshape(-1)[5:].copy()}}
+    bf = torch.tensor([1.5, -2.0]).to(torch.bfloat16)
+    msgpack = pytest.importorskip('msgpack')
+    bf_ext = msgpack.ExtType(1, msgpack.packb(((2,), 'bfloat16', bf.view(torch.int16).numpy().tobytes()), use_bin_type=True))
+    raw = flax_msgpack({'w': {'big': chunked}})
+    (tmp_path / 'ck').write_bytes(raw)
+    torch.testing.assert_close(read_checkpoint(tmp_path / 'ck')['w.big'], torch.from_numpy(a))
+    (tmp_path / 'bf').write_bytes(msgpack.packb({'x': bf_ext}))
+    got = read_checkpoint(tmp_path / 'bf')['x']
+    assert got.dtype == torch.bfloat16 and torch.equal(got, bf)
+    (tmp_path / 'torn').write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ConfigError, match='as flax msgpack'): read_checkpoint(tmp_path / 'torn')
