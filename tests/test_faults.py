@@ -665,3 +665,39 @@ def test_fid_curve_cache_follows_the_checkpoints(run, monkeypatch):
     assert len(calls) == 3 and again[0] == first[0] and again[1]['fid1'] != first[1]['fid1']
     rows = json.loads((run / 'fid_curve.json').read_text())['rows']
     assert all(len(r['sha256']) == 64 for r in rows)
+
+
+SIGNAL_TORCHRUN = ("import os, sys, time, signal\n"
+                   "import meanflow_nb.train as T\n"
+                   "phase, argv = sys.argv[1], sys.argv[2:]\n"
+                   "name = 'build_data' if phase == 'startup' else 'evaluate_toy'\n"
+                   "real = getattr(T, name)\n"
+                   "def hooked(*a, **k):\n"
+                   "    if int(os.environ['RANK']) == 0:\n"
+                   "        os.kill(os.getppid(), signal.SIGTERM)               # to torchrun, which forwards it to every rank\n"
+                   "        t = time.time()\n"
+                   "        while not T._StopSignals.requested() and time.time() - t < 60: time.sleep(0.05)\n"
+                   "    return real(*a, **k)\n"
+                   "setattr(T, name, hooked)\n"
+                   "T.cli_train(argv)\n")
+
+
+@pytest.mark.parametrize('phase,needle', [('startup', 'preempted during startup, before step 1'),
+                                          ('evaluation', 'preempted during the final evaluation: the checkpoint of step 20')])
+def test_sigterm_to_torchrun_reaches_both_gloo_ranks_in_every_phase(tmp_path, phase, needle):
+    """SIGTERM to torchrun during startup or the final evaluation: both ranks exit 75 with the same line (rank 1 does not
+    hang waiting for rank 0's metrics), nothing is lost; --resume on 2 ranks then finishes."""
+    script = tmp_path / 'hook.py'; script.write_text(SIGNAL_TORCHRUN)
+    out = tmp_path / 'o'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), phase,
+           *TOY, '--steps', '20', '--param_check_every', '0', '--out', str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode != 0, r.stderr[-2000:]                                # torchrun reports the signal it got
+    assert r.stderr.count(needle) == 2, r.stderr[-3000:]                      # one line from each rank
+    assert 'meanflow_nb/' not in r.stderr and 'hook.py' not in r.stderr   # no frame of ours: torchrun's own report aside
+    assert ckpt_steps(out) == ([] if phase == 'startup' else [10, 20]) and not (out / 'metrics.json').exists()
+    res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m',
+                          'meanflow_nb.train', *TOY, '--steps', '20', '--resume', '--out', str(out)],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ckpt_steps(out) == [10, 20] and json.loads((out / 'metrics.json').read_text())['steps'] == 20
