@@ -496,6 +496,7 @@ def sample_run(run: str | Path, out: str | Path, # run folder to sample from; ou
               ) -> dict:
     "Generate `n` samples of a run into `out` (sharded over ranks, resumable); returns what was written."
     check(int(nfe) == nfe and nfe >= 1, f'nfe must be a positive integer, got {nfe}')
+    check(int(seed) == seed and 0 <= seed <= 2 ** 63 - 1, f'seed must be an integer in [0, 2**63 - 1], got {seed}')
     check(fmt in ('npz', 'png', 'both'), f"format must be 'npz', 'png' or 'both', got {fmt!r}")
     shards = shard_ranges(n, shard_size); check(batch_size >= 1, f'batch size must be >= 1, got {batch_size}')
     device = device or dist.init_distributed()
@@ -522,7 +523,10 @@ def _apply_guidance(cfg, guidance: dict | None):
     if not g: return cfg
     check(cfg.method == 'imf', f'sampling-time guidance (--omega, --t-min, --t-max) applies to iMF runs only; '
           f'{cfg.method!r} trains its guidance in (cfg_omega={cfg.cfg_omega}, cfg_kappa={cfg.cfg_kappa})')
-    return dataclasses.replace(cfg, **g)
+    cfg = dataclasses.replace(cfg, **g)
+    check(math.isfinite(cfg.eval_omega) and cfg.eval_omega >= 0, f'--omega must be a finite number >= 0, got {cfg.eval_omega}')
+    check(0 <= cfg.eval_t_min <= cfg.eval_t_max <= 1, f'need 0 <= --t-min <= --t-max <= 1, got {cfg.eval_t_min}, {cfg.eval_t_max}')
+    return cfg
 
 def _file_sha256(path) -> str:
     "sha256 of a file's bytes, read in 16 MB blocks."

@@ -701,3 +701,19 @@ def test_sigterm_to_torchrun_reaches_both_gloo_ranks_in_every_phase(tmp_path, ph
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert ckpt_steps(out) == [10, 20] and json.loads((out / 'metrics.json').read_text())['steps'] == 20
+
+
+def test_sample_numbers_are_checked_before_sampling(run, tmp_path, capsys):
+    "mf-sample --seed -1 (a numpy traceback before) and iMF guidance out of range: exit 2, one line, nothing written."
+    from meanflow_nb.core import ConfigError
+    from meanflow_nb.eval import _apply_guidance
+    code, _, err = cli(cli_sample, [run, '--out', tmp_path / 's', '-n', '8', '--seed=-1', '--no-progress'], capsys)
+    assert code == 2
+    one_line(err, 'seed must be an integer in [0, 2**63 - 1], got -1')
+    assert not (tmp_path / 's').exists()
+    cfg = get_config('toy2d', method='imf', model='ToyIMF', model_kwargs={})
+    for g, needle in [({'eval_omega': float('nan')}, '--omega must be a finite number >= 0'),
+                      ({'eval_t_min': 0.8, 'eval_t_max': 0.2}, 'need 0 <= --t-min <= --t-max <= 1'),
+                      ({'eval_t_max': 1.5}, 'need 0 <= --t-min <= --t-max <= 1')]:
+        with pytest.raises(ConfigError, match=needle.replace('+', r'\+')): _apply_guidance(cfg, g)
+    assert _apply_guidance(cfg, {'eval_omega': 3.0}).eval_omega == 3.0
