@@ -16,15 +16,18 @@ __all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'step_fn', 'bench_steps', 'ben
            'run_bench', 'bench_rows', 'bench_table', 'bench_findings', 'cli_bench', 'cpu_peak_bytes', 'saved_bytes',
            'measure_activation_bytes', 'calibrate', 'model_flops', 'step_flops', 'plan', 'bench_compiled',
            'bench_precision', 'bench_grad_ckpt', 'bench_allreduce', 'bench_overlap', 'bench_scale', 'scale_rows',
-           'overlap_rows', 'bench_jvp', 'cli_plan', 'plan_text']
+           'overlap_rows', 'bench_jvp', 'mixed_tangent_ops', 'block_jvp_ops', 'bench_host', 'host_rows', 'cli_plan',
+           'plan_text']
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
 from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
 
 # %% ../nbs/12_bench.ipynb #c809f04c
 def step_fn(preset: str = 'digits', # a `meanflow_nb.train.PRESETS` key
-            seed: int = 0, **overrides) -> tuple:
-    "`(f, cfg)`: `f()` runs one `train_step` of `get_config(preset, **overrides)` on a fixed batch."
+            seed: int = 0,
+            backend: str = 'inductor', # `compiled_step`'s backend, when the config compiles the step
+            **overrides) -> tuple:
+    "`(f, cfg)`: `f()` runs one `train_step` of `get_config(preset, **overrides)` on a fixed batch (`f.step_fn`: the compiled step or None)."
     from meanflow_nb.train import get_config, build_data, build_model, build_loss, train_step
     from meanflow_nb.schedules import balanced_split
     cfg = get_config(preset, seed=seed, **overrides); dev = torch.device('cpu')
@@ -35,14 +38,15 @@ def step_fn(preset: str = 'digits', # a `meanflow_nb.train.PRESETS` key
     if cfg.grad_ckpt:
         from meanflow_nb.models import set_grad_ckpt
         set_grad_ckpt(model)
-    from meanflow_nb.train import compiled_step
-    sf = compiled_step() if cfg.compile_step else None
+    from meanflow_nb.train import compiled_step, use_compile_step
+    sf = compiled_step(backend) if use_compile_step(cfg, dev) else None
     def f():
         k = state['step']; g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         with balanced_split(1 if cfg.r_eq_t_split == 'balanced' else 0):    # as the trainer draws (fixed JVP count)
             drawn = loss_fn.draw(cfg.global_batch, x.shape[1:], g, dev, k, 10_000)
         train_step(model, loss_fn, opt, x, y, drawn, k, 10_000, bf16=cfg.bf16, micro_batch=0 if cfg.micro_batch == 'auto' else int(cfg.micro_batch),
                    jvp_dtype=cfg.jvp_dtype, step_fn=sf); state['step'] += 1
+    f.step_fn = sf
     return f, cfg
 
 # %% ../nbs/12_bench.ipynb #22bffd63
@@ -179,15 +183,16 @@ def bench_model_forward(model: str = 'DiT-D/2', batch: int = 128, repeats: int =
     return {k: r[k] for k in keep if k in r}
 
 # %% ../nbs/12_bench.ipynb #a47120da
-PARTS = ('steps', 'sampling', 'data', 'ddp', 'models', 'jvp', 'scale')
+PARTS = ('steps', 'sampling', 'data', 'ddp', 'models', 'jvp', 'scale', 'host')
 SIZES = {
     'default': dict(steps=dict(batch=128, repeats=5), toy=dict(batch=1024, repeats=5), sampling=dict(model='DiT-D/2', batch=128, repeats=2),
                     data=dict(batch=128, n_batches=200), ddp=dict(steps=30, warmup=5, model='DiT-D/2', batch=128),
-                    models=dict(model='DiT-D/2', batch=128, repeats=5), jvp=dict(model='DiT-D/2', batch=128, repeats=5)),
+                    models=dict(model='DiT-D/2', batch=128, repeats=5), jvp=dict(model='DiT-D/2', batch=128, repeats=5),
+                    host=dict(width=32, depth=2, heads=2, repeats=5)),
     'tiny': dict(steps=dict(model='DiT-T/2', imf_model='iMF-T/2', batch=16, repeats=2), toy=dict(batch=128, repeats=2),
                  sampling=dict(model='DiT-T/2', batch=16, repeats=1), data=dict(batch=32, n_batches=10, latents=False),
                  ddp=dict(steps=6, warmup=2, model='DiT-T/2', batch=16), models=dict(model='DiT-T/2', batch=16, repeats=1),
-                 jvp=dict(model='DiT-T/2', batch=16, repeats=2)),
+                 jvp=dict(model='DiT-T/2', batch=16, repeats=2), host=dict(width=32, depth=1, heads=2, repeats=1)),
 }
 
 # %% ../nbs/12_bench.ipynb #4ad3dd2b
@@ -212,7 +217,7 @@ def run_bench(parts=PARTS, # any of `PARTS`
     jobs = {'steps': lambda: {'digits': bench_steps('digits', **S['steps']), 'toy2d': bench_steps('toy2d', **S['toy'])},
             'sampling': lambda: bench_sampling(**S['sampling']), 'data': lambda: bench_data(**S['data']),
             'ddp': lambda: bench_ddp(**S['ddp']), 'models': lambda: bench_model_forward(**S['models']),
-            'jvp': lambda: bench_jvp(**S['jvp']), 'scale': lambda: bench_scale(size)}
+            'jvp': lambda: bench_jvp(**S['jvp']), 'scale': lambda: bench_scale(size), 'host': lambda: bench_host(**S['host'])}
     try:
         for p in PARTS:
             if p not in parts: continue
@@ -255,6 +260,7 @@ def bench_rows(res: dict) -> list:
         rows.append((f'saved bytes per JVP sample / per plain sample ({r["model"]})', f'{r["saved_ratio"]:.2f}x',
                      f'{r["saved_mb_jvp"]:.2f} vs {r["saved_mb_plain"]:.2f} MB; one JVP with grad: {r["saved_ratio_with_graph"]:.2f}x'))
     if 'scale' in res: rows += scale_rows(res['scale'])
+    if 'host' in res: rows += host_rows(res['host'])
     return rows
 
 def bench_table(res: dict) -> str:
@@ -322,6 +328,14 @@ def bench_findings(res: dict) -> str:
                    f"{o['batch']} (strong scaling) 2 ranks reach {_x(R['strong_flat']['median'])} (flat) and "
                    f"{_x(R['strong_overlap']['median'])} (overlapped), against a ceiling of {_x(R['strong_ceiling']['median'])}: one rank "
                    f"at half the batch is only that much faster, because the optimiser, the EMA and small matmuls do not shrink with the batch.")
+    if 'host' in res:
+        h = res['host']; bd, bi = h['blocks']['dit'], h['blocks']['imf']
+        sp = [f"{_x(h[m]['speedup'])} for {h[m]['model']}" for m in ('mf', 'imf') if 'speedup' in h.get(m, {})]
+        out.append(f"**Host overhead.** At batch 1 on width {h['width']} (the host's time only), the compiled step runs at "
+                   + (' and '.join(sp) if sp else 'no measured speed (compiling failed here)') + " the eager speed. Under "
+                   f"`torch.func.jvp`, {bd['mixed']} of a DiT block's {bd['ops']} torch calls and {bi['mixed']} of an iMF block's "
+                   f"{bi['ops']} mix tangent and non-tangent tensors; a block's JVP takes {bd['jvp_ms'] / bd['plain_ms']:.0f}x (DiT) "
+                   f"and {bi['jvp_ms'] / bi['plain_ms']:.0f}x (iMF) the time of its plain forward at batch 1.")
     return '\n'.join(f'- {b}' for b in out)
 
 # %% ../nbs/12_bench.ipynb #1733c2fd
@@ -332,7 +346,7 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     if argv[:1] == ['plan']:
         r = cli_plan(argv[1:])
         return None if console else r                       # a console script's return value would be its exit status
-    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models, jvp, scale. `mf-bench plan --help`: the planner.')
+    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models, jvp, scale, host. `mf-bench plan --help`: the planner.')
     p.add_argument('parts', nargs='*', default=['all'], help=f'all (default) or any of: {", ".join(PARTS)}')
     p.add_argument('--json', default=None, help='also write the results here')
     p.add_argument('--tiny', action='store_true', help='tiny sizes (a smoke test in seconds)')
@@ -520,6 +534,7 @@ def bench_compiled(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 3) -
     try:                                                                                    # fixed shapes, no recompiles
         comp = step_fn('digits', model=model, global_batch=batch, compile_step=True, r_eq_t_split='balanced')[0]
         t0 = time.perf_counter(); comp(); comp(); compile_s = time.perf_counter() - t0  # the 2nd call: step becomes a dynamic int
+        if comp.step_fn.failed: raise RuntimeError('compiling failed; the step fell back to eager (see the line above)')
         tm = time_interleaved({'eager': eager, 'compiled': comp}, repeats, 1)
         return dict(model=model, batch=batch, compile_s=round(compile_s, 1), eager_cpu_ms=round(tm['eager']['cpu_ms'], 1),
                     compiled_cpu_ms=round(tm['compiled']['cpu_ms'], 1), speedup=round(tm['eager']['cpu_ms'] / tm['compiled']['cpu_ms'], 2))
@@ -686,6 +701,103 @@ def bench_jvp(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5, input_
     return dict(model=model, batch=batch, ms_no_grad_jvp=ms_new, ms_jvp_with_graph=ms_old, extra_step_time=ms_new / ms_old - 1,
                 saved_mb_plain=plain / 2 ** 20, saved_mb_jvp=new / 2 ** 20, saved_mb_jvp_with_graph=old / 2 ** 20,
                 saved_ratio=new / plain, saved_ratio_with_graph=old / plain)
+
+# %% ../nbs/12_bench.ipynb #b24h0001
+class _MixedOps(torch.overrides.TorchFunctionMode):
+    "Counts the torch calls it sees, and those whose tensor arguments mix tensors with and without a tangent."
+    def __init__(self):
+        super().__init__(); self.total, self.mixed, self.names = 0, 0, {}
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from meanflow_nb.models import _has_tangent
+        kwargs = kwargs or {}
+        ts = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
+        if ts and getattr(func, '__name__', '') != '__get__':                 # not attribute reads (`x.shape`)
+            self.total += 1
+            has = [_has_tangent(a) for a in ts]
+            if any(has) and not all(has):
+                n = getattr(func, '__name__', str(func)); self.mixed += 1; self.names[n] = self.names.get(n, 0) + 1
+        return func(*args, **kwargs)
+
+def mixed_tangent_ops(fn, # the function `torch.func.jvp` differentiates
+                      primals: tuple, tangents: tuple) -> dict:
+    """Run `torch.func.jvp(fn, primals, tangents)` as the trainer does (no grad, SDPA's math backend) and count the torch
+    calls inside it: `ops` (every call with a tensor argument) and `mixed` (those whose tensor arguments include one
+    that carries a tangent and one that does not: a weight, a RoPE table, a constant), with `mixed_by_name`."""
+    from meanflow_nb.models import jvp_attention
+    mode = _MixedOps()
+    def inner(*a):
+        with mode: return fn(*a)
+    with torch.no_grad(), jvp_attention(): torch.func.jvp(inner, tuple(primals), tuple(tangents))
+    return dict(ops=mode.total, mixed=mode.mixed, mixed_by_name=dict(sorted(mode.names.items())))
+
+def _block_inputs(kind: str, width: int, heads: int, tokens: int, batch: int, seed: int = 0):
+    "`(block, fn, primals, tangents)` of one DiT block (tangents on x and c) or iMF block (on x; RoPE tables have none)."
+    from meanflow_nb.models import DiTBlock, iMFBlock, rope_tables
+    check(kind in ('dit', 'imf'), f"kind must be 'dit' or 'imf', got {kind!r}")
+    torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, width, generator=g); tx = torch.randn(batch, tokens, width, generator=g)
+    if kind == 'dit':
+        blk = DiTBlock(width, heads).eval(); c = torch.randn(batch, width, generator=g)
+        return blk, blk, (x, c), (tx, torch.randn(batch, width, generator=g))
+    blk = iMFBlock(width, heads).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            if (p == 0).all(): p.normal_(0, 0.02, generator=g)                  # the zero-initialised gates
+    cos, sin = rope_tables(tokens, width // heads)
+    return blk, (lambda x_: blk(x_, cos, sin)), (x,), (tx,)
+
+def block_jvp_ops(kind: str = 'dit', # 'dit' (`DiTBlock`) or 'imf' (`iMFBlock`)
+                  width: int = 32, heads: int = 2, tokens: int = 16, batch: int = 1, repeats: int = 20) -> dict:
+    "One block's torch calls under `torch.func.jvp` (`mixed_tangent_ops`), and the ms of its plain forward and of its JVP."
+    from meanflow_nb.models import jvp_attention
+    blk, fn, prim, tang = _block_inputs(kind, width, heads, tokens, batch)
+    r = mixed_tangent_ops(fn, prim, tang)
+    def jvp():
+        with torch.no_grad(), jvp_attention(): torch.func.jvp(fn, prim, tang)
+    def plain():
+        with torch.no_grad(): fn(*prim)
+    tm = time_interleaved({'plain': plain, 'jvp': jvp}, repeats, 2)
+    return dict(kind=kind, width=width, heads=heads, tokens=tokens, batch=batch, **r,
+                plain_ms=round(tm['plain']['wall_ms'], 3), jvp_ms=round(tm['jvp']['wall_ms'], 3))
+
+def bench_host(width: int = 32, depth: int = 2, heads: int = 2, repeats: int = 5,
+               backend: str = 'inductor', # `compiled_step`'s backend
+               methods: tuple = ('mf', 'imf')) -> dict:
+    """Where the host's time dominates: one training step at batch 1 on a network of `width`, eager against compiled
+    (`compile_step`), for MF (DiT) and iMF, every sample a JVP sample; and the mixed-tangent calls of one block of each."""
+    out = dict(width=width, depth=depth, heads=heads, batch=1, backend=backend,
+               blocks={k: block_jvp_ops(k, width, heads, repeats=max(10, 4 * repeats)) for k in ('dit', 'imf')})
+    for m in methods:
+        kw = dict(method=m, model='iMF-T/2' if m == 'imf' else 'DiT-T/2', global_batch=1, ratio_r_eq_t=0.0, r_eq_t_split='balanced',
+                  model_kwargs=dict(hidden_size=width, depth=depth, num_heads=heads, **(dict(head_depth=1) if m == 'imf' else {})))
+        eager, comp = step_fn('digits', **kw)[0], step_fn('digits', backend=backend, compile_step=True, **kw)[0]
+        r = dict(model=kw['model'])
+        try:
+            t0 = time.perf_counter(); comp(); comp(); r['compile_s'] = round(time.perf_counter() - t0, 1)
+            if comp.step_fn.failed: raise RuntimeError('compiling failed; the step fell back to eager')
+            tm = time_interleaved({'eager': eager, 'compiled': comp}, repeats, 1)
+            r.update(eager_ms=round(tm['eager']['wall_ms'], 2), compiled_ms=round(tm['compiled']['wall_ms'], 2),
+                     eager_cpu_ms=round(tm['eager']['cpu_ms'], 2), compiled_cpu_ms=round(tm['compiled']['cpu_ms'], 2),
+                     speedup=round(tm['eager']['wall_ms'] / tm['compiled']['wall_ms'], 2))
+        except Exception as ex: r['error'] = f'{type(ex).__name__}: {str(ex).splitlines()[0][:160]}'
+        out[m] = r
+    return out
+
+def host_rows(h: dict) -> list:
+    "Table rows of `bench_host`."
+    rows = []
+    for m in ('mf', 'imf'):
+        if m not in h: continue
+        r = h[m]
+        rows.append((f"{m.upper()} step compiled / eager, batch 1 ({r['model']}, width {h['width']}, depth {h['depth']}; {h['backend']})",
+                     _x(r['speedup']) if 'speedup' in r else 'fails',
+                     f"{r['compiled_ms']:.1f} vs {r['eager_ms']:.1f} ms wall, compile {r['compile_s']} s" if 'speedup' in r else r['error']))
+    for k, b in h['blocks'].items():
+        rows.append((f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls mixing tangent and non-tangent tensors (width {b['width']})",
+                     f"{b['mixed']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['mixed_by_name'].items())))
+        rows.append((f"{'DiT' if k == 'dit' else 'iMF'} block JVP / plain forward, batch {b['batch']}, {b['tokens']} tokens",
+                     f"{b['jvp_ms'] / b['plain_ms']:.0f}x", f"{b['jvp_ms']:.1f} vs {b['plain_ms']:.2f} ms wall"))
+    return rows
 
 # %% ../nbs/12_bench.ipynb #f9a0a022
 def cli_plan(argv: list | None = None):

@@ -26,9 +26,10 @@ __all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'C
            'sync_stats', 'train_step', 'state_digest', 'nonfinite_weights', 'save_checkpoint', 'load_checkpoint',
            'list_checkpoints', 'prune_checkpoints', 'latest_checkpoint', 'ema_update_fn', 'ema_update',
            'release_run_folder', 'lock_run_folder', 'clear_run_folder', 'claim_run_folder', 'config_diff',
-           'check_resume', 'train', 'Preempted', 'set_precision', 'resolve_micro_batch', 'compiled_step',
-           'activation_bytes', 'fixed_bytes', 'fit_micro_batch', 'run_label', 'RunResult', 'finish_run', 'evaluate_toy',
-           'save_sample_grid', 'plot_log', 'evaluate_images', 'field_docs', 'train_parser', 'cli_train']
+           'check_resume', 'train', 'Preempted', 'set_precision', 'resolve_micro_batch', 'CompiledStep',
+           'compiled_step', 'use_compile_step', 'activation_bytes', 'fixed_bytes', 'fit_micro_batch', 'run_label',
+           'RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log', 'evaluate_images', 'field_docs',
+           'train_parser', 'cli_train']
 
 # %% ../nbs/08_train.ipynb #05ebb6f1
 @dataclass
@@ -62,7 +63,7 @@ class TrainConfig:
     r_eq_t_split: str = 'random' # 'random': a Bernoulli r = t mask; 'balanced': the same r = t count on every rank (04_loss)
     overlap_sync: bool = True # all-reduce gradients in buckets during backward (False: one flat all-reduce after it)
     bucket_mb: float = 25.0 # gradient bucket size of the overlapped all-reduce, in MB
-    compile_step: bool = False # torch.compile the whole step (loss, JVP, backward) instead of only the model
+    compile_step: bool | str = False # torch.compile the whole step (loss, JVP, backward); 'auto': on for CUDA, off for CPU (the in256-* presets)
     ckpt_every_minutes: float = 0.0 # also checkpoint when this many minutes passed since the last one (0: off)
     # --- the loss (MF names)
     P_mean: float = -0.4 # logit-normal location of t and r
@@ -116,7 +117,8 @@ _IN256 = dict(data='latents', num_classes=1000, global_batch=256, lr=1e-4, betas
               ema_decays=(0.9999,), ema_warmup=False, P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
               class_dropout=0.1, epochs=240, log_every=100, sample_every=10_000, ckpt_every=10_000, num_workers=8,
               eval_samples=50_000, data_kwargs={'normalization': 'mf'},
-              bf16=True, r_eq_t_split='balanced', micro_batch='auto', ckpt_every_minutes=30.0)  # fast and fitting: see 08_train
+              bf16=True, r_eq_t_split='balanced', micro_batch='auto', ckpt_every_minutes=30.0,
+              compile_step='auto')  # fast and fitting: see 08_train
 PRESETS: dict[str, dict] = {
     # MF on the 2-D checkerboard with a small MLP: the README's first command, <= 3 minutes on 2 cores
     # (uniform times: on this toy they beat the ImageNet logit-normal for both MF and FM, SWD 0.18 vs 0.21 at 2k steps)
@@ -210,6 +212,8 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
     check(cfg.r_eq_t_split in ('random', 'balanced'), f"r_eq_t_split must be 'random' or 'balanced', got {cfg.r_eq_t_split!r}")
     check(cfg.micro_batch == 'auto' or (isinstance(cfg.micro_batch, int) and cfg.micro_batch >= 0),
           f"micro_batch must be a non-negative integer or 'auto', got {cfg.micro_batch!r}")
+    check(isinstance(cfg.compile_step, bool) or cfg.compile_step == 'auto',
+          f"compile_step must be true, false or 'auto' (on for CUDA, off for CPU), got {cfg.compile_step!r}")
     if cfg.data in _FILE_DATA: check(bool(cfg.data_path), f"data {cfg.data!r} needs --data_path (the folder it lives in)")
     if cfg.data_path: check(os.path.exists(cfg.data_path), f'data path {cfg.data_path!r} does not exist')
     if cfg.init_from: check(os.path.exists(cfg.init_from), f'init_from {cfg.init_from!r} does not exist')
@@ -225,7 +229,7 @@ def _check_names(cfg: TrainConfig):
     check(cfg.model in models, f'unknown model {cfg.model!r}; valid: {", ".join(models)}')
     check(cfg.data in data, f'unknown data {cfg.data!r}; valid: {", ".join(data)}')
 
-_ANY_TYPE = ('micro_batch',) # fields whose own checks accept more than their default's type (an int or 'auto')
+_ANY_TYPE = ('micro_batch', 'compile_step') # fields whose own checks accept more than their default's type (an int or a bool, or 'auto')
 
 def _check_types(cfg: TrainConfig):
     "Every field has its default's type (an int where a float goes is fine) and every float is finite."
@@ -403,6 +407,18 @@ def train_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, x, y, draw
                step_fn=None, # optional compiled `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` (see `compile_step`)
               ) -> dict:
     "One optimiser step over micro-batches; with `sync`, the rank-averaged loss parts as floats (a NaN stops before `opt.step`)."
+    args = (model, loss_fn, opt, x, y, drawn, step, total, grad_clip, bf16, micro_batch, jvp_dtype, grad_sync, sync)
+    if getattr(step_fn, 'failed', False): step_fn = None                     # compiling failed before: eager
+    try: return _step_once(*args, step_fn)
+    except _CompileFailed:                                                    # redo the whole step eagerly (no stale gradients)
+        if grad_sync is not None:
+            for *_, w in grad_sync.work: w.wait()                             # buckets already launched: finish, then forget
+            grad_sync._reset()
+        return _step_once(*args, None)
+
+class _CompileFailed(Exception): "The compiled step failed (it said so in one line): `train_step` redoes the step eagerly."
+
+def _step_once(model, loss_fn, opt, x, y, drawn, step, total, grad_clip, bf16, micro_batch, jvp_dtype, grad_sync, sync, step_fn):
     opt.zero_grad(set_to_none=True)
     n = x.shape[0]; chunks = _chunks(n, micro_batch); parts = []
     for i, (a, b) in enumerate(chunks):
@@ -411,7 +427,12 @@ def train_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, x, y, draw
         xb, yb, db = x[a:b], (None if y is None else y[a:b]), {k: cut(v) for k, v in drawn.items()}
         scale = (b - a) / n if len(chunks) > 1 else 1.0                         # sum of the micro-batch means = the batch mean
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16), jvp_precision(jvp_dtype):
-            if step_fn is not None: out = step_fn(model, loss_fn, xb, yb, db, step, total, scale)
+            if step_fn is not None:
+                try: out = step_fn(model, loss_fn, xb, yb, db, step, total, scale)
+                except (RunError, ConfigError): raise                           # the loss's own checks, not the compiler's
+                except Exception as ex:
+                    if not hasattr(step_fn, 'give_up'): raise
+                    step_fn.give_up('the compiled step', ex); raise _CompileFailed() from ex
             else:
                 out = loss_fn(model, xb, yb, step=step, total=total, **db)
                 (out['loss'] * scale if scale != 1.0 else out['loss']).backward()
@@ -663,7 +684,7 @@ def _train(cfg: TrainConfig, stop, resume: bool, overwrite: bool, progress: bool
     ema_n = [int(e.n_averaged) for e in emas]                                  # the EMA counts, kept on the host
     micro = resolve_micro_batch(cfg, model, device, world)
     fwd = torch.compile(model) if cfg.compile else model
-    step_fn = compiled_step() if cfg.compile_step else None
+    step_fn = compiled_step() if use_compile_step(cfg, device) else None
     gsync = dist.GradSync(model, cfg.bucket_mb) if cfg.overlap_sync and world > 1 else None
     if (dist.any_rank(stop.flag)[0] if world > 1 else stop.flag): raise Preempted(start, out, 'startup')  # nothing written yet
     if main: write_text_atomic(out / 'config.json', json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
@@ -811,14 +832,35 @@ def resolve_micro_batch(cfg: TrainConfig, model: nn.Module, device, world: int) 
     if dist.is_main(): print(f'micro_batch auto: {m} of {cfg.global_batch // world} per rank ({free / 2 ** 30:.1f} GB free)', file=sys.stderr)
     return m
 
+def _eager_step(model, loss_fn, x, y, drawn, step, total, scale):
+    out = loss_fn(model, x, y, step=step, total=total, **drawn)
+    (out['loss'] * scale).backward()
+    return {k: v.detach() for k, v in out.items()}
+
+class CompiledStep:
+    """A `torch.compile`d `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` doing loss, JVP and backward,
+    that gives up gracefully: when `torch.compile` or a compiled call fails, `give_up` prints one line (what failed,
+    and that the run continues eagerly) and `failed` turns on; `train_step` then redoes that step eagerly, and every
+    later one. Called directly, a failure raises."""
+    def __init__(self, backend='inductor'):
+        self.backend, self.failed, self.fn = backend, False, None
+        try: self.fn = torch.compile(_eager_step, backend=backend)
+        except Exception as ex: self.give_up('torch.compile', ex)
+    def __call__(self, *args): return (_eager_step if self.failed else self.fn)(*args)
+    def give_up(self, what: str, ex: Exception):
+        self.failed = True
+        who = f'rank {dist.get_rank()}: ' if dist.get_world_size() > 1 else ''
+        print(f"{who}compile_step: {what} failed ({type(ex).__name__}: {' '.join(str(ex).split())[:200]}); continuing eagerly",
+              file=sys.stderr, flush=True)
+
 def compiled_step(backend: str = 'inductor', # 'aot_eager' traces the same graphs without generating kernels (fast tests)
-                 ):
-    "A `torch.compile`d `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` doing loss, JVP and backward."
-    def step(model, loss_fn, x, y, drawn, step, total, scale):
-        out = loss_fn(model, x, y, step=step, total=total, **drawn)
-        (out['loss'] * scale).backward()
-        return {k: v.detach() for k, v in out.items()}
-    return torch.compile(step, backend=backend)
+                 ) -> CompiledStep:
+    "A `torch.compile`d `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` doing loss, JVP and backward (eager if compiling fails)."
+    return CompiledStep(backend)
+
+def use_compile_step(cfg: TrainConfig, device) -> bool:
+    "Whether `cfg` compiles the step on `device`: `compile_step` true, or 'auto' (the `in256-*` presets) on CUDA."
+    return cfg.compile_step is True or (cfg.compile_step == 'auto' and torch.device(device).type == 'cuda')
 
 # %% ../nbs/08_train.ipynb #e8a0c005
 # the memory model of a training step, used by micro_batch='auto' and by `mf-bench plan` (calibrated in 12_bench)
@@ -1093,7 +1135,13 @@ def _int_or_auto(s: str):
     try: return int(s)
     except ValueError: raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {s!r}") from None
 
-_FLAG_TYPES = {'micro_batch': _int_or_auto} # fields whose flag is not parsed by the type of their default
+def _bool_or_auto(s: str):
+    if s.strip().lower() == 'auto': return 'auto'
+    try: return _bool_flag(s)
+    except argparse.ArgumentTypeError: raise argparse.ArgumentTypeError(f"expected true, false or 'auto', got {s!r}") from None
+
+_FLAG_TYPES = {'micro_batch': _int_or_auto, 'compile_step': _bool_or_auto} # fields whose flag is not parsed by the type of their default
+_FLAG_METAVARS = {'compile_step': 'BOOL|auto'} # ... and whose metavar is not their default's
 
 def train_parser(preset: str | None = None, # show this preset's values as the defaults
                 ) -> argparse.ArgumentParser:
@@ -1111,7 +1159,7 @@ def train_parser(preset: str | None = None, # show this preset's values as the d
         if f.name == 'preset': continue
         d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help = f"{docs.get(f.name, '')} (default: {_flag_str(getattr(shown, f.name))})"
-        p.add_argument(f'--{f.name}', type=_FLAG_TYPES.get(f.name, _flag_type(d)), default=None, metavar=_METAVARS.get(type(d), type(d).__name__.upper()),
+        p.add_argument(f'--{f.name}', type=_FLAG_TYPES.get(f.name, _flag_type(d)), default=None, metavar=_FLAG_METAVARS.get(f.name, _METAVARS.get(type(d), type(d).__name__.upper())),
                        help=help.replace('%', '%%'))
     return p
 

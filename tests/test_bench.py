@@ -63,3 +63,32 @@ def test_bench_allreduce_spawns_two_gloo_ranks():
     from meanflow_nb.bench import bench_allreduce
     r = bench_allreduce(10_000, world=2, repeats=3)
     assert r['numel'] == 10_000 and r['world'] == 2 and 0 < r['ms'] < 5_000, r
+
+
+
+def test_mixed_tangent_ops_match_a_hand_count():
+    """`mixed_tangent_ops` (the count behind `mf-bench host`) on a one-layer module whose mixed calls are counted by
+    hand: the linear layer (x carries a tangent, W and b do not), the gate product, the RMSNorm with its weight and the
+    concatenation with a buffer are mixed; the sine, the product with a number and the sum of two tangent tensors are
+    not. With the weights and the buffer differentiated too (`functional_call`), no call is mixed."""
+    import torch.nn.functional as F
+    from meanflow_nb.bench import mixed_tangent_ops
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.gate, self.w = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.rand(4)), torch.nn.Parameter(torch.rand(4))
+            self.register_buffer('table', torch.rand(2, 4))
+        def forward(self, x):
+            y = F.linear(x, self.lin.weight, self.lin.bias)   # mixed 1
+            y = y * self.gate                                  # mixed 2
+            y = F.rms_norm(y, (4,), self.w)                    # mixed 3
+            z = torch.cat([y, self.table])                     # mixed 4
+            return torch.sin(z) + z * 2                        # sin, mul by a number, add: 3 calls, none mixed
+    m, x = One(), torch.randn(2, 4)
+    r = mixed_tangent_ops(m, (x,), (torch.ones_like(x),))
+    assert (r['mixed'], r['ops']) == (4, 7), r
+    assert r['mixed_by_name'] == {'cat': 1, 'linear': 1, 'mul': 1, 'rms_norm': 1}, r
+    state = {**dict(m.named_parameters()), **dict(m.named_buffers())}
+    r1 = mixed_tangent_ops(lambda p, x_: torch.func.functional_call(m, p, (x_,)), (state, x),
+                           ({k: torch.ones_like(v) for k, v in state.items()}, torch.ones_like(x)))
+    assert (r1['mixed'], r1['ops']) == (0, 7), r1
