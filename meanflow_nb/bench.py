@@ -334,7 +334,8 @@ def bench_findings(res: dict) -> str:
         out.append(f"**Host overhead.** At batch 1 on width {h['width']} (the host's time only), the compiled step runs at "
                    + (' and '.join(sp) if sp else 'no measured speed (compiling failed here)') + " the eager speed. Under "
                    f"`torch.func.jvp`, {bd['mixed']} of a DiT block's {bd['ops']} torch calls and {bi['mixed']} of an iMF block's "
-                   f"{bi['ops']} mix tangent and non-tangent tensors; a block's JVP takes {bd['jvp_ms'] / bd['plain_ms']:.0f}x (DiT) "
+                   f"{bi['ops']} mix tangent and non-tangent tensors, and {bd['fallback']} and {bi['fallback']} run torch's Python "
+                   f"reference decompositions; a block's JVP takes {bd['jvp_ms'] / bd['plain_ms']:.0f}x (DiT) "
                    f"and {bi['jvp_ms'] / bi['plain_ms']:.0f}x (iMF) the time of its plain forward at batch 1.")
     return '\n'.join(f'- {b}' for b in out)
 
@@ -703,32 +704,44 @@ def bench_jvp(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5, input_
                 saved_ratio=new / plain, saved_ratio_with_graph=old / plain)
 
 # %% ../nbs/12_bench.ipynb #b24h0001
+_PY_FALLBACK = tuple(f'{os.sep}torch{os.sep}{d}' for d in ('_refs', '_decomp', '_prims')) # Python decompositions
+
 class _MixedOps(torch.overrides.TorchFunctionMode):
-    "Counts the torch calls it sees, and those whose tensor arguments mix tensors with and without a tangent."
+    """Counts the torch calls it sees; those whose tensor arguments mix tensors with and without a tangent (`mixed`);
+    and those during which Python code of torch's reference decompositions ran (`fallback`: `torch._refs`,
+    `torch._decomp`, `torch._prims*`, seen by a `sys.setprofile` hook around the call)."""
     def __init__(self):
-        super().__init__(); self.total, self.mixed, self.names = 0, 0, {}
+        super().__init__(); self.total, self.mixed, self.fallback, self.names, self.fb_names = 0, 0, 0, {}, {}
     def __torch_function__(self, func, types, args=(), kwargs=None):
         from meanflow_nb.models import _has_tangent
         kwargs = kwargs or {}
         ts = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
-        if ts and getattr(func, '__name__', '') != '__get__':                 # not attribute reads (`x.shape`)
-            self.total += 1
-            has = [_has_tangent(a) for a in ts]
-            if any(has) and not all(has):
-                n = getattr(func, '__name__', str(func)); self.mixed += 1; self.names[n] = self.names.get(n, 0) + 1
-        return func(*args, **kwargs)
+        if not ts or getattr(func, '__name__', '') == '__get__': return func(*args, **kwargs)   # not attribute reads (`x.shape`)
+        n = getattr(func, '__name__', str(func)); self.total += 1
+        has = [_has_tangent(a) for a in ts]
+        if any(has) and not all(has): self.mixed += 1; self.names[n] = self.names.get(n, 0) + 1
+        hit = []
+        def prof(frame, event, arg):
+            if event == 'call' and any(d in frame.f_code.co_filename for d in _PY_FALLBACK): hit.append(1)
+        old = sys.getprofile(); sys.setprofile(prof)
+        try: out = func(*args, **kwargs)
+        finally: sys.setprofile(old)
+        if hit: self.fallback += 1; self.fb_names[n] = self.fb_names.get(n, 0) + 1
+        return out
 
 def mixed_tangent_ops(fn, # the function `torch.func.jvp` differentiates
                       primals: tuple, tangents: tuple) -> dict:
     """Run `torch.func.jvp(fn, primals, tangents)` as the trainer does (no grad, SDPA's math backend) and count the torch
-    calls inside it: `ops` (every call with a tensor argument) and `mixed` (those whose tensor arguments include one
-    that carries a tangent and one that does not: a weight, a RoPE table, a constant), with `mixed_by_name`."""
+    calls inside it: `ops` (every call with a tensor argument), `mixed` (those whose tensor arguments include one at
+    the JVP's level and one from outside it: a weight, a RoPE table, a buffer), with `mixed_by_name`, and `fallback`
+    (those that ran Python reference decompositions), with `fallback_by_name`."""
     from meanflow_nb.models import jvp_attention
     mode = _MixedOps()
     def inner(*a):
         with mode: return fn(*a)
     with torch.no_grad(), jvp_attention(): torch.func.jvp(inner, tuple(primals), tuple(tangents))
-    return dict(ops=mode.total, mixed=mode.mixed, mixed_by_name=dict(sorted(mode.names.items())))
+    return dict(ops=mode.total, mixed=mode.mixed, mixed_by_name=dict(sorted(mode.names.items())),
+                fallback=mode.fallback, fallback_by_name=dict(sorted(mode.fb_names.items())))
 
 def _block_inputs(kind: str, width: int, heads: int, tokens: int, batch: int, seed: int = 0):
     "`(block, fn, primals, tangents)` of one DiT block (tangents on x and c) or iMF block (on x; RoPE tables have none)."
@@ -795,6 +808,8 @@ def host_rows(h: dict) -> list:
     for k, b in h['blocks'].items():
         rows.append((f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls mixing tangent and non-tangent tensors (width {b['width']})",
                      f"{b['mixed']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['mixed_by_name'].items())))
+        rows.append((f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls through Python reference decompositions",
+                     f"{b['fallback']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['fallback_by_name'].items()) or '-'))
         rows.append((f"{'DiT' if k == 'dit' else 'iMF'} block JVP / plain forward, batch {b['batch']}, {b['tokens']} tokens",
                      f"{b['jvp_ms'] / b['plain_ms']:.0f}x", f"{b['jvp_ms']:.1f} vs {b['plain_ms']:.2f} ms wall"))
     return rows
