@@ -38,6 +38,7 @@ def _run(name: str, batch: int, compiled: bool, steps: int = STEPS, warmup: int 
         t0 = time.perf_counter()
         for i in range(warmup): train_step(m, lf, opt, x, y, draws[i], i, 100, bf16=True, sync=False, step_fn=fn)
         torch.cuda.synchronize(); t_warm = time.perf_counter() - t0
+        if fn is not None and fn.failed: raise RuntimeError('compiling failed; train_step went on eagerly (see the line above)')
         torch.cuda.reset_peak_memory_stats(DEV)
         t0 = time.perf_counter()
         for i in range(warmup, warmup + steps): train_step(m, lf, opt, x, y, draws[i], i, 100, bf16=True, sync=False, step_fn=fn)
