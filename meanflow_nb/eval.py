@@ -17,8 +17,8 @@ from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test, 
 from . import dist
 
 # %% auto #0
-__all__ = ['DIGITS_RES', 'DIGITS_CLASSIFIER_PATH', 'DIGITS_EXTRACTOR', 'INCEPTION', 'DIGITS_REF', 'to_uint8', 'fid_from_stats',
-           'prepare_digits', 'DigitsClassifier', 'classifier_accuracy', 'train_digits_classifier',
+__all__ = ['DIGITS_RES', 'DIGITS_CLASSIFIER_PATH', 'DIGITS_EXTRACTOR', 'INCEPTION', 'DIGITS_REF', 'MAX_SHARDS', 'to_uint8',
+           'fid_from_stats', 'prepare_digits', 'DigitsClassifier', 'classifier_accuracy', 'train_digits_classifier',
            'load_digits_classifier', 'DigitsFeatureExtractor', 'register_digits_extractor', 'ImageTensorDataset',
            'as_fidelity_input', 'load_samples_npz', 'fidelity_kwargs', 'fidelity_fid', 'feature_stats', 'save_stats',
            'load_stats', 'digits_reference_stats', 'digits_fid', 'calibration_sets', 'digits_real_fid', 'nn_distances',
@@ -191,7 +191,21 @@ def as_fidelity_input(x) -> Dataset:
         check(len(files) > 0, f'no image files (png, jpg, bmp) in {p}')
         _check_image_files(p, files)
         return ImagesPathDataset(files)
-    return ImageTensorDataset(_nhwc_to_nchw(load_samples_npz(p)[0]))
+    return ImageTensorDataset(_nhwc_to_nchw(_as_images(load_samples_npz(p)[0], p)))
+
+def _as_images(a: np.ndarray, src) -> np.ndarray:
+    "uint8 images `(N, H, W[, C])`, C = 1 or 3, from a samples file: whole numbers in 0..255 of any number dtype pass; else one line."
+    what = f'{src}: the samples'
+    check(a.ndim in (3, 4) and len(a) >= 1 and (a.ndim == 3 or a.shape[-1] in (1, 3)),
+          f'{what} have shape {a.shape}; images are (N, H, W, C) with C = 1 or 3, uint8 in 0..255 (the ADM layout)')
+    if a.dtype == np.uint8: return a
+    check(a.dtype.kind in 'iuf', f'{what} have dtype {a.dtype}; images are uint8 (N, H, W, C) in 0..255')
+    fin = a.dtype.kind != 'f' or bool(np.isfinite(a).all())
+    lo, hi = (a.min(), a.max()) if fin else (float('nan'), float('nan'))
+    check(fin and 0 <= lo and hi <= 255 and (a.dtype.kind != 'f' or bool((a == np.round(a)).all())),
+          f'{what} are {a.dtype} with values in [{lo:.4g}, {hi:.4g}]{"" if fin else " (not all finite)"}; images are whole numbers '
+          f'in 0..255 (uint8): from [-1, 1] convert with meanflow_nb.eval.to_uint8 or np.round((x + 1) * 127.5).astype(np.uint8)')
+    return a.astype(np.uint8)
 
 def _check_image_files(folder: Path, files: list):
     "Every file opens, is not cut off, and all have one size: else a one-line `ConfigError` (not a failure mid-metric)."
@@ -408,7 +422,13 @@ def load_run(run: str | Path, # run folder written by `mf-train` / `train`
     check(weights in ('ema', 'raw'), f"weights must be 'ema' or 'raw', got {weights!r}")
     st, path = _pick_checkpoint(Path(run), ckpt)
     if info is not None: info.update(path=str(path), sha256=st.get('sha256') or state_digest(st))
-    cfg = _ckpt_config(st['config']); shp = sample_shape(cfg, shape)
+    cfg = _ckpt_config(st['config'])
+    if shape:                                                                  # a DiT builds at any size: check it against the run's data
+        try: own = sample_shape(cfg)
+        except ConfigError: own = None                                         # the data is not here to tell
+        check(own is None or tuple(shape) == own, f'{path}: {cfg.model} was built for samples of shape {own} '
+              f'(--shape {",".join(map(str, own or ()))}), not {tuple(shape)}; leave out --shape')
+    shp = sample_shape(cfg, shape)
     if weights == 'ema':
         check(0 <= ema_index < len(st.get('ema', [])), f'{path} has {len(st.get("ema", []))} EMA copies; no index {ema_index}')
         sd = {k[len('module.'):]: v for k, v in st['ema'][ema_index].items() if k.startswith('module.')}
@@ -419,9 +439,14 @@ def load_run(run: str | Path, # run folder written by `mf-train` / `train`
     return cfg, model.to(device).eval(), shp, int(st['step'])
 
 # %% ../nbs/11_eval.ipynb #e54c4a89
+MAX_SHARDS = 100_000 # shard files one sampling job may plan (50,000 samples in shards of 1,000 are 50)
+
 def shard_ranges(n: int, shard_size: int) -> list:
-    "`[(start, stop), ...]` covering sample indices `0 .. n - 1` in shards of `shard_size`."
+    "`[(start, stop), ...]` covering sample indices `0 .. n - 1` in shards of `shard_size` (at most `MAX_SHARDS`)."
     check(n >= 1 and shard_size >= 1, f'need n >= 1 and shard_size >= 1, got n={n}, shard_size={shard_size}')
+    k = -(-n // shard_size)                                                    # counted before a list is built
+    check(k <= MAX_SHARDS, f'{n:,} samples in shards of {shard_size:,} are {k:,} shard files; at most {MAX_SHARDS:,}: '
+          f'lower --num-samples or raise --shard-size')
     return [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
 
 def shard_generator(seed: int, k: int) -> torch.Generator:
@@ -473,17 +498,64 @@ def _check_meta(out: Path, meta: dict):
     out.mkdir(parents=True, exist_ok=True); p = out / 'meta.json'
     if not (out / 'COMPLETE').exists(): (out / 'shards').mkdir(exist_ok=True)
     if p.exists():
-        old = json.loads(p.read_text())
+        old = _read_json(p, out)
         was, now = old.get('ckpt_sha256'), meta.get('ckpt_sha256')
         check(was == now, f'{out} holds samples of another checkpoint (sha256 {(was or "not recorded")[:12]}, now {(now or "unknown")[:12]}): '
                           f'the run was retrained or its checkpoint replaced; use another --out, or delete {out} to sample again')
         diff = {k: (old.get(k), v) for k, v in meta.items() if k != 'format' and old.get(k) != v}
         check(not diff, f'{out} holds samples made with other settings {diff} (old, new); use another --out')
-    else: p.write_text(json.dumps(meta, indent=1))
+    else: write_text_atomic(p, json.dumps(meta, indent=1))
+
+def _gb(b: float) -> str: return f'{b / 2**30:,.1f} GiB' if b < 2**50 else f'{b / 2**50:,.0f} PiB'
+
+def _sample_bytes(shape: tuple, latent: bool) -> int:
+    "Bytes of one stored sample and its label: uint8 pixels (latents decode to RGB at 8x: an SD-VAE), float32 vectors."
+    if len(shape) == 3: return (3 * 64 * shape[1] * shape[2] if latent else math.prod(shape)) + 8
+    return 4 * math.prod(shape) + 8
+
+def _check_resources(out: Path, n: int, shard_size: int, shape: tuple, latent: bool):
+    "Refuse, before any work, a job whose files do not fit on `out`'s disk or whose joined samples do not fit in memory."
+    if (out / 'COMPLETE').exists(): return
+    per = _sample_bytes(shape, latent); what = f'{n:,} samples of shape {tuple(shape)}'
+    done = sum(f.stat().st_size for f in (out / 'shards').glob('shard_*.npz')) if (out / 'shards').is_dir() else 0
+    need, where = 2 * n * per - done, next(p for p in [out, *out.parents] if p.exists())   # the shards, then samples.npz
+    free = shutil.disk_usage(where).free
+    check(need <= free, f'{what} need about {_gb(need)} on disk (the shards, then samples.npz); {where} has {_gb(free)} '
+          f'free: lower --num-samples, or use an --out with room')
+    try: ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError): return                       # not known on this system
+    mem = max(2 * n * per, shard_size * (per + 12 * math.prod(shape)))      # joining the shards; one shard's noise and output
+    check(mem <= ram, f'{what} in shards of {shard_size:,} need about {_gb(mem)} of memory; this machine has {_gb(ram)}: '
+          f'lower --num-samples (run several --seed jobs) or --shard-size')
+
+def _read_json(p: Path, out: Path) -> dict:
+    "The dict in `meta.json` / `COMPLETE` of a sample folder; a torn or foreign file is a one-line `ConfigError`."
+    try: d = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as ex: d = ex
+    check(isinstance(d, dict), f'{p} is damaged ({f"not valid JSON: {d}" if isinstance(d, Exception) else "not a JSON object"}): '
+          f'it does not say how the samples in {out} were made; delete {out} to sample again, or use another --out')
+    return d
+
+def _shard_fault(path: Path, size: int) -> str | None:
+    "What is wrong with a shard file that should hold `size` samples (None: it reads back whole)."
+    try:
+        with np.load(path) as f:
+            if 'x' not in f.files or 'y' not in f.files: return f'it holds {", ".join(f.files) or "nothing"}, not x and y'
+            nx, ny = len(f['x']), len(f['y'])                                 # reads every byte: a cut-off file fails here
+    except Exception as ex: return f'{type(ex).__name__}: {" ".join(str(ex).split())[:100]}'
+    return None if nx == ny == size else f'it holds {nx} samples, not {size}'
 
 def _pending(out: Path, shards: list) -> list:
-    "Indices of the shards not written yet (rank 0 decides, every rank gets the same list)."
-    todo = [k for k in range(len(shards)) if not (out / 'shards' / f'shard_{k:05d}.npz').exists()] if dist.is_main() else None
+    "Indices of the shards not written yet, or damaged (deleted with a warning: they are sampled again); rank 0 decides."
+    todo = None
+    if dist.is_main():
+        todo = []
+        for k, (a, b) in enumerate(shards):
+            f = out / 'shards' / f'shard_{k:05d}.npz'
+            why = _shard_fault(f, b - a) if f.exists() else 'missing'
+            if why and why != 'missing':
+                print(f'warning: {f} is damaged ({why}); sampling shard {k} again', file=sys.stderr); f.unlink()
+            if why: todo.append(k)
     return dist.broadcast_object(todo)
 
 # %% ../nbs/11_eval.ipynb #4cb69454
@@ -505,13 +577,18 @@ def sample_run(run: str | Path, out: str | Path, # run folder to sample from; ou
     cfg = _apply_guidance(cfg, guidance)
     sha = info.get('sha256') or (_file_sha256(run) if loader and Path(run).is_file() else None)  # a released file: its bytes
     out = Path(out); meta = _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shp, fmt, sha)
+    latent = len(shp) == 3 and cfg.data == 'latents'
+    _on_main(lambda: _check_resources(out, n, shard_size, shp, latent))          # before anything is written
     _on_main(lambda: _check_meta(out, meta))
-    if (out / 'COMPLETE').exists(): return {**meta, **json.loads((out / 'COMPLETE').read_text()), 'out': str(out), 'skipped': True}
+    if (out / 'COMPLETE').exists(): return {**meta, **_read_json(out / 'COMPLETE', out), 'out': str(out), 'skipped': True}
     todo = _pending(out, shards); mine = todo[dist.get_rank()::dist.get_world_size()]
-    decode = _decoder(cfg, vae, device) if len(shp) == 3 and cfg.data == 'latents' else None
+    decode = _decoder(cfg, vae, device) if latent else None
     bar = _bar(sum(shards[k][1] - shards[k][0] for k in mine), progress and dist.is_main(), len(shards) - len(todo), len(shards))
     for k in mine:
-        res = sample_shard(cfg, model, shp, *shards[k], k, nfe, seed, batch_size, device, decode)
+        try: res = sample_shard(cfg, model, shp, *shards[k], k, nfe, seed, batch_size, device, decode)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise ConfigError(f'out of memory sampling shard {k} ({shards[k][1] - shards[k][0]:,} samples in batches of {batch_size}): '
+                              f'lower --batch-size or --shard-size; the shards written are kept, the same command resumes') from None
         _save_npz_atomic(out / 'shards' / f'shard_{k:05d}.npz', **res); bar.update(shards[k][1] - shards[k][0])
     bar.close(); dist.barrier()
     return {**meta, 'out': str(out), 'resumed_shards': len(shards) - len(todo), **(gather_shards(out, len(shards), fmt) if dist.is_main() else {})}
@@ -559,8 +636,12 @@ def gather_shards(out: str | Path, n_shards: int, fmt: str = 'npz') -> dict:
     missing = [f.name for f in files if not f.exists()]
     check(not missing, f'{len(missing)} shard file(s) missing in {out / "shards"} ({", ".join(missing[:3])}): '
           'every rank must write to the same (shared) --out folder')
-    parts = [np.load(f) for f in files]
-    x, y = np.concatenate([p['x'] for p in parts]), np.concatenate([p['y'] for p in parts])
+    try:
+        parts = [np.load(f) for f in files]
+        x, y = np.concatenate([p['x'] for p in parts]), np.concatenate([p['y'] for p in parts])
+    except MemoryError:
+        raise ConfigError(f'out of memory joining {n_shards} shards of {out} into one file; the shards are kept: join fewer '
+                          f'samples per folder (lower --num-samples, several --seed jobs)') from None
     written = {'n_written': len(x)}
     if fmt in ('png', 'both'):
         check(x.ndim == 4, f'PNG output needs images; these samples have shape {x.shape[1:]} (use --format npz)')
@@ -568,7 +649,7 @@ def gather_shards(out: str | Path, n_shards: int, fmt: str = 'npz') -> dict:
     if fmt in ('npz', 'both'):
         arrs = {'arr_0': x} if (y < 0).all() else {'arr_0': x, 'arr_1': y}
         _save_npz_atomic(out / 'samples.npz', **arrs); written['npz'] = str(out / 'samples.npz')
-    (out / 'COMPLETE').write_text(json.dumps(written)); shutil.rmtree(out / 'shards')
+    write_text_atomic(out / 'COMPLETE', json.dumps(written)); shutil.rmtree(out / 'shards')
     return written
 
 # %% ../nbs/11_eval.ipynb #bb2d28dc

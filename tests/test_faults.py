@@ -717,3 +717,97 @@ def test_sample_numbers_are_checked_before_sampling(run, tmp_path, capsys):
                       ({'eval_t_max': 1.5}, 'need 0 <= --t-min <= --t-max <= 1')]:
         with pytest.raises(ConfigError, match=needle.replace('+', r'\+')): _apply_guidance(cfg, g)
     assert _apply_guidance(cfg, {'eval_omega': 3.0}).eval_omega == 3.0
+
+
+# ---------------------------------------------------------------- mf-sample and mf-fid: sizes, shapes, damaged folders, non-images
+
+@pytest.mark.parametrize('flags,needle', [
+    (['-n', str(10 ** 15)], 'samples in shards of 1,000 are 1,000,000,000,000 shard files; at most 100,000'),
+    (['-n', str(10 ** 15), '--shard-size', str(10 ** 12)], 'on disk (the shards, then samples.npz)'),
+    (['-n', str(10 ** 9), '--shard-size', str(10 ** 5)], 'of memory; this machine has'),
+])
+def test_sample_huge_counts_are_one_line_before_any_work(run, tmp_path, capsys, monkeypatch, flags, needle):
+    "A huge -n planned no shard list (MemoryError before); too much for the disk or memory: exit 2, nothing written."
+    import meanflow_nb.eval as E
+    if 'memory' in needle:                                                    # this machine's disk is small: let memory decide
+        monkeypatch.setattr(E.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(2 ** 60, 0, 2 ** 60))
+        monkeypatch.setattr(E.os, 'sysconf', lambda k: {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 2 ** 18}[k])   # 1 GiB
+    before = snap(run)
+    code, _, err = cli(cli_sample, [run, '--out', tmp_path / 's', '--no-progress', *flags], capsys)
+    assert code == 2
+    one_line(err, needle)
+    assert not (tmp_path / 's').exists() and snap(run) == before
+
+
+def test_sample_shape_the_network_was_not_built_for(tmp_path, capsys):
+    "A digits DiT (1, 8, 8) asked for --shape 1,16,16 built a 16x16 DiT and loaded the weights silently: now one line."
+    out = tmp_path / 'dig'
+    try: cli_train(['--preset', 'digits', '--steps', '2', '--global_batch', '8', '--eval_samples', '8', '--no-progress',
+                    '--ckpt_every', '2', '--out', str(out)])
+    except SystemExit as ex: assert ex.code == 0
+    for shape, needle in [('1,16,16', 'was built for samples of shape (1, 8, 8) (--shape 1,8,8), not (1, 16, 16)'),
+                          ('3,8,8', 'was built for samples of shape (1, 8, 8)')]:
+        code, _, err = cli(cli_sample, [out, '--shape', shape, '--out', tmp_path / 's', '-n', '4', '--no-progress'], capsys)
+        assert code == 2
+        one_line(err, needle)
+        assert not (tmp_path / 's').exists()
+    code, _, err = cli(cli_sample, [out, '--shape', '1,8,8', '--out', tmp_path / 's', '-n', '4', '--no-progress'], capsys)
+    assert code == 0, err
+
+
+def test_sample_folder_with_a_torn_meta_or_a_damaged_shard(run, tmp_path, capsys):
+    """A torn meta.json (or COMPLETE): one line naming it and what to do, the folder untouched. A damaged shard: a warning
+    naming it, that shard sampled again, and the samples equal to an undamaged run's."""
+    import meanflow_nb.eval as E
+    ref = tmp_path / 'ref'
+    args = ['-n', '24', '--shard-size', '8', '--no-progress']
+    assert cli(cli_sample, [run, '--out', ref, *args], capsys)[0] == 0
+    want = np.load(ref / 'samples.npz')['arr_0']
+    out = tmp_path / 's'
+    real_gather = E.gather_shards
+    try:                                                                      # stop before the shards are joined
+        E.gather_shards = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+        assert cli(cli_sample, [run, '--out', out, *args], capsys)[0] == 130
+    finally: E.gather_shards = real_gather
+    shard = out / 'shards' / 'shard_00001.npz'; assert shard.exists()
+    meta = out / 'meta.json'; good = meta.read_bytes()
+    meta.write_bytes(good[:len(good) // 2]); before = snap(out)
+    code, _, err = cli(cli_sample, [run, '--out', out, *args], capsys)
+    assert code == 2
+    one_line(err, f'{meta} is damaged (not valid JSON: ')
+    assert f'delete {out} to sample again' in err and snap(out) == before
+    meta.write_bytes(good)
+    shard.write_bytes(shard.read_bytes()[:-40])                               # cut off, as a full disk or a bad copy leaves it
+    code, _, err = cli(cli_sample, [run, '--out', out, *args], capsys)
+    assert code == 0, err
+    assert err.strip().splitlines()[0].startswith(f'warning: {shard} is damaged (') and 'sampling shard 1 again' in err
+    assert np.array_equal(np.load(out / 'samples.npz')['arr_0'], want)
+    (out / 'COMPLETE').write_text('{"n_wri')
+    code, _, err = cli(cli_sample, [run, '--out', out, *args], capsys)
+    assert code == 2
+    one_line(err, f'{out / "COMPLETE"} is damaged')
+
+
+@pytest.mark.parametrize('arr,needle', [
+    (np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32), 'float32 with values in [-'),
+    (np.full((8, 8, 8, 1), 300, np.int32), 'int32 with values in [300, 300]'),
+    (np.full((8, 8, 8, 1), np.nan, np.float64), '(not all finite)'),
+    (np.zeros((8, 8, 8, 1), bool), 'have dtype bool'),
+    (np.zeros((8, 64), np.uint8), 'have shape (8, 64)'),
+    (np.zeros((8, 8, 8, 4), np.uint8), 'have shape (8, 8, 8, 4)'),
+])
+def test_fid_refuses_samples_that_are_not_images(tmp_path, capsys, arr, needle):
+    "Floats in [-1, 1] were read as 0/1 pixels (an FID of black images); now one line, exit 2, nothing written."
+    p = tmp_path / 'samples.npz'; np.savez(p, arr_0=arr)
+    code, out, err = cli(cli_fid, [p, '--json', tmp_path / 'r.json'], capsys)
+    assert code == 2 and out == ''
+    line = one_line(err, needle)
+    assert str(p) in line and not (tmp_path / 'r.json').exists()
+
+
+def test_fid_takes_whole_numbers_of_any_dtype():
+    from meanflow_nb.eval import _as_images
+    a = np.arange(8 * 4 * 4).reshape(8, 4, 4, 1) % 256
+    for dt in (np.int64, np.float32, np.uint16):
+        out = _as_images(a.astype(dt), 'x')
+        assert out.dtype == np.uint8 and np.array_equal(out, a)
