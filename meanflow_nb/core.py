@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #6eb7d23a
 from __future__ import annotations
-import os, sys, json, random, functools, math, time, argparse, inspect, warnings
+import os, sys, json, random, functools, math, time, argparse, inspect, warnings, errno, shutil
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,8 +13,8 @@ import torch
 __all__ = ['RESULT_TABLES', 'bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test',
            'ConfigError', 'check', 'check_values', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved',
            'bootstrap_ci', 'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'write_atomic',
-           'write_text_atomic', 'save_result', 'load_result', 'result_table', 'md_table', 'readme_blocks',
-           'sync_readme', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
+           'NoRoomError', 'write_text_atomic', 'save_result', 'load_result', 'result_table', 'md_table',
+           'readme_blocks', 'sync_readme', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
 
 # %% ../nbs/00_core.ipynb #393d5e47
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +109,11 @@ def cli_errors(fn):
         try: return fn(*args, **kwargs)
         except (ConfigError, OSError) as ex:
             print(f'error: {_one_line(ex)}', file=sys.stderr); sys.exit(2)
+        except (MemoryError, torch.OutOfMemoryError) as ex:                 # a CUDA OOM's message is a paragraph: its first sentence
+            what = ' '.join(str(ex).split()).split('. ')[0][:160]
+            print(f'error: out of memory{f" ({what})" if what else ""}: lower the batch size (--global_batch or --micro_batch of '
+                  f'mf-train, --batch-size of mf-sample / mf-latents) or the sample count, or use a machine with more memory',
+                  file=sys.stderr); sys.exit(2)
         except KeyboardInterrupt:
             print('interrupted', file=sys.stderr); sys.exit(130)
     return _inner
@@ -255,8 +260,32 @@ def write_atomic(path: Path | str, # the file to (re)write
     try:
         with open(tmp, 'wb') as f: write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as ex:
+        if ex.errno in _NO_ROOM: raise NoRoomError(ex.errno, _no_room(ex.errno, path)) from None
+        raise
     finally: tmp.unlink(missing_ok=True)
     return path
+
+class NoRoomError(OSError):
+    "A write that found no room (file-size limit, full disk, quota); its message names the file and what to change."
+    def __str__(self): return self.strerror
+
+_NO_ROOM = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT)
+
+def _no_room(code: int, path: Path) -> str:
+    "The one-line message of a write to `path` that failed with `code` (one of `_NO_ROOM`)."
+    kept = f'{path.name} is unchanged' if path.exists() else f'{path.name} was not written, the files beside it are unchanged'
+    if code == errno.EFBIG:
+        import resource
+        lim = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        lim = 'none' if lim == resource.RLIM_INFINITY else f'{lim:,} bytes'
+        return (f'cannot write {path}: it would pass the file-size limit of this process ({lim}; ulimit -f): raise the limit '
+                f'(ulimit -f unlimited, or the job scheduler\'s file-size limit) or write smaller files; {kept}')
+    where = next((p for p in [path.parent, *path.parents] if p.exists()), path.parent)
+    try: free = f'{shutil.disk_usage(where).free / 2**30:,.2f} GiB free'
+    except OSError: free = 'free space unknown'
+    what = 'the disk is full' if code == errno.ENOSPC else 'the disk quota is used up'
+    return f'cannot write {path}: {what} ({free} in {where}): free space there or write to another folder; {kept}'
 
 def write_text_atomic(path: Path | str, # the file to (re)write
                       text: str) -> Path:

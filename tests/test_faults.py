@@ -811,3 +811,48 @@ def test_fid_takes_whole_numbers_of_any_dtype():
     for dt in (np.int64, np.float32, np.uint16):
         out = _as_images(a.astype(dt), 'x')
         assert out.dtype == np.uint8 and np.array_equal(out, a)
+
+
+# ---------------------------------------------------------------- no room: file-size limit, full disk, memory
+
+FSIZE = ("import resource, signal, sys\n"
+         "from meanflow_nb.train import cli_train\n"
+         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                          # as Python sets it: the write fails with EFBIG\n"
+         "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))\n"
+         "cli_train(sys.argv[2:])\n")
+
+
+def test_file_size_limit_during_a_checkpoint_is_one_line(run, tmp_path):
+    "RLIMIT_FSIZE below a checkpoint's size: exit 2, one line naming the file and the limit; the old checkpoints intact."
+    script = tmp_path / 'fsize.py'; script.write_text(FSIZE)
+    limit = (run / 'ckpt_00000020.pt').stat().st_size // 2
+    before = {k: v for k, v in snap(run).items() if k.startswith('ckpt_')}
+    r = subprocess.run([sys.executable, str(script), str(limit), *TOY, '--steps', '30', '--resume', '--out', str(run)],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last_line(r.stderr, f'error: cannot write {run / "ckpt_00000030.pt"}: it would pass the file-size limit of this process '
+                        f'({limit:,} bytes; ulimit -f)')
+    assert {k: v for k, v in snap(run).items() if k.startswith('ckpt_')} == before
+    assert not list(run.glob('*.tmp')) and not list(run.glob('.*.tmp'))
+
+
+def test_full_disk_or_no_memory_during_a_checkpoint_is_one_line(run, capsys, monkeypatch):
+    "ENOSPC half-way through torch.save, then a MemoryError while hashing the state: exit 2, one line, nothing lost."
+    import errno
+    import meanflow_nb.train as T
+    before = snap(run); ckpts = {k: v for k, v in before.items() if k.startswith('ckpt_')}
+    real_save = torch.save
+    def full(obj, f, *a, **k): f.write(b'x' * 1000); raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    assert code == 2
+    last_line(err, f'error: cannot write {run / "ckpt_00000030.pt"}: the disk is full (')
+    assert 'ckpt_00000030.pt was not written, the files beside it are unchanged' in err
+    assert {k: v for k, v in snap(run).items() if k.startswith('ckpt_')} == ckpts and not list(run.glob('*.tmp'))
+    monkeypatch.setattr(torch, 'save', real_save)
+    def no_memory(st): raise MemoryError()
+    monkeypatch.setattr(T, 'state_digest', no_memory)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    assert code == 2
+    last_line(err, 'error: out of memory: lower the batch size (--global_batch or --micro_batch of mf-train')
+    assert {k: v for k, v in snap(run).items() if k.startswith('ckpt_')} == ckpts
