@@ -167,7 +167,12 @@ def _compiled_vs_eager(net, lf, x, y, balanced: bool, backend: str = 'aot_eager'
             gs = [(a.grad, b.grad) for a, b in zip(ref.parameters(), net.parameters())]
             for a, b in gs: close(b, a)
             assert all(bool(a.abs().max() > 0) for a, _ in gs)              # every parameter is trained
-    for a, b in zip(ref.parameters(), net.parameters()): close(b, a)
+    # AdamW divides each gradient entry by its running RMS: for an entry near 0, rounding noise (inductor fuses and
+    # reorders sums) changes its update by a large fraction of `lr`. So the weights also get one thousandth of an
+    # Adam step of slack (inductor on MF: 5.8e-7 on one of 96 entries, with every gradient within 1e-5)
+    lr = opts[0].param_groups[0]['lr']
+    for a, b in zip(ref.parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * float(a.detach().abs().max()) + 1e-3 * lr)
 
 
 def _tiny(method: str):
@@ -190,7 +195,7 @@ def _tiny(method: str):
 def test_compiled_step_equals_eager_every_method(method, backend):
     """What the `in256-*` presets run on CUDA (`compile_step='auto'`), on the CPU: MeanFlow, Kim et al. (MinSNR and
     DTD) and iMF, each with 2 micro-batches and `grad_ckpt`, compiled by `backend` equal eager to 1e-5 relative in the
-    loss parts, the gradients and the weights after two steps. 'inductor' generates and builds C++ kernels (minutes on
+    loss parts, the gradients and the weights after two steps (these with 1e-3 of an Adam step of slack, see above). 'inductor' generates and builds C++ kernels (minutes on
     2 cores); 'aot_eager' traces the same graphs (Dynamo, AOT autograd) without generating kernels."""
     from meanflow_nb.models import set_grad_ckpt
     net, lf, x, y = _tiny(method)
