@@ -574,6 +574,14 @@ def cli_latents(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     p.add_argument('--quiet', action='store_true', help='no per-shard progress lines')
     a = p.parse_args(argv)
     check(Path(a.data).is_dir(), f'image folder {a.data} does not exist or is not a directory')  # before loading a VAE
+    check(a.resolution >= 8 and a.resolution % 8 == 0, f'--resolution must be a multiple of 8 (the VAE downsamples by 8), '
+          f'at least 8, got {a.resolution}')
+    for flag, v in (('--batch-size', a.batch_size), ('--shard-size', a.shard_size)): check(v >= 1, f'{flag} must be >= 1, got {v}')
+    check(a.num_workers >= 0, f'--num-workers must be >= 0, got {a.num_workers}')
+    check(a.limit is None or a.limit >= 1, f'--limit must be >= 1 (leave it out for every image), got {a.limit}')
+    if a.device is not None:
+        try: torch.device(a.device)
+        except RuntimeError: raise ConfigError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {a.device!r}") from None
     device = dist.init_distributed()  # joins the torchrun group, if any; this rank's GPU or the CPU
     device = a.device or device
     try:
