@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_dist.ipynb #eaeb0839
 from __future__ import annotations
-import os, re, datetime, threading, time
+import os, re, sys, socket, datetime, threading, time
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -101,10 +101,47 @@ def init_distributed(backend: str | None = None, # 'nccl' or 'gloo'; default: nc
     device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
     if use_cuda: torch.cuda.set_device(device)
     if world > 1 and not is_dist():
-        dist.init_process_group(backend or ('nccl' if use_cuda else 'gloo'),
+        dist.init_process_group(backend or ('nccl' if use_cuda else 'gloo'), store=_join(world, timeout_s),
+                                rank=int(os.environ['RANK']), world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 **({'device_id': device} if use_cuda else {}))
     return device
+
+def _join(world: int, timeout_s: float, every_s: float = 30.0, first_s: float = 2.0):
+    """Connect to the rendezvous store (rank 0 hosts it, unless torchrun's agent does) and wait until all `world` ranks
+    have joined: after `first_s` seconds, then every `every_s`, say how many joined and how long this rank waits; after
+    `timeout_s` one `ConfigError` line, not a traceback."""
+    rank, addr, port = int(os.environ['RANK']), os.environ.get('MASTER_ADDR', '127.0.0.1'), int(os.environ.get('MASTER_PORT', '29500'))
+    host = rank == 0 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True'
+    t0 = time.monotonic(); said = t0 + first_s - every_s; store = None
+    left = lambda: timeout_s - (time.monotonic() - t0)
+    def note(joined: str):
+        nonlocal said
+        if time.monotonic() - said >= every_s:
+            said = time.monotonic()
+            print(f'rank {rank}: {joined} at {addr}:{port}; waiting up to {max(0, left()):.0f} s more '
+                  f'for the rest (--dist_timeout {timeout_s:g} s)', file=sys.stderr, flush=True)
+    def missing(joined: str):
+        return ConfigError(f'rank {rank}: {joined} at {addr}:{port} within {timeout_s:g} s '
+                           f'(--dist_timeout): start every rank (torchrun --nnodes / --nproc_per_node, the same MASTER_ADDR and '
+                           f'MASTER_PORT), or raise --dist_timeout')
+    while not host:                                                            # a client probes the port itself: torch's
+        try: socket.create_connection((addr, port), timeout=1.0).close(); break   # failed connects log C++ frames
+        except OSError:
+            if left() <= 0: raise missing('rank 0 never answered') from None
+            note('no answer yet from rank 0, which hosts the rendezvous'); time.sleep(0.5)
+    try: store = dist.TCPStore(addr, port, world, is_master=host, wait_for_workers=False,
+                               timeout=datetime.timedelta(seconds=max(1.0, left())))
+    except (RuntimeError, OSError) as ex:
+        raise ConfigError(f'rank {rank} cannot {"host" if host else "reach"} the rendezvous at {addr}:{port}: '
+                          f'{" ".join(str(ex).split())[:160]}') from None
+    store.set_timeout(datetime.timedelta(seconds=max(1.0, timeout_s)))
+    key = f'meanflow/joined/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}'
+    n = store.add(key, 1)
+    while n < world:
+        if left() <= 0: raise missing(f'only {n} of {world} ranks joined')
+        note(f'{n} of {world} ranks joined'); time.sleep(0.2); n = store.add(key, 0)
+    return store
 
 def cleanup_distributed():
     "Leave the process group, if any, once every rank is done (so no rank exits while a peer still talks to it)."

@@ -856,3 +856,48 @@ def test_full_disk_or_no_memory_during_a_checkpoint_is_one_line(run, capsys, mon
     assert code == 2
     last_line(err, 'error: out of memory: lower the batch size (--global_batch or --micro_batch of mf-train')
     assert {k: v for k, v in snap(run).items() if k.startswith('ckpt_')} == ckpts
+
+
+# ---------------------------------------------------------------- a rank whose peer never comes
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_a_missing_peer_is_a_bounded_explained_wait(tmp_path, rank):
+    """WORLD_SIZE=2 and only one rank started, --dist_timeout 5: a line within seconds saying how many joined, of how many,
+    and how long it waits; then one error line and exit 2 after about 5 s (not 600 s of silence and a traceback)."""
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = dict(ENV, WORLD_SIZE='2', RANK=str(rank), LOCAL_RANK='0', LOCAL_WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=str(port))
+    out = tmp_path / 'o'
+    p = subprocess.Popen([sys.executable, '-m', 'meanflow_nb.train', *TOY, '--steps', '10', '--dist_timeout', '5', '--out', str(out)],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    first = p.stderr.readline(); t_first = time.monotonic()
+    rest = p.stderr.read(); code = p.wait(timeout=120); t_end = time.monotonic()
+    joined = '1 of 2 ranks joined' if rank == 0 else 'no answer yet from rank 0, which hosts the rendezvous'
+    assert first.startswith(f'rank {rank}: {joined} at 127.0.0.1:{port}; waiting up to ') and \
+        '(--dist_timeout 5 s)' in first, first + rest
+    assert code == 2 and t_end - t_first < 30, (code, rest)
+    assert 'Traceback' not in rest and len(rest.strip().splitlines()) == 1, rest
+    assert rest.startswith(f'error: rank {rank}: {"only 1 of 2 ranks joined" if rank == 0 else "rank 0 never answered"} '
+                           f'at 127.0.0.1:{port} within 5 s (--dist_timeout)'), rest
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--resolution', '0'], '--resolution must be a multiple of 8'),
+    (['--resolution', '100'], '--resolution must be a multiple of 8 (the VAE downsamples by 8), at least 8, got 100'),
+    (['--batch-size', '0'], '--batch-size must be >= 1, got 0'),
+    (['--shard-size', '-3'], '--shard-size must be >= 1, got -3'),
+    (['--num-workers', '-1'], '--num-workers must be >= 0, got -1'),
+    (['--limit', '0'], '--limit must be >= 1'),
+    (['--device', 'gpu7'], "--device must be a torch device such as cpu, cuda or cuda:1, got 'gpu7'"),
+])
+def test_latents_numbers_are_refused_before_the_vae_loads(tmp_path, capsys, monkeypatch, flags, needle):
+    "mf-latents flags out of range: exit 2, one line, before any VAE is loaded or anything written."
+    import meanflow_nb.data as D
+    monkeypatch.setattr(D, 'load_vae', lambda *a, **k: pytest.fail('the VAE was loaded'))
+    (tmp_path / 'imgs' / 'a').mkdir(parents=True)
+    code, _, err = cli(cli_latents, ['--data', tmp_path / 'imgs', '--out', tmp_path / 'lat', *flags], capsys)
+    assert code == 2
+    one_line(err, needle)
+    assert not (tmp_path / 'lat').exists()
