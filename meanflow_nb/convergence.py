@@ -490,14 +490,14 @@ def conv_nfe_figure(path=None, folder=None):
     import matplotlib, matplotlib.pyplot as plt
     S = conv_summary(folder)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for solver, mk in (('euler', 'o'), ('heun', 's')):
+    for solver, mk, col in (('euler', 'o', 'C0'), ('heun', 's', 'C7')):
         ks = sorted(int(k[len(solver):]) for k in S['fm_final'] if k.startswith(solver)); d = [S['fm_final'][f'{solver}{k}'] for k in ks]
-        l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, label=f'flow matching, {solver.capitalize()}')
+        l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, color=col, label=f'flow matching, {solver.capitalize()}')
         ax.fill_between(ks, [v['lo'] for v in d], [v['hi'] for v in d], color=l.get_color(), alpha=0.2)
     for i, m in enumerate(CONV_ONE_STEP):
         d = [S['final'][(m, k)] for k in CONV_NFE]; x = np.array(CONV_NFE) * (1 + 0.06 * (i - 1.5))
         ax.errorbar(x, [v['mean'] for v in d], yerr=[[v['mean'] - v['lo'] for v in d], [v['hi'] - v['mean'] for v in d]],
-                    fmt='D', ms=4, capsize=3, color=f'C{i + 2}', label=CONV_LABELS[m])
+                    fmt='D', ms=4, capsize=3, color=f'C{list(CONV_METHODS).index(m)}', label=CONV_LABELS[m])  # as in the curves
     ax.set_xscale('log', base=2); ax.set_yscale('log'); ks = sorted(int(k[5:]) for k in S['fm_final'] if k.startswith('euler'))
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

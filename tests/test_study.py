@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from meanflow_nb.core import bootstrap_ci, fmt_ci, load_result, readme_blocks, RESULT_TABLES, results_dir
 import meanflow_nb.study as study
+import meanflow_nb.convergence as conv   # registers the convergence blocks (the `mf-study` entry point imports it too)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / 'README.md').read_text()
@@ -121,7 +122,7 @@ def test_digits_table_numbers_are_the_files_bootstrap():
     seeds = sorted(set.intersection(*(set(f['seeds']) for f in files.values())), key=int)
     assert len(seeds) >= 5
     rows = {}
-    for line in readme_blocks(README)['digits'].splitlines():
+    for line in study.digits_table().splitlines():   # the superseded 300-step table, now shown in 13_results only
         cells = [c.strip() for c in line.strip('|').split('|')]
         if len(cells) == 3 and cells[1].isdigit(): rows[(cells[0], int(cells[1]))] = cells[2]
     want = {}
@@ -135,3 +136,23 @@ def test_digits_table_numbers_are_the_files_bootstrap():
             want[(label, k)] = fmt_ci(bootstrap_ci([f['seeds'][s]['final_matched'][key] for s in seeds]))
     assert len(rows) >= 20 and set(want) == set(rows), (sorted(set(rows) ^ set(want)))
     assert rows == want
+
+
+def test_digits_conv_table_numbers_are_the_files_t_intervals():
+    "Independently of the renderer: every 1- and 2-NFE interval of the README's convergence block is Student's t of the files' per-seed values."
+    from scipy import stats
+    files = {m: load_result(f'digits_conv_{m}') for m in conv.CONV_METHODS}
+    seeds = sorted(set.intersection(*(set(f['runs']) for f in files.values())), key=int)
+    assert len(seeds) >= 5
+    rows = {}
+    for line in readme_blocks(README)['digits_conv'].splitlines():
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        if len(cells) == 7 and cells[0] in conv.CONV_LABELS.values(): rows[cells[0]] = cells
+    assert set(rows) == set(conv.CONV_LABELS.values())
+    for m, f in files.items():
+        if m == 'fm': continue
+        for col, key in ((4, 'nfe1'), (5, 'nfe2')):
+            v = np.array([f['runs'][s]['final'][key] for s in seeds])
+            lo, hi = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+            want = fmt_ci(dict(mean=v.mean(), lo=lo, hi=hi))
+            assert rows[conv.CONV_LABELS[m]][col].startswith(want + ' '), (m, key, rows[conv.CONV_LABELS[m]][col], want)
