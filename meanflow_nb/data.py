@@ -574,9 +574,8 @@ def cli_latents(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     p.add_argument('--quiet', action='store_true', help='no per-shard progress lines')
     a = p.parse_args(argv)
     check(Path(a.data).is_dir(), f'image folder {a.data} does not exist or is not a directory')  # before loading a VAE
-    check(a.resolution >= 8 and a.resolution % 8 == 0, f'--resolution must be a multiple of 8 (the VAE downsamples by 8), '
-          f'at least 8, got {a.resolution}')
-    for flag, v in (('--batch-size', a.batch_size), ('--shard-size', a.shard_size)): check(v >= 1, f'{flag} must be >= 1, got {v}')
+    for flag, v in (('--resolution', a.resolution), ('--batch-size', a.batch_size), ('--shard-size', a.shard_size)):
+        check(v >= 1, f'{flag} must be >= 1, got {v}')                        # the VAE's factor is checked once it is loaded
     check(a.num_workers >= 0, f'--num-workers must be >= 0, got {a.num_workers}')
     check(a.limit is None or a.limit >= 1, f'--limit must be >= 1 (leave it out for every image), got {a.limit}')
     if a.device is not None:
