@@ -11,7 +11,7 @@ import torch
 from .core import (check, load_result, save_result, results_dir, bootstrap_ci, speedup_ci, equivalent_nfe_ci,
                               fmt_ci, md_table, result_table)
 from .train import get_config, TrainConfig, train, build_model, list_checkpoints, _mix
-from .study import study, figure, train_seconds, cli_study
+from .study import study, figure, train_seconds, cli_study, heun_samples
 
 # %% auto #0
 __all__ = ['CONV_SEEDS', 'CONV_VAL_SEED', 'CONV_DATA', 'CONV_BATCH', 'CONV_MF_STEPS', 'CONV_CKPTS', 'CONV_N', 'CONV_CURVE_SEED',
@@ -105,12 +105,9 @@ def conv_fid(x, split: str = 'test') -> float:
 
 def _samples(cfg, model, shp, nfe: int, seed: int, n: int = CONV_N, solver: str = 'native'):
     "`n` class-balanced samples with `nfe` network calls: the method's own sampler, or Heun for flow matching."
-    from meanflow_nb.eval import sample_shard, shard_generator, class_labels
+    from meanflow_nb.eval import sample_shard
     if solver == 'native': return sample_shard(cfg, model, shp, 0, n, 0, nfe, seed, 500)['x']
-    from meanflow_nb.flow_matching import heun_sample
-    z = torch.randn((n, *shp), generator=shard_generator(seed, 0)); y = class_labels(0, n, cfg.num_classes)
-    v = lambda yb: (lambda z_, t_: model(z_, t_, torch.zeros_like(t_), yb))
-    return torch.cat([heun_sample(v(y[i:i + 500]), z[i:i + 500], nfe // 2) for i in range(0, n, 500)]).clamp(-1, 1)
+    return heun_samples(model, shp, n, nfe, seed, cfg.num_classes)
 
 # %% ../nbs/17_convergence.ipynb #s17c0015
 @torch.no_grad()
@@ -454,10 +451,13 @@ def _speed(d: dict) -> str:
     if d['mean'] <= 0: return f"none (the curve never reaches it; {100 * d['reached']:.0f} % of resamples do)"
     return f"{fmt_ci(d, 2, 'x')}"
 
-def _equiv_txt(d: dict) -> str:
+def _equiv_range(d: dict) -> str:
     f = lambda v: 'beyond the grid' if not math.isfinite(v) else f'{v:.1f}'
+    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
+
+def _equiv_txt(d: dict) -> str:
     around = ', '.join(f"{a['nfe']} NFE: {fmt_ci(a['diff'])}" for a in d['around'])
-    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}] (measured, flow matching minus it: {around})"
+    return f"{_equiv_range(d)} (measured, flow matching minus it: {around})"
 
 # %% ../nbs/17_convergence.ipynb #s17c0110
 @figure('digits_conv_curves.png')
@@ -573,13 +573,9 @@ def conv_findings(folder=None) -> str:
                 f"- iMF: {fmt_ci(old('imf'))} at 300 steps; now {fmt_ci(S['vs_mf_final'][('imf', 1)])} at its own budget"
                 + (f" and {fmt_ci(mt['vs_mf']['imf'])} at MeanFlow's compute." if 'imf' in mt['vs_mf'] else '.'),
                 f"- Kim et al. (MinSNR + beta): {fmt_ci(old('kim'))} at 300 steps; now {fmt_ci(S['vs_mf_final'][('kim_minsnr', 1)])}.",
-                f"- MeanFlow's 1 NFE in flow-matching Euler NFE: {_fmt_old_equiv(O['equiv_nfe']['mf'])} at 300 steps; now {_equiv_txt(eu).split(' (')[0]}."]
+                f"- MeanFlow's 1 NFE in flow-matching Euler NFE: {_equiv_range(O['equiv_nfe']['mf'])} at 300 steps; now {_equiv_txt(eu).split(' (')[0]}."]
     except FileNotFoundError: pass
     return '\n'.join(out) + '\n'
-
-def _fmt_old_equiv(d: dict) -> str:
-    f = lambda v: 'beyond the grid' if not math.isfinite(v) else f'{v:.1f}'
-    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
 
 # %% ../nbs/17_convergence.ipynb #s17u0002
 TOY_LONG_SEEDS = (10, 11, 12, 13, 14) # training seeds that no other result file uses

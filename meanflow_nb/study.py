@@ -21,10 +21,10 @@ __all__ = ['STUDIES', 'FIGURES', 'DOCS', 'TOY_SEEDS', 'TOY_VAL_SEED', 'TOY_NFES'
            'DIGITS_EULER', 'DIGITS_HEUN', 'DIGITS_MF_NFE', 'DIGITS_IMF_MATCHED', 'DIGITS_IMF_OMEGAS', 'study_config',
            'checkpoint_curve', 'study', 'figure', 'repo_root', 'render_readme', 'render_figures', 'study_parser',
            'cli_study', 'toy_eval_set', 'toy_quality', 'study_toy', 'toy_summary', 'toy_table', 'plot_toy_quality',
-           'toy_findings', 'digits_measure', 'train_seconds', 'digits_fm_settings', 'digits_run', 'digits_reference',
-           'digits_summary', 'digits_table', 'digits_nfe_figure', 'digits_curves_figure', 'digits_findings',
-           'study_digits', 'study_main_job', 'main_job_text', 'study_bench', 'bench_text', 'digits_fid_text',
-           'plan_block']
+           'toy_findings', 'heun_samples', 'digits_measure', 'train_seconds', 'digits_fm_settings', 'digits_run',
+           'digits_reference', 'digits_summary', 'digits_table', 'digits_nfe_figure', 'digits_curves_figure',
+           'digits_findings', 'study_digits', 'study_main_job', 'main_job_text', 'study_bench', 'bench_text',
+           'digits_fid_text', 'plan_block']
 
 # %% ../nbs/16_study.ipynb #s16a0007
 def study_config(preset: str | None = None, **kw):
@@ -411,17 +411,20 @@ def _digits_fid(x) -> float:
 
 def _fm_fids(cfg, model, shp, n: int, seed: int, euler=DIGITS_EULER, heun=DIGITS_HEUN) -> tuple[dict, np.ndarray]:
     "Flow matching's digits-FID at every Euler and Heun NFE on noise `seed`, and the samples of the largest Euler NFE."
-    from meanflow_nb.eval import sample_shard, shard_generator, class_labels
-    from meanflow_nb.flow_matching import heun_sample
+    from meanflow_nb.eval import sample_shard
     out, last = {}, None
     for k in euler:
         last = sample_shard(cfg, model, shp, 0, n, 0, k, seed, 500)['x']; out[f'euler{k}'] = _digits_fid(last)
-    z = torch.randn((n, *shp), generator=shard_generator(seed, 0)); y = class_labels(0, n, cfg.num_classes)
-    v = lambda y_: (lambda z_, t_: model(z_, t_, torch.zeros_like(t_), y_))
-    for k in heun:
-        x = torch.cat([heun_sample(v(y[i:i + 500]), z[i:i + 500], k // 2) for i in range(0, n, 500)])
-        out[f'heun{k}'] = _digits_fid(x.clamp(-1, 1))
+    for k in heun: out[f'heun{k}'] = _digits_fid(heun_samples(model, shp, n, k, seed, cfg.num_classes))
     return out, last
+
+def heun_samples(model, shp: tuple, n: int, nfe: int, seed: int, num_classes: int) -> torch.Tensor:
+    "`n` class-balanced flow-matching samples by Heun with `nfe` network calls, from shard 0's noise of `seed` (as `sample_shard` draws it)."
+    from meanflow_nb.eval import shard_generator, class_labels
+    from meanflow_nb.flow_matching import heun_sample
+    z = torch.randn((n, *shp), generator=shard_generator(seed, 0)); y = class_labels(0, n, num_classes)
+    v = lambda y_: (lambda z_, t_: model(z_, t_, torch.zeros_like(t_), y_))
+    return torch.cat([heun_sample(v(y[i:i + 500]), z[i:i + 500], nfe // 2) for i in range(0, n, 500)]).clamp(-1, 1)
 
 @torch.no_grad()
 def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER, heun=DIGITS_HEUN,
