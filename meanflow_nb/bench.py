@@ -27,12 +27,17 @@ def step_fn(preset: str = 'digits', # a `meanflow_nb.train.PRESETS` key
             seed: int = 0,
             backend: str = 'inductor', # `compiled_step`'s backend, when the config compiles the step
             **overrides) -> tuple:
-    "`(f, cfg)`: `f()` runs one `train_step` of `get_config(preset, **overrides)` on a fixed batch (`f.step_fn`: the compiled step or None)."
+    ("`(f, cfg)`: `f()` runs one `train_step` of `get_config(preset, **overrides)` on a fixed batch (`f.step_fn`: the "
+     "compiled step or None).")
     from meanflow_nb.train import get_config, build_data, build_model, build_loss, train_step
     from meanflow_nb.schedules import balanced_split
-    cfg = get_config(preset, seed=seed, **overrides); dev = torch.device('cpu')
-    data = build_data(cfg); x, y = next(data.batches(0, cfg.global_batch, 0, 1, seed, dev))
-    set_seed(seed); model = build_model(cfg, data.shape); loss_fn = build_loss(cfg)
+    cfg = get_config(preset, seed=seed, **overrides)
+    dev = torch.device('cpu')
+    data = build_data(cfg)
+    x, y = next(data.batches(0, cfg.global_batch, 0, 1, seed, dev))
+    set_seed(seed)
+    model = build_model(cfg, data.shape)
+    loss_fn = build_loss(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     state = {'step': 0}
     if cfg.grad_ckpt:
@@ -41,13 +46,17 @@ def step_fn(preset: str = 'digits', # a `meanflow_nb.train.PRESETS` key
     from meanflow_nb.train import compiled_step, use_compile_step
     sf = compiled_step(backend) if use_compile_step(cfg, dev) else None
     def f():
-        k = state['step']; g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        k = state['step']
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         with balanced_split(1 if cfg.r_eq_t_split == 'balanced' else 0):    # as the trainer draws (fixed JVP count)
             drawn = loss_fn.draw(cfg.global_batch, x.shape[1:], g, dev, k, 10_000)
-        train_step(model, loss_fn, opt, x, y, drawn, k, 10_000, bf16=cfg.bf16, micro_batch=0 if cfg.micro_batch == 'auto' else int(cfg.micro_batch),
-                   jvp_dtype=cfg.jvp_dtype, step_fn=sf); state['step'] += 1
+        train_step(model, loss_fn, opt, x, y, drawn, k, 10_000, bf16=cfg.bf16,
+                   micro_batch=0 if cfg.micro_batch == 'auto' else int(cfg.micro_batch), jvp_dtype=cfg.jvp_dtype,
+                   step_fn=sf)
+        state['step'] += 1
     f.step_fn = sf
     return f, cfg
+
 
 # %% ../nbs/12_bench.ipynb #22bffd63
 def _has_imf() -> bool:
@@ -67,22 +76,29 @@ def bench_steps(preset: str = 'digits', # 'digits' (DiT on 1x8x8 images) or 'toy
     tm = time_interleaved(fns, repeats, warmup)
     from meanflow_nb.train import get_config
     c = get_config(preset, **kw)
-    out = dict(preset=preset, model=c.model, batch=c.global_batch, **{f'{k}_{u}': round(v[u], 2) for k, v in tm.items() for u in v})
+    out = dict(preset=preset, model=c.model, batch=c.global_batch,
+               **{f'{k}_{u}': round(v[u], 2)
+                  for k, v in tm.items()
+                  for u in v})
     out['mf_over_fm'] = round(tm['mf']['cpu_ms'] / tm['fm']['cpu_ms'], 2)
     out['imf_over_mf'] = round(tm['imf']['cpu_ms'] / tm['mf']['cpu_ms'], 2) if 'imf' in tm else 'n/a'
-    if 'imf' in tm: out['imf_model'] = imf_model or ('ToyIMF' if preset == 'toy2d' else 'iMF-D/2')
+    if 'imf' in tm:
+        out['imf_model'] = imf_model or ('ToyIMF' if preset == 'toy2d' else 'iMF-D/2')
     return out
+
 
 # %% ../nbs/12_bench.ipynb #fe04f058
 def _fm_sample(cfg, model, z, steps: int, y):
     "The trainer's FM sampler; a plain Euler loop on `u(z, t, h=0)` when `meanflow_nb.flow_matching` is not there."
     from meanflow_nb.train import generate
-    try: return generate(cfg, model, z, steps, y)
+    try:
+        return generate(cfg, model, z, steps, y)
     except ModuleNotFoundError:
         with torch.no_grad():
             h0 = torch.zeros(z.shape[0])
             for i in range(steps):
-                t = torch.full((z.shape[0],), 1 - i / steps); z = z - model(z, t, h0, y) / steps
+                t = torch.full((z.shape[0],), 1 - i / steps)
+                z = z - model(z, t, h0, y) / steps
             return z
 
 # %% ../nbs/12_bench.ipynb #6485feaf
@@ -93,25 +109,30 @@ def bench_sampling(model: str = 'DiT-D/2', # backbone, built for the digits pres
     "Samples/s of MF 1-NFE and of a `fm_steps`-step FM sampler on one network; their ratio (CPU time)."
     import dataclasses
     from meanflow_nb.train import get_config, build_model, generate
-    cfg = get_config('digits', model=model); set_seed(0)
+    cfg = get_config('digits', model=model)
+    set_seed(0)
     net = build_model(cfg, (1, 8, 8)).eval()
     z, y = torch.randn(batch, 1, 8, 8), torch.arange(batch) % cfg.num_classes
     fm_cfg = dataclasses.replace(cfg, method='fm')
-    generate(cfg, net, z, 1, y); _fm_sample(fm_cfg, net, z, 1, y)  # warm-up: one network call each is enough
+    generate(cfg, net, z, 1, y)
+    _fm_sample(fm_cfg, net, z, 1, y)  # warm-up: one network call each is enough
     tm = time_interleaved({'mf_1nfe': lambda: generate(cfg, net, z, 1, y),
                            f'fm_{fm_steps}': lambda: _fm_sample(fm_cfg, net, z, fm_steps, y)}, repeats, warmup=0)
     a, b = tm['mf_1nfe'], tm[f'fm_{fm_steps}']
-    return dict(model=model, batch=batch, fm_steps=fm_steps,
-                mf_1nfe_samples_per_s=round(1e3 * batch / a['wall_ms'], 1), fm_samples_per_s=round(1e3 * batch / b['wall_ms'], 1),
-                mf_1nfe_cpu_ms=round(a['cpu_ms'], 2), fm_cpu_ms=round(b['cpu_ms'], 2), speedup=round(b['cpu_ms'] / a['cpu_ms'], 1))
+    return dict(model=model, batch=batch, fm_steps=fm_steps, mf_1nfe_samples_per_s=round(1e3 * batch / a['wall_ms'], 1),
+                fm_samples_per_s=round(1e3 * batch / b['wall_ms'], 1), mf_1nfe_cpu_ms=round(a['cpu_ms'], 2),
+                fm_cpu_ms=round(b['cpu_ms'], 2), speedup=round(b['cpu_ms'] / a['cpu_ms'], 1))
+
 
 # %% ../nbs/12_bench.ipynb #dd6c48b8
 def bench_trainer_loader(batch: int = 128, n_batches: int = 200) -> dict:
     "Images/s of the trainer's step-indexed digits batches (`DatasetData.batches`)."
     from meanflow_nb.train import get_config, build_data
     it = build_data(get_config('digits')).batches(0, batch, 0, 1, 0, torch.device('cpu'))
-    next(it); t0 = time.perf_counter()
-    for _ in range(n_batches): next(it)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
     sec = time.perf_counter() - t0
     return dict(batch=batch, batches_per_s=round(n_batches / sec, 1), images_per_s=round(n_batches * batch / sec, 1))
 
@@ -119,10 +140,18 @@ def bench_data(batch: int = 128, n_batches: int = 200, latents: bool = True, n_i
     "Throughput of the digits loaders and (optionally) of latent extraction."
     from meanflow_nb import data
     out = {'trainer_loader': bench_trainer_loader(batch, n_batches)}
-    if hasattr(data, 'bench_loader'): out['make_loader'] = {k: round(v, 1) if isinstance(v, float) else v for k, v in data.bench_loader(batch, n_batches).items()}
+    if hasattr(data, 'bench_loader'):
+        out['make_loader'] = {
+            k: round(v, 1) if isinstance(v, float) else v
+            for k, v in data.bench_loader(batch, n_batches).items()
+        }
     if latents and hasattr(data, 'bench_latents'):
-        out['latents'] = {k: round(v, 1) if isinstance(v, float) else v for k, v in data.bench_latents(n_images, batch_size=32).items()}
+        out['latents'] = {
+            k: round(v, 1) if isinstance(v, float) else v
+            for k, v in data.bench_latents(n_images, batch_size=32).items()
+        }
     return out
+
 
 # %% ../nbs/12_bench.ipynb #8b0a1131
 def steps_per_s_from_log(log: str | Path, # a run's `log.jsonl`, logged every step
@@ -138,9 +167,14 @@ def steps_per_s_from_log(log: str | Path, # a run's `log.jsonl`, logged every st
 def _torchrun_cmd(world: int, out: Path, steps: int, model: str, batch: int, extra: tuple = ()) -> tuple[list, dict]:
     "The command line and environment of one `mf-train --preset digits` job under torchrun (gloo, 1 thread per rank)."
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', MPLBACKEND='Agg')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}', '-m', 'meanflow_nb.train',
-           '--preset', 'digits', '--model', model, '--global_batch', str(batch), '--steps', str(steps), '--log_every', '1',
-           '--sample_every', '0', '--ckpt_every', str(steps), '--param_check_every', '0', '--no-progress', '--out', str(out), *extra]
+    cmd = [
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}', '-m',
+        'meanflow_nb.train', '--preset', 'digits', '--model', model, '--global_batch',
+        str(batch), '--steps',
+        str(steps), '--log_every', '1', '--sample_every', '0', '--ckpt_every',
+        str(steps), '--param_check_every', '0', '--no-progress', '--out',
+        str(out), *extra
+    ]
     return cmd, env
 
 def launch_sps(jobs: list, # `(world, global_batch, extra_args)` per job; all jobs start at once
@@ -150,28 +184,39 @@ def launch_sps(jobs: list, # `(world, global_batch, extra_args)` per job; all jo
         procs = []
         for i, (w, b, extra) in enumerate(jobs):
             cmd, env = _torchrun_cmd(w, Path(d) / f'j{i}', steps, model, b, extra)
-            with open(Path(d) / f'j{i}.err', 'w') as err:          # files, not pipes: two jobs cannot block on a full pipe
+            # files, not pipes: two jobs cannot block on a full pipe
+            with open(Path(d) / f'j{i}.err', 'w') as err:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err))
         try:
-            for p in procs: p.wait(timeout=timeout)
+            for p in procs:
+                p.wait(timeout=timeout)
         finally:
             for p in procs:
-                if p.poll() is None: p.kill()
+                if p.poll() is None:
+                    p.kill()
         for i, (p, (w, b, _)) in enumerate(zip(procs, jobs)):
-            if p.returncode != 0: raise RuntimeError(f'torchrun with {w} rank(s), batch {b} failed:\n{(Path(d) / f"j{i}.err").read_text()[-1500:]}')
+            if p.returncode != 0:
+                raise RuntimeError(
+                    f'torchrun with {w} rank(s), batch {b} failed:\n{(Path(d) / f"j{i}.err").read_text()[-1500:]}')
         return [steps_per_s_from_log(Path(d) / f'j{i}' / 'log.jsonl', warmup) for i in range(len(jobs))]
 
 def bench_ddp(worlds: tuple = (1, 2), steps: int = 30, warmup: int = 5, model: str = 'DiT-D/2', batch: int = 128,
               timeout: float = 600, extra: tuple = ()) -> dict:
-    "Steps/s of `mf-train --preset digits` under torchrun with each world size, one launch each (`bench_overlap` repeats them)."
+    ("Steps/s of `mf-train --preset digits` under torchrun with each world size, one launch each (`bench_overlap` "
+     "repeats them).")
     out = dict(model=model, global_batch=batch, steps=steps, warmup=warmup, loadavg=_loadavg())
-    for w in worlds: out[f'steps_per_s_{w}'] = round(launch_sps([(w, batch, extra)], steps, warmup, model, timeout)[0], 3)
-    if 1 in worlds and 2 in worlds: out['scaling_2_over_1'] = round(out['steps_per_s_2'] / out['steps_per_s_1'], 2)
+    for w in worlds:
+        out[f'steps_per_s_{w}'] = round(launch_sps([(w, batch, extra)], steps, warmup, model, timeout)[0], 3)
+    if 1 in worlds and 2 in worlds:
+        out['scaling_2_over_1'] = round(out['steps_per_s_2'] / out['steps_per_s_1'], 2)
     return out
 
 def _loadavg():
-    try: return [round(v, 2) for v in os.getloadavg()]
-    except OSError: return None
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
 
 # %% ../nbs/12_bench.ipynb #88d9cc50
 def bench_model_forward(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5) -> dict:
@@ -179,27 +224,35 @@ def bench_model_forward(model: str = 'DiT-D/2', batch: int = 128, repeats: int =
     from meanflow_nb import models
     check(hasattr(models, 'bench_models'), 'meanflow_nb.models.bench_models is not available')
     r = models.bench_models(model, batch=batch, steps=repeats)
-    keep = ('model', 'params', 'batch', 'fwd_fp32_img_per_s', 'fwd_bf16_img_per_s', 'bf16_speedup', 'mf_over_fm', 'imf_over_fm')
+    keep = ('model', 'params', 'batch', 'fwd_fp32_img_per_s', 'fwd_bf16_img_per_s', 'bf16_speedup', 'mf_over_fm',
+            'imf_over_fm')
     return {k: r[k] for k in keep if k in r}
+
 
 # %% ../nbs/12_bench.ipynb #a47120da
 PARTS = ('steps', 'sampling', 'data', 'ddp', 'models', 'jvp', 'scale', 'host')
 SIZES = {
-    'default': dict(steps=dict(batch=128, repeats=5), toy=dict(batch=1024, repeats=5), sampling=dict(model='DiT-D/2', batch=128, repeats=2),
-                    data=dict(batch=128, n_batches=200), ddp=dict(steps=30, warmup=5, model='DiT-D/2', batch=128),
-                    models=dict(model='DiT-D/2', batch=128, repeats=5), jvp=dict(model='DiT-D/2', batch=128, repeats=5),
-                    host=dict(width=32, depth=2, heads=2, repeats=5)),
+    'default': dict(steps=dict(batch=128, repeats=5), toy=dict(batch=1024, repeats=5),
+                    sampling=dict(model='DiT-D/2', batch=128, repeats=2), data=dict(batch=128, n_batches=200),
+                    ddp=dict(steps=30, warmup=5, model='DiT-D/2',
+                             batch=128), models=dict(model='DiT-D/2', batch=128, repeats=5),
+                    jvp=dict(model='DiT-D/2', batch=128, repeats=5), host=dict(width=32, depth=2, heads=2, repeats=5)),
     'tiny': dict(steps=dict(model='DiT-T/2', imf_model='iMF-T/2', batch=16, repeats=2), toy=dict(batch=128, repeats=2),
                  sampling=dict(model='DiT-T/2', batch=16, repeats=1), data=dict(batch=32, n_batches=10, latents=False),
-                 ddp=dict(steps=6, warmup=2, model='DiT-T/2', batch=16), models=dict(model='DiT-T/2', batch=16, repeats=1),
+                 ddp=dict(steps=6, warmup=2, model='DiT-T/2',
+                          batch=16), models=dict(model='DiT-T/2', batch=16, repeats=1),
                  jvp=dict(model='DiT-T/2', batch=16, repeats=2), host=dict(width=32, depth=1, heads=2, repeats=1)),
 }
 
+
 # %% ../nbs/12_bench.ipynb #4ad3dd2b
 def cpu_info() -> dict:
-    "The CPU's model name and whether it has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), from `/proc/cpuinfo` (Linux)."
-    try: txt = Path('/proc/cpuinfo').read_text()
-    except OSError: return dict(cpu=platform.processor() or 'unknown', cpu_bf16=None)
+    ("The CPU's model name and whether it has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), from `/proc/cpuinfo` "
+     "(Linux).")
+    try:
+        txt = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return dict(cpu=platform.processor() or 'unknown', cpu_bf16=None)
     field = lambda k: next((l.split(':', 1)[1].strip() for l in txt.splitlines() if l.startswith(k)), '')
     flags = set(field('flags').split())
     return dict(cpu=field('model name') or 'unknown', cpu_bf16=bool(flags & {'avx512_bf16', 'amx_bf16'}))
@@ -209,58 +262,89 @@ def run_bench(parts=PARTS, # any of `PARTS`
               threads: int = 1, # torch CPU threads for the in-process parts
               verbose: bool = True) -> dict:
     "Run the chosen benchmark parts; returns `{'meta': ..., part: results, ...}`."
-    bad = sorted(set(parts) - set(PARTS)); check(not bad, f'unknown part(s) {bad}; choose from {", ".join(PARTS)} or all')
+    bad = sorted(set(parts) - set(PARTS))
+    check(not bad, f'unknown part(s) {bad}; choose from {", ".join(PARTS)} or all')
     check(size in SIZES, f'size must be one of {", ".join(SIZES)}, got {size!r}')
-    S, old = SIZES[size], torch.get_num_threads(); torch.set_num_threads(threads)
-    res = {'meta': dict(size=size, threads=threads, torch=torch.__version__, python=platform.python_version(),
-                        machine=platform.machine(), cpus=os.cpu_count(), **cpu_info(), loadavg_start=_loadavg(), date=time.strftime('%Y-%m-%d %H:%M'))}
-    jobs = {'steps': lambda: {'digits': bench_steps('digits', **S['steps']), 'toy2d': bench_steps('toy2d', **S['toy'])},
-            'sampling': lambda: bench_sampling(**S['sampling']), 'data': lambda: bench_data(**S['data']),
-            'ddp': lambda: bench_ddp(**S['ddp']), 'models': lambda: bench_model_forward(**S['models']),
-            'jvp': lambda: bench_jvp(**S['jvp']), 'scale': lambda: bench_scale(size), 'host': lambda: bench_host(**S['host'])}
+    S, old = SIZES[size], torch.get_num_threads()
+    torch.set_num_threads(threads)
+    res = {
+        'meta': dict(size=size, threads=threads, torch=torch.__version__, python=platform.python_version(),
+                     machine=platform.machine(), cpus=os.cpu_count(), **cpu_info(), loadavg_start=_loadavg(),
+                     date=time.strftime('%Y-%m-%d %H:%M'))
+    }
+    jobs = {
+        'steps': lambda: {'digits': bench_steps('digits', **S['steps']), 'toy2d': bench_steps('toy2d', **S['toy'])},
+        'sampling': lambda: bench_sampling(**S['sampling']), 'data': lambda: bench_data(**S['data']),
+        'ddp': lambda: bench_ddp(**S['ddp']), 'models': lambda: bench_model_forward(**S['models']),
+        'jvp': lambda: bench_jvp(**S['jvp']), 'scale': lambda: bench_scale(size),
+        'host': lambda: bench_host(**S['host'])
+    }
     try:
         for p in PARTS:
-            if p not in parts: continue
-            t0 = time.perf_counter(); res[p] = jobs[p]()
-            if verbose: print(f'{p}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
-    finally: torch.set_num_threads(old)
+            if p not in parts:
+                continue
+            t0 = time.perf_counter()
+            res[p] = jobs[p]()
+            if verbose:
+                print(f'{p}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
+    finally:
+        torch.set_num_threads(old)
     res['meta']['loadavg_end'] = _loadavg()
     return res
+
 
 # %% ../nbs/12_bench.ipynb #2dde7e6c
 def bench_rows(res: dict) -> list:
     "Table rows `(measurement, value, detail)` from `run_bench` results."
     rows = []
     for k, r in res.get('steps', {}).items():
-        rows.append((f'MF step / FM step ({r["model"]}, {k}, batch {r["batch"]})', f'{r["mf_over_fm"]:.2f}x', f'{r["mf_cpu_ms"]:.1f} vs {r["fm_cpu_ms"]:.1f} ms CPU'))
+        rows.append((f'MF step / FM step ({r["model"]}, {k}, batch {r["batch"]})', f'{r["mf_over_fm"]:.2f}x',
+                     f'{r["mf_cpu_ms"]:.1f} vs {r["fm_cpu_ms"]:.1f} ms CPU'))
         rows.append((f'iMF step / MF step ({r.get("imf_model", "-")} vs {r["model"]}, {k})',
-                     r['imf_over_mf'] if r['imf_over_mf'] == 'n/a' else f'{r["imf_over_mf"]:.2f}x', f'{r.get("imf_cpu_ms", float("nan")):.1f} ms CPU'))
+                     r['imf_over_mf'] if r['imf_over_mf'] == 'n/a' else f'{r["imf_over_mf"]:.2f}x',
+                     f'{r.get("imf_cpu_ms", float("nan")):.1f} ms CPU'))
     if 'sampling' in res:
         r = res['sampling']
         rows.append((f'1-NFE samples/s / {r["fm_steps"]}-step FM samples/s ({r["model"]})', f'{r["speedup"]:.1f}x',
                      f'{r["mf_1nfe_samples_per_s"]:.0f} vs {r["fm_samples_per_s"]:.1f} samples/s (goal >= 90x)'))
     if 'data' in res:
         d = res['data']
-        rows.append(('digits loader, trainer (images/s)', f'{d["trainer_loader"]["images_per_s"]:.0f}', f'batch {d["trainer_loader"]["batch"]}'))
-        if 'make_loader' in d: rows.append(('digits loader, make_loader (images/s)', f'{d["make_loader"]["images_per_s"]:.0f}', f'batch {d["make_loader"]["batch_size"]}'))
-        if 'latents' in d: rows.append(('latent extraction (images/s)', f'{d["latents"]["pipeline_images_per_s"]:.0f}',
-                                        f'tiny VAE, {d["latents"]["resolution"]} px; encoder alone {d["latents"]["encoder_images_per_s"]:.0f}'))
+        rows.append(('digits loader, trainer (images/s)', f'{d["trainer_loader"]["images_per_s"]:.0f}',
+                     f'batch {d["trainer_loader"]["batch"]}'))
+        if 'make_loader' in d:
+            rows.append(('digits loader, make_loader (images/s)', f'{d["make_loader"]["images_per_s"]:.0f}',
+                         f'batch {d["make_loader"]["batch_size"]}'))
+        if 'latents' in d:
+            rows.append((
+                'latent extraction (images/s)', f'{d["latents"]["pipeline_images_per_s"]:.0f}',
+                f'tiny VAE, {d["latents"]["resolution"]} px; encoder alone {d["latents"]["encoder_images_per_s"]:.0f}'))
     if 'ddp' in res:
         r = res['ddp']
-        rows.append((f'DDP 2 ranks / 1 rank, steps/s ({r["model"]}, global batch {r["global_batch"]}), one launch each', f'{r.get("scaling_2_over_1", float("nan")):.2f}x',
-                     f'{r.get("steps_per_s_2", float("nan")):.2f} vs {r.get("steps_per_s_1", float("nan")):.2f} steps/s (a quick check; rounds below)'))
+        rows.append((
+            f'DDP 2 ranks / 1 rank, steps/s ({r["model"]}, global batch {r["global_batch"]}), one launch each',
+            f'{r.get("scaling_2_over_1", float("nan")):.2f}x',
+            f'{r.get("steps_per_s_2", float("nan")):.2f} vs {r.get("steps_per_s_1", float("nan")):.2f} steps/s (a '
+            f'quick check; rounds below)'
+        ))
     if 'models' in res:
         r = res['models']
         rows.append((f'forward bf16 / fp32 ({r["model"]}, batch {r["batch"]})', f'{r["bf16_speedup"]:.2f}x',
                      f'{r["fwd_bf16_img_per_s"]:.0f} vs {r["fwd_fp32_img_per_s"]:.0f} images/s'))
     if 'jvp' in res:
         r = res['jvp']
-        rows.append((f'JVP sample without grad + plain forward / one JVP with grad, loss + backward ({r["model"]}, batch {r["batch"]})',
-                     f'{1 + r["extra_step_time"]:.2f}x', f'{r["ms_no_grad_jvp"]:.1f} vs {r["ms_jvp_with_graph"]:.1f} ms CPU'))
-        rows.append((f'saved bytes per JVP sample / per plain sample ({r["model"]})', f'{r["saved_ratio"]:.2f}x',
-                     f'{r["saved_mb_jvp"]:.2f} vs {r["saved_mb_plain"]:.2f} MB; one JVP with grad: {r["saved_ratio_with_graph"]:.2f}x'))
-    if 'scale' in res: rows += scale_rows(res['scale'])
-    if 'host' in res: rows += host_rows(res['host'])
+        rows.append((
+            f'JVP sample without grad + plain forward / one JVP with grad, loss + backward ({r["model"]}, batch '
+            f'{r["batch"]})',
+            f'{1 + r["extra_step_time"]:.2f}x', f'{r["ms_no_grad_jvp"]:.1f} vs {r["ms_jvp_with_graph"]:.1f} ms CPU'))
+        rows.append((
+            f'saved bytes per JVP sample / per plain sample ({r["model"]})', f'{r["saved_ratio"]:.2f}x',
+            f'{r["saved_mb_jvp"]:.2f} vs {r["saved_mb_plain"]:.2f} MB; one JVP with grad: '
+            f'{r["saved_ratio_with_graph"]:.2f}x'
+        ))
+    if 'scale' in res:
+        rows += scale_rows(res['scale'])
+    if 'host' in res:
+        rows += host_rows(res['host'])
     return rows
 
 def bench_table(res: dict) -> str:
@@ -268,86 +352,133 @@ def bench_table(res: dict) -> str:
     rows = bench_rows(res)
     w = [max(len(str(r[i])) for r in rows + [('measurement', 'value', 'detail')]) for i in range(3)]
     line = lambda r: '| ' + ' | '.join(str(c).ljust(w[i]) for i, c in enumerate(r)) + ' |'
-    return '\n'.join([line(('measurement', 'value', 'detail')), '|' + '|'.join('-' * (x + 2) for x in w) + '|'] + [line(r) for r in rows])
+    return '\n'.join([line(('measurement', 'value', 'detail')), '|' + '|'.join('-' * (x + 2) for x in w) + '|'] +
+                     [line(r) for r in rows])
 
-def _x(v: float) -> str: return f'{v:.2f}x'
+def _x(v: float) -> str:
+    return f'{v:.2f}x'
 
 def bench_findings(res: dict) -> str:
     "What a `run_bench` result says, as Markdown bullets written from its numbers (the README's and `12_bench`'s text)."
     out, m = [], res.get('meta', {})
     if 'steps' in res:
         d, t = res['steps']['digits'], res['steps'].get('toy2d')
-        out.append(f"**Training step.** A MeanFlow step costs {_x(d['mf_over_fm'])} a flow-matching step on {d['model']} digits (batch "
-                   f"{d['batch']})" + (f" and {_x(t['mf_over_fm'])} on the toy MLP" if t else '') + ": the JVP adds about one forward pass, "
-                   "and only for the `r < t` samples; on digits both methods also pay the guidance forward pass. An iMF step costs "
-                   f"{_x(d['imf_over_mf'])} a MeanFlow step on digits, which compares architectures as much as losses ({d['imf_model']} adds "
-                   "conditioning tokens and a v-head, and every iMF sample runs the JVP).")
+        out.append(
+            f"**Training step.** A MeanFlow step costs {_x(d['mf_over_fm'])} a flow-matching step on {d['model']} "
+            f"digits (batch "
+            f"{d['batch']})" + (f" and {_x(t['mf_over_fm'])} on the toy MLP" if t else '') +
+            ": the JVP adds about one forward pass, "
+            "and only for the `r < t` samples; on digits both methods also pay the guidance forward pass. An iMF step "
+            "costs "
+            f"{_x(d['imf_over_mf'])} a MeanFlow step on digits, which compares architectures as much as losses "
+            f"({d['imf_model']} adds "
+            "conditioning tokens and a v-head, and every iMF sample runs the JVP).")
     if 'sampling' in res:
         s = res['sampling']
-        out.append(f"**Sampling.** One MeanFlow step gives {s['speedup']:.0f}x the samples/s of {s['fm_steps']} flow-matching Euler steps on "
-                   f"the same network ({'above' if s['speedup'] >= 90 else 'below'} the goal of 90x).")
+        out.append(
+            f"**Sampling.** One MeanFlow step gives {s['speedup']:.0f}x the samples/s of {s['fm_steps']} flow-matching "
+            f"Euler steps on "
+            f"the same network ({'above' if s['speedup'] >= 90 else 'below'} the goal of 90x).")
     if 'data' in res and 'steps' in res:
         ips, d = res['data']['trainer_loader']['images_per_s'], res['steps']['digits']
         need = 1e3 * d['batch'] / d['mf_wall_ms']
-        out.append(f"**Data.** The trainer's digits loader delivers {ips:,.0f} images/s, {ips / need:,.0f} times what a MeanFlow step "
-                   f"consumes ({need:,.0f} images/s), so loading never limits these runs.")
+        out.append(
+            f"**Data.** The trainer's digits loader delivers {ips:,.0f} images/s, {ips / need:,.0f} times what a "
+            f"MeanFlow step "
+            f"consumes ({need:,.0f} images/s), so loading never limits these runs.")
     sc = res.get('scale', {})
     if 'precision' in sc:
         p, bf = sc['precision'], m.get('cpu_bf16')
-        why = {True: 'it has bf16 matrix instructions', False: 'it has no bf16 matrix instructions, so bf16 is converted in software',
-               None: 'whether it has bf16 matrix instructions was not recorded'}[bf]
+        why = {
+            True: 'it has bf16 matrix instructions',
+            False: 'it has no bf16 matrix instructions, so bf16 is converted in software',
+            None: 'whether it has bf16 matrix instructions was not recorded'
+        }[bf]
         fwd = f"; a bare forward pass runs at {_x(res['models']['bf16_speedup'])}" if 'models' in res else ''
-        out.append(f"**bf16 on this CPU** ({m.get('cpu', 'unknown')}: {why}): bf16 autocast runs the MeanFlow step at "
-                   f"{_x(p['bf16_speedup'])} the fp32 speed ({_x(p['bf16_jvp_speedup'])} with a bf16 JVP too){fwd}. This says nothing "
-                   "about GPUs, where bf16 runs on tensor cores; its accuracy cost is measured in `04_loss`.")
+        out.append(
+            f"**bf16 on this CPU** ({m.get('cpu', 'unknown')}: {why}): bf16 autocast runs the MeanFlow step at "
+            f"{_x(p['bf16_speedup'])} the fp32 speed ({_x(p['bf16_jvp_speedup'])} with a bf16 JVP too){fwd}. This says "
+            f"nothing "
+            "about GPUs, where bf16 runs on tensor cores; its accuracy cost is measured in `04_loss`.")
     if 'compiled' in sc:
         c = sc['compiled']
-        out.append(f"**Compiled step.** Loss, JVP and backward compiled together run at {_x(c['speedup'])} the eager speed after "
-                   f"{c['compile_s']:.0f} s of compiling." if 'speedup' in c else f"**Compiled step.** Compiling failed here: {c['error']}.")
+        out.append(
+            f"**Compiled step.** Loss, JVP and backward compiled together run at {_x(c['speedup'])} the eager speed "
+            f"after "
+            f"{c['compile_s']:.0f} s of compiling." if 'speedup' in
+            c else f"**Compiled step.** Compiling failed here: {c['error']}.")
     if sc.get('grad_ckpt'):
         g = sc['grad_ckpt']
-        out.append("**Activation checkpointing** keeps " + ', '.join(f"{v['reduction']:.1f}x less ({k.replace('_', ' ')})" for k, v in g.items()
-                   if v['reduction']) + " activation memory per sample (width " + f"{next(iter(g.values()))['width']}, depth "
+        out.append("**Activation checkpointing** keeps " +
+                   ', '.join(f"{v['reduction']:.1f}x less ({k.replace('_', ' ')})"
+                             for k, v in g.items() if v['reduction']) + " activation memory per sample (width " +
+                   f"{next(iter(g.values()))['width']}, depth "
                    f"{next(iter(g.values()))['depth']}).")
     if 'ratios' in sc.get('overlap', {}):
-        o = sc['overlap']; R, a, n = o['ratios'], o['allreduce'], o['rounds']
+        o = sc['overlap']
+        R, a, n = o['ratios'], o['allreduce'], o['rounds']
         wf, wo, wc = R['weak_flat']['median'], R['weak_overlap']['median'], R['weak_ceiling']['median']
         d = o['overlap_minus_flat']['weak']
-        keep = {k: 100 * float(np.median([2 * r[f'weak_{k}'][0] / sum(r['pair']) for r in o['raw']])) for k in ('flat', 'overlap')}
+        keep = {
+            k: 100 * float(np.median([2 * r[f'weak_{k}'][0] / sum(r['pair']) for r in o['raw']]))
+            for k in ('flat', 'overlap')
+        }
         lower = sum(r['weak_overlap'][0] < r['weak_flat'][0] for r in o['raw'])
-        diff = (f"a median change of {d['median']:+.2f} (lower in {lower} of {n} rounds), which the rounds do not separate from 0"
-                if d['lo'] <= 0 <= d['hi'] else
-                f"{'a gain' if d['median'] > 0 else 'a loss'} of {abs(d['median']):.2f} in every round")
-        out.append(f"**Two ranks.** With {o['batch']} samples per rank, 2 gloo ranks process {_x(wf)} (flat all-reduce) and {_x(wo)} "
-                   f"(overlapped) the images/s of 1 rank (medians of {n} interleaved rounds), so the goal of {o['goal']}x is "
-                   f"{'met' if o['goal_met'] else 'not met'} on the median. Two unconnected 1-rank jobs run at once reach {_x(wc)}: "
-                   f"that is what two busy cores of this machine give with no communication at all, and the trainer keeps "
-                   f"{keep['flat']:.0f} % of it ({keep['overlap']:.0f} % overlapped; medians of the rounds' ratios). The gradient all-reduce itself takes {a['ms']:.1f} ms, {100 * a['share']:.1f} % of a "
-                   f"step. Overlapping it with backward shows {diff} (paired by round, {d['lo']:+.2f} to {d['hi']:+.2f}): each rank has "
-                   "one core, so nothing is idle for the overlap to use; on GPUs NCCL runs beside the compute. At a fixed global batch of "
-                   f"{o['batch']} (strong scaling) 2 ranks reach {_x(R['strong_flat']['median'])} (flat) and "
-                   f"{_x(R['strong_overlap']['median'])} (overlapped), against a ceiling of {_x(R['strong_ceiling']['median'])}: one rank "
-                   f"at half the batch is only that much faster, because the optimiser, the EMA and small matmuls do not shrink with the batch.")
+        diff = (
+            f"a median change of {d['median']:+.2f} (lower in {lower} of {n} rounds), which the rounds do not separate "
+            f"from 0"
+            if d['lo'] <= 0 <= d['hi'] else
+            f"{'a gain' if d['median'] > 0 else 'a loss'} of {abs(d['median']):.2f} in every round")
+        out.append(
+            f"**Two ranks.** With {o['batch']} samples per rank, 2 gloo ranks process {_x(wf)} (flat all-reduce) and "
+            f"{_x(wo)} "
+            f"(overlapped) the images/s of 1 rank (medians of {n} interleaved rounds), so the goal of {o['goal']}x is "
+            f"{'met' if o['goal_met'] else 'not met'} on the median. Two unconnected 1-rank jobs run at once reach "
+            f"{_x(wc)}: "
+            f"that is what two busy cores of this machine give with no communication at all, and the trainer keeps "
+            f"{keep['flat']:.0f} % of it ({keep['overlap']:.0f} % overlapped; medians of the rounds' ratios). The "
+            f"gradient all-reduce itself takes {a['ms']:.1f} ms, {100 * a['share']:.1f} % of a "
+            f"step. Overlapping it with backward shows {diff} (paired by round, {d['lo']:+.2f} to {d['hi']:+.2f}): "
+            f"each rank has "
+            "one core, so nothing is idle for the overlap to use; on GPUs NCCL runs beside the compute. At a fixed "
+            "global batch of "
+            f"{o['batch']} (strong scaling) 2 ranks reach {_x(R['strong_flat']['median'])} (flat) and "
+            f"{_x(R['strong_overlap']['median'])} (overlapped), against a ceiling of "
+            f"{_x(R['strong_ceiling']['median'])}: one rank "
+            f"at half the batch is only that much faster, because the optimiser, the EMA and small matmuls do not "
+            f"shrink with the batch."
+        )
     if 'host' in res:
-        h = res['host']; bd, bi = h['blocks']['dit'], h['blocks']['imf']
+        h = res['host']
+        bd, bi = h['blocks']['dit'], h['blocks']['imf']
         sp = [f"{_x(h[m]['speedup'])} for {h[m]['model']}" for m in ('mf', 'imf') if 'speedup' in h.get(m, {})]
-        out.append(f"**Host overhead.** At batch 1 on width {h['width']} (the host's time only), the compiled step runs at "
-                   + (' and '.join(sp) if sp else 'no measured speed (compiling failed here)') + " the eager speed. Under "
-                   f"`torch.func.jvp`, {bd['mixed']} of a DiT block's {bd['ops']} torch calls and {bi['mixed']} of an iMF block's "
-                   f"{bi['ops']} mix tangent and non-tangent tensors, and {bd['fallback']} and {bi['fallback']} run torch's Python "
-                   f"reference decompositions; a block's JVP takes {bd['jvp_ms'] / bd['plain_ms']:.0f}x (DiT) "
-                   f"and {bi['jvp_ms'] / bi['plain_ms']:.0f}x (iMF) the time of its plain forward at batch 1.")
+        out.append(
+            f"**Host overhead.** At batch 1 on width {h['width']} (the host's time only), the compiled step runs at " +
+            (' and '.join(sp) if sp else 'no measured speed (compiling failed here)') + " the eager speed. Under "
+            f"`torch.func.jvp`, {bd['mixed']} of a DiT block's {bd['ops']} torch calls and {bi['mixed']} of an iMF "
+            f"block's "
+            f"{bi['ops']} mix tangent and non-tangent tensors, and {bd['fallback']} and {bi['fallback']} run torch's "
+            f"Python "
+            f"reference decompositions; a block's JVP takes {bd['jvp_ms'] / bd['plain_ms']:.0f}x (DiT) "
+            f"and {bi['jvp_ms'] / bi['plain_ms']:.0f}x (iMF) the time of its plain forward at batch 1.")
     return '\n'.join(f'- {b}' for b in out)
+
 
 # %% ../nbs/12_bench.ipynb #1733c2fd
 @cli_errors
 def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
-    "Console script `mf-bench`: run benchmark parts, print a table, optionally write JSON; `mf-bench plan ...` plans a preset."
+    ("Console script `mf-bench`: run benchmark parts, print a table, optionally write JSON; `mf-bench plan ...` plans "
+     "a "
+     "preset.")
     console, argv = argv is None, sys.argv[1:] if argv is None else argv
     if argv[:1] == ['plan']:
         r = cli_plan(argv[1:])
         return None if console else r                       # a console script's return value would be its exit status
-    p = CLIParser(prog='mf-bench', description='MeanFlow costs measured side by side: steps, sampling, data, DDP, models, jvp, scale, host. `mf-bench plan --help`: the planner.')
+    p = CLIParser(
+        prog='mf-bench', description=
+        'MeanFlow costs measured side by side: steps, sampling, data, DDP, models, jvp, scale, host. `mf-bench plan '
+        '--help`: the planner.'
+    )
     p.add_argument('parts', nargs='*', default=['all'], help=f'all (default) or any of: {", ".join(PARTS)}')
     p.add_argument('--json', default=None, help='also write the results here')
     p.add_argument('--tiny', action='store_true', help='tiny sizes (a smoke test in seconds)')
@@ -355,20 +486,27 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     a = p.parse_args(argv)
     parts = PARTS if 'all' in a.parts else tuple(a.parts)
     check(a.threads >= 1, f'--threads must be >= 1, got {a.threads}')
-    check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')  # before the run
-    bad = sorted(set(parts) - set(PARTS)); check(not bad, f'unknown part(s) {", ".join(bad)}; choose from {", ".join(PARTS)} or all')
+    # before the run
+    check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')
+    bad = sorted(set(parts) - set(PARTS))
+    check(not bad, f'unknown part(s) {", ".join(bad)}; choose from {", ".join(PARTS)} or all')
     res = run_bench(parts, 'tiny' if a.tiny else 'default', a.threads)
     print(bench_table(res))
-    if a.json: Path(a.json).write_text(json.dumps(res, indent=1)); print(f'wrote {a.json}', file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+        print(f'wrote {a.json}', file=sys.stderr)
+
 
 # %% ../nbs/12_bench.ipynb #f9a0a010
 def cpu_peak_bytes(fn) -> int:
     "Peak bytes of tensor memory allocated on the CPU while `fn()` runs (from the profiler's allocation events)."
     from torch.profiler import profile, ProfilerActivity
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
     cur = peak = 0
     for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage; peak = max(peak, cur)   # self: an op's children report their own allocations
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)   # self: an op's children report their own allocations
     return peak
 
 class _Held:
@@ -384,35 +522,52 @@ def saved_bytes(fn, exclude=()) -> tuple:
     skip = {p.untyped_storage().data_ptr() for p in exclude}
     def drop(k):
         refs[k][0] -= 1
-        if refs[k][0] == 0: live['cur'] -= refs.pop(k)[1]
+        if refs[k][0] == 0:
+            live['cur'] -= refs.pop(k)[1]
     def pack(t):
-        h = _Held(); h.t = t
-        try: s = t.untyped_storage(); k, n = s.data_ptr(), s.nbytes()
-        except RuntimeError: k, n = ('wrapped', id(h)), t.numel() * t.element_size()   # a functorch wrapper: no storage
-        if k in skip: return h
-        if k not in refs: refs[k] = [0, n]; live['cur'] += n; live['peak'] = max(live['peak'], live['cur'])
-        refs[k][0] += 1; weakref.finalize(h, drop, k)
+        h = _Held()
+        h.t = t
+        try:
+            s = t.untyped_storage()
+            k, n = s.data_ptr(), s.nbytes()
+        except RuntimeError:
+            k, n = ('wrapped', id(h)), t.numel() * t.element_size()   # a functorch wrapper: no storage
+        if k in skip:
+            return h
+        if k not in refs:
+            refs[k] = [0, n]
+            live['cur'] += n
+            live['peak'] = max(live['peak'], live['cur'])
+        refs[k][0] += 1
+        weakref.finalize(h, drop, k)
         return h
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t): out = fn()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        out = fn()
     return live['peak'], out
 
 def measure_activation_bytes(model: str = 'DiT-T/2', input_size: int = 8, in_channels: int = 4,
                              kind: str = 'jvp', # 'fm': every sample r = t; 'jvp': every sample r < t (iMF: always JVP)
                              bf16: bool = False, grad_ckpt: bool = False, batches: tuple = (4, 12),
                              model_kwargs: dict | None = None, seed: int = 0,
-                             measure: str = 'peak', # 'peak': CPU tensor-memory peak (profiler); 'saved': bytes autograd holds (`saved_bytes`)
+                             # 'peak': CPU tensor-memory peak (profiler); 'saved': bytes autograd holds (`saved_bytes`)
+                             measure: str = 'peak',
                             ) -> dict:
-    "Activation bytes per sample of one trainer loss + backward: the slope of CPU peak memory (or saved bytes) between two batch sizes."
+    ("Activation bytes per sample of one trainer loss + backward: the slope of CPU peak memory (or saved bytes) "
+     "between "
+     "two batch sizes.")
     check(measure in ('peak', 'saved'), f"measure must be 'peak' or 'saved', got {measure!r}")
     import contextlib, warnings
     from meanflow_nb.models import create_model, set_grad_ckpt, iMFDiT
     from meanflow_nb.loss import MeanFlowLoss
     torch.manual_seed(seed)
-    net = set_grad_ckpt(create_model(model, input_size=input_size, in_channels=in_channels, num_classes=10, **(model_kwargs or {})), grad_ckpt)
+    net = set_grad_ckpt(
+        create_model(model, input_size=input_size, in_channels=in_channels, num_classes=10, **(model_kwargs or {})),
+        grad_ckpt)
     if isinstance(net, iMFDiT):
         from meanflow_nb.imf import IMFLoss
         lf = IMFLoss(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
-    else: lf = MeanFlowLoss(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
+    else:
+        lf = MeanFlowLoss(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
     peaks = []
     for B in batches:
         g = torch.Generator().manual_seed(seed)
@@ -420,18 +575,27 @@ def measure_activation_bytes(model: str = 'DiT-T/2', input_size: int = 8, in_cha
         d = lf.draw(B, x.shape[1:], g)
         def loss():
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), warnings.catch_warnings():
-                warnings.simplefilter('ignore'); return lf(net, x, y, **d)['loss']
-        def step(): net.zero_grad(set_to_none=True); loss().backward()
+                warnings.simplefilter('ignore')
+                return lf(net, x, y, **d)['loss']
+        def step():
+            net.zero_grad(set_to_none=True)
+            loss().backward()
         step()                                                                  # warm: grads already allocated
-        if measure == 'peak': peaks.append(cpu_peak_bytes(step))
-        else: n, out = saved_bytes(loss, list(net.parameters())); out.backward(); peaks.append(n)
+        if measure == 'peak':
+            peaks.append(cpu_peak_bytes(step))
+        else:
+            n, out = saved_bytes(loss, list(net.parameters()))
+            out.backward()
+            peaks.append(n)
     slope = (peaks[1] - peaks[0]) / (batches[1] - batches[0])
-    return dict(model=model, **{k: v for k, v in _arch(net).items() if k != 'params'}, kind=kind, bf16=bf16, grad_ckpt=grad_ckpt,
-                measure=measure, bytes_per_sample=slope, peaks=peaks)
+    return dict(model=model, **{k: v
+                                for k, v in _arch(net).items() if k != 'params'}, kind=kind, bf16=bf16,
+                grad_ckpt=grad_ckpt, measure=measure, bytes_per_sample=slope, peaks=peaks)
 
 CALIB = [('DiT-T/2', 16, 4, {}), ('DiT-T/2', 8, 4, {'hidden_size': 128}), ('DiT-T/2', 32, 4, {'num_heads': 2}),
          ('iMF-T/2', 16, 4, {}), ('iMF-T/2', 8, 4, {'hidden_size': 128}), ('iMF-T/2', 32, 4, {'num_heads': 2})]
-HELD_OUT = [('DiT-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3}), ('iMF-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3})]
+HELD_OUT = [('DiT-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3}),
+            ('iMF-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3})]
 
 def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16'),
               measure: str = 'peak', # see `measure_activation_bytes`
@@ -446,18 +610,23 @@ def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16'),
     coef = {}
     for key in {(r['family'], r['kind'], r['prec']) for r in rows}:
         fit = [r for r in rows if (r['family'], r['kind'], r['prec']) == key and not r['held_out']]
-        A = torch.tensor([[r['depth'] * r['T'] * r['D'], r['depth'] * r['H'] * r['T'] ** 2] for r in fit], dtype=torch.float64)
+        A = torch.tensor([[r['depth'] * r['T'] * r['D'], r['depth'] * r['H'] * r['T']**2] for r in fit],
+                         dtype=torch.float64)
         b = torch.tensor([r['bytes_per_sample'] / 4 for r in fit], dtype=torch.float64)
         a_, b_ = (float(c) for c in torch.linalg.lstsq(A, b[:, None]).solution[:, 0])
-        if b_ < 0: a_, b_ = float(A[:, 0] @ b / (A[:, 0] @ A[:, 0])), 0.0   # no T^2 term to speak of (fused attention): fit a alone
+        if b_ < 0:
+            # no T^2 term to speak of (fused attention): fit a alone
+            a_, b_ = float(A[:, 0] @ b / (A[:, 0] @ A[:, 0])), 0.0
         coef[key] = (round(a_, 2), round(b_, 2))
     for r in rows:
         pred = activation_bytes(r, r['kind'], r['prec'] == 'bf16', coef=coef)
         r['pred_rel_err'] = round(pred / r['bytes_per_sample'] - 1, 3)
     return coef, rows
 
+
 # %% ../nbs/12_bench.ipynb #f9a0a002
-from .train import _arch, ACT_COEF, activation_bytes, fixed_bytes, _mix_bytes, _fit, fit_micro_batch  # the memory model
+# the memory model
+from .train import _arch, ACT_COEF, activation_bytes, fixed_bytes, _mix_bytes, _fit, fit_micro_batch
 
 # %% ../nbs/12_bench.ipynb #f9a0a003
 def model_flops(model, # a DiT or iMF network (the meta device will do: only shapes are read)
@@ -471,11 +640,14 @@ def model_flops(model, # a DiT or iMF network (the meta device will do: only sha
     T_all, T_img = a['T'], model.x_embedder.num_patches                       # iMF: prefix + image tokens; else equal
     f, blocks = 0.0, 0
     for name, m in model.named_modules():
-        if not v_head and name.split('.')[0] in ('v_blocks', 'v_final'): continue
+        if not v_head and name.split('.')[0] in ('v_blocks', 'v_final'):
+            continue
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            per = 1 if ('adaLN' in name or 'embedder' in name) else T_img if (isinstance(m, nn.Conv2d) or 'final' in name) else T_all
+            per = 1 if ('adaLN' in name
+                        or 'embedder' in name) else T_img if (isinstance(m, nn.Conv2d) or 'final' in name) else T_all
             f += 2 * m.weight.numel() * per
-        elif hasattr(m, 'attn') and type(m).__name__.endswith('Block'): blocks += 1   # DiTBlock, iMFBlock
+        elif hasattr(m, 'attn') and type(m).__name__.endswith('Block'):
+            blocks += 1   # DiTBlock, iMFBlock
     return f + blocks * 4 * T_all ** 2 * a['D']
 
 def step_flops(cfg, model) -> float:
@@ -497,30 +669,37 @@ def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
     "Per-GPU memory, the micro-batch that fits, and the GPU-hours of a preset on `gpus` GPUs of `gpu_mem_gb` GB."
     for n, v in (('gpus', gpus), ('gpu_mem_gb', gpu_mem_gb), ('mfu', mfu), ('peak_tflops', peak_tflops)):
         check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f'{n} must be a finite number > 0, got {v!r}')
-    check(int(gpus) == gpus and mfu <= 1, f'need a whole number of GPUs and an MFU in (0, 1], got gpus={gpus}, mfu={mfu}')
+    check(
+        int(gpus) == gpus and mfu <= 1, f'need a whole number of GPUs and an MFU in (0, 1], got gpus={gpus}, mfu={mfu}')
     from meanflow_nb.train import get_config, total_steps, IMAGENET_TRAIN
     from meanflow_nb.models import create_model
     cfg = _cfg_no_data(preset, **overrides)
     check(cfg.global_batch % gpus == 0, f'global batch {cfg.global_batch} does not divide by {gpus} GPUs')
     kw = dict(input_size=32, in_channels=4, num_classes=cfg.num_classes, **cfg.model_kwargs)
-    if cfg.model.startswith('iMF'): kw.setdefault('v_head', cfg.imf_v_head)
-    with torch.device('meta'): net = create_model(cfg.model, **kw)
+    if cfg.model.startswith('iMF'):
+        kw.setdefault('v_head', cfg.imf_v_head)
+    with torch.device('meta'):
+        net = create_model(cfg.model, **kw)
     arch = _arch(net)
     per_rank, GB = cfg.global_batch // gpus, 2 ** 30
     fixed = fixed_bytes(arch['params'], len(cfg.ema_decays))
-    fm, jvp = activation_bytes(arch, 'fm', cfg.bf16, cfg.grad_ckpt), activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
+    fm, jvp = activation_bytes(arch, 'fm', cfg.bf16,
+                               cfg.grad_ckpt), activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
     budget = gpu_mem_gb * GB * 0.9 - 2 * GB - sum(fixed.values())
-    mix = _mix_bytes(cfg, arch); m = _fit(budget, mix, per_rank)
+    mix = _mix_bytes(cfg, arch)
+    m = _fit(budget, mix, per_rank)
     steps = cfg.steps or math.ceil(cfg.epochs * IMAGENET_TRAIN / cfg.global_batch)
     fwd, f = model_flops(net), step_flops(cfg, net)
     gpu_hours = steps * cfg.global_batch * f / (mfu * peak_tflops * 1e12) / 3600
-    return dict(preset=preset, model=cfg.model, params_m=round(arch['params'] / 1e6, 1), gpus=gpus, gpu_mem_gb=gpu_mem_gb,
-                per_gpu_batch=per_rank, bf16=cfg.bf16, grad_ckpt=cfg.grad_ckpt,
-                **{f'{k}_gb': round(v / GB, 2) for k, v in fixed.items()},
-                act_fm_mb_per_sample=round(fm / 2 ** 20, 1), act_jvp_mb_per_sample=round(jvp / 2 ** 20, 1),
-                act_full_batch_gb=round(per_rank * mix / GB, 1), micro_batch=m, fits=m >= 1,
-                peak_gb=round((sum(fixed.values()) + m * mix) / GB + 2, 1) if m else None,
-                fwd_gflops_per_sample=round(fwd / 1e9, 2), step_gflops_per_sample=round(f / 1e9, 2), steps=steps, mfu=mfu, peak_tflops=peak_tflops, gpu_hours=round(gpu_hours), days=round(gpu_hours / gpus / 24, 1))
+    return dict(preset=preset, model=cfg.model, params_m=round(arch['params'] / 1e6, 1), gpus=gpus,
+                gpu_mem_gb=gpu_mem_gb, per_gpu_batch=per_rank, bf16=cfg.bf16, grad_ckpt=cfg.grad_ckpt,
+                **{f'{k}_gb': round(v / GB, 2)
+                   for k, v in fixed.items()
+                   }, act_fm_mb_per_sample=round(fm / 2**20, 1), act_jvp_mb_per_sample=round(jvp / 2**20, 1),
+                act_full_batch_gb=round(per_rank * mix / GB, 1), micro_batch=m, fits=m >= 1, peak_gb=round(
+                    (sum(fixed.values()) + m * mix) / GB + 2, 1) if m else None,
+                fwd_gflops_per_sample=round(fwd / 1e9, 2), step_gflops_per_sample=round(f / 1e9, 2), steps=steps,
+                mfu=mfu, peak_tflops=peak_tflops, gpu_hours=round(gpu_hours), days=round(gpu_hours / gpus / 24, 1))
 
 def _cfg_no_data(preset: str, **overrides):
     "A preset's `TrainConfig` without checking its data path (planning needs no data)."
@@ -528,17 +707,24 @@ def _cfg_no_data(preset: str, **overrides):
     check(preset in PRESETS, f'unknown preset {preset!r}; valid presets: {", ".join(PRESETS)}')
     return dataclasses.replace(TrainConfig(**PRESETS[preset], preset=preset), **overrides)
 
+
 # %% ../nbs/12_bench.ipynb #f9a0a021
 def bench_compiled(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 3) -> dict:
     "Eager against compiled MF step (after a compiling warm-up); the error if compiling fails."
     eager = step_fn('digits', model=model, global_batch=batch, r_eq_t_split='balanced')[0]   # the paper presets' split:
-    try:                                                                                    # fixed shapes, no recompiles
+    # fixed shapes, no recompiles
+    try:
         comp = step_fn('digits', model=model, global_batch=batch, compile_step=True, r_eq_t_split='balanced')[0]
-        t0 = time.perf_counter(); comp(); comp(); compile_s = time.perf_counter() - t0  # the 2nd call: step becomes a dynamic int
-        if comp.step_fn.failed: raise RuntimeError('compiling failed; the step fell back to eager (see the line above)')
+        t0 = time.perf_counter()
+        comp()
+        comp()
+        compile_s = time.perf_counter() - t0  # the 2nd call: step becomes a dynamic int
+        if comp.step_fn.failed:
+            raise RuntimeError('compiling failed; the step fell back to eager (see the line above)')
         tm = time_interleaved({'eager': eager, 'compiled': comp}, repeats, 1)
-        return dict(model=model, batch=batch, compile_s=round(compile_s, 1), eager_cpu_ms=round(tm['eager']['cpu_ms'], 1),
-                    compiled_cpu_ms=round(tm['compiled']['cpu_ms'], 1), speedup=round(tm['eager']['cpu_ms'] / tm['compiled']['cpu_ms'], 2))
+        return dict(model=model, batch=batch, compile_s=round(compile_s, 1),
+                    eager_cpu_ms=round(tm['eager']['cpu_ms'], 1), compiled_cpu_ms=round(tm['compiled']['cpu_ms'], 1),
+                    speedup=round(tm['eager']['cpu_ms'] / tm['compiled']['cpu_ms'], 2))
     except Exception as ex:
         return dict(model=model, batch=batch, error=f'{type(ex).__name__}: {str(ex).splitlines()[0][:160]}')
 
@@ -555,14 +741,16 @@ def bench_precision(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 3) 
 def bench_grad_ckpt(models: tuple = (('DiT-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4}),
                                      ('iMF-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4, 'head_depth': 2})),
                     input_size: int = 16, batch: int = 64) -> dict:
-    "Activation memory per sample (MB; the profiler's tensor-memory peak, slope between batch 16 and `batch`) of one step, with and without `--grad_ckpt`."
+    ("Activation memory per sample (MB; the profiler's tensor-memory peak, slope between batch 16 and `batch`) of one "
+     "step, with and without `--grad_ckpt`.")
     out = {}
     for name, kw in models:
         for kind in (('jvp',) if name.startswith('iMF') else ('fm', 'jvp')):
-            a, b = (measure_activation_bytes(name, input_size, 4, kind, grad_ckpt=ck, batches=(16, batch), model_kwargs=kw)['bytes_per_sample']
-                    / 2 ** 20 for ck in (False, True))
-            out[f"{'imf' if name.startswith('iMF') else 'dit'}_{kind}"] = dict(width=kw['hidden_size'], depth=kw['depth'], batch=batch,
-                                                                             mb=round(a, 1), mb_ckpt=round(b, 1), reduction=round(a / b, 2) if b > 0 else None)
+            a, b = (measure_activation_bytes(name, input_size, 4, kind, grad_ckpt=ck, batches=(16, batch),
+                                             model_kwargs=kw)['bytes_per_sample'] / 2**20 for ck in (False, True))
+            out[f"{'imf' if name.startswith('iMF') else 'dit'}_{kind}"] = dict(
+                width=kw['hidden_size'], depth=kw['depth'], batch=batch, mb=round(a, 1), mb_ckpt=round(b, 1),
+                reduction=round(a / b, 2) if b > 0 else None)
     return out
 
 def _spread(vals) -> dict:
@@ -574,28 +762,36 @@ def _allreduce_worker(rank: int, world: int, init: str, numel: int, repeats: int
     import torch.distributed as td
     torch.set_num_threads(1)
     td.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
-    y = torch.full((3,), rank + 1.0); td.all_reduce(y)                 # a real sum across the processes, or no timing
+    y = torch.full((3,), rank + 1.0)
+    td.all_reduce(y)                 # a real sum across the processes, or no timing
     assert torch.equal(y, torch.full((3,), world * (world + 1) / 2)), y
     x, ts = torch.randn(numel), []
     for _ in range(repeats + 3):
-        td.barrier(); t = time.perf_counter(); td.all_reduce(x); ts.append(time.perf_counter() - t)
-    if rank == 0: q.put(float(np.median(ts[3:])))
+        td.barrier()
+        t = time.perf_counter()
+        td.all_reduce(x)
+        ts.append(time.perf_counter() - t)
+    if rank == 0:
+        q.put(float(np.median(ts[3:])))
     td.destroy_process_group()
 
 def bench_allreduce(numel: int, world: int = 2, repeats: int = 20) -> dict:
     "Median wall time of one gloo all-reduce of `numel` fp32 values across `world` local processes (after a barrier)."
-    ctx = torch.multiprocessing.get_context('spawn'); q = ctx.SimpleQueue()
+    ctx = torch.multiprocessing.get_context('spawn')
+    q = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as d:
         torch.multiprocessing.spawn(_allreduce_worker, (world, f'file://{d}/store', numel, repeats, q), nprocs=world)
     return dict(numel=numel, world=world, ms=round(1e3 * q.get(), 2))
 
 def bench_overlap(rounds: int = 5, steps: int = 24, warmup: int = 4, model: str = 'DiT-D/2', batch: int = 128,
-                  bucket_mb: float = 1.0, # bucket size of the overlapped runs (the default 25 MB is one bucket for this model)
+                  # bucket size of the overlapped runs (the default 25 MB is one bucket for this model)
+                  bucket_mb: float = 1.0,
                   goal: float = 1.8, # the weak-scaling target of the overlapped all-reduce (issue 12)
                   timeout: float = 900) -> dict:
-    """2-rank / 1-rank throughput of `mf-train --preset digits`, repeated over `rounds` interleaved rounds: strong scaling
-    (global `batch`, halved per rank) and weak scaling (`batch` per rank), each with the flat and the overlapped all-reduce,
-    and the two ceilings this machine sets (1 rank at half the batch; two unconnected 1-rank jobs at once)."""
+    """2-rank / 1-rank throughput of `mf-train --preset digits`, repeated over `rounds` interleaved rounds: strong
+    scaling (global `batch`, halved per rank) and weak scaling (`batch` per rank), each with the flat and the overlapped
+    all-reduce, and the two ceilings this machine sets (1 rank at half the batch; two unconnected 1-rank jobs at
+    once)."""
     from meanflow_nb.train import get_config, build_model
     from meanflow_nb.dist import GradSync
     flat, over = ('--overlap_sync', 'false'), ('--overlap_sync', 'true', '--bucket_mb', str(bucket_mb))
@@ -604,44 +800,59 @@ def bench_overlap(rounds: int = 5, steps: int = 24, warmup: int = 4, model: str 
             'weak_flat': [(2, 2 * batch, flat)], 'weak_overlap': [(2, 2 * batch, over)]}
     names, raw, load = list(runs), [], [_loadavg()]
     for k in range(rounds):                                            # rotate the order: no run always goes first
-        raw.append({n: [round(v, 4) for v in launch_sps(runs[n], steps, warmup, model, timeout)] for n in names[k % 7:] + names[:k % 7]})
+        raw.append({
+            n: [round(v, 4) for v in launch_sps(runs[n], steps, warmup, model, timeout)]
+            for n in names[k % 7:] + names[:k % 7]
+        })
         load.append(_loadavg())
-    ratio = {'strong_flat': lambda r: r['strong_flat'][0] / r['one'][0], 'strong_overlap': lambda r: r['strong_overlap'][0] / r['one'][0],
-             'strong_ceiling': lambda r: r['one_half'][0] / r['one'][0],
-             'weak_flat': lambda r: 2 * r['weak_flat'][0] / r['one'][0], 'weak_overlap': lambda r: 2 * r['weak_overlap'][0] / r['one'][0],
-             'weak_ceiling': lambda r: sum(r['pair']) / r['one'][0]}
+    ratio = {
+        'strong_flat': lambda r: r['strong_flat'][0] / r['one'][0],
+        'strong_overlap': lambda r: r['strong_overlap'][0] / r['one'][0],
+        'strong_ceiling': lambda r: r['one_half'][0] / r['one'][0],
+        'weak_flat': lambda r: 2 * r['weak_flat'][0] / r['one'][0],
+        'weak_overlap': lambda r: 2 * r['weak_overlap'][0] / r['one'][0],
+        'weak_ceiling': lambda r: sum(r['pair']) / r['one'][0]
+    }
     per = {k: [f(r) for r in raw] for k, f in ratio.items()}
     spread = {k: _spread(v) for k, v in per.items()}
     net = build_model(get_config('digits', model=model), (1, 8, 8))
     numel = sum(p.numel() for p in net.parameters() if p.requires_grad)
     ar = bench_allreduce(numel)
     step_ms = 1e3 / float(np.median([r['one'][0] for r in raw]))
-    return dict(model=model, batch=batch, rounds=rounds, steps=steps, warmup=warmup, bucket_mb=bucket_mb,
-                buckets=len(GradSync(net, bucket_mb).buckets), raw=raw, ratios=spread,
-                overlap_minus_flat={s: _spread([o - f for o, f in zip(per[f'{s}_overlap'], per[f'{s}_flat'])]) for s in ('strong', 'weak')},
-                allreduce=dict(ar, step_ms_1=round(step_ms, 1), share=round(ar['ms'] / step_ms, 4)), goal=goal,
-                goal_met=spread['weak_overlap']['median'] >= goal, loadavg=load)
+    return dict(
+        model=model, batch=batch, rounds=rounds, steps=steps, warmup=warmup, bucket_mb=bucket_mb,
+        buckets=len(GradSync(net, bucket_mb).buckets), raw=raw, ratios=spread, overlap_minus_flat={
+            s: _spread([o - f for o, f in zip(per[f'{s}_overlap'], per[f'{s}_flat'])])
+            for s in ('strong', 'weak')
+        }, allreduce=dict(ar, step_ms_1=round(step_ms, 1), share=round(ar['ms'] / step_ms, 4)), goal=goal,
+        goal_met=spread['weak_overlap']['median'] >= goal, loadavg=load)
 
 def bench_scale(size: str = 'default') -> dict:
     "The paper-scale options side by side (see above)."
     S = dict(default=dict(model='DiT-D/2', batch=128, repeats=3, rounds=5, steps=24, warmup=4),
              tiny=dict(model='DiT-T/2', batch=16, repeats=1, rounds=1, steps=6, warmup=2))[size]
-    ck = {} if size == 'default' else dict(models=(('DiT-T/2', {'hidden_size': 64, 'depth': 2, 'num_heads': 4}),), input_size=8, batch=8)
-    out = dict(precision=bench_precision(S['model'], S['batch'], S['repeats']), grad_ckpt=bench_grad_ckpt(**ck),  # memory before compiling
+    ck = {} if size == 'default' else dict(models=(('DiT-T/2', {'hidden_size': 64, 'depth': 2, 'num_heads': 4}), ),
+                                           input_size=8, batch=8)
+    # memory before compiling
+    out = dict(precision=bench_precision(S['model'], S['batch'], S['repeats']), grad_ckpt=bench_grad_ckpt(**ck),
                overlap=bench_overlap(S['rounds'], S['steps'], S['warmup'], S['model'], S['batch']))
     return dict(out, compiled=bench_compiled(S['model'], S['batch'], S['repeats']))
 
 def scale_rows(r: dict) -> list:
     "Table rows of `bench_scale`."
     p, c, o = r['precision'], r['compiled'], r['overlap']
-    rows = [(f'MF step bf16 / fp32 ({p["model"]}, batch {p["batch"]}, fp32 JVP)', f'{p["bf16_speedup"]:.2f}x', f'{p["bf16_cpu_ms"]:.0f} vs {p["fp32_cpu_ms"]:.0f} ms CPU'),
-            (f'MF step bf16 JVP / fp32 ({p["model"]})', f'{p["bf16_jvp_speedup"]:.2f}x', f'{p["bf16_jvp_cpu_ms"]:.0f} ms CPU'),
+    rows = [(f'MF step bf16 / fp32 ({p["model"]}, batch {p["batch"]}, fp32 JVP)', f'{p["bf16_speedup"]:.2f}x',
+             f'{p["bf16_cpu_ms"]:.0f} vs {p["fp32_cpu_ms"]:.0f} ms CPU'),
+            (f'MF step bf16 JVP / fp32 ({p["model"]})', f'{p["bf16_jvp_speedup"]:.2f}x',
+             f'{p["bf16_jvp_cpu_ms"]:.0f} ms CPU'),
             (f'MF step compiled / eager ({c["model"]})', f'{c["speedup"]:.2f}x' if 'speedup' in c else 'fails',
-             f'{c["compiled_cpu_ms"]:.0f} vs {c["eager_cpu_ms"]:.0f} ms CPU, compile {c["compile_s"]} s' if 'speedup' in c else c['error']),
-            *overlap_rows(o)]
+             f'{c["compiled_cpu_ms"]:.0f} vs {c["eager_cpu_ms"]:.0f} ms CPU, compile {c["compile_s"]} s'
+             if 'speedup' in c else c['error']), *overlap_rows(o)]
     for k, v in r['grad_ckpt'].items():
-        rows.append((f'activations per sample, --grad_ckpt ({k}, width {v["width"]}, depth {v["depth"]}, batch {v["batch"]})',
-                     f'{v["reduction"]:.2f}x less' if v['reduction'] else 'not measured (no growth seen)', f'{v["mb_ckpt"]} vs {v["mb"]} MB per sample'))
+        rows.append(
+            (f'activations per sample, --grad_ckpt ({k}, width {v["width"]}, depth {v["depth"]}, batch {v["batch"]})',
+             f'{v["reduction"]:.2f}x less' if v['reduction'] else 'not measured (no growth seen)',
+             f'{v["mb_ckpt"]} vs {v["mb"]} MB per sample'))
     return rows
 
 def overlap_rows(o: dict) -> list:
@@ -651,16 +862,22 @@ def overlap_rows(o: dict) -> list:
     R, b, a = o['ratios'], o['batch'], o['allreduce']
     over = f"{o['buckets']} bucket{'s' if o['buckets'] != 1 else ''} of {o['bucket_mb']:g} MB"
     d = o['overlap_minus_flat']['weak']
-    return [(f'2 ranks / 1 rank, images/s, batch {b} per rank (weak scaling), flat all-reduce ({o["model"]})', q(R['weak_flat']), span(R['weak_flat'])),
+    return [(f'2 ranks / 1 rank, images/s, batch {b} per rank (weak scaling), flat all-reduce ({o["model"]})',
+             q(R['weak_flat']), span(R['weak_flat'])),
             (f'same, overlapped all-reduce ({over})', q(R['weak_overlap']),
              f"{span(R['weak_overlap'])}; goal >= {o['goal']}x {'met' if o['goal_met'] else 'not met'} (median)"),
-            ('same, two unconnected 1-rank jobs at once: the ceiling of this machine', q(R['weak_ceiling']), span(R['weak_ceiling'])),
-            ('weak scaling, overlapped minus flat, paired by round', f"{d['median']:+.2f}", f"rounds {d['lo']:+.2f} to {d['hi']:+.2f}"),
-            (f'2 ranks / 1 rank, steps/s, global batch {b} (strong scaling), flat all-reduce', q(R['strong_flat']), span(R['strong_flat'])),
+            ('same, two unconnected 1-rank jobs at once: the ceiling of this machine', q(R['weak_ceiling']),
+             span(R['weak_ceiling'])),
+            ('weak scaling, overlapped minus flat, paired by round', f"{d['median']:+.2f}",
+             f"rounds {d['lo']:+.2f} to {d['hi']:+.2f}"),
+            (f'2 ranks / 1 rank, steps/s, global batch {b} (strong scaling), flat all-reduce', q(R['strong_flat']),
+             span(R['strong_flat'])),
             ('same, overlapped all-reduce', q(R['strong_overlap']), span(R['strong_overlap'])),
-            (f'1 rank at batch {b // 2} / batch {b}, steps/s: the ceiling of strong scaling', q(R['strong_ceiling']), span(R['strong_ceiling'])),
+            (f'1 rank at batch {b // 2} / batch {b}, steps/s: the ceiling of strong scaling', q(R['strong_ceiling']),
+             span(R['strong_ceiling'])),
             (f"gradient all-reduce, {a['numel'] / 1e6:.2f} M fp32 values, {a['world']} gloo ranks", f"{a['ms']:.1f} ms",
              f"{100 * a['share']:.1f} % of a 1-rank step ({a['step_ms_1']:.0f} ms)")]
+
 
 # %% ../nbs/12_bench.ipynb #f9a0a031
 def _jvp_with_graph_target(u_fn, z, t, r, v):
@@ -670,38 +887,52 @@ def _jvp_with_graph_target(u_fn, z, t, r, v):
     u, dudt = jvp_call(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
     return u, (v - bcast(t - r, z) * dudt).detach()
 
-def bench_jvp(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5, input_size: int = 8, in_channels: int = 4) -> dict:
-    "Loss + backward of `batch` JVP samples (r < t), JVP without grad + plain forward against one JVP with grad: ms and saved bytes per sample."
+
+def bench_jvp(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5, input_size: int = 8,
+              in_channels: int = 4) -> dict:
+    ("Loss + backward of `batch` JVP samples (r < t), JVP without grad + plain forward against one JVP with grad: ms "
+     "and saved bytes per sample.")
     import meanflow_nb.loss as L
     from meanflow_nb.models import create_model
-    torch.manual_seed(0); g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     net = create_model(model, input_size=input_size, in_channels=in_channels, num_classes=10)
     lf = L.MeanFlowLoss(num_classes=10, ratio_r_eq_t=0.0)
-    x, y = torch.randn(batch, in_channels, input_size, input_size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    x, y = torch.randn(batch, in_channels, input_size, input_size,
+                       generator=g), torch.randint(0, 10, (batch, ), generator=g)
     d = lf.draw(batch, x.shape[1:], g)
     new_target = L.meanflow_target
     def run(target):
         def f():
             L.meanflow_target = target
-            try: net.zero_grad(set_to_none=True); lf(net, x, y, **d)['loss'].backward()
-            finally: L.meanflow_target = new_target
+            try:
+                net.zero_grad(set_to_none=True)
+                lf(net, x, y, **d)['loss'].backward()
+            finally:
+                L.meanflow_target = new_target
         return f
-    tm = time_interleaved({'no_grad_jvp': run(new_target), 'jvp_with_graph': run(_jvp_with_graph_target)}, repeats=repeats)
+
+    tm = time_interleaved({'no_grad_jvp': run(new_target), 'jvp_with_graph': run(_jvp_with_graph_target)},
+                          repeats=repeats)
     def per_sample(target, kind='jvp'):
         l = lf if kind == 'jvp' else L.MeanFlowLoss(num_classes=10, ratio_r_eq_t=1.0)
         b = []
         for B in (4, 12):
             dd = l.draw(B, x.shape[1:], torch.Generator().manual_seed(0))
             L.meanflow_target = target
-            try: n, out = saved_bytes(lambda: l(net, x[:B], y[:B], **dd)['loss'], list(net.parameters()))
-            finally: L.meanflow_target = new_target
-            out.backward(); b.append(n)
+            try:
+                n, out = saved_bytes(lambda: l(net, x[:B], y[:B], **dd)['loss'], list(net.parameters()))
+            finally:
+                L.meanflow_target = new_target
+            out.backward()
+            b.append(n)
         return (b[1] - b[0]) / 8
     plain, new, old = per_sample(new_target, 'fm'), per_sample(new_target), per_sample(_jvp_with_graph_target)
     ms_new, ms_old = tm['no_grad_jvp']['cpu_ms'], tm['jvp_with_graph']['cpu_ms']
-    return dict(model=model, batch=batch, ms_no_grad_jvp=ms_new, ms_jvp_with_graph=ms_old, extra_step_time=ms_new / ms_old - 1,
-                saved_mb_plain=plain / 2 ** 20, saved_mb_jvp=new / 2 ** 20, saved_mb_jvp_with_graph=old / 2 ** 20,
-                saved_ratio=new / plain, saved_ratio_with_graph=old / plain)
+    return dict(model=model, batch=batch, ms_no_grad_jvp=ms_new, ms_jvp_with_graph=ms_old,
+                extra_step_time=ms_new / ms_old - 1, saved_mb_plain=plain / 2**20, saved_mb_jvp=new / 2**20,
+                saved_mb_jvp_with_graph=old / 2**20, saved_ratio=new / plain, saved_ratio_with_graph=old / plain)
+
 
 # %% ../nbs/12_bench.ipynb #b24h0001
 _PY_FALLBACK = tuple(f'{os.sep}torch{os.sep}{d}' for d in ('_refs', '_decomp', '_prims')) # Python decompositions
@@ -711,66 +942,88 @@ class _MixedOps(torch.overrides.TorchFunctionMode):
     and those during which Python code of torch's reference decompositions ran (`fallback`: `torch._refs`,
     `torch._decomp`, `torch._prims*`, seen by a `sys.setprofile` hook around the call)."""
     def __init__(self):
-        super().__init__(); self.total, self.mixed, self.fallback, self.names, self.fb_names = 0, 0, 0, {}, {}
+        super().__init__()
+        self.total, self.mixed, self.fallback, self.names, self.fb_names = 0, 0, 0, {}, {}
     def __torch_function__(self, func, types, args=(), kwargs=None):
         from meanflow_nb.models import _has_tangent
         kwargs = kwargs or {}
         ts = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
-        if not ts or getattr(func, '__name__', '') == '__get__': return func(*args, **kwargs)   # not attribute reads (`x.shape`)
-        n = getattr(func, '__name__', str(func)); self.total += 1
+        if not ts or getattr(func, '__name__', '') == '__get__':
+            return func(*args, **kwargs)   # not attribute reads (`x.shape`)
+        n = getattr(func, '__name__', str(func))
+        self.total += 1
         has = [_has_tangent(a) for a in ts]
-        if any(has) and not all(has): self.mixed += 1; self.names[n] = self.names.get(n, 0) + 1
+        if any(has) and not all(has):
+            self.mixed += 1
+            self.names[n] = self.names.get(n, 0) + 1
         hit = []
         def prof(frame, event, arg):
-            if event == 'call' and any(d in frame.f_code.co_filename for d in _PY_FALLBACK): hit.append(1)
-        old = sys.getprofile(); sys.setprofile(prof)
-        try: out = func(*args, **kwargs)
-        finally: sys.setprofile(old)
-        if hit: self.fallback += 1; self.fb_names[n] = self.fb_names.get(n, 0) + 1
+            if event == 'call' and any(d in frame.f_code.co_filename for d in _PY_FALLBACK):
+                hit.append(1)
+        old = sys.getprofile()
+        sys.setprofile(prof)
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            sys.setprofile(old)
+        if hit:
+            self.fallback += 1
+            self.fb_names[n] = self.fb_names.get(n, 0) + 1
         return out
 
 def mixed_tangent_ops(fn, # the function `torch.func.jvp` differentiates
                       primals: tuple, tangents: tuple) -> dict:
-    """Run `torch.func.jvp(fn, primals, tangents)` as the trainer does (no grad, SDPA's math backend) and count the torch
-    calls inside it: `ops` (every call with a tensor argument), `mixed` (those whose tensor arguments include one at
-    the JVP's level and one from outside it: a weight, a RoPE table, a buffer), with `mixed_by_name`, and `fallback`
+    """Run `torch.func.jvp(fn, primals, tangents)` as the trainer does (no grad, SDPA's math backend) and count the
+    torch calls inside it: `ops` (every call with a tensor argument), `mixed` (those whose tensor arguments include one
+    at the JVP's level and one from outside it: a weight, a RoPE table, a buffer), with `mixed_by_name`, and `fallback`
     (those that ran Python reference decompositions), with `fallback_by_name`."""
     from meanflow_nb.models import jvp_attention
     mode = _MixedOps()
     def inner(*a):
-        with mode: return fn(*a)
-    with torch.no_grad(), jvp_attention(): torch.func.jvp(inner, tuple(primals), tuple(tangents))
+        with mode:
+            return fn(*a)
+    with torch.no_grad(), jvp_attention():
+        torch.func.jvp(inner, tuple(primals), tuple(tangents))
     return dict(ops=mode.total, mixed=mode.mixed, mixed_by_name=dict(sorted(mode.names.items())),
                 fallback=mode.fallback, fallback_by_name=dict(sorted(mode.fb_names.items())))
 
 def _block_inputs(kind: str, width: int, heads: int, tokens: int, batch: int, seed: int = 0):
-    "`(block, fn, primals, tangents)` of one DiT block (tangents on x and c) or iMF block (on x; RoPE tables have none)."
+    ("`(block, fn, primals, tangents)` of one DiT block (tangents on x and c) or iMF block (on x; RoPE tables have "
+     "none).")
     from meanflow_nb.models import DiTBlock, iMFBlock, rope_tables
     check(kind in ('dit', 'imf'), f"kind must be 'dit' or 'imf', got {kind!r}")
-    torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, tokens, width, generator=g); tx = torch.randn(batch, tokens, width, generator=g)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, width, generator=g)
+    tx = torch.randn(batch, tokens, width, generator=g)
     if kind == 'dit':
-        blk = DiTBlock(width, heads).eval(); c = torch.randn(batch, width, generator=g)
+        blk = DiTBlock(width, heads).eval()
+        c = torch.randn(batch, width, generator=g)
         return blk, blk, (x, c), (tx, torch.randn(batch, width, generator=g))
     blk = iMFBlock(width, heads).eval()
     with torch.no_grad():
         for p in blk.parameters():
-            if (p == 0).all(): p.normal_(0, 0.02, generator=g)                  # the zero-initialised gates
+            if (p == 0).all():
+                p.normal_(0, 0.02, generator=g)                  # the zero-initialised gates
     cos, sin = rope_tables(tokens, width // heads)
     return blk, (lambda x_: blk(x_, cos, sin)), (x,), (tx,)
 
 def block_jvp_ops(kind: str = 'dit', # 'dit' (`DiTBlock`) or 'imf' (`iMFBlock`)
                   width: int = 32, heads: int = 2, tokens: int = 16, batch: int = 1, repeats: int = 20) -> dict:
-    "One block's torch calls under `torch.func.jvp` (`mixed_tangent_ops`), and the CPU (and wall) ms of its plain forward and of its JVP."
+    ("One block's torch calls under `torch.func.jvp` (`mixed_tangent_ops`), and the CPU (and wall) ms of its plain "
+     "forward and of its JVP.")
     from meanflow_nb.models import jvp_attention
     blk, fn, prim, tang = _block_inputs(kind, width, heads, tokens, batch)
     r = mixed_tangent_ops(fn, prim, tang)
     def jvp():
-        with torch.no_grad(), jvp_attention(): torch.func.jvp(fn, prim, tang)
+        with torch.no_grad(), jvp_attention():
+            torch.func.jvp(fn, prim, tang)
     def plain():
-        with torch.no_grad(): fn(*prim)
+        with torch.no_grad():
+            fn(*prim)
     tm = time_interleaved({'plain': plain, 'jvp': jvp}, repeats, 2)
-    return dict(kind=kind, width=width, heads=heads, tokens=tokens, batch=batch, **r,  # process CPU time: the host's work
+    # process CPU time: the host's work
+    return dict(kind=kind, width=width, heads=heads, tokens=tokens, batch=batch, **r,
                 plain_ms=round(tm['plain']['cpu_ms'], 3), jvp_ms=round(tm['jvp']['cpu_ms'], 3),
                 plain_wall_ms=round(tm['plain']['wall_ms'], 3), jvp_wall_ms=round(tm['jvp']['wall_ms'], 3))
 
@@ -778,22 +1031,30 @@ def bench_host(width: int = 32, depth: int = 2, heads: int = 2, repeats: int = 5
                backend: str = 'inductor', # `compiled_step`'s backend
                methods: tuple = ('mf', 'imf')) -> dict:
     """Where the host's time dominates: one training step at batch 1 on a network of `width`, eager against compiled
-    (`compile_step`), for MF (DiT) and iMF, every sample a JVP sample; and the mixed-tangent calls of one block of each."""
+    (`compile_step`), for MF (DiT) and iMF, every sample a JVP sample; and the mixed-tangent calls of one block of
+    each."""
     out = dict(width=width, depth=depth, heads=heads, batch=1, backend=backend,
                blocks={k: block_jvp_ops(k, width, heads, repeats=max(10, 4 * repeats)) for k in ('dit', 'imf')})
     for m in methods:
-        kw = dict(method=m, model='iMF-T/2' if m == 'imf' else 'DiT-T/2', global_batch=1, ratio_r_eq_t=0.0, r_eq_t_split='balanced',
-                  model_kwargs=dict(hidden_size=width, depth=depth, num_heads=heads, **(dict(head_depth=1) if m == 'imf' else {})))
+        kw = dict(
+            method=m, model='iMF-T/2' if m == 'imf' else 'DiT-T/2', global_batch=1, ratio_r_eq_t=0.0,
+            r_eq_t_split='balanced', model_kwargs=dict(hidden_size=width, depth=depth, num_heads=heads,
+                                                       **(dict(head_depth=1) if m == 'imf' else {})))
         eager, comp = step_fn('digits', **kw)[0], step_fn('digits', backend=backend, compile_step=True, **kw)[0]
         r = dict(model=kw['model'])
         try:
-            t0 = time.perf_counter(); comp(); comp(); r['compile_s'] = round(time.perf_counter() - t0, 1)
-            if comp.step_fn.failed: raise RuntimeError('compiling failed; the step fell back to eager')
+            t0 = time.perf_counter()
+            comp()
+            comp()
+            r['compile_s'] = round(time.perf_counter() - t0, 1)
+            if comp.step_fn.failed:
+                raise RuntimeError('compiling failed; the step fell back to eager')
             tm = time_interleaved({'eager': eager, 'compiled': comp}, repeats, 1)
             r.update(eager_ms=round(tm['eager']['wall_ms'], 2), compiled_ms=round(tm['compiled']['wall_ms'], 2),
                      eager_cpu_ms=round(tm['eager']['cpu_ms'], 2), compiled_cpu_ms=round(tm['compiled']['cpu_ms'], 2),
                      speedup=round(tm['eager']['cpu_ms'] / tm['compiled']['cpu_ms'], 2))   # CPU time: the host's work
-        except Exception as ex: r['error'] = f'{type(ex).__name__}: {str(ex).splitlines()[0][:160]}'
+        except Exception as ex:
+            r['error'] = f'{type(ex).__name__}: {str(ex).splitlines()[0][:160]}'
         out[m] = r
     return out
 
@@ -801,26 +1062,40 @@ def host_rows(h: dict) -> list:
     "Table rows of `bench_host`."
     rows = []
     for m in ('mf', 'imf'):
-        if m not in h: continue
+        if m not in h:
+            continue
         r = h[m]
-        rows.append((f"{m.upper()} step compiled / eager, batch 1 ({r['model']}, width {h['width']}, depth {h['depth']}; {h['backend']})",
-                     _x(r['speedup']) if 'speedup' in r else 'fails',
-                     f"{r['compiled_cpu_ms']:.1f} vs {r['eager_cpu_ms']:.1f} ms CPU ({r['compiled_ms']:.0f} vs {r['eager_ms']:.0f} ms wall), compile {r['compile_s']} s" if 'speedup' in r else r['error']))
+        rows.append((
+            f"{m.upper()} step compiled / eager, batch 1 ({r['model']}, width {h['width']}, depth {h['depth']}; "
+            f"{h['backend']})",
+            _x(r['speedup']) if 'speedup' in r else 'fails',
+            f"{r['compiled_cpu_ms']:.1f} vs {r['eager_cpu_ms']:.1f} ms CPU ({r['compiled_ms']:.0f} vs "
+            f"{r['eager_ms']:.0f} ms wall), compile {r['compile_s']} s"
+            if 'speedup' in r else r['error']))
     for k, b in h['blocks'].items():
-        rows.append((f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls mixing tangent and non-tangent tensors (width {b['width']})",
-                     f"{b['mixed']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['mixed_by_name'].items())))
-        rows.append((f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls through Python reference decompositions",
-                     f"{b['fallback']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['fallback_by_name'].items()) or '-'))
-        rows.append((f"{'DiT' if k == 'dit' else 'iMF'} block JVP / plain forward, batch {b['batch']}, {b['tokens']} tokens",
-                     f"{b['jvp_ms'] / b['plain_ms']:.0f}x", f"{b['jvp_ms']:.1f} vs {b['plain_ms']:.2f} ms CPU"))
+        rows.append((
+            f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls mixing tangent and non-tangent "
+            f"tensors (width {b['width']})",
+            f"{b['mixed']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['mixed_by_name'].items())))
+        rows.append((
+            f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls through Python reference "
+            f"decompositions",
+            f"{b['fallback']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['fallback_by_name'].items()) or '-'))
+        rows.append(
+            (f"{'DiT' if k == 'dit' else 'iMF'} block JVP / plain forward, batch {b['batch']}, {b['tokens']} tokens",
+             f"{b['jvp_ms'] / b['plain_ms']:.0f}x", f"{b['jvp_ms']:.1f} vs {b['plain_ms']:.2f} ms CPU"))
     return rows
+
 
 # %% ../nbs/12_bench.ipynb #f9a0a022
 def cli_plan(argv: list | None = None):
     "`mf-bench plan --preset P --gpus G --gpu-mem-gb M`: the memory plan and cost of a preset."
-    p = CLIParser(prog='mf-bench plan', description='Per-GPU memory, the micro-batch that fits, and GPU-hours of a preset.')
-    p.add_argument('--preset', required=True); p.add_argument('--gpus', type=int, default=8)
-    p.add_argument('--gpu-mem-gb', type=float, default=80.0); p.add_argument('--mfu', type=float, default=0.35)
+    p = CLIParser(prog='mf-bench plan',
+                  description='Per-GPU memory, the micro-batch that fits, and GPU-hours of a preset.')
+    p.add_argument('--preset', required=True)
+    p.add_argument('--gpus', type=int, default=8)
+    p.add_argument('--gpu-mem-gb', type=float, default=80.0)
+    p.add_argument('--mfu', type=float, default=0.35)
     p.add_argument('--peak-tflops', type=float, default=989.0)
     p.add_argument('--grad_ckpt', action='store_true', help='plan with activation checkpointing')
     p.add_argument('--fp32', action='store_true', help='plan without bf16 autocast')
@@ -833,25 +1108,35 @@ def cli_plan(argv: list | None = None):
     check(finite(a.mfu) and a.mfu <= 1, f'--mfu must lie in (0, 1], got {a.mfu}')
     check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')
     kw = dict(grad_ckpt=True) if a.grad_ckpt else {}
-    if a.fp32: kw['bf16'] = False
+    if a.fp32:
+        kw['bf16'] = False
     r = plan(a.preset, a.gpus, a.gpu_mem_gb, a.mfu, a.peak_tflops, **kw)
     print(plan_text(r))
-    if a.json: Path(a.json).write_text(json.dumps(r, indent=1)); print(f'wrote {a.json}', file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+        print(f'wrote {a.json}', file=sys.stderr)
     return r
 
 def plan_text(r: dict) -> str:
     "A plan as a few readable lines."
     mb = r['micro_batch']
-    fit = (f"micro-batch {mb} of {r['per_gpu_batch']} per GPU ({r['per_gpu_batch'] // mb} accumulation steps), peak ~{r['peak_gb']} GB"
-           if mb else f"does not fit: not even 1 sample per GPU (try --grad_ckpt)")
-    return '\n'.join([f"{r['preset']}: {r['model']} ({r['params_m']} M params) on {r['gpus']} x {r['gpu_mem_gb']:g} GB, "
-                      f"{r['per_gpu_batch']} samples per GPU, bf16 {r['bf16']}, grad_ckpt {r['grad_ckpt']}",
-                      f"  fixed per GPU: weights {r['weights_gb']} GB, grads {r['grads_gb']} GB, AdamW {r['adamw_gb']} GB, EMA {r['ema_gb']} GB",
-                      f"  activations per sample: r = t {r['act_fm_mb_per_sample']} MB, JVP {r['act_jvp_mb_per_sample']} MB; "
-                      f"whole per-GPU batch at once {r['act_full_batch_gb']} GB",
-                      f"  {fit}",
-                      f"  {r['steps']:,} steps: ~{r['gpu_hours']:,} GPU-hours (~{r['days']} days) at MFU {r['mfu']} of {r['peak_tflops']:g} TFLOP/s"])
+    fit = (
+        f"micro-batch {mb} of {r['per_gpu_batch']} per GPU ({r['per_gpu_batch'] // mb} accumulation steps), peak "
+        f"~{r['peak_gb']} GB"
+        if mb else f"does not fit: not even 1 sample per GPU (try --grad_ckpt)")
+    return '\n'.join([
+        f"{r['preset']}: {r['model']} ({r['params_m']} M params) on {r['gpus']} x {r['gpu_mem_gb']:g} GB, "
+        f"{r['per_gpu_batch']} samples per GPU, bf16 {r['bf16']}, grad_ckpt {r['grad_ckpt']}",
+        f"  fixed per GPU: weights {r['weights_gb']} GB, grads {r['grads_gb']} GB, AdamW {r['adamw_gb']} GB, EMA "
+        f"{r['ema_gb']} GB",
+        f"  activations per sample: r = t {r['act_fm_mb_per_sample']} MB, JVP {r['act_jvp_mb_per_sample']} MB; "
+        f"whole per-GPU batch at once {r['act_full_batch_gb']} GB", f"  {fit}",
+        f"  {r['steps']:,} steps: ~{r['gpu_hours']:,} GPU-hours (~{r['days']} days) at MFU {r['mfu']} of "
+        f"{r['peak_tflops']:g} TFLOP/s"
+    ])
+
 
 # %% ../nbs/12_bench.ipynb #2233eef2
 #| eval: false
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: cli_bench()
+if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    cli_bench()

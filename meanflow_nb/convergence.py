@@ -59,16 +59,20 @@ def conv_steps(method: str, mf_steps: int = CONV_MF_STEPS) -> int:
     k = round(CONV_BUDGET[method] * mf_steps / CONV_CKPTS)
     return max(1, k) * CONV_CKPTS
 
-def conv_config(method: str, seed: int, out, mf_steps: int = CONV_MF_STEPS, settings: dict | None = None, **kw) -> TrainConfig:
+
+def conv_config(method: str, seed: int, out, mf_steps: int = CONV_MF_STEPS, settings: dict | None = None,
+                **kw) -> TrainConfig:
     "The digits preset at batch 32 on the train-minus-validation split, every checkpoint kept."
     steps = conv_steps(method, mf_steps)
     base = dict(global_batch=CONV_BATCH, steps=steps, ckpt_every=steps // CONV_CKPTS, keep_ckpts=10_000, sample_every=0,
                 eval_samples=64, log_every=steps // CONV_CKPTS, data_kwargs=dict(CONV_DATA))
     return get_config('digits', out=str(out), seed=seed, **{**base, **CONV_METHODS[method], **(settings or {}), **kw})
 
+
 # %% ../nbs/17_convergence.ipynb #s17c0011
 def step_compute(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
-    "Training compute of one step of `cfg` in load-independent units: FLOPs counted once (`FlopCounterMode`, JVP and guidance included) and CPU seconds per step on this thread."
+    ("Training compute of one step of `cfg` in load-independent units: FLOPs counted once (`FlopCounterMode`, JVP and "
+     "guidance included) and CPU seconds per step on this thread.")
     from torch.utils.flop_counter import FlopCounterMode
     from meanflow_nb.train import build_loss, build_data, train_step
     data, dev = build_data(cfg), torch.device('cpu')
@@ -82,12 +86,16 @@ def step_compute(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
         g = torch.Generator().manual_seed(_mix(cfg.seed, step, 2))
         drawn = loss_fn.draw(cfg.global_batch, x.shape[1:], g, dev, step, cfg.steps)
         train_step(model, loss_fn, opt, x, y, drawn, step, cfg.steps, sync=False)
-    with FlopCounterMode(display=False) as fc: one(0)
-    for s in range(1, warmup): one(s)
+    with FlopCounterMode(display=False) as fc:
+        one(0)
+    for s in range(1, warmup):
+        one(s)
     t0 = time.process_time()
-    for s in range(warmup, warmup + steps): one(s)
+    for s in range(warmup, warmup + steps):
+        one(s)
     return dict(flops_per_step=int(fc.get_total_flops()), cpu_s_per_step=(time.process_time() - t0) / steps,
                 threads=torch.get_num_threads(), batch=cfg.global_batch)
+
 
 # %% ../nbs/17_convergence.ipynb #s17c0013
 @functools.lru_cache(maxsize=4)
@@ -95,7 +103,8 @@ def _ref_stats(split: str):
     "digits-FID statistics of the validation ('val', carved from train) or test split."
     from meanflow_nb.eval import feature_stats, DIGITS_EXTRACTOR, digits_reference_stats
     from meanflow_nb.data import digits_dataset
-    if split == 'test': return digits_reference_stats('test')
+    if split == 'test':
+        return digits_reference_stats('test')
     return feature_stats(digits_dataset(split, **CONV_DATA).tensors[0], DIGITS_EXTRACTOR, cuda=False)
 
 def conv_fid(x, split: str = 'test') -> float:
@@ -106,14 +115,16 @@ def conv_fid(x, split: str = 'test') -> float:
 def _samples(cfg, model, shp, nfe: int, seed: int, n: int = CONV_N, solver: str = 'native'):
     "`n` class-balanced samples with `nfe` network calls: the method's own sampler, or Heun for flow matching."
     from meanflow_nb.eval import sample_shard
-    if solver == 'native': return sample_shard(cfg, model, shp, 0, n, 0, nfe, seed, 500)['x']
+    if solver == 'native':
+        return sample_shard(cfg, model, shp, 0, n, 0, nfe, seed, 500)['x']
     return heun_samples(model, shp, n, nfe, seed, cfg.num_classes)
 
 # %% ../nbs/17_convergence.ipynb #s17c0015
 @torch.no_grad()
 def conv_measure(run: Path, method: str, n: int = CONV_N, euler=CONV_EULER, heun=CONV_HEUN, nfes=CONV_NFE,
                  omegas=CONV_IMF_OMEGAS) -> dict:
-    "A finished run's learning curve (every checkpoint, 1 NFE, test split) and final numbers; iMF's omega chosen per NFE on the validation split."
+    ("A finished run's learning curve (every checkpoint, 1 NFE, test split) and final numbers; iMF's omega chosen per "
+     "NFE on the validation split.")
     from meanflow_nb.eval import load_run
     cfg, model, shp, _ = load_run(run)
     rec = {}
@@ -121,59 +132,78 @@ def conv_measure(run: Path, method: str, n: int = CONV_N, euler=CONV_EULER, heun
         val = {f'nfe{k}': {} for k in nfes}
         for k in nfes:
             for w in omegas:
-                cfg.eval_omega = w; val[f'nfe{k}'][str(w)] = conv_fid(_samples(cfg, model, shp, k, CONV_CURVE_SEED, n), 'val')
-        rec['omega'] = {k: float(min(d, key=d.get)) for k, d in val.items()}; rec['omega_val'] = val
+                cfg.eval_omega = w
+                val[f'nfe{k}'][str(w)] = conv_fid(_samples(cfg, model, shp, k, CONV_CURVE_SEED, n), 'val')
+        rec['omega'] = {k: float(min(d, key=d.get)) for k, d in val.items()}
+        rec['omega_val'] = val
     final = {}
     if method == 'fm':
-        for k in euler: final[f'euler{k}'] = conv_fid(_samples(cfg, model, shp, k, CONV_FINAL_SEED, n))
-        for k in heun: final[f'heun{k}'] = conv_fid(_samples(cfg, model, shp, k, CONV_FINAL_SEED, n, 'heun'))
+        for k in euler:
+            final[f'euler{k}'] = conv_fid(_samples(cfg, model, shp, k, CONV_FINAL_SEED, n))
+        for k in heun:
+            final[f'heun{k}'] = conv_fid(_samples(cfg, model, shp, k, CONV_FINAL_SEED, n, 'heun'))
     else:
         for k in nfes:
-            if method == 'imf': cfg.eval_omega = rec['omega'][f'nfe{k}']
+            if method == 'imf':
+                cfg.eval_omega = rec['omega'][f'nfe{k}']
             final[f'nfe{k}'] = conv_fid(_samples(cfg, model, shp, k, CONV_FINAL_SEED, n))
     rec['final'] = final
     curve = dict(step=[], fid1=[], **({f'euler{CONV_FM_CURVE_NFE}': []} if method == 'fm' else {}))
     for p in list_checkpoints(run):
         cfg_k, model_k, _, step = load_run(run, ckpt=str(p))
-        if method == 'imf': cfg_k.eval_omega = rec['omega']['nfe1']
+        if method == 'imf':
+            cfg_k.eval_omega = rec['omega']['nfe1']
         curve['step'].append(step)
         curve['fid1'].append(conv_fid(_samples(cfg_k, model_k, shp, 1, CONV_CURVE_SEED, n)))
         if method == 'fm':
-            curve[f'euler{CONV_FM_CURVE_NFE}'].append(conv_fid(_samples(cfg_k, model_k, shp, CONV_FM_CURVE_NFE, CONV_CURVE_SEED, n)))
+            curve[f'euler{CONV_FM_CURVE_NFE}'].append(
+                conv_fid(_samples(cfg_k, model_k, shp, CONV_FM_CURVE_NFE, CONV_CURVE_SEED, n)))
     rec['curve'] = curve
     return rec
 
+
 # %% ../nbs/17_convergence.ipynb #s17c0017
 def _conv_update(name: str, key: str, rec: dict, folder=None, **head):
-    "Add record `key` to `results/NAME.json` under a file lock (two workers may finish at once); `head` fills a new file."
+    ("Add record `key` to `results/NAME.json` under a file lock (two workers may finish at once); `head` fills a new "
+     "file.")
     import fcntl
-    folder = Path(folder or results_dir()); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder or results_dir())
+    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f'.{name}.lock', 'w') as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
-        try: d = load_result(name, folder)
-        except FileNotFoundError: d = dict(name=name, **head, runs={})
+        try:
+            d = load_result(name, folder)
+        except FileNotFoundError:
+            d = dict(name=name, **head, runs={})
         d['runs'][key] = rec
         d['runs'] = dict(sorted(d['runs'].items()))
         save_result(name, d, folder)
 
 def _conv_done(name: str, key: str, folder=None) -> dict | None:
-    try: return load_result(name, folder)['runs'].get(key)
-    except FileNotFoundError: return None
+    try:
+        return load_result(name, folder)['runs'].get(key)
+    except FileNotFoundError:
+        return None
 
 def conv_protocol(mf_steps: int = CONV_MF_STEPS) -> dict:
     "What every digits-convergence result file records about how it was made."
     return dict(preset='digits', batch=CONV_BATCH, data=CONV_DATA, mf_steps=mf_steps, ckpts=CONV_CKPTS, n=CONV_N,
-                curve_seed=CONV_CURVE_SEED, final_seed=CONV_FINAL_SEED, curve_ref='test', final_ref='test', choice_ref='val',
-                steps={m: conv_steps(m, mf_steps) for m in CONV_METHODS})
+                curve_seed=CONV_CURVE_SEED, final_seed=CONV_FINAL_SEED, curve_ref='test', final_ref='test',
+                choice_ref='val', steps={m: conv_steps(m, mf_steps)
+                                         for m in CONV_METHODS})
+
 
 # %% ../nbs/17_convergence.ipynb #s17c0019
 CONV_PILOT = dict(steps=2400, every=100) # MeanFlow on the validation seed, longer than any candidate budget
 CONV_CANDIDATES = (800, 1200, 1600, 2000) # MeanFlow budgets the pilot chooses from
-CONV_FLAT = 0.10 # the pilot's last quarter must improve its 1-NFE FID by at most this (the issue's rule is 15 % on the seed mean)
+# the pilot's last quarter must improve its 1-NFE FID by at most this (the issue's rule is 15 % on the seed mean)
+CONV_FLAT = 0.10
 
 def conv_pilot(runs: Path, quick: bool = False, folder=None) -> dict:
-    "MeanFlow on the validation seed, scored on the validation split every `every` steps; the budget is the smallest candidate whose last quarter improves the (3-checkpoint mean) curve by at most `CONV_FLAT`."
-    if (d := _conv_done('digits_conv_pilot', 'mf', folder)) is not None: return d
+    ("MeanFlow on the validation seed, scored on the validation split every `every` steps; the budget is the smallest "
+     "candidate whose last quarter improves the (3-checkpoint mean) curve by at most `CONV_FLAT`.")
+    if (d := _conv_done('digits_conv_pilot', 'mf', folder)) is not None:
+        return d
     steps, every = (8, 2) if quick else (CONV_PILOT['steps'], CONV_PILOT['every'])
     out = Path(runs) / 'digits_conv' / f"pilot_mf_s{CONV_VAL_SEED}{'_quick' if quick else ''}"
     cfg = get_config('digits', out=str(out), seed=CONV_VAL_SEED, global_batch=8 if quick else CONV_BATCH, steps=steps,
@@ -184,7 +214,8 @@ def conv_pilot(runs: Path, quick: bool = False, folder=None) -> dict:
     n, curve = (40 if quick else CONV_N), dict(step=[], fid1=[])
     for p in list_checkpoints(out):
         c, m, shp, step = load_run(out, ckpt=str(p))
-        curve['step'].append(step); curve['fid1'].append(conv_fid(_samples(c, m, shp, 1, CONV_CURVE_SEED, n), 'val'))
+        curve['step'].append(step)
+        curve['fid1'].append(conv_fid(_samples(c, m, shp, 1, CONV_CURVE_SEED, n), 'val'))
     rec = dict(curve=curve, **pilot_budget(curve, (4, 8) if quick else CONV_CANDIDATES))
     _conv_update('digits_conv_pilot', 'mf', rec, folder, seed=CONV_VAL_SEED, ref='val', flat=CONV_FLAT)
     return rec
@@ -197,26 +228,36 @@ def pilot_budget(curve: dict, candidates=CONV_CANDIDATES, flat: float = CONV_FLA
     ok = [b for b in candidates if gain[str(b)] <= flat]
     return dict(gain=gain, budget=int(ok[0]) if ok else int(candidates[-1]), met=bool(ok))
 
+
 # %% ../nbs/17_convergence.ipynb #s17c0021
 def conv_compute(folder=None, quick: bool = False) -> dict:
-    "FLOPs and CPU seconds per step of every method (`step_compute`), measured once, before the runs start: `results/digits_conv_compute.json`."
-    try: return load_result('digits_conv_compute', folder)
-    except FileNotFoundError: pass
+    ("FLOPs and CPU seconds per step of every method (`step_compute`), measured once, before the runs start: "
+     "`results/digits_conv_compute.json`.")
+    try:
+        return load_result('digits_conv_compute', folder)
+    except FileNotFoundError:
+        pass
     rows = {m: step_compute(conv_config(m, 0, '/tmp/unused'), steps=2 if quick else 20) for m in CONV_METHODS}
     import platform
-    res = dict(name='digits_conv_compute', methods=rows, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-               loadavg_start=[round(x, 2) for x in os.getloadavg()], date=time.strftime('%Y-%m-%d'),
-               note='CPU seconds on one thread with at most one other process on the second core; FLOPs by torch.utils.flop_counter')
+    res = dict(
+        name='digits_conv_compute', methods=rows, torch=torch.__version__, cpu=platform.processor()
+        or platform.machine(), loadavg_start=[round(x, 2)
+                                              for x in os.getloadavg()], date=time.strftime('%Y-%m-%d'), note=
+        'CPU seconds on one thread with at most one other process on the second core; FLOPs by torch.utils.flop_counter'
+    )
     save_result('digits_conv_compute', res, folder)
     return res
 
 def conv_fm_settings(runs: Path, mf_steps: int, quick: bool = False, folder=None, wait: bool = True) -> dict | None:
-    "Flow matching's time distribution: each `CONV_FM_SWEEP` entry trained on the validation seed at flow matching's budget, mean Euler FID (1 to 32 NFE) on the validation split; None while a sweep run is missing and `wait` is False."
+    ("Flow matching's time distribution: each `CONV_FM_SWEEP` entry trained on the validation seed at flow matching's "
+     "budget, mean Euler FID (1 to 32 NFE) on the validation split; None while a sweep run is missing and `wait` is "
+     "False.")
     rows = {}
     for name in CONV_FM_SWEEP:
         rows[name] = _conv_done('digits_conv_fm_sweep', name, folder)
         if rows[name] is None:
-            if not wait: return None
+            if not wait:
+                return None
             rows[name] = conv_fm_sweep_run(runs, name, mf_steps, quick, folder)
     best = min(rows, key=lambda k: rows[k]['score'])
     return dict(CONV_FM_SWEEP[best], _choice=best)
@@ -224,8 +265,10 @@ def conv_fm_settings(runs: Path, mf_steps: int, quick: bool = False, folder=None
 def conv_fm_sweep_run(runs: Path, name: str, mf_steps: int, quick: bool = False, folder=None) -> dict:
     "One setting of flow matching's sweep, on the validation seed, scored against the validation split."
     from meanflow_nb.eval import load_run
-    if (d := _conv_done('digits_conv_fm_sweep', name, folder)) is not None: return d
-    out = Path(runs) / 'digits_conv' / f"fm_sweep_{''.join(ch for ch in name if ch.isalnum())}{'_quick' if quick else ''}"
+    if (d := _conv_done('digits_conv_fm_sweep', name, folder)) is not None:
+        return d
+    out = Path(
+        runs) / 'digits_conv' / f"fm_sweep_{''.join(ch for ch in name if ch.isalnum())}{'_quick' if quick else ''}"
     cfg = conv_config('fm', CONV_VAL_SEED, out, mf_steps, CONV_FM_SWEEP[name], keep_ckpts=1,
                       **(dict(global_batch=8) if quick else {}))
     train(cfg, resume=True, progress=False)
@@ -237,10 +280,13 @@ def conv_fm_sweep_run(runs: Path, name: str, mf_steps: int, quick: bool = False,
                                criterion='mean Euler digits-FID over 1 to 32 NFE against the validation split')
     return rec
 
-def conv_run(runs: Path, method: str, seed: int, mf_steps: int, quick: bool = False, folder=None, settings=None) -> dict:
+
+def conv_run(runs: Path, method: str, seed: int, mf_steps: int, quick: bool = False, folder=None,
+             settings=None) -> dict:
     "Train (or resume) one run, measure its curve and final numbers, record it in `results/digits_conv_<method>.json`."
     name = f'digits_conv_{method}'
-    if (d := _conv_done(name, str(seed), folder)) is not None: return d
+    if (d := _conv_done(name, str(seed), folder)) is not None:
+        return d
     out = Path(runs) / 'digits_conv' / f"{method}_s{seed}{'_quick' if quick else ''}"
     settings = {k: v for k, v in (settings or {}).items() if not k.startswith('_')}
     cfg = conv_config(method, seed, out, mf_steps, settings, **(dict(global_batch=8) if quick else {}))
@@ -254,6 +300,7 @@ def conv_run(runs: Path, method: str, seed: int, mf_steps: int, quick: bool = Fa
     _conv_update(name, str(seed), rec, folder, label=CONV_LABELS[method], protocol=conv_protocol(mf_steps))
     return rec
 
+
 # %% ../nbs/17_convergence.ipynb #s17c0023
 def conv_jobs(seeds=CONV_SEEDS) -> list[tuple]:
     "The study's work list, in the order the workers take it: the flow-matching sweep, then seed by seed every method."
@@ -262,9 +309,11 @@ def conv_jobs(seeds=CONV_SEEDS) -> list[tuple]:
     return jobs + [('run', m, s) for s in seeds for m in order]
 
 def conv_worker(runs: Path, mf_steps: int, folder=None, seeds=CONV_SEEDS, quick: bool = False) -> int:
-    "Take jobs that no other worker holds (a file lock each) until none is left; flow matching's runs wait for its sweep. Returns the number done here."
+    ("Take jobs that no other worker holds (a file lock each) until none is left; flow matching's runs wait for its "
+     "sweep. Returns the number done here.")
     import fcntl
-    locks = Path(runs) / 'digits_conv' / 'locks'; locks.mkdir(parents=True, exist_ok=True)
+    locks = Path(runs) / 'digits_conv' / 'locks'
+    locks.mkdir(parents=True, exist_ok=True)
     done_here, pending = 0, conv_jobs(seeds)
     while pending:
         progress = False
@@ -272,33 +321,51 @@ def conv_worker(runs: Path, mf_steps: int, folder=None, seeds=CONV_SEEDS, quick:
             kind, m, s = job
             if kind == 'run' and m == 'fm':
                 st = conv_fm_settings(runs, mf_steps, quick, folder, wait=False)
-                if st is None: continue
+                if st is None:
+                    continue
             lk = open(locks / f'{kind}_{m.replace(" ", "")}_{s}.lock', 'w')
-            try: fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError: lk.close(); continue      # another worker has it
             try:
-                if kind == 'sweep': conv_fm_sweep_run(runs, m, mf_steps, quick, folder)
-                else: conv_run(runs, m, s, mf_steps, quick, folder, st if m == 'fm' else None)
+                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lk.close()
+                continue      # another worker has it
+            try:
+                if kind == 'sweep':
+                    conv_fm_sweep_run(runs, m, mf_steps, quick, folder)
+                else:
+                    conv_run(runs, m, s, mf_steps, quick, folder, st if m == 'fm' else None)
                 print(f'{time.strftime("%H:%M:%S")} done {kind} {m} seed {s}', flush=True)
-            finally: lk.close()
-            pending.remove(job); done_here += 1; progress = True
-        if pending and not progress: time.sleep(20)   # what is left is held by the other worker or waits for the sweep
+            finally:
+                lk.close()
+            pending.remove(job)
+            done_here += 1
+            progress = True
+        if pending and not progress:
+            time.sleep(20)   # what is left is held by the other worker or waits for the sweep
     return done_here
+
 
 # %% ../nbs/17_convergence.ipynb #s17c0025
 @study('digits-conv', minutes=95)  # two workers, one per core; ~170 CPU-minutes in all
 def study_digits_conv(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False,
                       workers: int = 2) -> dict:
-    "Digits at convergence and matched compute: compute per step, the pilot (MeanFlow's budget), flow matching's sweep, then 5 methods x 5 seeds on `workers` processes; resumable."
+    ("Digits at convergence and matched compute: compute per step, the pilot (MeanFlow's budget), flow matching's "
+     "sweep, then 5 methods x 5 seeds on `workers` processes; resumable.")
     import subprocess
     check(not fresh, 'digits-conv resumes from its result files; delete results/digits_conv_*.json to start over')
-    if quick and folder is None: folder = Path(runs) / 'digits_conv' / 'quick_results'   # never results/
+    if quick and folder is None:
+        folder = Path(runs) / 'digits_conv' / 'quick_results'   # never results/
     comp = conv_compute(folder, quick)
     mf_steps = 16 if quick else conv_pilot(runs, quick, folder)['budget']
     seeds = CONV_SEEDS[:1] if quick else CONV_SEEDS
-    print(f"digits-conv: MeanFlow budget {mf_steps} steps (pilot); {len(conv_jobs(seeds))} jobs on {workers} workers", flush=True)
-    code = (f"import torch; torch.set_num_threads(1); from pathlib import Path; from meanflow_nb.convergence import conv_worker; "
-            f"conv_worker(Path({str(runs)!r}), {mf_steps}, {None if folder is None else str(folder)!r}, {tuple(seeds)!r}, {quick!r})")
+    print(f"digits-conv: MeanFlow budget {mf_steps} steps (pilot); {len(conv_jobs(seeds))} jobs on {workers} workers",
+          flush=True)
+    code = (
+        f"import torch; torch.set_num_threads(1); from pathlib import Path; from meanflow_nb.convergence import "
+        f"conv_worker; "
+        f"conv_worker(Path({str(runs)!r}), {mf_steps}, {None if folder is None else str(folder)!r}, {tuple(seeds)!r}, "
+        f"{quick!r})"
+    )
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     procs = [subprocess.Popen([sys.executable, '-c', code], env=env) for _ in range(max(workers, 1) - 1)]
     conv_worker(Path(runs), mf_steps, folder, seeds, quick)
@@ -306,9 +373,11 @@ def study_digits_conv(runs: Path = Path('runs/study'), quick: bool = False, fold
     check(not any(bad), f'a digits-conv worker failed (exit codes {bad}); rerun `mf-study digits-conv` to resume')
     return dict(compute=comp, mf_steps=mf_steps)
 
+
 # %% ../nbs/17_convergence.ipynb #s17c0101
 def t_ci(values, level: float = 0.95) -> dict:
-    "Mean and Student-t interval of the mean over seeds: `dict(mean, lo, hi, n)` (exact for normal per-seed values; with 5 seeds the percentile bootstrap is too narrow)."
+    ("Mean and Student-t interval of the mean over seeds: `dict(mean, lo, hi, n)` (exact for normal per-seed values; "
+     "with 5 seeds the percentile bootstrap is too narrow).")
     from scipy.stats import t as student_t
     v = np.asarray(values, float)
     check(v.ndim == 1 and len(v) >= 2 and np.isfinite(v).all(), f't_ci needs >= 2 finite values, got {v.tolist()}')
@@ -326,16 +395,21 @@ def both_ci(values) -> dict:
     "The t-interval, with the percentile bootstrap beside it (`boot`)."
     return dict(t_ci(values), boot=bootstrap_ci(values))
 
+
 # %% ../nbs/17_convergence.ipynb #s17c0104
 def read_curve(steps, curves, at) -> np.ndarray:
-    "Each seed's curve (rows of `curves`, lower is better) read at `at` (steps or compute on the same axis): log-linear between the bracketing checkpoints; NaN outside the curve."
+    ("Each seed's curve (rows of `curves`, lower is better) read at `at` (steps or compute on the same axis): "
+     "log-linear between the bracketing checkpoints; NaN outside the curve.")
     s, c = np.asarray(steps, float), np.log(np.asarray(curves, float))
-    if at < s[0] or at > s[-1]: return np.full(len(c), np.nan)
+    if at < s[0] or at > s[-1]:
+        return np.full(len(c), np.nan)
     return np.exp(np.array([np.interp(at, s, row) for row in c]))
+
 
 # %% ../nbs/17_convergence.ipynb #s17c0107
 def conv_files(folder=None) -> dict:
-    "The result files of the digits-convergence study: per method the records of the seeds every method has, the compute per step, the protocol."
+    ("The result files of the digits-convergence study: per method the records of the seeds every method has, the "
+     "compute per step, the protocol.")
     runs = {m: load_result(f'digits_conv_{m}', folder) for m in CONV_METHODS}
     seeds = sorted(set.intersection(*(set(r['runs']) for r in runs.values())), key=int)
     check(len(seeds) >= 2, f'the digits-convergence files share {len(seeds)} seed(s): run `mf-study digits-conv`')
@@ -353,20 +427,29 @@ def conv_axis(F: dict, m: str, steps, unit: str = 'flops'):
     c = F['compute'][m]
     return np.asarray(steps, float) * (c['flops_per_step'] / 1e12 if unit == 'flops' else c['cpu_s_per_step'] / 60)
 
+
 # %% ../nbs/17_convergence.ipynb #s17c0108
 CONV_ONE_STEP = ('mf', 'kim_minsnr', 'kim_dtd', 'imf')
 CONV_FM_KEY = f'euler{CONV_FM_CURVE_NFE}'
 
 def conv_summary(folder=None) -> dict:
-    "Every number the digits-convergence text gives, from the files: finals, flatness, equal steps, matched compute, Kim et al.'s speed-up, flow matching's equivalent NFE."
-    F = conv_files(folder); R = F['R']; S = dict(seeds=F['seeds'], files=F)
+    ("Every number the digits-convergence text gives, from the files: finals, flatness, equal steps, matched compute, "
+     "Kim et al.'s speed-up, flow matching's equivalent NFE.")
+    F = conv_files(folder)
+    R = F['R']
+    S = dict(seeds=F['seeds'], files=F)
     fin = lambda m, k: np.array([r['final'][k] for r in R[m]], float)
     S['final'] = {(m, k): both_ci(fin(m, f'nfe{k}')) for m in CONV_ONE_STEP for k in CONV_NFE}
     fm_keys = sorted(R['fm'][0]['final'], key=lambda k: (k[:4], int(''.join(ch for ch in k if ch.isdigit()))))
     S['fm_final'] = {k: both_ci(fin('fm', k)) for k in fm_keys}
-    S['vs_mf_final'] = {(m, k): paired_t_ci(fin(m, f'nfe{k}'), fin('mf', f'nfe{k}')) for m in CONV_ONE_STEP[1:] for k in CONV_NFE}
-    steps, mf = conv_curves(F, 'mf'); mean = mf.mean(0); q = int(np.argmin(np.abs(steps - 0.75 * steps[-1])))
-    S['flat'] = dict(at=int(steps[q]), end=int(steps[-1]), gain=float(1 - mean[-1] / mean[q]), ok=bool(1 - mean[-1] / mean[q] <= 0.15))
+    S['vs_mf_final'] = {(m, k): paired_t_ci(fin(m, f'nfe{k}'), fin('mf', f'nfe{k}'))
+                        for m in CONV_ONE_STEP[1:]
+                        for k in CONV_NFE}
+    steps, mf = conv_curves(F, 'mf')
+    mean = mf.mean(0)
+    q = int(np.argmin(np.abs(steps - 0.75 * steps[-1])))
+    S['flat'] = dict(at=int(steps[q]), end=int(steps[-1]), gain=float(1 - mean[-1] / mean[q]),
+                     ok=bool(1 - mean[-1] / mean[q] <= 0.15))
     # converged level: the mean of each run's last 3 checkpoints (flow matching's curve oscillates at constant lr)
     S['level'] = {m: both_ci(conv_curves(F, m)[1][:, -3:].mean(1)) for m in CONV_ONE_STEP}
     # equal steps: every curve read at iMF's last step (a checkpoint of each one-step method)
@@ -379,12 +462,21 @@ def conv_summary(folder=None) -> dict:
     S['matched'] = {}
     for unit in ('flops', 'cpu'):
         budget = float(conv_axis(F, 'mf', [steps[-1]], unit)[0])
-        vals = {m: read_curve(conv_axis(F, m, conv_curves(F, m)[0], unit), conv_curves(F, m)[1], budget) for m in CONV_ONE_STEP}
+        vals = {
+            m: read_curve(conv_axis(F, m,
+                                    conv_curves(F, m)[0], unit),
+                          conv_curves(F, m)[1], budget)
+            for m in CONV_ONE_STEP
+        }
         s_fm, c_fm = conv_curves(F, 'fm', CONV_FM_KEY)
         vals['fm'] = read_curve(conv_axis(F, 'fm', s_fm, unit), c_fm, budget)
-        S['matched'][unit] = dict(budget=budget, values={m: both_ci(v) if np.isfinite(v).all() else None for m, v in vals.items()},
-                                  vs_mf={m: paired_t_ci(v, vals['mf']) for m, v in vals.items() if m != 'mf' and np.isfinite(v).all()},
-                                  steps={m: budget / float(conv_axis(F, m, [1], unit)[0]) for m in vals})
+        S['matched'][unit] = dict(
+            budget=budget, values={m: both_ci(v) if np.isfinite(v).all() else None
+                                   for m, v in vals.items()},
+            vs_mf={m: paired_t_ci(v, vals['mf'])
+                   for m, v in vals.items() if m != 'mf' and np.isfinite(v).all()},
+            steps={m: budget / float(conv_axis(F, m, [1], unit)[0])
+                   for m in vals})
     # Kim et al.'s speed-up on the 1-NFE curves (same step grid as MeanFlow), and MeanFlow against itself
     S['speedup'] = {m: speedup_ci(mf, conv_curves(F, m)[1], steps, final_k=3) for m in ('kim_minsnr', 'kim_dtd', 'mf')}
     # flow matching's equivalent NFE for MeanFlow's 1 NFE, Euler and Heun, and the measured grid points around it
@@ -392,15 +484,20 @@ def conv_summary(folder=None) -> dict:
     for solver in ('euler', 'heun'):
         ks = [int(k[len(solver):]) for k in fm_keys if k.startswith(solver)]
         grid = np.stack([fin('fm', f'{solver}{k}') for k in ks], 1)
-        S['equiv'][solver] = {m: dict(equivalent_nfe_ci(grid, fin(m, 'nfe1'), ks), around=_around(grid, fin(m, 'nfe1'), ks, solver))
-                              for m in CONV_ONE_STEP}
+        S['equiv'][solver] = {
+            m: dict(equivalent_nfe_ci(grid, fin(m, 'nfe1'), ks), around=_around(grid, fin(m, 'nfe1'), ks, solver))
+            for m in CONV_ONE_STEP
+        }
     return S
 
 def _around(grid, target, ks, solver) -> list:
-    "The two measured grid points that bracket the seed-mean crossing, each with the paired difference (flow matching minus the one-step model)."
-    mean = grid.mean(0); i = int(np.argmax(mean <= target.mean())) if (mean <= target.mean()).any() else len(ks)
+    ("The two measured grid points that bracket the seed-mean crossing, each with the paired difference (flow matching "
+     "minus the one-step model).")
+    mean = grid.mean(0)
+    i = int(np.argmax(mean <= target.mean())) if (mean <= target.mean()).any() else len(ks)
     pick = [j for j in (i - 1, i) if 0 <= j < len(ks)]
     return [dict(nfe=ks[j], solver=solver, diff=paired_t_ci(grid[:, j], target)) for j in pick]
+
 
 # %% ../nbs/17_convergence.ipynb #s17c0109
 def _ci2(d: dict, nd: int | None = None) -> str:
@@ -412,43 +509,61 @@ def _sep_t(d: dict) -> str:
 
 @result_table('digits_conv')
 def conv_table(folder=None) -> str:
-    "The README's digits block: each method at its own converged budget, at equal steps and at MeanFlow's compute; Kim et al.'s speed-up; flow matching's equivalent NFE for Euler and Heun."
-    S = conv_summary(folder); F = S['files']; n = len(S['seeds']); P = F['protocol']
+    ("The README's digits block: each method at its own converged budget, at equal steps and at MeanFlow's compute; "
+     "Kim "
+     "et al.'s speed-up; flow matching's equivalent NFE for Euler and Heun.")
+    S = conv_summary(folder)
+    F = S['files']
+    n = len(S['seeds'])
+    P = F['protocol']
     comp = lambda m: F['compute'][m]
     rows = []
     for m in CONV_METHODS:
         st = P['steps'][m]
         fin = (lambda k: S['fm_final'][f'euler{k}']) if m == 'fm' else (lambda k: S['final'][(m, k)])
-        rows.append([CONV_LABELS[m] + (' (Euler)' if m == 'fm' else ''), f'{st:,}', f"{st * comp(m)['flops_per_step'] / 1e12:.1f}",
-                     f"{st * comp(m)['cpu_s_per_step'] / 60:.1f}", _ci2(fin(1)), _ci2(fin(2)),
-                     _ci2(S['level'][m]) if m != 'fm' else '-'])
+        rows.append([
+            CONV_LABELS[m] + (' (Euler)' if m == 'fm' else ''), f'{st:,}',
+            f"{st * comp(m)['flops_per_step'] / 1e12:.1f}", f"{st * comp(m)['cpu_s_per_step'] / 60:.1f}",
+            _ci2(fin(1)),
+            _ci2(fin(2)),
+            _ci2(S['level'][m]) if m != 'fm' else '-'
+        ])
     head = ['method', 'steps', 'training TFLOPs', 'CPU min', '1 NFE', '2 NFE', '1 NFE, mean of last 3 checkpoints']
     eqs, mt, mc = S['equal_steps'], S['matched']['flops'], S['matched']['cpu']
-    lines = [f"digits-FID against the test split, mean [95 % t-interval over {n} seeds] (percentile bootstrap in brackets after it); "
-             f"batch {P['batch']}, trained on the train split minus a 20 % validation split.", '',
-             md_table(head, rows), '',
-             f"- MeanFlow's budget ({P['mf_steps']:,} steps) was chosen on a pilot run (validation seed, validation split); "
-             f"on the reported seed mean its last quarter (steps {S['flat']['at']:,} to {S['flat']['end']:,}) improves the 1-NFE "
-             f"digits-FID by {100 * S['flat']['gain']:.1f} % ({'within' if S['flat']['ok'] else 'above'} the 15 % rule).",
-             f"- At equal steps ({eqs['at']:,}), minus MeanFlow (1 NFE; flow matching at {CONV_FM_CURVE_NFE} Euler NFE): "
-             + '; '.join(f"{CONV_LABELS[m]} {_sep_t(d)}" for m, d in eqs['vs_mf'].items()) + '.',
-             f"- At MeanFlow's total compute ({mt['budget']:.1f} TFLOPs; flow matching at {CONV_FM_CURVE_NFE} Euler NFE), minus MeanFlow: "
-             + '; '.join(f"{CONV_LABELS[m]} ({mt['steps'][m]:,.0f} steps) {_sep_t(d)}" for m, d in mt['vs_mf'].items()) + '.',
-             f"- At MeanFlow's CPU time ({mc['budget']:.1f} min on one thread), minus MeanFlow: "
-             + '; '.join(f"{CONV_LABELS[m]} ({mc['steps'][m]:,.0f} steps) {_sep_t(d)}" for m, d in mc['vs_mf'].items())
-             + (f"; flow matching's curve ends before it ({P['steps']['fm']:,} steps)" if mc['values']['fm'] is None else '') + '.',
-             "- Kim et al.'s speed-up (MeanFlow's steps over the first checkpoint where the variant's seed-mean 1-NFE curve "
-             "reaches MeanFlow's final level, the mean of its last 3 checkpoints; bootstrap over paired seeds): "
-             + '; '.join(f"{CONV_LABELS[m]} **{_speed(S['speedup'][m])}**" for m in ('kim_minsnr', 'kim_dtd'))
-             + f"; MeanFlow against itself {_speed(S['speedup']['mf'])} (the largest the grid shows without a real speed-up). "
-             "Kim et al. report about 2.1x to 2.5x with DTD on ImageNet DiT-M/2 to XL/2 (their Sec. 6.2, Fig. 6).",
-             "- Flow matching's NFE that matches each one-step model's 1-NFE digits-FID: " + '; '.join(
-                 f"{CONV_LABELS[m]} Euler **{_equiv_txt(S['equiv']['euler'][m])}**, Heun **{_equiv_txt(S['equiv']['heun'][m])}**"
-                 for m in CONV_ONE_STEP) + '.']
+    lines = [
+        f"digits-FID against the test split, mean [95 % t-interval over {n} seeds] (percentile bootstrap in brackets "
+        f"after it); "
+        f"batch {P['batch']}, trained on the train split minus a 20 % validation split.", '',
+        md_table(head, rows), '',
+        f"- MeanFlow's budget ({P['mf_steps']:,} steps) was chosen on a pilot run (validation seed, validation split); "
+        f"on the reported seed mean its last quarter (steps {S['flat']['at']:,} to {S['flat']['end']:,}) improves the "
+        f"1-NFE "
+        f"digits-FID by {100 * S['flat']['gain']:.1f} % ({'within' if S['flat']['ok'] else 'above'} the 15 % rule).",
+        f"- At equal steps ({eqs['at']:,}), minus MeanFlow (1 NFE; flow matching at {CONV_FM_CURVE_NFE} Euler NFE): " +
+        '; '.join(f"{CONV_LABELS[m]} {_sep_t(d)}" for m, d in eqs['vs_mf'].items()) + '.',
+        f"- At MeanFlow's total compute ({mt['budget']:.1f} TFLOPs; flow matching at {CONV_FM_CURVE_NFE} Euler NFE), "
+        f"minus MeanFlow: "
+        + '; '.join(f"{CONV_LABELS[m]} ({mt['steps'][m]:,.0f} steps) {_sep_t(d)}"
+                    for m, d in mt['vs_mf'].items()) + '.',
+        f"- At MeanFlow's CPU time ({mc['budget']:.1f} min on one thread), minus MeanFlow: " +
+        '; '.join(f"{CONV_LABELS[m]} ({mc['steps'][m]:,.0f} steps) {_sep_t(d)}" for m, d in mc['vs_mf'].items()) +
+        (f"; flow matching's curve ends before it ({P['steps']['fm']:,} steps)" if mc['values']['fm'] is None else '') +
+        '.',
+        "- Kim et al.'s speed-up (MeanFlow's steps over the first checkpoint where the variant's seed-mean 1-NFE curve "
+        "reaches MeanFlow's final level, the mean of its last 3 checkpoints; bootstrap over paired seeds): " +
+        '; '.join(f"{CONV_LABELS[m]} **{_speed(S['speedup'][m])}**" for m in ('kim_minsnr', 'kim_dtd')) +
+        f"; MeanFlow against itself {_speed(S['speedup']['mf'])} (the largest the grid shows without a real speed-up). "
+        "Kim et al. report about 2.1x to 2.5x with DTD on ImageNet DiT-M/2 to XL/2 (their Sec. 6.2, Fig. 6).",
+        "- Flow matching's NFE that matches each one-step model's 1-NFE digits-FID: " + '; '.join(
+            f"{CONV_LABELS[m]} Euler **{_equiv_txt(S['equiv']['euler'][m])}**, Heun "
+            f"**{_equiv_txt(S['equiv']['heun'][m])}**"
+            for m in CONV_ONE_STEP) + '.'
+    ]
     return '\n'.join(lines) + '\n'
 
 def _speed(d: dict) -> str:
-    if d['mean'] <= 0: return f"none (the curve never reaches it; {100 * d['reached']:.0f} % of resamples do)"
+    if d['mean'] <= 0:
+        return f"none (the curve never reaches it; {100 * d['reached']:.0f} % of resamples do)"
     return f"{fmt_ci(d, 2, 'x')}"
 
 def _equiv_range(d: dict) -> str:
@@ -458,6 +573,7 @@ def _equiv_range(d: dict) -> str:
 def _equiv_txt(d: dict) -> str:
     around = ', '.join(f"{a['nfe']} NFE: {fmt_ci(a['diff'])}" for a in d['around'])
     return f"{_equiv_range(d)} (measured, flow matching minus it: {around})"
+
 
 # %% ../nbs/17_convergence.ipynb #s17c0110
 @figure('digits_conv_curves.png')
@@ -473,50 +589,85 @@ def conv_curves_figure(path=None, folder=None):
             lab = CONV_LABELS[m] + (f' ({CONV_FM_CURVE_NFE} Euler NFE)' if m == 'fm' else ' (1 NFE)')
             l, = ax.plot(x, c.mean(0), marker='o', ms=2.5, color=f'C{i}', label=lab)
             ax.fill_between(x, c.min(0), c.max(0), color=l.get_color(), alpha=0.15)
-        ax.set_yscale('log'); ax.set_xlabel('training step' if unit == 'steps' else 'training compute (TFLOPs, counted)')
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yscale('log')
+        ax.set_xlabel('training step' if unit == 'steps' else 'training compute (TFLOPs, counted)')
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks([1, 2, 5, 10, 20, 50])
     mfb = float(conv_axis(F, 'mf', [F['protocol']['mf_steps']], 'flops')[0])
     axs[1].axvline(mfb, color='k', lw=0.8, ls='--', label="MeanFlow's total compute")
-    axs[0].set_ylabel('digits-FID vs test split'); axs[1].legend(fontsize=7)
-    fig.suptitle(f"digits, {len(F['seeds'])} seeds at batch {F['protocol']['batch']} (mf-study digits-conv): mean and seed range", fontsize=9)
+    axs[0].set_ylabel('digits-FID vs test split')
+    axs[1].legend(fontsize=7)
+    fig.suptitle(
+        f"digits, {len(F['seeds'])} seeds at batch {F['protocol']['batch']} (mf-study digits-conv): mean and seed "
+        f"range",
+        fontsize=9)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=90)
+    if path:
+        fig.savefig(path, dpi=90)
     return fig
 
 @figure('digits_conv_nfe.png')
 def conv_nfe_figure(path=None, folder=None):
-    "digits-FID against NFE at the end of training: flow matching with Euler and Heun, the one-step methods at 1 and 2 NFE (t-intervals)."
+    ("digits-FID against NFE at the end of training: flow matching with Euler and Heun, the one-step methods at 1 and "
+     "2 "
+     "NFE (t-intervals).")
     import matplotlib, matplotlib.pyplot as plt
     S = conv_summary(folder)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for solver, mk, col in (('euler', 'o', 'C0'), ('heun', 's', 'C7')):
-        ks = sorted(int(k[len(solver):]) for k in S['fm_final'] if k.startswith(solver)); d = [S['fm_final'][f'{solver}{k}'] for k in ks]
-        l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, color=col, label=f'flow matching, {solver.capitalize()}')
+        ks = sorted(int(k[len(solver):]) for k in S['fm_final'] if k.startswith(solver))
+        d = [S['fm_final'][f'{solver}{k}'] for k in ks]
+        l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, color=col,
+                     label=f'flow matching, {solver.capitalize()}')
         ax.fill_between(ks, [v['lo'] for v in d], [v['hi'] for v in d], color=l.get_color(), alpha=0.2)
     for i, m in enumerate(CONV_ONE_STEP):
-        d = [S['final'][(m, k)] for k in CONV_NFE]; x = np.array(CONV_NFE) * (1 + 0.06 * (i - 1.5))
-        ax.errorbar(x, [v['mean'] for v in d], yerr=[[v['mean'] - v['lo'] for v in d], [v['hi'] - v['mean'] for v in d]],
-                    fmt='D', ms=4, capsize=3, color=f'C{list(CONV_METHODS).index(m)}', label=CONV_LABELS[m])  # as in the curves
-    ax.set_xscale('log', base=2); ax.set_yscale('log'); ks = sorted(int(k[5:]) for k in S['fm_final'] if k.startswith('euler'))
+        d = [S['final'][(m, k)] for k in CONV_NFE]
+        x = np.array(CONV_NFE) * (1 + 0.06 * (i - 1.5))
+        ax.errorbar(
+            x,
+            [v['mean'] for v in d],
+            yerr=[[v['mean'] - v['lo'] for v in d], [v['hi'] - v['mean'] for v in d]],
+            # as in the curves
+            fmt='D',
+            ms=4,
+            capsize=3,
+            color=f'C{list(CONV_METHODS).index(m)}',
+            label=CONV_LABELS[m])
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ks = sorted(int(k[5:]) for k in S['fm_final'] if k.startswith('euler'))
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yticks([1, 2, 5, 10, 20, 50])
-    ax.set_xlabel('network calls per sample (NFE)'); ax.set_ylabel('digits-FID vs test split')
-    ax.set_title(f"digits at convergence, {len(S['seeds'])} seeds (mf-study digits-conv)", fontsize=9); ax.legend(fontsize=7)
+    ax.set_xlabel('network calls per sample (NFE)')
+    ax.set_ylabel('digits-FID vs test split')
+    ax.set_title(f"digits at convergence, {len(S['seeds'])} seeds (mf-study digits-conv)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=90)
+    if path:
+        fig.savefig(path, dpi=90)
     return fig
+
 
 # %% ../nbs/17_convergence.ipynb #s17c0112
 def fake_conv_results(folder, seeds=(0, 1, 2), mf_steps: int = 160, seed: int = 0):
-    "Synthetic result files of the digits-convergence study with known curves (FID = a + b / step per method), for tests of the summaries."
-    rng = np.random.default_rng(seed); folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    P = dict(conv_protocol(mf_steps)); steps = P['steps']
+    ("Synthetic result files of the digits-convergence study with known curves (FID = a + b / step per method), for "
+     "tests of the summaries.")
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    P = dict(conv_protocol(mf_steps))
+    steps = P['steps']
     lv = dict(fm=1.5, mf=1.2, kim_minsnr=1.1, kim_dtd=1.0, imf=2.0)
-    comp = {m: dict(flops_per_step=int(4e9 if m != 'imf' else 16e9), cpu_s_per_step=0.1 if m != 'imf' else 0.4) for m in CONV_METHODS}
+    comp = {
+        m: dict(flops_per_step=int(4e9 if m != 'imf' else 16e9), cpu_s_per_step=0.1 if m != 'imf' else 0.4)
+        for m in CONV_METHODS
+    }
     save_result('digits_conv_compute', dict(name='digits_conv_compute', methods=comp), folder)
-    save_result('digits_conv_pilot', dict(name='digits_conv_pilot', runs=dict(mf=dict(budget=mf_steps, gain={}, met=True))), folder)
+    save_result('digits_conv_pilot',
+                dict(name='digits_conv_pilot', runs=dict(mf=dict(budget=mf_steps, gain={}, met=True))), folder)
     save_result('digits_conv_fm_sweep', dict(name='digits_conv_fm_sweep', runs={}), folder)
     for m in CONV_METHODS:
         st = np.arange(1, CONV_CKPTS + 1) * (steps[m] // CONV_CKPTS)
@@ -524,9 +675,13 @@ def fake_conv_results(folder, seeds=(0, 1, 2), mf_steps: int = 160, seed: int = 
         for s in seeds:
             j = 1 + 0.02 * rng.standard_normal()
             curve = dict(step=st.tolist(), fid1=(j * (lv[m] + 20 * steps['mf'] / 16 / st)).tolist())
-            if m == 'fm': curve[CONV_FM_KEY] = curve['fid1']; final = {f'euler{k}': j * (lv[m] + 30 / k) for k in CONV_EULER}
-            else: final = {f'nfe{k}': j * lv[m] / k ** 0.1 for k in CONV_NFE}
-            if m == 'fm': final.update({f'heun{k}': j * (lv[m] + 10 / k) for k in CONV_HEUN})
+            if m == 'fm':
+                curve[CONV_FM_KEY] = curve['fid1']
+                final = {f'euler{k}': j * (lv[m] + 30 / k) for k in CONV_EULER}
+            else:
+                final = {f'nfe{k}': j * lv[m] / k ** 0.1 for k in CONV_NFE}
+            if m == 'fm':
+                final.update({f'heun{k}': j * (lv[m] + 10 / k) for k in CONV_HEUN})
             runs[str(s)] = dict(curve=curve, final=final, steps=int(steps[m]))
         save_result(f'digits_conv_{m}', dict(name=f'digits_conv_{m}', protocol=P, runs=runs), folder)
     return folder
@@ -535,13 +690,17 @@ def fake_conv_results(folder, seeds=(0, 1, 2), mf_steps: int = 160, seed: int = 
 # %% ../nbs/17_convergence.ipynb #s17y0002
 def _verdict(d: dict, a: str, b: str) -> str:
     "'A is better than B' / 'worse' / 'not different from' by the paired t-interval of A - B (lower is better)."
-    if not d['separated']: return f'{a} is not distinguishable from {b} ({fmt_ci(d)})'
+    if not d['separated']:
+        return f'{a} is not distinguishable from {b} ({fmt_ci(d)})'
     return f"{a} is {'better' if d['hi'] < 0 else 'worse'} than {b} ({fmt_ci(d)})"
 
 @result_table('digits_conv_findings')
 def conv_findings(folder=None) -> str:
-    "What the digits-convergence runs say, and which claims of the 300-step protocol changed; every number from the files."
-    S = conv_summary(folder); n = len(S['seeds']); L = CONV_LABELS
+    ("What the digits-convergence runs say, and which claims of the 300-step protocol changed; every number from the "
+     "files.")
+    S = conv_summary(folder)
+    n = len(S['seeds'])
+    L = CONV_LABELS
     out = [f"**What the converged digits runs say** ({n} paired seeds; a difference is claimed only where the paired "
            "t-interval excludes 0):", '']
     for m in CONV_ONE_STEP[1:]:
@@ -549,7 +708,10 @@ def conv_findings(folder=None) -> str:
                    f"2 NFE: {_verdict(S['vs_mf_final'][(m, 2)], L[m], 'MeanFlow').split(' is ', 1)[1]}.")
     mt = S['matched']['flops']
     if 'imf' in mt['vs_mf']:
-        out.append(f"- At MeanFlow's total compute ({mt['steps']['imf']:.0f} iMF steps), 1 NFE: {_verdict(mt['vs_mf']['imf'], 'iMF', 'MeanFlow')}.")
+        out.append(
+            f"- At MeanFlow's total compute ({mt['steps']['imf']:.0f} iMF steps), 1 NFE: "
+            f"{_verdict(mt['vs_mf']['imf'], 'iMF', 'MeanFlow')}."
+        )
     sp, self_ = S['speedup'], S['speedup']['mf']
     for m in ('kim_minsnr', 'kim_dtd'):
         d = sp[m]
@@ -558,37 +720,53 @@ def conv_findings(folder=None) -> str:
             out.append(f"- {L[m]}'s seed-mean curve never reaches MeanFlow's final 1-NFE level within the budget "
                        f"({100 * d['reached']:.0f} % of the bootstrap resamples do): no speed-up.")
             continue
-        out.append(f"- {L[m]} reaches MeanFlow's final 1-NFE level after {d['first_step']:,.0f} of "
-                   f"{S['files']['protocol']['mf_steps']:,} steps, a speed-up of {_speed(d)}, "
-                   + ("above what the checkpoint grid shows for MeanFlow against itself." if ok else
-                      f"not separated from the {fmt_ci(self_, 2, 'x')} that the grid shows for MeanFlow against itself: no speed-up claimed."))
+        out.append(
+            f"- {L[m]} reaches MeanFlow's final 1-NFE level after {d['first_step']:,.0f} of "
+            f"{S['files']['protocol']['mf_steps']:,} steps, a speed-up of {_speed(d)}, " +
+            ("above what the checkpoint grid shows for MeanFlow against itself." if ok else
+             f"not separated from the {fmt_ci(self_, 2, 'x')} that the grid shows for MeanFlow against itself: no "
+             f"speed-up claimed."
+             ))
     eu, he = S['equiv']['euler']['mf'], S['equiv']['heun']['mf']
-    out.append(f"- One MeanFlow step matches flow matching at {_equiv_txt(eu)} Euler NFE and {_equiv_txt(he)} Heun NFE.")
+    out.append(
+        f"- One MeanFlow step matches flow matching at {_equiv_txt(eu)} Euler NFE and {_equiv_txt(he)} Heun NFE.")
     try:   # the same questions under the superseded 300-step protocol, from its files
         from meanflow_nb.study import digits_summary
         O = digits_summary(folder)
         old = lambda m: O['vs_mf'][m][1]
-        out += ['', "**What changed against the 300-step protocol** (`results/digits_*.json`, 300 steps at batch 32, "
-                "choices scored on the test split; 1 NFE, minus MeanFlow):", '',
-                f"- iMF: {fmt_ci(old('imf'))} at 300 steps; now {fmt_ci(S['vs_mf_final'][('imf', 1)])} at its own budget"
-                + (f" and {fmt_ci(mt['vs_mf']['imf'])} at MeanFlow's compute." if 'imf' in mt['vs_mf'] else '.'),
-                f"- Kim et al. (MinSNR + beta): {fmt_ci(old('kim'))} at 300 steps; now {fmt_ci(S['vs_mf_final'][('kim_minsnr', 1)])}.",
-                f"- MeanFlow's 1 NFE in flow-matching Euler NFE: {_equiv_range(O['equiv_nfe']['mf'])} at 300 steps; now {_equiv_txt(eu).split(' (')[0]}."]
-    except FileNotFoundError: pass
+        out += [
+            '', "**What changed against the 300-step protocol** (`results/digits_*.json`, 300 steps at batch 32, "
+            "choices scored on the test split; 1 NFE, minus MeanFlow):", '',
+            f"- iMF: {fmt_ci(old('imf'))} at 300 steps; now {fmt_ci(S['vs_mf_final'][('imf', 1)])} at its own budget" +
+            (f" and {fmt_ci(mt['vs_mf']['imf'])} at MeanFlow's compute." if 'imf' in mt['vs_mf'] else '.'),
+            f"- Kim et al. (MinSNR + beta): {fmt_ci(old('kim'))} at 300 steps; now "
+            f"{fmt_ci(S['vs_mf_final'][('kim_minsnr', 1)])}.",
+            f"- MeanFlow's 1 NFE in flow-matching Euler NFE: {_equiv_range(O['equiv_nfe']['mf'])} at 300 steps; now "
+            f"{_equiv_txt(eu).split(' (')[0]}."
+        ]
+    except FileNotFoundError:
+        pass
     return '\n'.join(out) + '\n'
+
 
 # %% ../nbs/17_convergence.ipynb #s17u0002
 TOY_LONG_SEEDS = (10, 11, 12, 13, 14) # training seeds that no other result file uses
 TOY_LONG_VAL_SEED = 100 # MeanFlow's recipe is chosen on this seed only
 TOY_LONG_STEPS = 6000 # MeanFlow's long budget (toy2d's is 2,000)
-TOY_LONG_FM_STEPS = 10_000 # flow matching trains past MeanFlow's compute in both units (measured ratios 1.3x FLOPs, 1.6x CPU)
+# flow matching trains past MeanFlow's compute in both units (measured ratios 1.3x FLOPs, 1.6x CPU)
+TOY_LONG_FM_STEPS = 10_000
 TOY_LONG_EVERY = 250 # checkpoint spacing
-TOY_LONG_RECIPES = { # MeanFlow's recipe grid on the validation seed: time distribution x share of r = t samples
-    f'{td}, r=t {q:g}': dict(time_dist=td, ratio_r_eq_t=q, **({'P_mean': -0.4, 'P_std': 1.0} if td == 'logit_normal' else {}))
-    for td in ('uniform', 'logit_normal') for q in (0.25, 0.5, 0.75)}
-TOY_LONG_FM = dict(method='fm', ratio_r_eq_t=1.0, norm_p=0.0, time_dist='logit_normal', P_mean=0.0, P_std=1.0) # toy2d's baseline, chosen on seed 100 by `mf-study toy-fm-vs-mf`
+TOY_LONG_RECIPES = {  # MeanFlow's recipe grid on the validation seed: time distribution x share of r = t samples
+    f'{td}, r=t {q:g}': dict(time_dist=td, ratio_r_eq_t=q,
+                             **({'P_mean': -0.4, 'P_std': 1.0} if td == 'logit_normal' else {}))
+    for td in ('uniform', 'logit_normal')
+    for q in (0.25, 0.5, 0.75)
+}
+# toy2d's baseline, chosen on seed 100 by `mf-study toy-fm-vs-mf`
+TOY_LONG_FM = dict(method='fm', ratio_r_eq_t=1.0, norm_p=0.0, time_dist='logit_normal', P_mean=0.0, P_std=1.0)
 TOY_LONG_EULER = (1, 2, 4, 6, 8, 10, 12, 14, 16, 24, 32, 64, 128) # flow matching's dense Euler grid
 TOY_LONG_HEUN = (2, 4, 6, 8, 10, 12, 14, 16, 24, 32) # and Heun's
+
 
 # %% ../nbs/17_convergence.ipynb #s17u0003
 def _toy_long_cfg(out, seed: int, steps: int, settings: dict, quick: bool = False) -> TrainConfig:
@@ -604,32 +782,43 @@ def _toy_ckpt_quality(run: Path, step: int, ev: dict, solvers: dict) -> dict:
     return {s: toy_quality(cfg, model, ev, nfes, s, energy_n=0) for s, nfes in solvers.items()}
 
 def toy_long_recipe(runs: Path, quick: bool = False, folder=None) -> dict:
-    "MeanFlow's toy recipe: every `TOY_LONG_RECIPES` entry trained 2,000 steps on the validation seed, scored by 1- and 2-step SWD against a fresh draw."
+    ("MeanFlow's toy recipe: every `TOY_LONG_RECIPES` entry trained 2,000 steps on the validation seed, scored by 1- "
+     "and 2-step SWD against a fresh draw.")
     from meanflow_nb.study import toy_eval_set
     rows = {}
     for name, st in TOY_LONG_RECIPES.items():
-        if (d := _conv_done('toy_long_recipe', name, folder)) is not None: rows[name] = d; continue
-        out = Path(runs) / 'toy_long' / f"recipe_{''.join(ch for ch in name if ch.isalnum() or ch == '.')}{'_quick' if quick else ''}"
+        if (d := _conv_done('toy_long_recipe', name, folder)) is not None:
+            rows[name] = d
+            continue
+        out = Path(
+            runs
+        ) / 'toy_long' / f"recipe_{''.join(ch for ch in name if ch.isalnum() or ch == '.')}{'_quick' if quick else ''}"
         cfg = _toy_long_cfg(out, TOY_LONG_VAL_SEED, 8 if quick else 2000, st, quick)
         train(cfg, resume=True, progress=False)
         ev = toy_eval_set(cfg, 500 if quick else 10_000)
         q = _toy_ckpt_quality(out, cfg.steps, ev, dict(native=(1, 2)))['native']
         rows[name] = dict(settings=st, swd=q['swd'], score=float(np.mean(q['swd'])))
-        _conv_update('toy_long_recipe', name, rows[name], folder, seed=TOY_LONG_VAL_SEED, criterion='mean SWD at 1 and 2 steps')
+        _conv_update('toy_long_recipe', name, rows[name], folder, seed=TOY_LONG_VAL_SEED,
+                     criterion='mean SWD at 1 and 2 steps')
     best = min(rows, key=lambda k: rows[k]['score'])
     return dict(TOY_LONG_RECIPES[best], _choice=best)
 
-def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None, recipe: dict | None = None) -> dict:
-    "One long toy run ('mf' with the chosen recipe, or 'fm'), SWD at every 2,000-step mark and, for flow matching, at every checkpoint near a matched-compute point."
+
+def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None,
+                 recipe: dict | None = None) -> dict:
+    ("One long toy run ('mf' with the chosen recipe, or 'fm'), SWD at every 2,000-step mark and, for flow matching, at "
+     "every checkpoint near a matched-compute point.")
     from meanflow_nb.study import toy_eval_set
-    if (d := _conv_done(f'toy_long_{method}', str(seed), folder)) is not None: return d
+    if (d := _conv_done(f'toy_long_{method}', str(seed), folder)) is not None:
+        return d
     st = {k: v for k, v in (recipe or {}).items() if not k.startswith('_')} if method == 'mf' else TOY_LONG_FM
     steps = (16 if method == 'fm' else 8) if quick else (TOY_LONG_FM_STEPS if method == 'fm' else TOY_LONG_STEPS)
     out = Path(runs) / 'toy_long' / f"{method}_s{seed}{'_quick' if quick else ''}"
     cfg = _toy_long_cfg(out, seed, steps, st, quick)
     train(cfg, resume=True, progress=False)
     ev = toy_eval_set(cfg, 500 if quick else 10_000)
-    solvers = dict(euler=TOY_LONG_EULER[:3], heun=TOY_LONG_HEUN[:1]) if quick else dict(euler=TOY_LONG_EULER, heun=TOY_LONG_HEUN)
+    solvers = dict(euler=TOY_LONG_EULER[:3], heun=TOY_LONG_HEUN[:1]) if quick else dict(
+        euler=TOY_LONG_EULER, heun=TOY_LONG_HEUN)
     marks = [s for s in range(cfg.ckpt_every, steps + 1, cfg.ckpt_every)] if method == 'fm' else \
             [s for s in (2000, 4000, 6000, 4, 8) if s <= steps and s % cfg.ckpt_every == 0]
     q = {str(s): _toy_ckpt_quality(out, s, ev, solvers if method == 'fm' else dict(native=(1, 2))) for s in marks}
@@ -637,17 +826,24 @@ def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder
     _conv_update(f'toy_long_{method}', str(seed), rec, folder, eval_samples=len(ev['ref']))
     return rec
 
+
 # %% ../nbs/17_convergence.ipynb #s17u0004
 @study('toy-long', minutes=60)
 def study_toy_long(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
-    "The toy longer and at matched compute: MeanFlow's recipe chosen on the validation seed, MeanFlow 6,000 steps and flow matching 10,000 on 5 new seeds, Euler and Heun on a dense grid."
+    ("The toy longer and at matched compute: MeanFlow's recipe chosen on the validation seed, MeanFlow 6,000 steps and "
+     "flow matching 10,000 on 5 new seeds, Euler and Heun on a dense grid.")
     check(not fresh, 'toy-long resumes from its result files; delete results/toy_long_*.json to start over')
-    if quick and folder is None: folder = Path(runs) / 'toy_long' / 'quick_results'
+    if quick and folder is None:
+        folder = Path(runs) / 'toy_long' / 'quick_results'
     comp = {}
-    try: comp = load_result('toy_long_compute', folder)['methods']
+    try:
+        comp = load_result('toy_long_compute', folder)['methods']
     except FileNotFoundError:
-        comp = {m: step_compute(_toy_long_cfg('/tmp/unused', 0, 100, TOY_LONG_FM if m == 'fm' else {}), steps=2 if quick else 50)
-                for m in ('mf', 'fm')}
+        comp = {
+            m: step_compute(_toy_long_cfg('/tmp/unused', 0, 100, TOY_LONG_FM if m == 'fm' else {}),
+                            steps=2 if quick else 50)
+            for m in ('mf', 'fm')
+        }
         save_result('toy_long_compute', dict(name='toy_long_compute', methods=comp, date=time.strftime('%Y-%m-%d'),
                                              loadavg_start=[round(x, 2) for x in os.getloadavg()]), folder)
     recipe = toy_long_recipe(runs, quick, folder)
@@ -656,9 +852,11 @@ def study_toy_long(runs: Path = Path('runs/study'), quick: bool = False, folder=
     recs = {(m, s): toy_long_run(runs, m, s, quick, folder, recipe) for s in seeds for m in ('mf', 'fm')}
     return dict(compute=comp, recipe=recipe, runs=recs)
 
+
 # %% ../nbs/17_convergence.ipynb #s17w0002
 def toy_long_summary(folder=None) -> dict:
-    "The long toy runs: MeanFlow's 1- and 2-step SWD at 2,000 and 6,000 steps, flow matching's Euler and Heun SWD at equal steps and at MeanFlow's compute, equivalent NFEs with t- and bootstrap intervals."
+    ("The long toy runs: MeanFlow's 1- and 2-step SWD at 2,000 and 6,000 steps, flow matching's Euler and Heun SWD at "
+     "equal steps and at MeanFlow's compute, equivalent NFEs with t- and bootstrap intervals.")
     mf, fm = load_result('toy_long_mf', folder)['runs'], load_result('toy_long_fm', folder)['runs']
     comp = load_result('toy_long_compute', folder)['methods']
     seeds = sorted(set(mf) & set(fm), key=int)
@@ -672,12 +870,14 @@ def toy_long_summary(folder=None) -> dict:
         one = np.array([mf[s]['quality'][str(mark)]['native']['swd'][0] for s in seeds])
         two = np.array([mf[s]['quality'][str(mark)]['native']['swd'][1] for s in seeds])
         targets = {'equal steps': mark}
-        if mark == last: targets.update({f'{u}-matched': near(mark * r) for u, r in ratio.items()})
+        if mark == last:
+            targets.update({f'{u}-matched': near(mark * r) for u, r in ratio.items()})
         for what, fstep in targets.items():
             q = {s: fm[s]['quality'][str(fstep)] for s in seeds}
             row = dict(mf_step=mark, fm_step=fstep, mf1=both_ci(one), mf2=both_ci(two))
             for solver in ('euler', 'heun'):
-                ks = q[seeds[0]][solver]['nfe']; grid = np.array([q[s][solver]['swd'] for s in seeds])
+                ks = q[seeds[0]][solver]['nfe']
+                grid = np.array([q[s][solver]['swd'] for s in seeds])
                 row[solver] = dict(nfe=ks, mean=grid.mean(0).tolist(), equiv=equivalent_nfe_ci(grid, one, ks),
                                    around=_around(grid, one, ks, solver))
             S['points'][(mark, what)] = row
@@ -685,19 +885,28 @@ def toy_long_summary(folder=None) -> dict:
 
 @result_table('toy_long')
 def toy_long_table(folder=None) -> str:
-    "The README's long-toy block: MeanFlow's one step in flow-matching NFE, Euler and Heun, at 2,000 and 6,000 steps and at matched compute."
-    S = toy_long_summary(folder); n = len(S['seeds']); rec = S['recipe']
+    ("The README's long-toy block: MeanFlow's one step in flow-matching NFE, Euler and Heun, at 2,000 and 6,000 steps "
+     "and at matched compute.")
+    S = toy_long_summary(folder)
+    n = len(S['seeds'])
+    rec = S['recipe']
     best = min(rec['runs'], key=lambda k: rec['runs'][k]['score'])
     rows = []
     for (mark, what), r in S['points'].items():
-        if what == 'equal steps' and mark not in (2000, 4000, 6000) and len(S['points']) > 3: continue
+        if what == 'equal steps' and mark not in (2000, 4000, 6000) and len(S['points']) > 3:
+            continue
         rows.append([f'{mark:,}', f"{r['fm_step']:,} ({what})", fmt_ci(r['mf1']), fmt_ci(r['mf2']),
                      _equiv_txt(r['euler']['equiv'] | dict(around=r['euler']['around'])),
                      _equiv_txt(r['heun']['equiv'] | dict(around=r['heun']['around']))])
     return '\n'.join([
         f"Checkerboard, {n} new seeds, SWD on 10,000 samples, mean [95 % t-interval]; equivalent NFE with a bootstrap "
-        f"interval, and the measured grid points around it (flow matching's SWD minus MeanFlow's 1-step SWD, paired t). "
+        f"interval, and the measured grid points around it (flow matching's SWD minus MeanFlow's 1-step SWD, paired "
+        f"t). "
         f"MeanFlow's recipe, chosen on validation seed {TOY_LONG_VAL_SEED}: {best}. Per step MeanFlow costs "
         f"{S['ratio']['flops']:.2f}x flow matching's FLOPs and {S['ratio']['cpu']:.2f}x its CPU time.", '',
-        md_table(['MeanFlow steps', 'flow-matching steps', 'MeanFlow 1 step', 'MeanFlow 2 steps',
-                  'flow matching, Euler: equivalent NFE', 'flow matching, Heun: equivalent NFE'], rows)]) + '\n'
+        md_table([
+            'MeanFlow steps', 'flow-matching steps', 'MeanFlow 1 step', 'MeanFlow 2 steps',
+            'flow matching, Euler: equivalent NFE', 'flow matching, Heun: equivalent NFE'
+        ], rows)
+    ]) + '\n'
+

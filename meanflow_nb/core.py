@@ -40,19 +40,25 @@ def mean_flow_step(z: torch.Tensor, # state at time `t`
                   ) -> torch.Tensor:
     "One MeanFlow jump from `t` back to `r`: `z_r = z_t - (t - r) u`."
     h = torch.as_tensor(t - r, dtype=z.dtype, device=z.device)
-    if h.ndim == 1: h = bcast(h, z)
+    if h.ndim == 1:
+        h = bcast(h, z)
     return z - h * u
 
 # %% ../nbs/00_core.ipynb #a18d73ba
 def set_seed(seed: int, deterministic: bool = False):
     "Seed python, numpy and torch (all devices); optionally ask torch for deterministic kernels."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-    if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 def default_device() -> torch.device:
     "CUDA if available, else Apple MPS, else CPU."
-    if torch.cuda.is_available(): return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return torch.device('mps')
     return torch.device('cpu')
 
 def in_test() -> bool:
@@ -65,7 +71,8 @@ class ConfigError(ValueError):
 
 def check(cond: bool, msg: str):
     "Raise `ConfigError(msg)` unless `cond`."
-    if not cond: raise ConfigError(msg)
+    if not cond:
+        raise ConfigError(msg)
 
 def _host_readable(t: torch.Tensor) -> bool:
     "True when the host can read `t`'s values without waiting for an accelerator (a CPU tensor)."
@@ -74,11 +81,15 @@ def _host_readable(t: torch.Tensor) -> bool:
 def check_values(ok: torch.Tensor, # bool tensor: True where the values are valid
                  msg, # callable -> str: the error, built only on failure (it may read the values)
                 ):
-    "`ConfigError(msg())` unless `ok` is all True, for CPU tensors; on an accelerator a device-side assert (no host sync)."
-    if torch.compiler.is_compiling(): return                                # a data-dependent check: eager only
+    ("`ConfigError(msg())` unless `ok` is all True, for CPU tensors; on an accelerator a device-side assert (no host "
+     "sync).")
+    if torch.compiler.is_compiling():
+        return                                # a data-dependent check: eager only
     if _host_readable(ok):
-        if not bool(ok.all()): raise ConfigError(msg())
-    else: torch._assert_async(ok.all(), 'invalid input values (rerun on the CPU for the full message)')
+        if not bool(ok.all()):
+            raise ConfigError(msg())
+    else:
+        torch._assert_async(ok.all(), 'invalid input values (rerun on the CPU for the full message)')
 
 def check_kwargs(fn, # the callable the keywords go to
                  kw: dict, # the user's keywords
@@ -87,15 +98,20 @@ def check_kwargs(fn, # the callable the keywords go to
                 ):
     "Raise `ConfigError` naming the keys of `kw` that `fn` does not take (nothing to check if it takes `**kwargs`)."
     ps = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in ps.values()): return
-    valid = [n for n, p in ps.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != 'self' and n not in reserved]
+    if any(p.kind == p.VAR_KEYWORD for p in ps.values()):
+        return
+    valid = [
+        n for n, p in ps.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != 'self' and n not in reserved
+    ]
     bad = sorted(set(kw) - set(valid))
     check(not bad, f'{what}: unknown key(s) {", ".join(bad)}; valid: {", ".join(valid)}')
 
 class CLIParser(argparse.ArgumentParser):
     "An `ArgumentParser` whose usage errors are one line on stderr with exit code 2, like every other user error."
     def error(self, message):
-        print(f'error: {self.prog}: {message} (see {self.prog} --help)', file=sys.stderr); sys.exit(2)
+        print(f'error: {self.prog}: {message} (see {self.prog} --help)', file=sys.stderr)
+        sys.exit(2)
 
 def _one_line(ex: Exception) -> str:
     "The message of `ex` on one line (a `DataLoader` worker re-raises with the worker's traceback: keep its last line)."
@@ -103,24 +119,34 @@ def _one_line(ex: Exception) -> str:
     return lines[-1].split('ConfigError: ', 1)[-1] if len(lines) > 1 else lines[0]
 
 def cli_errors(fn):
-    "Decorator for console scripts: a `ConfigError` or an OS error (missing file, full disk) is one line on stderr, exit 2."
+    ("Decorator for console scripts: a `ConfigError` or an OS error (missing file, full disk) is one line on stderr, "
+     "exit 2.")
     @functools.wraps(fn)
     def _inner(*args, **kwargs):
-        try: return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
         except (ConfigError, OSError) as ex:
-            print(f'error: {_one_line(ex)}', file=sys.stderr); sys.exit(2)
-        except (MemoryError, torch.OutOfMemoryError) as ex:                 # a CUDA OOM's message is a paragraph: its first sentence
+            print(f'error: {_one_line(ex)}', file=sys.stderr)
+            sys.exit(2)
+        # a CUDA OOM's message is a paragraph: its first sentence
+        except (MemoryError, torch.OutOfMemoryError) as ex:
             what = ' '.join(str(ex).split()).split('. ')[0][:160]
-            print(f'error: out of memory{f" ({what})" if what else ""}: lower the batch size (--global_batch or --micro_batch of '
-                  f'mf-train, --batch-size of mf-sample / mf-latents) or the sample count, or use a machine with more memory',
-                  file=sys.stderr); sys.exit(2)
+            print(
+                f'error: out of memory{f" ({what})" if what else ""}: lower the batch size (--global_batch or '
+                f'--micro_batch of '
+                f'mf-train, --batch-size of mf-sample / mf-latents) or the sample count, or use a machine with more '
+                f'memory',
+                file=sys.stderr)
+            sys.exit(2)
         except KeyboardInterrupt:
-            print('interrupted', file=sys.stderr); sys.exit(130)
+            print('interrupted', file=sys.stderr)
+            sys.exit(130)
     return _inner
 
 # torch's first JVP loads decompositions through the deprecated `torch.jit.script`: its FutureWarning would add
 # lines to the first error after step 1 (nothing for users to act on)
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+
 
 # %% ../nbs/00_core.ipynb #c13a0018
 def time_interleaved(fns: dict, # name -> callable taking no argument
@@ -130,12 +156,15 @@ def time_interleaved(fns: dict, # name -> callable taking no argument
     "Median wall and process-CPU milliseconds of each callable, called round-robin: `{name: {'wall_ms', 'cpu_ms'}}`."
     check(repeats >= 1 and warmup >= 0, f'need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}')
     for _ in range(warmup):
-        for f in fns.values(): f()
+        for f in fns.values():
+            f()
     wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time(); f()
-            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     return {k: {'wall_ms': 1e3 * float(np.median(wall[k])), 'cpu_ms': 1e3 * float(np.median(cpu[k]))} for k in fns}
 
 # %% ../nbs/00_core.ipynb #c13a0002
@@ -212,9 +241,11 @@ def speedup_ci(curves_base, # `(seeds, checkpoints)`: the baseline's metric at e
 # %% ../nbs/00_core.ipynb #c13a0015
 def _equiv(curve: np.ndarray, level: float, lg: np.ndarray) -> float:
     ok = curve <= level
-    if not ok.any(): return math.inf
+    if not ok.any():
+        return math.inf
     i = int(np.argmax(ok))
-    if i == 0: return float(2 ** lg[0])
+    if i == 0:
+        return float(2 ** lg[0])
     f = (curve[i - 1] - level) / (curve[i - 1] - curve[i])
     return float(2 ** (lg[i - 1] + f * (lg[i] - lg[i - 1])))
 
@@ -222,7 +253,8 @@ def equivalent_nfe_ci(curves, # `(seeds, len(nfes))`: the many-step sampler's me
                       target, # `(seeds,)`: the one-step model's metric, same seeds when paired
                       nfes, # the NFE grid of `curves`, increasing
                       level: float = 0.95, n_boot: int = 10_000, seed: int = 0, paired: bool | None = None) -> dict:
-    "NFE at which the seed-mean curve first reaches the seed-mean `target` (log-linear interpolation), with a bootstrap interval."
+    ("NFE at which the seed-mean curve first reaches the seed-mean `target` (log-linear interpolation), with a "
+     "bootstrap interval.")
     c, tg, lg = np.asarray(curves, float), _as_array(target), np.log2(np.asarray(nfes, float))
     check(c.ndim == 2 and c.shape[1] == len(lg), f'curves must be (seeds, {len(lg)}), got {c.shape}')
     paired = len(c) == len(tg) if paired is None else paired
@@ -235,6 +267,7 @@ def equivalent_nfe_ci(curves, # `(seeds, len(nfes))`: the many-step sampler's me
     lo, hi = (float(v) for v in np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2], method='nearest'))
     return dict(mean=point, lo=lo, hi=hi, n=len(c), beyond_grid=float(np.isinf(boots).mean()))
 
+
 # %% ../nbs/00_core.ipynb #c13a0011
 def results_dir() -> Path:
     "The committed results folder: `$MF_RESULTS_DIR`, else `results/` at the repository root."
@@ -242,48 +275,67 @@ def results_dir() -> Path:
     return Path(env) if env else Path(__import__('meanflow_nb').__file__).resolve().parent.parent / 'results'
 
 def _jsonable(o):
-    if isinstance(o, dict): return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_jsonable(v) for v in o]
-    if torch.is_tensor(o): return _jsonable(o.detach().cpu().tolist())
-    if isinstance(o, np.ndarray): return _jsonable(o.tolist())
-    if isinstance(o, (np.floating, float)): return None if not math.isfinite(float(o)) else float(f'{float(o):.6g}')
-    if isinstance(o, np.integer): return int(o)
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if torch.is_tensor(o):
+        return _jsonable(o.detach().cpu().tolist())
+    if isinstance(o, np.ndarray):
+        return _jsonable(o.tolist())
+    if isinstance(o, (np.floating, float)):
+        return None if not math.isfinite(float(o)) else float(f'{float(o):.6g}')
+    if isinstance(o, np.integer):
+        return int(o)
     return o
 
 def write_atomic(path: Path | str, # the file to (re)write
                  write, # `write(f)` fills the open binary file `f`
-                 tmp_suffix: str | None = None, # the temporary file's name is `path` + this (default: a hidden per-process name)
+                 # the temporary file's name is `path` + this (default: a hidden per-process name)
+                 tmp_suffix: str | None = None,
                 ) -> Path:
-    "Write `path` so that a reader (or a crash) sees the old file or the new one, never a mix: `write` fills a temporary\n    file in the same folder, which is flushed to disk, then renamed over `path`."
+    ("Write `path` so that a reader (or a crash) sees the old file or the new one, never a mix: `write` fills a "
+     "temporary\n    file in the same folder, which is flushed to disk, then renamed over `path`.")
     path = Path(path)
     tmp = path.with_name(path.name + tmp_suffix if tmp_suffix else f'.{path.name}.{os.getpid()}.tmp')
     try:
-        with open(tmp, 'wb') as f: write(f); f.flush(); os.fsync(f.fileno())
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as ex:
-        if ex.errno in _NO_ROOM: raise NoRoomError(ex.errno, _no_room(ex.errno, path)) from None
+        if ex.errno in _NO_ROOM:
+            raise NoRoomError(ex.errno, _no_room(ex.errno, path)) from None
         raise
-    finally: tmp.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 class NoRoomError(OSError):
     "A write that found no room (file-size limit, full disk, quota); its message names the file and what to change."
-    def __str__(self): return self.strerror
+    def __str__(self):
+        return self.strerror
 
 _NO_ROOM = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT)
 
 def _no_room(code: int, path: Path) -> str:
     "The one-line message of a write to `path` that failed with `code` (one of `_NO_ROOM`)."
-    kept = f'{path.name} is unchanged' if path.exists() else f'{path.name} was not written, the files beside it are unchanged'
+    kept = f'{path.name} is unchanged' if path.exists(
+    ) else f'{path.name} was not written, the files beside it are unchanged'
     if code == errno.EFBIG:
         import resource
         lim = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         lim = 'none' if lim == resource.RLIM_INFINITY else f'{lim:,} bytes'
-        return (f'cannot write {path}: it would pass the file-size limit of this process ({lim}; ulimit -f): raise the limit '
-                f'(ulimit -f unlimited, or the job scheduler\'s file-size limit) or write smaller files; {kept}')
+        return (
+            f'cannot write {path}: it would pass the file-size limit of this process ({lim}; ulimit -f): raise the '
+            f'limit '
+            f'(ulimit -f unlimited, or the job scheduler\'s file-size limit) or write smaller files; {kept}')
     where = next((p for p in [path.parent, *path.parents] if p.exists()), path.parent)
-    try: free = f'{shutil.disk_usage(where).free / 2**30:,.2f} GiB free'
-    except OSError: free = 'free space unknown'
+    try:
+        free = f'{shutil.disk_usage(where).free / 2**30:,.2f} GiB free'
+    except OSError:
+        free = 'free space unknown'
     what = 'the disk is full' if code == errno.ENOSPC else 'the disk quota is used up'
     return f'cannot write {path}: {what} ({free} in {where}): free space there or write to another folder; {kept}'
 
@@ -304,15 +356,19 @@ def save_result(name: str, # file stem, e.g. 'toy_fm_vs_mf'
 def load_result(name: str, folder: Path | str | None = None) -> dict:
     "Read `results/NAME.json`."
     p = Path(folder or results_dir()) / f'{name}.json'
-    if not p.exists(): raise FileNotFoundError(f'no result file {p.name} in {p.parent.name}/: run `mf-study` to make it')
+    if not p.exists():
+        raise FileNotFoundError(f'no result file {p.name} in {p.parent.name}/: run `mf-study` to make it')
     return json.loads(p.read_text())
+
 
 # %% ../nbs/00_core.ipynb #c13a0012
 RESULT_TABLES = {} # block name -> function returning the block's markdown, read from the result files
 
 def result_table(block: str):
     "Register a function as the renderer of README block `block` (`<!-- results:block -->`)."
-    def _reg(fn): RESULT_TABLES[block] = fn; return fn
+    def _reg(fn):
+        RESULT_TABLES[block] = fn
+        return fn
     return _reg
 
 def md_table(header: list, rows: list) -> str:
@@ -324,18 +380,23 @@ def md_table(header: list, rows: list) -> str:
 def readme_blocks(text: str) -> dict:
     "The `<!-- results:NAME -->` blocks of a README text: name -> content between the markers."
     import re
-    return {m.group(1): m.group(2) for m in re.finditer(r'<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->', text, re.S)}
+    return {
+        m.group(1): m.group(2)
+        for m in re.finditer(r'<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->', text, re.S)
+    }
 
 def sync_readme(text: str, # the README's text
                 blocks: dict | None = None, # name -> rendered markdown; default: every registered renderer
                ) -> str:
     "Replace the content of each `<!-- results:NAME -->` block present in `text` by its rendering."
     import re
-    blocks = {k: fn() for k, fn in RESULT_TABLES.items() if f'<!-- results:{k} -->' in text} if blocks is None else blocks
+    blocks = {k: fn()
+              for k, fn in RESULT_TABLES.items() if f'<!-- results:{k} -->' in text} if blocks is None else blocks
     for k, v in blocks.items():
         text = re.sub(rf'(<!-- results:{re.escape(k)} -->\n).*?(<!-- /results:{re.escape(k)} -->)',
                       lambda m: m.group(1) + v.rstrip('\n') + '\n' + m.group(2), text, flags=re.S)
     return text
+
 
 # %% ../nbs/00_core.ipynb #3dd9b40f
 def image_grid(x: torch.Tensor, # `(B, C, H, W)` images in [-1, 1]
@@ -345,7 +406,8 @@ def image_grid(x: torch.Tensor, # `(B, C, H, W)` images in [-1, 1]
     "Tile images into one `(H', W', C)` array in [0, 1]."
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
     B, C, H, W = x.shape
-    ncol = min(nrow, B); nrows = math.ceil(B / ncol)
+    ncol = min(nrow, B)
+    nrows = math.ceil(B / ncol)
     grid = torch.ones(C, nrows * (H + pad) + pad, ncol * (W + pad) + pad)
     for i in range(B):
         rr, cc = divmod(i, ncol)
@@ -356,10 +418,12 @@ def show_images(x: torch.Tensor, nrow: int = 8, ax=None, title: str | None = Non
     "Show a `(B, C, H, W)` batch in [-1, 1] as one grid."
     import matplotlib.pyplot as plt
     g = image_grid(x, nrow)
-    if ax is None: _, ax = plt.subplots(figsize=figsize or (min(nrow, len(x)), math.ceil(len(x) / nrow)))
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize or (min(nrow, len(x)), math.ceil(len(x) / nrow)))
     ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap='gray' if g.shape[-1] == 1 else None, vmin=0, vmax=1)
     ax.axis('off')
-    if title: ax.set_title(title)
+    if title:
+        ax.set_title(title)
     return ax
 
 def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4.5, s: float = 1, c=None,
@@ -367,12 +431,19 @@ def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4
               **kw):
     "Scatter 2-D points `(N, 2)` on a square canvas."
     import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(3, 3))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
     x = torch.as_tensor(x).detach().cpu()
     ax.scatter(x[:, 0], x[:, 1], s=s, c=c, alpha=kw.pop('alpha', 0.5), linewidths=0, **kw)
-    ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim); ax.set_aspect('equal'); ax.set_xticks([]); ax.set_yticks([])
-    ax.set_xlabel(labels[0], fontsize=8, labelpad=1); ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
-    if title: ax.set_title(title, fontsize=9)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect('equal')
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(labels[0], fontsize=8, labelpad=1)
+    ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
+    if title:
+        ax.set_title(title, fontsize=9)
     return ax
 
 def plot_field(fn, # maps `(N, 2)` points to `(N, 2)` vectors
@@ -381,13 +452,21 @@ def plot_field(fn, # maps `(N, 2)` points to `(N, 2)` vectors
                **kw):
     "Quiver plot of a 2-D vector field on an `n x n` grid."
     import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(3, 3))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
     g = torch.linspace(-lim, lim, n)
     xx, yy = torch.meshgrid(g, g, indexing='xy')
     pts = torch.stack([xx.flatten(), yy.flatten()], 1)
-    with torch.no_grad(): vec = fn(pts).detach().cpu()
+    with torch.no_grad():
+        vec = fn(pts).detach().cpu()
     ax.quiver(pts[:, 0], pts[:, 1], vec[:, 0], vec[:, 1], angles='xy', **kw)
-    ax.set_xlim(-lim, lim); ax.set_ylim(-lim, lim); ax.set_aspect('equal'); ax.set_xticks([]); ax.set_yticks([])
-    ax.set_xlabel(labels[0], fontsize=8, labelpad=1); ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
-    if title: ax.set_title(title, fontsize=9)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect('equal')
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(labels[0], fontsize=8, labelpad=1)
+    ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
+    if title:
+        ax.set_title(title, fontsize=9)
     return ax

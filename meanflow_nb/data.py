@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, TensorDataset, DataLoader, DistributedSamp
 from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, in_test, write_text_atomic, write_atomic
 from . import dist
 
+
 # %% auto #0
 __all__ = ['DIGITS_SPLITS', 'DATASETS', 'IMG_EXTENSIONS', 'MF_LATENT_SCALE', 'IMF_LATENT_MEAN', 'IMF_LATENT_STD', 'LATENT_NORMS',
            'DEFAULT_VAE', 'LATENT_FORMAT', 'digits_dataset', 'make_loader', 'set_epoch', 'infinite_batches',
@@ -31,7 +32,8 @@ def digits_dataset(split: str = 'train', # 'train', 'val' (needs `val_frac`), 't
                    size: int = 8, # 8 (native) or 16 (bilinear upsample)
                    test_frac: float = 0.2, # share of each class held out for 'test'
                    seed: int = 0, # seed of the stratified split
-                   val_frac: float = 0.0, # share of each class of the train split held out as 'val' (0: none; train is then the rest)
+                   # share of each class of the train split held out as 'val' (0: none; train is then the rest)
+                   val_frac: float = 0.0,
                   ) -> TensorDataset:
     "scikit-learn's digits as `(x, y)`: `x` float `(N, 1, size, size)` in [-1, 1], `y` long."
     from sklearn.datasets import load_digits
@@ -44,7 +46,8 @@ def digits_dataset(split: str = 'train', # 'train', 'val' (needs `val_frac`), 't
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1  # 0..16 -> [-1, 1]
     y = torch.tensor(d.target, dtype=torch.long)
-    if size == 16: x = F.interpolate(x, size=16, mode='bilinear', align_corners=False)
+    if size == 16:
+        x = F.interpolate(x, size=16, mode='bilinear', align_corners=False)
     if split != 'all':
         tr, te = train_test_split(np.arange(len(y)), test_size=test_frac, random_state=seed, stratify=d.target)
         if val_frac > 0:  # carved from train only, stratified again: the test split is untouched
@@ -58,13 +61,15 @@ def make_loader(dataset: Dataset, # map-style dataset of `(x, y)`
                 batch_size: int, # per-rank batch size
                 shuffle: bool = True, # a fresh permutation every epoch (seeded by `seed + epoch`)
                 seed: int = 0, # same on every rank, so the ranks share one permutation
-                drop_last: bool = True, # drop the ragged last batch (and the tail that does not split evenly over ranks)
+                # drop the ragged last batch (and the tail that does not split evenly over ranks)
+                drop_last: bool = True,
                 num_workers: int = 0, # worker processes for loading
                ) -> DataLoader:
     "A `DataLoader` over this rank's share of `dataset` (the whole of it at world size 1)."
     check(batch_size >= 1, f'batch_size must be >= 1, got {batch_size}')
     rank, world = dist.get_rank(), dist.get_world_size()
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
     check(len(sampler) >= (batch_size if drop_last else 1),
           f'dataset of {len(dataset)} items gives {len(sampler)} per rank over {world} rank(s): '
           f'fewer than one batch of {batch_size}')
@@ -73,18 +78,22 @@ def make_loader(dataset: Dataset, # map-style dataset of `(x, y)`
 
 def set_epoch(loader: DataLoader, epoch: int):
     "Tell the loader's sampler which epoch starts, if it cares (a `DistributedSampler` reshuffles with it)."
-    if hasattr(loader.sampler, 'set_epoch'): loader.sampler.set_epoch(epoch)
+    if hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
 
 def infinite_batches(loader: DataLoader, start_epoch: int = 0):
     "Yield `(x, y)` batches forever, calling `set_epoch` at the start of each pass."
     epoch = start_epoch
     while True:
         set_epoch(loader, epoch)
-        for x, y in loader: yield x, y
+        for x, y in loader:
+            yield x, y
         epoch += 1
 
+
 # %% ../nbs/06_data.ipynb #677bad85
-def _digits(root=None, split='train', **kw): return digits_dataset(split, **kw)
+def _digits(root=None, split='train', **kw):
+    return digits_dataset(split, **kw)
 
 DATASETS = {'digits': _digits}  # filled in below: 'mnist', 'cifar10', 'imagefolder', 'latents'
 
@@ -108,8 +117,10 @@ def _torchvision(name, cls_name, root, split, download=False, hflip=False):
     check(root is not None, f'{name}: pass root= (the directory holding the data, or where to download it)')
     check(download or Path(root).is_dir(), f'{name}: data directory {root} does not exist (download=True fetches it)')
     tf = T.Compose(([T.RandomHorizontalFlip()] if hflip else []) + [T.ToTensor(), T.Normalize(0.5, 0.5)])
-    try: return getattr(tvd, cls_name)(str(root), train=split == 'train', download=download, transform=tf)
-    except RuntimeError as ex: raise ConfigError(f'{name}: no usable data in {root} ({ex})') from None
+    try:
+        return getattr(tvd, cls_name)(str(root), train=split == 'train', download=download, transform=tf)
+    except RuntimeError as ex:
+        raise ConfigError(f'{name}: no usable data in {root} ({ex})') from None
 
 def mnist_dataset(root=None, split='train', download: bool = False, **kw) -> Dataset:
     "MNIST `(1, 28, 28)` in [-1, 1] with labels; `download=True` fetches it into `root`."
@@ -141,26 +152,38 @@ class FolderScan:
                 f'({", ".join(f"{n} {r}" for r, n in reasons.items())}): {files}{more}')
 
 # %% ../nbs/06_data.ipynb #4aee851f
-_END_MARKERS = {'PNG': (b'IEND\xaeB`\x82', 64), 'JPEG': (b'\xff\xd9', 1024)} # format -> (end marker, bytes of tail to find it in)
+# format -> (end marker, bytes of tail to find it in)
+_END_MARKERS = {'PNG': (b'IEND\xaeB`\x82', 64), 'JPEG': (b'\xff\xd9', 1024)}
 
 def _cut_off(path: str, fmt: str | None) -> bool:
     "True if a PNG lacks its final IEND chunk or a JPEG its end-of-image marker: a truncated file (no decoding needed)."
-    if fmt not in _END_MARKERS: return False
+    if fmt not in _END_MARKERS:
+        return False
     end, k = _END_MARKERS[fmt]
     with open(path, 'rb') as f:
-        f.seek(0, 2); n = f.tell(); f.seek(max(0, n - k)); return end not in f.read()
+        f.seek(0, 2)
+        n = f.tell()
+        f.seek(max(0, n - k))
+        return end not in f.read()
 
 def _why_not_image(path: str, verify: str) -> str | None:
-    "None if `path` is a usable image, else the reason ('header' also finds cut-off PNG and JPEG files; 'full' decodes)."
-    if not path.lower().endswith(IMG_EXTENSIONS): return f'not an image file: extension {Path(path).suffix or "(none)"!r}'
-    if verify == 'none': return None
+    ("None if `path` is a usable image, else the reason ('header' also finds cut-off PNG and JPEG files; 'full' "
+     "decodes).")
+    if not path.lower().endswith(IMG_EXTENSIONS):
+        return f'not an image file: extension {Path(path).suffix or "(none)"!r}'
+    if verify == 'none':
+        return None
     from PIL import Image
     try:
         with Image.open(path) as im:
-            if verify == 'full': im.load()
-            elif _cut_off(path, im.format): return f'truncated: the {im.format} file ends before its end marker'
-    except Exception as ex: return f'unreadable: {type(ex).__name__}: {ex}'
+            if verify == 'full':
+                im.load()
+            elif _cut_off(path, im.format):
+                return f'truncated: the {im.format} file ends before its end marker'
+    except Exception as ex:
+        return f'unreadable: {type(ex).__name__}: {ex}'
     return None
+
 
 # %% ../nbs/06_data.ipynb #c9556155
 def scan_image_folder(root: str | os.PathLike, # directory with one sub-directory per class
@@ -173,14 +196,18 @@ def scan_image_folder(root: str | os.PathLike, # directory with one sub-director
     check(root.is_dir(), f'image folder {root} does not exist or is not a directory')
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith('.'))
     check(len(classes) > 0, f'image folder {root} is empty: expected one sub-directory per class')
-    samples, skipped = [], [(str(f), 'outside class directories: not used') for f in sorted(root.iterdir()) if f.is_file()]
+    samples, skipped = [], [(str(f), 'outside class directories: not used') for f in sorted(root.iterdir())
+                            if f.is_file()]
     for label, c in enumerate(classes):
         for dirpath, dirnames, files in sorted(os.walk(root / c, followlinks=True)):
             dirnames.sort()
             for f in sorted(files):
-                p = os.path.join(dirpath, f); why = _why_not_image(p, verify)
-                if why: skipped.append((p, why))
-                else: samples.append((p, label))
+                p = os.path.join(dirpath, f)
+                why = _why_not_image(p, verify)
+                if why:
+                    skipped.append((p, why))
+                else:
+                    samples.append((p, label))
     scan = FolderScan(str(root), classes, samples, skipped)
     check(len(samples) > 0, f'image folder {root} holds no usable image; ' + scan.summary())
     empty = sorted(set(classes) - {classes[l] for _, l in samples})
@@ -190,6 +217,7 @@ def scan_image_folder(root: str | os.PathLike, # directory with one sub-director
         warnings.warn(scan.summary())
     return scan
 
+
 # %% ../nbs/06_data.ipynb #f6f6d00f
 def make_shapes_folder(root: str | os.PathLike, # created if needed
                        n_per_class: int = 8, # images per class ('disc' and 'square')
@@ -198,16 +226,22 @@ def make_shapes_folder(root: str | os.PathLike, # created if needed
                       ) -> Path:
     "Write an `ImageFolder` of random discs and squares as PNGs (for tests, demos and benchmarks)."
     from PIL import Image, ImageDraw
-    rng = np.random.default_rng(seed); root = Path(root)
+    rng = np.random.default_rng(seed)
+    root = Path(root)
     for c in ('disc', 'square'):
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
-            w, h = rng.integers(*size, size=2); bg, fg = rng.integers(0, 256, size=(2, 3))
-            im = Image.new('RGB', (int(w), int(h)), tuple(int(v) for v in bg)); d = ImageDraw.Draw(im)
-            r = min(w, h) * rng.uniform(0.2, 0.45); cx, cy = w / 2, h / 2
-            (d.ellipse if c == 'disc' else d.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in fg))
+            w, h = rng.integers(*size, size=2)
+            bg, fg = rng.integers(0, 256, size=(2, 3))
+            im = Image.new('RGB', (int(w), int(h)), tuple(int(v) for v in bg))
+            d = ImageDraw.Draw(im)
+            r = min(w, h) * rng.uniform(0.2, 0.45)
+            cx, cy = w / 2, h / 2
+            (d.ellipse if c == 'disc' else d.rectangle)([cx - r, cy - r, cx + r, cy + r],
+                                                        fill=tuple(int(v) for v in fg))
             im.save(root / c / f'{c}_{i:03d}.png')
     return root
+
 
 # %% ../nbs/06_data.ipynb #84ad4db8
 def center_crop_arr(img, # a PIL image
@@ -215,10 +249,12 @@ def center_crop_arr(img, # a PIL image
                    ) -> np.ndarray:
     "ADM's center crop: BOX-halve while the short side >= 2 size, BICUBIC to short side = size, crop the centre."
     from PIL import Image
-    while min(img.size) >= 2 * size: img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
     img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    a = np.asarray(img); top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    a = np.asarray(img)
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
     return a[top:top + size, left:left + size].copy()
 
 # %% ../nbs/06_data.ipynb #90cfb286
@@ -229,7 +265,8 @@ class ImageFolderDataset(Dataset):
                  crop: bool = True, # ADM center crop to `resolution`; False: images must already have that size
                  channels: int = 3, # 3 (RGB) or 1 (grey)
                  convert: bool = True, # convert other modes to RGB / grey; False: a wrong channel count is an error
-                 verify: str | None = None, # how hard the scan looks at each file (default: 'full' if strict, else 'header')
+                 # how hard the scan looks at each file (default: 'full' if strict, else 'header')
+                 verify: str | None = None,
                  strict: bool = False, # refuse folders with any non-image file (default: skip them and warn once)
                  scan: FolderScan | None = None, # a scan done already (e.g. on rank 0 and broadcast)
                 ):
@@ -238,7 +275,8 @@ class ImageFolderDataset(Dataset):
         self.samples, self.classes = self.scan.samples, self.scan.classes
         self.resolution, self.crop, self.channels, self.convert = resolution, crop, channels, convert
 
-    def __len__(self): return len(self.samples)
+    def __len__(self):
+        return len(self.samples)
 
 # %% ../nbs/06_data.ipynb #a2921292
 @patch
@@ -250,13 +288,19 @@ def load(self: ImageFolderDataset, i: int) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             nc = len(im.getbands())
-            check(self.convert or nc == self.channels, f'{path}: {im.mode} image with {nc} channels, expected {self.channels}')
+            check(self.convert or nc == self.channels,
+                  f'{path}: {im.mode} image with {nc} channels, expected {self.channels}')
             im = im.convert('RGB' if self.channels == 3 else 'L')
-    except ConfigError: raise
-    except Exception as ex: raise ConfigError(f'cannot read image {path}: {type(ex).__name__}: {ex}') from None
-    if self.resolution is not None and self.crop: return center_crop_arr(im, self.resolution)
-    check(self.resolution is None or im.size == (self.resolution,) * 2,
-          f'{path}: image is {im.size[0]}x{im.size[1]}, expected {self.resolution}x{self.resolution} (crop=True crops it)')
+    except ConfigError:
+        raise
+    except Exception as ex:
+        raise ConfigError(f'cannot read image {path}: {type(ex).__name__}: {ex}') from None
+    if self.resolution is not None and self.crop:
+        return center_crop_arr(im, self.resolution)
+    check(
+        self.resolution is None or im.size == (self.resolution, ) * 2,
+        f'{path}: image is {im.size[0]}x{im.size[1]}, expected {self.resolution}x{self.resolution} (crop=True crops it)'
+    )
     return np.array(im)
 
 @patch
@@ -270,7 +314,9 @@ def _imagefolder(root=None, split='train', **kw):
     sub = Path(root) / split  # ImageNet layout: root/train/<class>/..., root/val/<class>/...
     return ImageFolderDataset(sub if sub.is_dir() else root, **kw)
 
-DATASETS['imagefolder'] = _imagefolder; _DATASET_TARGETS['imagefolder'] = ImageFolderDataset
+DATASETS['imagefolder'] = _imagefolder
+_DATASET_TARGETS['imagefolder'] = ImageFolderDataset
+
 
 # %% ../nbs/06_data.ipynb #d4427b01
 MF_LATENT_SCALE = 0.18215  # SD-VAE scaling factor: MF multiplies raw latents by it
@@ -279,22 +325,27 @@ IMF_LATENT_STD = (4.85504, 5.31922, 3.93725, 3.98700)  # iMF per-channel std of 
 LATENT_NORMS = ('mf', 'imf', 'none')
 DEFAULT_VAE = 'stabilityai/sd-vae-ft-mse'
 
-def _chan(v, z): return torch.tensor(v, dtype=z.dtype, device=z.device).view(-1, 1, 1)
+def _chan(v, z):
+    return torch.tensor(v, dtype=z.dtype, device=z.device).view(-1, 1, 1)
 
 def normalize_latents(z: torch.Tensor, # raw latents `(..., 4, h, w)`
                       mode: str = 'mf', # 'mf' (x 0.18215), 'imf' (per-channel standardisation) or 'none'
                      ) -> torch.Tensor:
     "Raw VAE latents -> the scale the model is trained on."
     check(mode in LATENT_NORMS, f'unknown latent normalization {mode!r}; choose one of {LATENT_NORMS}')
-    if mode == 'mf': return z * MF_LATENT_SCALE
-    if mode == 'imf': return (z - _chan(IMF_LATENT_MEAN, z)) / _chan(IMF_LATENT_STD, z)
+    if mode == 'mf':
+        return z * MF_LATENT_SCALE
+    if mode == 'imf':
+        return (z - _chan(IMF_LATENT_MEAN, z)) / _chan(IMF_LATENT_STD, z)
     return z
 
 def denormalize_latents(z: torch.Tensor, mode: str = 'mf') -> torch.Tensor:
     "The inverse of `normalize_latents`: model scale -> raw VAE latents."
     check(mode in LATENT_NORMS, f'unknown latent normalization {mode!r}; choose one of {LATENT_NORMS}')
-    if mode == 'mf': return z / MF_LATENT_SCALE
-    if mode == 'imf': return z * _chan(IMF_LATENT_STD, z) + _chan(IMF_LATENT_MEAN, z)
+    if mode == 'mf':
+        return z / MF_LATENT_SCALE
+    if mode == 'imf':
+        return z * _chan(IMF_LATENT_STD, z) + _chan(IMF_LATENT_MEAN, z)
     return z
 
 # %% ../nbs/06_data.ipynb #10c41e56
@@ -317,19 +368,24 @@ def latent_shape(vae, resolution: int) -> tuple:
 # %% ../nbs/06_data.ipynb #e5c6968b
 LATENT_FORMAT = 'meanflow_nb.latents/1'
 
-def _shard_path(out, s): return Path(out) / f'shard_{s:05d}.safetensors'
+def _shard_path(out, s):
+    return Path(out) / f'shard_{s:05d}.safetensors'
 
 def _latent_meta(scan, vae, vae_id, resolution, n, shard_size) -> dict:
-    return dict(format=LATENT_FORMAT, vae=vae_id, resolution=resolution, latent_shape=list(latent_shape(vae, resolution)),
-                n=n, shard_size=shard_size, n_shards=math.ceil(n / shard_size), normalization='none',
+    return dict(format=LATENT_FORMAT, vae=vae_id, resolution=resolution,
+                latent_shape=list(latent_shape(vae, resolution)), n=n, shard_size=shard_size,
+                n_shards=math.ceil(n / shard_size), normalization='none',
                 scaling_factor=getattr(vae.config, 'scaling_factor', None), classes=scan.classes)
 
 _META_KEYS = ('format', 'vae', 'resolution', 'latent_shape', 'n', 'shard_size', 'n_shards', 'classes')
 
 def _read_meta(path: Path) -> dict:
     "A latent folder's `meta.json`, checked: valid JSON, an object, every key present; else a one-line `ConfigError`."
-    try: m = json.loads(Path(path).read_text())
-    except ValueError as ex: raise ConfigError(f'{path} is not valid JSON ({ex}); restore it, or rerun mf-latents into a new folder') from None
+    try:
+        m = json.loads(Path(path).read_text())
+    except ValueError as ex:
+        raise ConfigError(
+            f'{path} is not valid JSON ({ex}); restore it, or rerun mf-latents into a new folder') from None
     missing = [k for k in _META_KEYS if k not in m] if isinstance(m, dict) else list(_META_KEYS)
     check(not missing, f'{path} lacks {", ".join(missing)}; restore it, or rerun mf-latents into a new folder')
     return m
@@ -337,10 +393,12 @@ def _read_meta(path: Path) -> dict:
 def _open_shard(path: Path):
     "`safe_open` a shard; a garbage or truncated file is a one-line `ConfigError` naming it."
     from safetensors import safe_open
-    try: return safe_open(str(path), 'pt')
+    try:
+        return safe_open(str(path), 'pt')
     except Exception as ex:
         raise ConfigError(f'latent shard {path} is unreadable ({" ".join(str(ex).split())[:100]}); '
                           'delete it and rerun mf-latents with the same arguments to encode it again') from None
+
 
 # %% ../nbs/06_data.ipynb #efe96496
 def _prepare_out(out: Path, meta: dict):
@@ -349,24 +407,30 @@ def _prepare_out(out: Path, meta: dict):
     if (out / 'meta.json').is_file():
         old = _read_meta(out / 'meta.json')
         diff = [f'{k}: {old.get(k)!r} != {v!r}' for k, v in meta.items() if k != 'classes' and old.get(k) != v]
-        if old.get('classes') != meta['classes']: diff.append('classes differ')
+        if old.get('classes') != meta['classes']:
+            diff.append('classes differ')
         check(not diff, f'{out} holds latents of another run ({"; ".join(diff)}); use another output directory')
     dist.barrier()
-    if dist.is_main() and not (out / 'meta.json').is_file(): write_text_atomic(out / 'meta.json', json.dumps(meta, indent=1))
+    if dist.is_main() and not (out / 'meta.json').is_file():
+        write_text_atomic(out / 'meta.json', json.dumps(meta, indent=1))
     dist.barrier()
 
 def _shard_done(path: Path, meta: dict, count: int) -> bool:
     "True if a complete shard of this run is on disk; an incompatible one is an error."
-    if not path.is_file(): return False
+    if not path.is_file():
+        return False
     with _open_shard(path) as f:
         m = f.metadata() or {}
-        ok = m.get('vae') == meta['vae'] and m.get('resolution') == str(meta['resolution']) and m.get('count') == str(count)
+        ok = m.get('vae') == meta['vae'] and m.get('resolution') == str(
+            meta['resolution']) and m.get('count') == str(count)
         check(ok, f'{path} comes from another run (vae {m.get("vae")!r}, resolution {m.get("resolution")}, '
                   f'{m.get("count")} images); use another output directory')
         intact = _shard_intact(f)
     if intact is False:                                    # bytes changed on disk since it was written: encode it again
-        warnings.warn(f'{path}: its tensors no longer match their sha256; encoding the shard again'); return False
+        warnings.warn(f'{path}: its tensors no longer match their sha256; encoding the shard again')
+        return False
     return True
+
 
 # %% ../nbs/06_data.ipynb #a5eb02c3
 @torch.no_grad()
@@ -377,7 +441,9 @@ def _encode_shard(vae, ds, lo, hi, batch_size, num_workers, device) -> dict:
     ms, ss, ys = [], [], []
     for x, y in dl:
         post = vae.encode(x.to(device, dtype)).latent_dist  # diagonal Gaussian q(z|x)
-        ms.append(post.mean.float().cpu()); ss.append(post.std.float().cpu()); ys.append(torch.as_tensor(y))
+        ms.append(post.mean.float().cpu())
+        ss.append(post.std.float().cpu())
+        ys.append(torch.as_tensor(y))
     return dict(mean=torch.cat(ms).contiguous(), std=torch.cat(ss).contiguous(), y=torch.cat(ys).long(),
                 index=torch.arange(lo, hi))
 
@@ -387,11 +453,13 @@ def _tensor_digest(t: dict) -> str:
     h = hashlib.sha256()
     for k in sorted(t):
         v = t[k].detach().cpu().contiguous()
-        h.update(f'{k}|{v.dtype}|{tuple(v.shape)}|'.encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f'{k}|{v.dtype}|{tuple(v.shape)}|'.encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 def _shard_intact(f) -> bool | None:
-    "Whether the tensors of an open shard `f` (`_open_shard`) still hash to the sha256 in its metadata (None: written without one)."
+    ("Whether the tensors of an open shard `f` (`_open_shard`) still hash to the sha256 in its metadata (None: written "
+     "without one).")
     want = (f.metadata() or {}).get('sha256')
     return None if want is None else _tensor_digest({k: f.get_tensor(k) for k in f.keys()}) == want
 
@@ -406,15 +474,19 @@ def _save_shard(t: dict, path: Path, meta: dict, s: int, lo: int):
     blob = save(t, metadata=md)
     write_atomic(path, lambda f: f.write(blob), '.tmp')  # a shard on disk is always complete
 
+
 # %% ../nbs/06_data.ipynb #f2a428e9
 def _scan_on_rank0(data, verify, strict) -> FolderScan:
     "Scan the folder on rank 0 only and broadcast the result; an error reaches every rank, so none waits forever."
     scan = None
     if dist.is_main():
-        try: scan = scan_image_folder(data, verify, strict)
-        except ConfigError as ex: scan = ex
+        try:
+            scan = scan_image_folder(data, verify, strict)
+        except ConfigError as ex:
+            scan = ex
     scan = dist.broadcast_object(scan)
-    if isinstance(scan, ConfigError): raise scan
+    if isinstance(scan, ConfigError):
+        raise scan
     return scan
 
 # %% ../nbs/06_data.ipynb #fd80647d
@@ -446,15 +518,19 @@ def encode_folder(data: str | os.PathLike, # ImageFolder root (one sub-directory
     t0, done, written = time.time(), 0, 0
     for s in range(rank, meta['n_shards'], world):  # rank r: shards r, r + W, ...
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-        if _shard_done(_shard_path(out, s), meta, hi - lo): continue
+        if _shard_done(_shard_path(out, s), meta, hi - lo):
+            continue
         _save_shard(_encode_shard(vae, ds, lo, hi, batch_size, num_workers, device), _shard_path(out, s), meta, s, lo)
-        done += hi - lo; written += 1
+        done += hi - lo
+        written += 1
         if verbose and dist.is_main():
-            print(f'shard {s + 1}/{meta["n_shards"]}: {hi - lo} images, {done / (time.time() - t0):.1f} img/s', flush=True)
+            print(f'shard {s + 1}/{meta["n_shards"]}: {hi - lo} images, {done / (time.time() - t0):.1f} img/s',
+                  flush=True)
     dist.barrier()
     sec = time.time() - t0
     return dict(out=str(out), n=n, n_shards=meta['n_shards'], shards_written=written, images_encoded=done,
                 seconds=sec, images_per_s=done / sec if done else 0.0)
+
 
 # %% ../nbs/06_data.ipynb #d71a9fca
 class LatentDataset(Dataset):
@@ -464,11 +540,15 @@ class LatentDataset(Dataset):
                  vae: str | None = None, # if given, the VAE id the latents must come from
                  resolution: int | None = None, # if given, the image resolution the latents must come from
                  sample: bool = True, # False: return the posterior mean (deterministic)
-                 verify: bool = False, # also hash every shard's tensors against the sha256 written with it (reads all the data)
+                 # also hash every shard's tensors against the sha256 written with it (reads all the data)
+                 verify: bool = False,
                 ):
-        root = Path(root); check(root.is_dir(), f'latent directory {root} does not exist')
-        check((root / 'meta.json').is_file(), f'{root} is not a latent directory (no meta.json); make one with mf-latents')
-        check(normalization in LATENT_NORMS, f'unknown latent normalization {normalization!r}; choose one of {LATENT_NORMS}')
+        root = Path(root)
+        check(root.is_dir(), f'latent directory {root} does not exist')
+        check((root / 'meta.json').is_file(),
+              f'{root} is not a latent directory (no meta.json); make one with mf-latents')
+        check(normalization in LATENT_NORMS,
+              f'unknown latent normalization {normalization!r}; choose one of {LATENT_NORMS}')
         self.meta = m = _read_meta(root / 'meta.json')
         check(m.get('format') == LATENT_FORMAT, f'{root}/meta.json: unknown format {m.get("format")!r}')
         check(vae is None or m['vae'] == vae, f'latents in {root} come from VAE {m["vae"]!r}, not {vae!r}')
@@ -482,7 +562,9 @@ class LatentDataset(Dataset):
         check(len(self.y) == m['n'], f'latents in {root}: shards hold {len(self.y)} items, meta.json says {m["n"]}')
         self.classes, self.latent_shape, self._files = m['classes'], tuple(m['latent_shape']), {}
 
-    def __len__(self): return len(self.y)
+    def __len__(self):
+        return len(self.y)
+
 
 # %% ../nbs/06_data.ipynb #c9c8d788
 @patch
@@ -494,23 +576,27 @@ def _check_shard(self: LatentDataset, s: int) -> torch.Tensor:
         n = min(m['shard_size'], m['n'] - s * m['shard_size'])
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         want = {'mean': (n, *m['latent_shape']), 'std': (n, *m['latent_shape']), 'y': (n,)}
-        check(all(shapes.get(k) == v for k, v in want.items()),
-              f'latent shard {p} holds {shapes}, expected {want}; delete it and rerun mf-latents with the same arguments')
+        check(
+            all(shapes.get(k) == v for k, v in want.items()),
+            f'latent shard {p} holds {shapes}, expected {want}; delete it and rerun mf-latents with the same arguments')
         check(md.get('normalization', 'none') == 'none',
               f'{p} holds latents normalised with {md.get("normalization")!r}; LatentDataset expects raw posteriors')
         check(md.get('vae') == m['vae'] and md.get('resolution') == str(m['resolution']),
               f'{p} comes from VAE {md.get("vae")!r} at resolution {md.get("resolution")}, '
               f'but {self.root} from {m["vae"]!r} at {m["resolution"]}')
-        check(not self.verify or _shard_intact(f) is not False,
-              f'latent shard {p} is corrupt: its tensors no longer match their sha256; rerun mf-latents with the same arguments '
-              'to encode it again')
+        check(
+            not self.verify or _shard_intact(f) is not False,
+            f'latent shard {p} is corrupt: its tensors no longer match their sha256; rerun mf-latents with the same '
+            f'arguments '
+            'to encode it again')
         return f.get_tensor('y')
 
 @patch
 def __getitem__(self: LatentDataset, i: int):
     "`(z, y)` with `z = normalize(mean + std * eps)`, a new `eps` at every call."
     s, o = divmod(int(i), self.meta['shard_size'])
-    if s not in self._files: self._files[s] = _open_shard(_shard_path(self.root, s))  # opened lazily, per worker
+    if s not in self._files:
+        self._files[s] = _open_shard(_shard_path(self.root, s))  # opened lazily, per worker
     f = self._files[s]
     mean, std = f.get_slice('mean')[o], f.get_slice('std')[o]
     z = mean + std * torch.randn_like(mean) if self.sample else mean
@@ -526,7 +612,9 @@ def _latents(root=None, split='train', **kw):
     sub = Path(root) / split
     return LatentDataset(sub if (sub / 'meta.json').is_file() else root, **kw)
 
-DATASETS['latents'] = _latents; _DATASET_TARGETS['latents'] = LatentDataset
+DATASETS['latents'] = _latents
+_DATASET_TARGETS['latents'] = LatentDataset
+
 
 # %% ../nbs/06_data.ipynb #0c50efe6
 @torch.no_grad()
@@ -545,21 +633,28 @@ def load_vae(name: str = DEFAULT_VAE, # Hugging Face id or local directory
              device=None, # where to put it (default CPU)
              dtype: torch.dtype = torch.float32, # float16 halves memory on GPUs
             ):
-    "Load a diffusers `AutoencoderKL`; warn if it is the ft-ema one (same encoder, a different decoder from the papers')."
+    ("Load a diffusers `AutoencoderKL`; warn if it is the ft-ema one (same encoder, a different decoder from the "
+     "papers').")
     from diffusers import AutoencoderKL
     if 'ema' in name.lower():
-        warnings.warn(f"VAE {name!r}: MeanFlow and iMF decode with {DEFAULT_VAE!r}; ft-ema has the same encoder but another "
-                      "decoder, so decoded samples and their FID are not comparable with the papers'")
+        warnings.warn(
+            f"VAE {name!r}: MeanFlow and iMF decode with {DEFAULT_VAE!r}; ft-ema has the same encoder but another "
+            "decoder, so decoded samples and their FID are not comparable with the papers'")
     local = Path(name).expanduser()
     check(local.exists() or not name.startswith(('/', '.', '~')), f'VAE directory {name} does not exist')
-    try: vae = AutoencoderKL.from_pretrained(str(local) if local.exists() else name, torch_dtype=dtype, low_cpu_mem_usage=False)
-    except (OSError, ValueError) as ex: raise ConfigError(f'cannot load VAE {name!r}: {str(ex).splitlines()[0]}') from None
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            str(local) if local.exists() else name, torch_dtype=dtype, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as ex:
+        raise ConfigError(f'cannot load VAE {name!r}: {str(ex).splitlines()[0]}') from None
     return vae.to(device or 'cpu').eval()
+
 
 # %% ../nbs/06_data.ipynb #b5b79b1f
 @cli_errors
 def cli_latents(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
-    "`mf-latents`: encode an ImageFolder into sharded SD-VAE posterior mean/std files (resumable; torchrun splits shards)."
+    ("`mf-latents`: encode an ImageFolder into sharded SD-VAE posterior mean/std files (resumable; torchrun splits "
+     "shards).")
     p = CLIParser(prog='mf-latents', description=cli_latents.__doc__)
     p.add_argument('--data', required=True, help='ImageFolder root: one sub-directory per class')
     p.add_argument('--out', required=True, help='output directory (rerun the same command to resume)')
@@ -575,20 +670,27 @@ def cli_latents(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     a = p.parse_args(argv)
     check(Path(a.data).is_dir(), f'image folder {a.data} does not exist or is not a directory')  # before loading a VAE
     for flag, v in (('--resolution', a.resolution), ('--batch-size', a.batch_size), ('--shard-size', a.shard_size)):
-        check(v >= 1, f'{flag} must be >= 1, got {v}')                        # the VAE's factor is checked once it is loaded
+        # the VAE's factor is checked once it is loaded
+        check(v >= 1, f'{flag} must be >= 1, got {v}')
     check(a.num_workers >= 0, f'--num-workers must be >= 0, got {a.num_workers}')
     check(a.limit is None or a.limit >= 1, f'--limit must be >= 1 (leave it out for every image), got {a.limit}')
     if a.device is not None:
-        try: torch.device(a.device)
-        except RuntimeError: raise ConfigError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {a.device!r}") from None
+        try:
+            torch.device(a.device)
+        except RuntimeError:
+            raise ConfigError(
+                f"--device must be a torch device such as cpu, cuda or cuda:1, got {a.device!r}") from None
     device = dist.init_distributed()  # joins the torchrun group, if any; this rank's GPU or the CPU
     device = a.device or device
     try:
         vae = load_vae(a.vae, device)
         res = encode_folder(a.data, a.out, vae, a.resolution, a.batch_size, a.shard_size, device, a.num_workers,
                             a.limit, vae_id=a.vae, verify=a.verify, verbose=not a.quiet)
-        if dist.is_main(): print(json.dumps(res))  # the summary, one JSON line
-    finally: dist.cleanup_distributed()
+        if dist.is_main():
+            print(json.dumps(res))  # the summary, one JSON line
+    finally:
+        dist.cleanup_distributed()
+
 
 # %% ../nbs/06_data.ipynb #af59820b
 def eval_labels(n: int, # number of samples
@@ -597,7 +699,8 @@ def eval_labels(n: int, # number of samples
                 seed: int = 0, # seed of the random labels
                ) -> torch.Tensor:
     "Class labels for `n` evaluation samples, as a LongTensor `(n,)`."
-    if balanced: return torch.arange(n) % num_classes
+    if balanced:
+        return torch.arange(n) % num_classes
     return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 # %% ../nbs/06_data.ipynb #a2551410
@@ -608,23 +711,31 @@ def bench_latents(n_images: int = 256, # images to encode
                   threads: int | None = None, # torch CPU threads during the run (default: leave as is)
                  ) -> dict:
     "Images/s of latent extraction with the tiny VAE on this machine: whole pipeline and encoder alone."
-    old = torch.get_num_threads(); torch.set_num_threads(threads or old)
-    try: return _bench_latents(n_images, batch_size, resolution, num_workers)
-    finally: torch.set_num_threads(old)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or old)
+    try:
+        return _bench_latents(n_images, batch_size, resolution, num_workers)
+    finally:
+        torch.set_num_threads(old)
 
 def _bench_latents(n_images, batch_size, resolution, num_workers):
     "The measurement behind `bench_latents`."
     vae = tiny_vae()
     with tempfile.TemporaryDirectory() as d:
-        folder = make_shapes_folder(Path(d) / 'img', n_per_class=math.ceil(n_images / 2), size=(resolution, 2 * resolution))
+        folder = make_shapes_folder(
+            Path(d) / 'img', n_per_class=math.ceil(n_images / 2), size=(resolution, 2 * resolution))
         res = encode_folder(folder, Path(d) / 'lat', vae, resolution, batch_size, shard_size=max(batch_size, 256),
                             num_workers=num_workers, limit=n_images, vae_id='tiny', verbose=False)
     x = torch.randn(batch_size, 3, resolution, resolution)
     with torch.no_grad():
-        vae.encode(x); t0 = time.time(); k = max(1, n_images // batch_size)
-        for _ in range(k): vae.encode(x).latent_dist.std
+        vae.encode(x)
+        t0 = time.time()
+        k = max(1, n_images // batch_size)
+        for _ in range(k):
+            vae.encode(x).latent_dist.std
     return dict(pipeline_images_per_s=res['images_per_s'], encoder_images_per_s=k * batch_size / (time.time() - t0),
                 n_images=n_images, batch_size=batch_size, resolution=resolution, threads=torch.get_num_threads())
+
 
 # %% ../nbs/06_data.ipynb #e9cfaf18
 def bench_loader(batch_size: int = 128, # per-rank batch
@@ -634,7 +745,11 @@ def bench_loader(batch_size: int = 128, # per-rank batch
                 ) -> dict:
     "Batches/s of `infinite_batches(make_loader(digits_dataset(...)))` on this machine."
     it = infinite_batches(make_loader(digits_dataset('train', size=size), batch_size, num_workers=num_workers))
-    next(it); t0 = time.time()
-    for _ in range(n_batches): next(it)
+    next(it)
+    t0 = time.time()
+    for _ in range(n_batches):
+        next(it)
     sec = time.time() - t0
-    return dict(batches_per_s=n_batches / sec, images_per_s=n_batches * batch_size / sec, batch_size=batch_size, size=size)
+    return dict(batches_per_s=n_batches / sec, images_per_s=n_batches * batch_size / sec, batch_size=batch_size,
+                size=size)
+

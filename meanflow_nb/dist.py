@@ -38,11 +38,15 @@ def expand_nodelist(nodelist: str) -> list[str]:
     hosts = []
     for item in re.findall(r'[^,\[]+(?:\[[^\]]*\][^,\[]*)*', nodelist):      # commas outside brackets separate items
         m = re.fullmatch(r'([^\[]*)\[([^\]]*)\](.*)', item)
-        if not m: hosts.append(item); continue
+        if not m:
+            hosts.append(item)
+            continue
         pre, ranges, post = m.groups()
         for r in ranges.split(','):
             a, _, b = r.partition('-')
-            if not b: hosts.extend(f'{pre}{a}{h}' for h in expand_nodelist(post) or ['']); continue
+            if not b:
+                hosts.extend(f'{pre}{a}{h}' for h in expand_nodelist(post) or [''])
+                continue
             for i in range(int(a), int(b) + 1):
                 hosts.extend(f'{pre}{i:0{len(a)}d}{h}' for h in expand_nodelist(post) or [''])
     return hosts
@@ -50,56 +54,72 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def slurm_env(env: dict | None = None, # default: `os.environ`
               port: int = 29500, # MASTER_PORT when SLURM's environment does not name one
              ) -> dict:
-    "torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) from an `srun` task's SLURM variables; `{}` under torchrun or outside SLURM."
+    ("torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) from an `srun` task's "
+     "SLURM variables; `{}` under torchrun or outside SLURM.")
     env = os.environ if env is None else env
-    if 'RANK' in env or 'SLURM_PROCID' not in env or env.get('MF_NO_SLURM'): return {}   # torchrun set them, or no srun
+    if 'RANK' in env or 'SLURM_PROCID' not in env or env.get('MF_NO_SLURM'):
+        return {}   # torchrun set them, or no srun
     ntasks = int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1')))
-    if ntasks <= 1: return {}
+    if ntasks <= 1:
+        return {}
     nodes = env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST') or 'localhost'
     return dict(RANK=env['SLURM_PROCID'], WORLD_SIZE=str(ntasks), LOCAL_RANK=env.get('SLURM_LOCALID', '0'),
                 LOCAL_WORLD_SIZE=env.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0],
                 MASTER_ADDR=env.get('MASTER_ADDR') or expand_nodelist(nodes)[0],
                 MASTER_PORT=env.get('MASTER_PORT') or str(port + int(env.get('SLURM_JOB_ID', '0')) % 1000))
 
+
 # %% ../nbs/07_dist.ipynb #72eb9a45
-_LAUNCH_VARS = 'torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT: launch with torchrun, or unset them for one process'
+_LAUNCH_VARS = ('torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT: launch with torchrun, or '
+                'unset them for one process')
 
 def launch_env(env: dict | None = None, # default: `os.environ`
                gpus: int | None = None, # visible CUDA devices (default: `torch.cuda.device_count()`; 0: CPU)
               ) -> tuple[int, int, int]:
-    "`(world, rank, local_rank)` from torchrun's variables, checked: one `ConfigError` line naming a missing, non-integer or out-of-range one."
+    ("`(world, rank, local_rank)` from torchrun's variables, checked: one `ConfigError` line naming a missing, "
+     "non-integer or out-of-range one.")
     env = os.environ if env is None else env
     def num(name, lo, hi, default=None):
         v = env.get(name)
         if v is None or not v.strip():
             check(default is not None, f'{name} is not set, but WORLD_SIZE={env.get("WORLD_SIZE")}; {_LAUNCH_VARS}')
             return default
-        try: n = int(v)
-        except ValueError: n = None
+        try:
+            n = int(v)
+        except ValueError:
+            n = None
         check(n is not None and lo <= n <= hi, f'{name} must be an integer in [{lo}, {hi}], got {v!r}; {_LAUNCH_VARS}')
         return n
     world = num('WORLD_SIZE', 1, 1 << 20, 1)
     multi = world > 1
-    check(multi or not env.get('RANK', '').strip() or env.get('WORLD_SIZE', '').strip(), f'RANK is set but WORLD_SIZE is not; {_LAUNCH_VARS}')
+    check(multi or not env.get('RANK', '').strip() or env.get('WORLD_SIZE', '').strip(),
+          f'RANK is set but WORLD_SIZE is not; {_LAUNCH_VARS}')
     rank = num('RANK', 0, world - 1, None if multi else 0)
     local_rank = num('LOCAL_RANK', 0, world - 1, None if multi else 0)
     if multi:
-        check(bool(env.get('MASTER_ADDR', '').strip()), f'MASTER_ADDR is not set, but WORLD_SIZE={world}; {_LAUNCH_VARS}')
+        check(bool(env.get('MASTER_ADDR', '').strip()),
+              f'MASTER_ADDR is not set, but WORLD_SIZE={world}; {_LAUNCH_VARS}')
         num('MASTER_PORT', 1, 65535)
     gpus = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if gpus is None else gpus
-    check(gpus == 0 or local_rank < gpus, f'LOCAL_RANK {local_rank} names GPU {local_rank}, but this node shows {gpus} '
-          f'(CUDA_VISIBLE_DEVICES={env.get("CUDA_VISIBLE_DEVICES", "unset")}); give torchrun --nproc_per_node {gpus} or fewer')
+    check(
+        gpus == 0 or local_rank < gpus, f'LOCAL_RANK {local_rank} names GPU {local_rank}, but this node shows {gpus} '
+        f'(CUDA_VISIBLE_DEVICES={env.get("CUDA_VISIBLE_DEVICES", "unset")}); give torchrun --nproc_per_node {gpus} or '
+        f'fewer'
+    )
     return world, rank, local_rank
 
 def init_distributed(backend: str | None = None, # 'nccl' or 'gloo'; default: nccl with CUDA, else gloo
                      timeout_s: float = 600, # a rank that dies makes the others fail after this, instead of hanging
                     ) -> torch.device:
-    "Join the process group if `torchrun` (or `srun` without torchrun, see `slurm_env`) launched us; return this rank's device."
-    for k, v in slurm_env().items(): os.environ.setdefault(k, v)   # srun without torchrun: ranks from SLURM's variables
+    ("Join the process group if `torchrun` (or `srun` without torchrun, see `slurm_env`) launched us; return this "
+     "rank's device.")
+    for k, v in slurm_env().items():
+        os.environ.setdefault(k, v)   # srun without torchrun: ranks from SLURM's variables
     use_cuda = torch.cuda.is_available() and backend != 'gloo'
     world, _, local_rank = launch_env(gpus=torch.cuda.device_count() if use_cuda else 0)
     device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
-    if use_cuda: torch.cuda.set_device(device)
+    if use_cuda:
+        torch.cuda.set_device(device)
     if world > 1 and not is_dist():
         dist.init_process_group(backend or ('nccl' if use_cuda else 'gloo'), store=_join(world, timeout_s),
                                 rank=int(os.environ['RANK']), world_size=world,
@@ -111,9 +131,12 @@ def _join(world: int, timeout_s: float, every_s: float = 30.0, first_s: float = 
     """Connect to the rendezvous store (rank 0 hosts it, unless torchrun's agent does) and wait until all `world` ranks
     have joined: after `first_s` seconds, then every `every_s`, say how many joined and how long this rank waits; after
     `timeout_s` one `ConfigError` line, not a traceback."""
-    rank, addr, port = int(os.environ['RANK']), os.environ.get('MASTER_ADDR', '127.0.0.1'), int(os.environ.get('MASTER_PORT', '29500'))
+    rank, addr, port = int(os.environ['RANK']), os.environ.get('MASTER_ADDR',
+                                                               '127.0.0.1'), int(os.environ.get('MASTER_PORT', '29500'))
     host = rank == 0 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True'
-    t0 = time.monotonic(); said = t0 + first_s - every_s; store = None
+    t0 = time.monotonic()
+    said = t0 + first_s - every_s
+    store = None
     left = lambda: timeout_s - (time.monotonic() - t0)
     def note(joined: str):
         nonlocal said
@@ -122,16 +145,23 @@ def _join(world: int, timeout_s: float, every_s: float = 30.0, first_s: float = 
             print(f'rank {rank}: {joined} at {addr}:{port}; waiting up to {max(0, left()):.0f} s more '
                   f'for the rest (--dist_timeout {timeout_s:g} s)', file=sys.stderr, flush=True)
     def missing(joined: str):
-        return ConfigError(f'rank {rank}: {joined} at {addr}:{port} within {timeout_s:g} s '
-                           f'(--dist_timeout): start every rank (torchrun --nnodes / --nproc_per_node, the same MASTER_ADDR and '
-                           f'MASTER_PORT), or raise --dist_timeout')
-    while not host:                                                            # a client probes the port itself: torch's
-        try: socket.create_connection((addr, port), timeout=1.0).close(); break   # failed connects log C++ frames
+        return ConfigError(
+            f'rank {rank}: {joined} at {addr}:{port} within {timeout_s:g} s '
+            f'(--dist_timeout): start every rank (torchrun --nnodes / --nproc_per_node, the same MASTER_ADDR and '
+            f'MASTER_PORT), or raise --dist_timeout')
+    # a client probes the port itself: torch's
+    while not host:
+        try:
+            socket.create_connection((addr, port), timeout=1.0).close()
+            break   # failed connects log C++ frames
         except OSError:
-            if left() <= 0: raise missing('rank 0 never answered') from None
-            note('no answer yet from rank 0, which hosts the rendezvous'); time.sleep(0.5)
-    try: store = dist.TCPStore(addr, port, world, is_master=host, wait_for_workers=False,
-                               timeout=datetime.timedelta(seconds=max(1.0, left())))
+            if left() <= 0:
+                raise missing('rank 0 never answered') from None
+            note('no answer yet from rank 0, which hosts the rendezvous')
+            time.sleep(0.5)
+    try:
+        store = dist.TCPStore(addr, port, world, is_master=host, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=max(1.0, left())))
     except (RuntimeError, OSError) as ex:
         raise ConfigError(f'rank {rank} cannot {"host" if host else "reach"} the rendezvous at {addr}:{port}: '
                           f'{" ".join(str(ex).split())[:160]}') from None
@@ -139,8 +169,11 @@ def _join(world: int, timeout_s: float, every_s: float = 30.0, first_s: float = 
     key = f'meanflow/joined/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}'
     n = store.add(key, 1)
     while n < world:
-        if left() <= 0: raise missing(f'only {n} of {world} ranks joined')
-        note(f'{n} of {world} ranks joined'); time.sleep(0.2); n = store.add(key, 0)
+        if left() <= 0:
+            raise missing(f'only {n} of {world} ranks joined')
+        note(f'{n} of {world} ranks joined')
+        time.sleep(0.2)
+        n = store.add(key, 0)
     return store
 
 def cleanup_distributed():
@@ -148,13 +181,17 @@ def cleanup_distributed():
     global _CONTROL
     _CONTROL = None
     if is_dist():
-        try: dist.barrier()
-        finally: dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
 
 # %% ../nbs/07_dist.ipynb #6982b9db
 def barrier():
     "Wait for every rank (no-op at world size 1)."
-    if is_dist(): dist.barrier()
+    if is_dist():
+        dist.barrier()
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     "Average a tensor over ranks, in place, and return it (identity at world size 1)."
@@ -165,39 +202,50 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     "Concatenate equally-shaped tensors from every rank along dim 0 (identity at world size 1)."
-    if not is_dist(): return x
+    if not is_dist():
+        return x
     out = [torch.empty_like(x) for _ in range(get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
 
 def broadcast_object(obj, src: int = 0):
     "Send a picklable object from rank `src` to every rank."
-    if not is_dist(): return obj
-    box = [obj]; dist.broadcast_object_list(box, src=src)
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
     return box[0]
 
 def seed_per_rank(seed: int) -> int:
     "Seed every RNG with `seed + rank`, so ranks draw different noise; returns the seed used."
-    s = seed + get_rank(); set_seed(s); return s
+    s = seed + get_rank()
+    set_seed(s)
+    return s
 
 # %% ../nbs/07_dist.ipynb #4e88ddc0
 def broadcast_params(model: nn.Module, src: int = 0):
     "Copy rank `src`'s parameters and buffers to every rank (no-op at world size 1)."
-    if not is_dist(): return
-    for t in list(model.parameters()) + list(model.buffers()): dist.broadcast(t.data, src=src)
+    if not is_dist():
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=src)
 
 @torch.no_grad()
 def sync_gradients(model: nn.Module):
     "Average `.grad` over ranks with one all-reduce on a flat buffer (no-op at world size 1)."
-    if not is_dist(): return
+    if not is_dist():
+        return
     ps = [p for p in model.parameters() if p.requires_grad]
     for p in ps:
-        if p.grad is None: p.grad = torch.zeros_like(p)  # every rank must send the same layout
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # every rank must send the same layout
     flat = torch.cat([p.grad.reshape(-1) for p in ps])
     all_reduce_mean(flat)
     i = 0
     for p in ps:
-        n = p.numel(); p.grad.copy_(flat[i:i + n].view_as(p.grad)); i += n
+        n = p.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p.grad))
+        i += n
 
 # %% ../nbs/07_dist.ipynb #0c00c444
 @torch.no_grad()
@@ -224,28 +272,38 @@ class GradSync:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.buckets, cur, size = [], [], 0
         for p in reversed(self.params):                      # backward meets the last layers first
-            cur.append(p); size += p.numel() * p.element_size()
-            if size >= bucket_mb * 2 ** 20: self.buckets.append(cur); cur, size = [], 0
-        if cur: self.buckets.append(cur)
+            cur.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_mb * 2 ** 20:
+                self.buckets.append(cur)
+                cur, size = [], 0
+        if cur:
+            self.buckets.append(cur)
         self.where = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self.enabled, self.handles = True, []
         self._reset()
         if is_dist():
-            for p in self.params: self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            for p in self.params:
+                self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def _reset(self):
-        self.ready = [0] * len(self.buckets); self.next, self.work = 0, []
+        self.ready = [0] * len(self.buckets)
+        self.next, self.work = 0, []
 
     def _hook(self, p):
-        if not self.enabled: return
-        i = self.where[id(p)]; self.ready[i] += 1
+        if not self.enabled:
+            return
+        i = self.where[id(p)]
+        self.ready[i] += 1
         while self.next < len(self.buckets) and self.ready[self.next] == len(self.buckets[self.next]):
-            self._launch(self.next); self.next += 1          # in order: the same collectives on every rank
+            self._launch(self.next)
+            self.next += 1          # in order: the same collectives on every rank
 
     def _launch(self, i: int):
         ps = self.buckets[i]
         for p in ps:
-            if p.grad is None: p.grad = torch.zeros_like(p)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in ps])
         flat /= get_world_size()
         self.work.append((i, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
@@ -253,16 +311,23 @@ class GradSync:
     @torch.no_grad()
     def finish(self):
         "Launch the buckets not launched during backward, wait for all, copy the averages into `.grad`."
-        if not is_dist(): return
-        while self.next < len(self.buckets): self._launch(self.next); self.next += 1
+        if not is_dist():
+            return
+        while self.next < len(self.buckets):
+            self._launch(self.next)
+            self.next += 1
         for i, flat, w in self.work:
-            w.wait(); k = 0
+            w.wait()
+            k = 0
             for p in self.buckets[i]:
-                n = p.numel(); p.grad.copy_(flat[k:k + n].view_as(p.grad)); k += n
+                n = p.numel()
+                p.grad.copy_(flat[k:k + n].view_as(p.grad))
+                k += n
         self._reset()
 
     def remove(self):
-        for h in self.handles: h.remove()
+        for h in self.handles:
+            h.remove()
         self.handles = []
 
 # %% ../nbs/07_dist.ipynb #a1c0de08
@@ -271,8 +336,10 @@ _CONTROL = None
 def any_rank(*flags: bool) -> list[bool]:
     "For each flag, True if it is True on any rank (a max all-reduce on a CPU gloo group; no-op at world size 1)."
     global _CONTROL
-    if not is_dist(): return [bool(f) for f in flags]
-    if _CONTROL is None: _CONTROL = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else dist.group.WORLD
+    if not is_dist():
+        return [bool(f) for f in flags]
+    if _CONTROL is None:
+        _CONTROL = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else dist.group.WORLD
     x = torch.tensor([float(bool(f)) for f in flags])
     dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_CONTROL)
     return [bool(v) for v in x.tolist()]

@@ -16,6 +16,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test, write_text_atomic, write_atomic
 from . import dist
 
+
 # %% auto #0
 __all__ = ['DIGITS_RES', 'DIGITS_CLASSIFIER_PATH', 'DIGITS_EXTRACTOR', 'INCEPTION', 'DIGITS_REF', 'MAX_SHARDS', 'to_uint8',
            'fid_from_stats', 'prepare_digits', 'DigitsClassifier', 'classifier_accuracy', 'train_digits_classifier',
@@ -31,7 +32,8 @@ def to_uint8(x: torch.Tensor, # images `(B, C, H, W)` in [-1, 1] (float) or alre
             ) -> torch.Tensor:
     "Round images in [-1, 1] to uint8 `(B, C, H, W)` as an image file stores them (uint8 input passes through)."
     x = torch.as_tensor(x)
-    if x.dtype == torch.uint8: return x
+    if x.dtype == torch.uint8:
+        return x
     check(x.is_floating_point(), f'images must be float in [-1, 1] or uint8, got {x.dtype}')
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
@@ -42,9 +44,13 @@ def fid_from_stats(s1: dict, # `{'mu': (d,), 'sigma': (d, d)}` of the first set
     "The Fréchet distance between two Gaussians given by their means and covariances (torch-fidelity's formula)."
     from torch_fidelity.metric_fid import fid_statistics_to_metric, KEY_METRIC_FID
     a, b = ({'mu': np.asarray(s['mu'], np.float64), 'sigma': np.asarray(s['sigma'], np.float64)} for s in (s1, s2))
-    check(a['mu'].shape == b['mu'].shape and a['sigma'].shape == b['sigma'].shape,
-          f"statistics do not match: mu {a['mu'].shape} vs {b['mu'].shape}, sigma {a['sigma'].shape} vs {b['sigma'].shape}")
+    check(
+        a['mu'].shape == b['mu'].shape and a['sigma'].shape == b['sigma'].shape,
+        f"statistics do not match: mu {a['mu'].shape} vs {b['mu'].shape}, sigma {a['sigma'].shape} vs "
+        f"{b['sigma'].shape}"
+    )
     return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
+
 
 # %% ../nbs/11_eval.ipynb #f0cd95bd
 DIGITS_RES = 16 # the classifier's input side
@@ -55,12 +61,14 @@ def prepare_digits(x: torch.Tensor, # uint8 `(B, C, H, W)`, C = 1 or 3, any squa
     check(x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[2] == x.shape[3],
           f'digit images must be uint8 (B, 1 or 3, S, S), got {x.dtype} {tuple(x.shape)}')
     x = x.float().div(127.5).sub(1).mean(1, keepdim=True)                      # (B, 1, S, S), grey
-    if x.shape[-1] == DIGITS_RES: return x
+    if x.shape[-1] == DIGITS_RES:
+        return x
     up = x.shape[-1] < DIGITS_RES                                               # 8 -> 16: as digits_dataset(size=16)
     return F.interpolate(x, size=DIGITS_RES, mode='bilinear', align_corners=False, antialias=not up)
 
 # %% ../nbs/11_eval.ipynb #7e16ae0e
-def _conv(cin, cout): return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+def _conv(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
 class DigitsClassifier(nn.Module):
     "Small CNN on 16x16 digits: pooled 64-d features (the digits-FID features) and 10 logits."
@@ -82,14 +90,17 @@ DIGITS_CLASSIFIER_PATH = Path(__import__('meanflow_nb').__file__).parent / 'asse
 def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     "Shift each image of `(B, 1, S, S)` by -1, 0 or +1 pixels along each axis (background fill)."
     B, S = x.shape[0], x.shape[-1]
-    p = F.pad(x, (1, 1, 1, 1), value=-1.0); d = torch.randint(0, 3, (2, B), generator=g)
-    rows = (d[0][:, None] + torch.arange(S))[:, :, None]; cols = (d[1][:, None] + torch.arange(S))[:, None, :]
+    p = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    d = torch.randint(0, 3, (2, B), generator=g)
+    rows = (d[0][:, None] + torch.arange(S))[:, :, None]
+    cols = (d[1][:, None] + torch.arange(S))[:, None, :]
     return p[torch.arange(B)[:, None, None], 0, rows, cols][:, None]
 
 def classifier_accuracy(net: DigitsClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
     "Top-1 accuracy of `net` on float digits `x` in [-1, 1]."
     net.eval()
-    with torch.no_grad(): return float((net(prepare_digits(to_uint8(x)))[1].argmax(1) == y).float().mean())
+    with torch.no_grad():
+        return float((net(prepare_digits(to_uint8(x)))[1].argmax(1) == y).float().mean())
 
 # %% ../nbs/11_eval.ipynb #247a1a36
 def train_digits_classifier(path: str | Path | None = DIGITS_CLASSIFIER_PATH, # where to save (None: do not save)
@@ -97,27 +108,36 @@ def train_digits_classifier(path: str | Path | None = DIGITS_CLASSIFIER_PATH, # 
                             verbose: bool = True) -> tuple:
     "Train `DigitsClassifier` on the digits train split; save it as safetensors; return `(net, test accuracy)`."
     from meanflow_nb.data import digits_dataset
-    set_seed(seed); g = torch.Generator().manual_seed(seed)
+    set_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     (xtr, ytr), (xte, yte) = digits_dataset('train').tensors, digits_dataset('test').tensors
-    net = DigitsClassifier(); opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
+    net = DigitsClassifier()
+    opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
     n_step = math.ceil(len(xtr) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * n_step)
     for ep in range(epochs):
-        net.train(); perm = torch.randperm(len(xtr), generator=g)
+        net.train()
+        perm = torch.randperm(len(xtr), generator=g)
         for i in range(n_step):
             idx = perm[i * batch_size:(i + 1) * batch_size]
             x = prepare_digits(to_uint8(_shift(xtr[idx], g)))
             loss = F.cross_entropy(net(x)[1], ytr[idx])
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-        if verbose and (ep + 1) % 10 == 0: print(f'epoch {ep + 1}: loss {loss.item():.4f}, test acc {classifier_accuracy(net, xte, yte):.4f}')
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if verbose and (ep + 1) % 10 == 0:
+            print(f'epoch {ep + 1}: loss {loss.item():.4f}, test acc {classifier_accuracy(net, xte, yte):.4f}')
     acc = classifier_accuracy(net, xte, yte)
-    if path is not None: _save_classifier(net, path, dict(test_accuracy=f'{acc:.4f}', epochs=str(epochs), seed=str(seed)))
+    if path is not None:
+        _save_classifier(net, path, dict(test_accuracy=f'{acc:.4f}', epochs=str(epochs), seed=str(seed)))
     return net, acc
 
 # %% ../nbs/11_eval.ipynb #c50beb11
 def _save_classifier(net: nn.Module, path, meta: dict):
     from safetensors.torch import save_file
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
 
 @functools.lru_cache(maxsize=4)
@@ -128,7 +148,8 @@ def load_digits_classifier(path: str | Path | None = None, # default: the weight
     path = Path(path or DIGITS_CLASSIFIER_PATH)
     check(path.is_file(), f'digits classifier weights not found at {path}; train them with '
           f'`mf-fid --train-classifier` or meanflow_nb.eval.train_digits_classifier()')
-    net = DigitsClassifier(); net.load_state_dict(load_file(str(path)))
+    net = DigitsClassifier()
+    net.load_state_dict(load_file(str(path)))
     return net.eval().requires_grad_(False)
 
 # %% ../nbs/11_eval.ipynb #28cce106
@@ -139,16 +160,21 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     "torch-fidelity feature extractor for digits: pooled features `'64'` and `'logits'` of `DigitsClassifier`."
     def __init__(self, name: str, features_list: list, feature_extractor_weights_path: str | None = None, **kwargs):
         super().__init__(name, features_list)
-        self.net = copy.deepcopy(load_digits_classifier(feature_extractor_weights_path))  # torch-fidelity may move it to CUDA
+        # torch-fidelity may move it to CUDA
+        self.net = copy.deepcopy(load_digits_classifier(feature_extractor_weights_path))
 
     @staticmethod
-    def get_provided_features_list(): return ('64', 'logits')
+    def get_provided_features_list():
+        return ('64', 'logits')
     @staticmethod
-    def get_default_feature_layer_for_metric(metric): return 'logits' if metric == 'isc' else '64'
+    def get_default_feature_layer_for_metric(metric):
+        return 'logits' if metric == 'isc' else '64'
     @staticmethod
-    def can_be_compiled(): return False
+    def can_be_compiled():
+        return False
     @staticmethod
-    def get_dummy_input_for_compile(): return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
 
     def forward(self, x: torch.Tensor): # uint8 `(B, C, H, W)`
         f, logits = self.net(prepare_digits(x))
@@ -156,7 +182,8 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         return tuple(out[k] for k in self.features_list)
 
 def register_digits_extractor():
-    "Register `DigitsFeatureExtractor` with torch-fidelity as `digits-classifier` (idempotent; a redefined class replaces the old one)."
+    ("Register `DigitsFeatureExtractor` with torch-fidelity as `digits-classifier` (idempotent; a redefined class "
+     "replaces the old one).")
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
@@ -165,12 +192,16 @@ def register_digits_extractor():
 
 register_digits_extractor()
 
+
 # %% ../nbs/11_eval.ipynb #07a36a5d
 class ImageTensorDataset(Dataset):
     "uint8 images `(N, C, H, W)` as a dataset of tensors, the form torch-fidelity reads."
-    def __init__(self, x: torch.Tensor): self.x = to_uint8(x)
-    def __len__(self): return len(self.x)
-    def __getitem__(self, i): return self.x[i]
+    def __init__(self, x: torch.Tensor):
+        self.x = to_uint8(x)
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return self.x[i]
 
 def _nhwc_to_nchw(a: np.ndarray) -> torch.Tensor:
     a = np.asarray(a)
@@ -181,9 +212,12 @@ def _nhwc_to_nchw(a: np.ndarray) -> torch.Tensor:
 def as_fidelity_input(x) -> Dataset:
     "A torch-fidelity dataset from a tensor `(N, C, H, W)`, a uint8 NHWC array, an `.npz` of samples or a PNG folder."
     from torch_fidelity.datasets import ImagesPathDataset
-    if isinstance(x, Dataset): return x
-    if isinstance(x, np.ndarray): return ImageTensorDataset(_nhwc_to_nchw(x) if x.dtype == np.uint8 else torch.from_numpy(x))
-    if torch.is_tensor(x): return ImageTensorDataset(x)
+    if isinstance(x, Dataset):
+        return x
+    if isinstance(x, np.ndarray):
+        return ImageTensorDataset(_nhwc_to_nchw(x) if x.dtype == np.uint8 else torch.from_numpy(x))
+    if torch.is_tensor(x):
+        return ImageTensorDataset(x)
     p = Path(x)
     check(p.exists(), f'samples not found: {p}')
     if p.is_dir():
@@ -194,17 +228,24 @@ def as_fidelity_input(x) -> Dataset:
     return ImageTensorDataset(_nhwc_to_nchw(_as_images(load_samples_npz(p)[0], p)))
 
 def _as_images(a: np.ndarray, src) -> np.ndarray:
-    "uint8 images `(N, H, W[, C])`, C = 1 or 3, from a samples file: whole numbers in 0..255 of any number dtype pass; else one line."
+    ("uint8 images `(N, H, W[, C])`, C = 1 or 3, from a samples file: whole numbers in 0..255 of any number dtype "
+     "pass; "
+     "else one line.")
     what = f'{src}: the samples'
     check(a.ndim in (3, 4) and len(a) >= 1 and (a.ndim == 3 or a.shape[-1] in (1, 3)),
           f'{what} have shape {a.shape}; images are (N, H, W, C) with C = 1 or 3, uint8 in 0..255 (the ADM layout)')
-    if a.dtype == np.uint8: return a
+    if a.dtype == np.uint8:
+        return a
     check(a.dtype.kind in 'iuf', f'{what} have dtype {a.dtype}; images are uint8 (N, H, W, C) in 0..255')
     fin = a.dtype.kind != 'f' or bool(np.isfinite(a).all())
     lo, hi = (a.min(), a.max()) if fin else (float('nan'), float('nan'))
-    check(fin and 0 <= lo and hi <= 255 and (a.dtype.kind != 'f' or bool((a == np.round(a)).all())),
-          f'{what} are {a.dtype} with values in [{lo:.4g}, {hi:.4g}]{"" if fin else " (not all finite)"}; images are whole numbers '
-          f'in 0..255 (uint8): from [-1, 1] convert with meanflow_nb.eval.to_uint8 or np.round((x + 1) * 127.5).astype(np.uint8)')
+    check(
+        fin and 0 <= lo and hi <= 255 and (a.dtype.kind != 'f' or bool((a == np.round(a)).all())),
+        f'{what} are {a.dtype} with values in [{lo:.4g}, {hi:.4g}]{"" if fin else " (not all finite)"}; images are '
+        f'whole numbers '
+        f'in 0..255 (uint8): from [-1, 1] convert with meanflow_nb.eval.to_uint8 or np.round((x + 1) * '
+        f'127.5).astype(np.uint8)'
+    )
     return a.astype(np.uint8)
 
 def _check_image_files(folder: Path, files: list):
@@ -214,12 +255,16 @@ def _check_image_files(folder: Path, files: list):
     sizes = {}
     for f in files:
         try:
-            with Image.open(f) as im: sizes.setdefault(im.size, f); cut = _cut_off(f, im.format)
-        except Exception as ex: raise ConfigError(f'cannot read image {f}: {type(ex).__name__}: {ex}') from None
+            with Image.open(f) as im:
+                sizes.setdefault(im.size, f)
+                cut = _cut_off(f, im.format)
+        except Exception as ex:
+            raise ConfigError(f'cannot read image {f}: {type(ex).__name__}: {ex}') from None
         check(not cut, f'image {f} is truncated (it ends before its end marker)')
     (a, fa), *rest = sizes.items()
-    if rest: raise ConfigError(f'images in {folder} differ in size: {a[0]}x{a[1]} ({Path(fa).name}) and {rest[0][0][0]}x'
-                               f'{rest[0][0][1]} ({Path(rest[0][1]).name}); every sample must have the same size')
+    if rest:
+        raise ConfigError(f'images in {folder} differ in size: {a[0]}x{a[1]} ({Path(fa).name}) and {rest[0][0][0]}x'
+                                   f'{rest[0][0][1]} ({Path(rest[0][1]).name}); every sample must have the same size')
 
 def load_samples_npz(path) -> tuple:
     "Images (uint8 NHWC) and labels (or None) from an ADM-style `.npz` (`arr_0`, `arr_1`) or one with `x`, `y`."
@@ -229,8 +274,10 @@ def load_samples_npz(path) -> tuple:
             check(k is not None, f'{path}: no samples in it (expected arr_0 or x; found {", ".join(f.files)})')
             return f[k], (f['arr_1'] if 'arr_1' in f else f['y'] if 'y' in f else None)
     except (OSError, ValueError) as ex:
-        if isinstance(ex, ConfigError): raise
+        if isinstance(ex, ConfigError):
+            raise
         raise ConfigError(f'cannot read samples from {path}: {ex}') from None
+
 
 # %% ../nbs/11_eval.ipynb #c11741d3
 def fidelity_kwargs(extractor: str = DIGITS_EXTRACTOR, # torch-fidelity feature-extractor name
@@ -243,16 +290,21 @@ def fidelity_kwargs(extractor: str = DIGITS_EXTRACTOR, # torch-fidelity feature-
     cuda = torch.cuda.is_available() if cuda is None else cuda
     kw = dict(fid=True, feature_extractor=extractor, batch_size=batch_size, cuda=cuda, cache=False, verbose=False,
               save_cpu_ram=True)  # save_cpu_ram: no loader worker processes
-    if weights_path is not None: kw['feature_extractor_weights_path'] = str(weights_path)
-    if feature_layer is not None: kw['feature_layer_fid'] = feature_layer
+    if weights_path is not None:
+        kw['feature_extractor_weights_path'] = str(weights_path)
+    if feature_layer is not None:
+        kw['feature_layer_fid'] = feature_layer
     return {**kw, **extra}
 
 # %% ../nbs/11_eval.ipynb #9b71d1ff
 def _fidelity_call(fn, extractor: str, weights_path=None):
     "Run a torch-fidelity call; turn its input errors and a failed weight download into one-line `ConfigError`s."
-    try: return fn()
-    except ConfigError: raise
-    except ValueError as ex: raise ConfigError(f'torch-fidelity: {ex}') from None
+    try:
+        return fn()
+    except ConfigError:
+        raise
+    except ValueError as ex:
+        raise ConfigError(f'torch-fidelity: {ex}') from None
     except OSError as ex:  # urllib's URLError is an OSError: no internet for the weights
         if extractor == INCEPTION and weights_path is None:
             raise ConfigError(f'cannot download the Inception weights ({ex}); without internet pass a local copy of '
@@ -262,16 +314,20 @@ def _fidelity_call(fn, extractor: str, weights_path=None):
 def fidelity_fid(input1, input2, extractor: str = DIGITS_EXTRACTOR, **kw) -> float:
     "FID between two image sets (anything `as_fidelity_input` takes) with `torch_fidelity.calculate_metrics`."
     args = fidelity_kwargs(extractor, **kw)
-    run = lambda: torch_fidelity.calculate_metrics(input1=as_fidelity_input(input1), input2=as_fidelity_input(input2), **args)
+    run = lambda: torch_fidelity.calculate_metrics(input1=as_fidelity_input(input1), input2=as_fidelity_input(input2),
+                                                   **args)
     return float(_fidelity_call(run, extractor, kw.get('weights_path'))[torch_fidelity.KEY_METRIC_FID])
+
 
 # %% ../nbs/11_eval.ipynb #12e21e63
 def feature_stats(x, # images: anything `as_fidelity_input` takes
                   extractor: str = DIGITS_EXTRACTOR, **kw) -> dict:
     "Mean and covariance of `extractor`'s FID features over `x`: `{'mu', 'sigma', 'n'}`."
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, resolve_feature_layer_for_metric
+    from torch_fidelity.utils import (create_feature_extractor, get_featuresdict_from_dataset,
+                                      resolve_feature_layer_for_metric)
     from torch_fidelity.metric_fid import fid_features_to_statistics
-    args = fidelity_kwargs(extractor, **kw); ds = as_fidelity_input(x)
+    args = fidelity_kwargs(extractor, **kw)
+    ds = as_fidelity_input(x)
     def run():
         layer = resolve_feature_layer_for_metric('fid', **args)
         fe = create_feature_extractor(extractor, [layer], **args)
@@ -288,8 +344,10 @@ def load_stats(path) -> dict:
     "Read `mu` and `sigma` from a reference `.npz` (ADM / JiT / `save_stats`)."
     check(Path(path).is_file(), f'reference statistics not found: {path}')
     with np.load(path) as f:
-        check('mu' in f and 'sigma' in f, f'{path} holds no statistics (expected mu and sigma; found {", ".join(f.files)})')
+        check('mu' in f and 'sigma' in f,
+              f'{path} holds no statistics (expected mu and sigma; found {", ".join(f.files)})')
         return {'mu': f['mu'], 'sigma': f['sigma'], 'n': int(f['n']) if 'n' in f else -1}
+
 
 # %% ../nbs/11_eval.ipynb #39a64375
 DIGITS_REF = 'test' # the digits-FID reference: the held-out split that no network trains on
@@ -317,7 +375,8 @@ def calibration_sets(x: torch.Tensor, # real digits in [-1, 1] `(N, 1, S, S)`
     import torchvision.transforms.functional as TF
     g = torch.Generator().manual_seed(seed)
     out = {'real (held out)': x}
-    for s in (0.5, 0.75, 1.0): out[f'blur sigma={s}'] = TF.gaussian_blur(x, 5, s)
+    for s in (0.5, 0.75, 1.0):
+        out[f'blur sigma={s}'] = TF.gaussian_blur(x, 5, s)
     out['real + N(0, 0.2^2)'] = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     out['pure noise N(0,1)'] = torch.randn(x.shape, generator=g).clamp(-1, 1)
     out['uniform noise'] = torch.rand(x.shape, generator=g) * 2 - 1
@@ -327,12 +386,15 @@ def calibration_sets(x: torch.Tensor, # real digits in [-1, 1] `(N, 1, S, S)`
 def digits_real_fid(n: int = 1000, # real images per draw: the models' sample count
                     draws: int = 20, # random subsets of the train split
                     seed: int = 0, ref: str = DIGITS_REF) -> np.ndarray:
-    "digits-FID of `draws` random `n`-image subsets of the digits train split against `ref`: the real-vs-real floor at N = n."
+    ("digits-FID of `draws` random `n`-image subsets of the digits train split against `ref`: the real-vs-real floor "
+     "at "
+     "N = n.")
     from meanflow_nb.data import digits_dataset
     x = digits_dataset('train').tensors[0]
     check(1 < n <= len(x), f'n must be in 2..{len(x)} (the train split), got {n}')
     g = torch.Generator().manual_seed(seed)
     return np.array([digits_fid(x[torch.randperm(len(x), generator=g)[:n]], ref) for _ in range(draws)])
+
 
 # %% ../nbs/11_eval.ipynb #b2347953
 def _pixels(x) -> torch.Tensor:
@@ -379,33 +441,46 @@ def _ckpt_config(d: dict):
     "A `TrainConfig` from a checkpoint's config dict (keys of other versions are dropped)."
     from meanflow_nb.train import TrainConfig
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    d = {k: (tuple(v) if isinstance(v, list) and k in ('betas', 'ema_decays') else v) for k, v in d.items() if k in names}
+    d = {
+        k: (tuple(v) if isinstance(v, list) and k in ('betas', 'ema_decays') else v)
+        for k, v in d.items() if k in names
+    }
     return TrainConfig(**d)
 
 def sample_shape(cfg, shape: tuple | None = None) -> tuple:
     "Shape of one sample of `cfg`'s data (`shape` overrides; digits and 2-D toys need no data on disk)."
-    if shape: return tuple(int(s) for s in shape)
+    if shape:
+        return tuple(int(s) for s in shape)
     from meanflow_nb.toy import TOY_DATASETS
-    if cfg.data in TOY_DATASETS: return (2,)
-    if cfg.data == 'digits': s = int(cfg.data_kwargs.get('size', 8)); return (1, s, s)
+    if cfg.data in TOY_DATASETS:
+        return (2,)
+    if cfg.data == 'digits':
+        s = int(cfg.data_kwargs.get('size', 8))
+        return (1, s, s)
     from meanflow_nb.train import build_data
-    try: return tuple(build_data(cfg).shape)
+    try:
+        return tuple(build_data(cfg).shape)
     except (ConfigError, OSError) as ex:
         raise ConfigError(f'cannot infer the sample shape from data {cfg.data!r} ({ex}); pass --shape C,H,W') from None
+
 
 # %% ../nbs/11_eval.ipynb #70b2d0d8
 def _pick_checkpoint(run: Path, ckpt: str | None) -> tuple:
     "(state, path) of the requested checkpoint, or of the newest usable one; every failure is a `ConfigError`."
     from meanflow_nb.train import load_checkpoint, list_checkpoints, RunError
     if ckpt:
-        try: return load_checkpoint(ckpt), Path(ckpt)
-        except (RunError, FileNotFoundError) as ex: raise ConfigError(str(ex)) from None
+        try:
+            return load_checkpoint(ckpt), Path(ckpt)
+        except (RunError, FileNotFoundError) as ex:
+            raise ConfigError(str(ex)) from None
     check(run.is_dir(), f'run folder {run} does not exist')
     paths = list_checkpoints(run)
     check(len(paths) > 0, f'run folder {run} holds no checkpoint (ckpt_*.pt)')
     for p in reversed(paths):
-        try: return load_checkpoint(p), p
-        except RunError as ex: print(f'warning: {ex}; trying an older checkpoint', file=sys.stderr)
+        try:
+            return load_checkpoint(p), p
+        except RunError as ex:
+            print(f'warning: {ex}; trying an older checkpoint', file=sys.stderr)
     raise ConfigError(f'no usable checkpoint in {run}: every ckpt_*.pt is corrupt')
 
 # %% ../nbs/11_eval.ipynb #af647787
@@ -415,28 +490,38 @@ def load_run(run: str | Path, # run folder written by `mf-train` / `train`
              ema_index: int = 0, # which EMA copy, for runs with several decays
              shape: tuple | None = None, # sample shape, if it cannot be inferred from the config
              device='cpu',
-             info: dict | None = None, # filled with the checkpoint's `path` and `sha256` (its content hash, what caches key on)
+             # filled with the checkpoint's `path` and `sha256` (its content hash, what caches key on)
+             info: dict | None = None,
             ) -> tuple:
     "`(cfg, model, shape, step)` of a trained run, the model in eval mode on `device`."
     from meanflow_nb.train import build_model, state_digest
     check(weights in ('ema', 'raw'), f"weights must be 'ema' or 'raw', got {weights!r}")
     st, path = _pick_checkpoint(Path(run), ckpt)
-    if info is not None: info.update(path=str(path), sha256=st.get('sha256') or state_digest(st))
+    if info is not None:
+        info.update(path=str(path), sha256=st.get('sha256') or state_digest(st))
     cfg = _ckpt_config(st['config'])
-    if shape:                                                                  # a DiT builds at any size: check it against the run's data
-        try: own = sample_shape(cfg)
-        except ConfigError: own = None                                         # the data is not here to tell
+    # a DiT builds at any size: check it against the run's data
+    if shape:
+        try:
+            own = sample_shape(cfg)
+        except ConfigError:
+            own = None                                         # the data is not here to tell
         check(own is None or tuple(shape) == own, f'{path}: {cfg.model} was built for samples of shape {own} '
               f'(--shape {",".join(map(str, own or ()))}), not {tuple(shape)}; leave out --shape')
     shp = sample_shape(cfg, shape)
     if weights == 'ema':
-        check(0 <= ema_index < len(st.get('ema', [])), f'{path} has {len(st.get("ema", []))} EMA copies; no index {ema_index}')
+        check(0 <= ema_index < len(st.get('ema', [])),
+              f'{path} has {len(st.get("ema", []))} EMA copies; no index {ema_index}')
         sd = {k[len('module.'):]: v for k, v in st['ema'][ema_index].items() if k.startswith('module.')}
-    else: sd = st['model']
+    else:
+        sd = st['model']
     model = build_model(cfg, shp)
-    try: model.load_state_dict(sd)
-    except RuntimeError as ex: raise ConfigError(f'{path} does not fit {cfg.model} for samples of shape {shp}: {str(ex)[:200]}') from None
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as ex:
+        raise ConfigError(f'{path} does not fit {cfg.model} for samples of shape {shp}: {str(ex)[:200]}') from None
     return cfg, model.to(device).eval(), shp, int(st['step'])
+
 
 # %% ../nbs/11_eval.ipynb #e54c4a89
 MAX_SHARDS = 100_000 # shard files one sampling job may plan (50,000 samples in shards of 1,000 are 50)
@@ -465,12 +550,17 @@ def sample_shard(cfg, model, shape: tuple, start: int, stop: int, k: int, # shar
     from meanflow_nb.train import generate
     z = torch.randn((stop - start, *shape), generator=shard_generator(seed, k))
     y = class_labels(start, stop, cfg.num_classes)
-    xs = [generate(cfg, model, z[i:i + batch_size].to(device), nfe,
-                   None if y is None else y[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(z), batch_size)]
+    xs = [
+        generate(cfg, model, z[i:i + batch_size].to(device), nfe,
+                 None if y is None else y[i:i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(z), batch_size)
+    ]
     x = torch.cat(xs)
-    if decode is not None: x = decode(x)                                       # latents -> images in [-1, 1]
+    if decode is not None:
+        x = decode(x)                                       # latents -> images in [-1, 1]
     x = to_uint8(x).permute(0, 2, 3, 1).numpy() if x.ndim == 4 else x.numpy().astype(np.float32)
     return {'x': x, 'y': (y if y is not None else torch.full((stop - start,), -1)).numpy()}
+
 
 # %% ../nbs/11_eval.ipynb #30ad7d3d
 def _save_npz_atomic(path: Path, **arrays):
@@ -480,73 +570,103 @@ def _save_npz_atomic(path: Path, **arrays):
 def write_pngs(folder: str | Path, x: np.ndarray, start: int = 0):
     "Write uint8 NHWC images as `folder/000000.png`, ... (grey for one channel)."
     from PIL import Image
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    for i, a in enumerate(x): Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f'{start + i:06d}.png')
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(x):
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f'{start + i:06d}.png')
 
 # %% ../nbs/11_eval.ipynb #6691360e
 def _on_main(fn):
     "Run `fn` on rank 0 only; a `ConfigError` it raises is raised on every rank (no rank is left waiting)."
     err = None
     if dist.is_main():
-        try: fn()
-        except ConfigError as ex: err = str(ex)
+        try:
+            fn()
+        except ConfigError as ex:
+            err = str(ex)
     err = dist.broadcast_object(err)
-    if err: raise ConfigError(err)
+    if err:
+        raise ConfigError(err)
 
 def _check_meta(out: Path, meta: dict):
     "Create `out`, write `meta.json`, or check that an existing one describes the same sampling job."
-    out.mkdir(parents=True, exist_ok=True); p = out / 'meta.json'
-    if not (out / 'COMPLETE').exists(): (out / 'shards').mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    p = out / 'meta.json'
+    if not (out / 'COMPLETE').exists():
+        (out / 'shards').mkdir(exist_ok=True)
     if p.exists():
         old = _read_json(p, out)
         was, now = old.get('ckpt_sha256'), meta.get('ckpt_sha256')
-        check(was == now, f'{out} holds samples of another checkpoint (sha256 {(was or "not recorded")[:12]}, now {(now or "unknown")[:12]}): '
-                          f'the run was retrained or its checkpoint replaced; use another --out, or delete {out} to sample again')
+        check(
+            was == now,
+            f'{out} holds samples of another checkpoint (sha256 {(was or "not recorded")[:12]}, now '
+            f'{(now or "unknown")[:12]}): '
+            f'the run was retrained or its checkpoint replaced; use another --out, or delete {out} to sample again')
         diff = {k: (old.get(k), v) for k, v in meta.items() if k != 'format' and old.get(k) != v}
         check(not diff, f'{out} holds samples made with other settings {diff} (old, new); use another --out')
-    else: write_text_atomic(p, json.dumps(meta, indent=1))
+    else:
+        write_text_atomic(p, json.dumps(meta, indent=1))
 
-def _gb(b: float) -> str: return f'{b / 2**30:,.1f} GiB' if b < 2**50 else f'{b / 2**50:,.0f} PiB'
+def _gb(b: float) -> str:
+    return f'{b / 2**30:,.1f} GiB' if b < 2**50 else f'{b / 2**50:,.0f} PiB'
 
 def _sample_bytes(shape: tuple, latent: bool) -> int:
     "Bytes of one stored sample and its label: uint8 pixels (latents decode to RGB at 8x: an SD-VAE), float32 vectors."
-    if len(shape) == 3: return (3 * 64 * shape[1] * shape[2] if latent else math.prod(shape)) + 8
+    if len(shape) == 3:
+        return (3 * 64 * shape[1] * shape[2] if latent else math.prod(shape)) + 8
     return 4 * math.prod(shape) + 8
 
 def _check_resources(out: Path, n: int, shard_size: int, shape: tuple, latent: bool):
-    "Refuse, before any work, a job whose files do not fit on `out`'s disk or whose joined samples do not fit in memory."
-    if (out / 'COMPLETE').exists(): return
-    per = _sample_bytes(shape, latent); what = f'{n:,} samples of shape {tuple(shape)}'
+    ("Refuse, before any work, a job whose files do not fit on `out`'s disk or whose joined samples do not fit in "
+     "memory.")
+    if (out / 'COMPLETE').exists():
+        return
+    per = _sample_bytes(shape, latent)
+    what = f'{n:,} samples of shape {tuple(shape)}'
     done = sum(f.stat().st_size for f in (out / 'shards').glob('shard_*.npz')) if (out / 'shards').is_dir() else 0
-    need, where = 2 * n * per - done, next(p for p in [out, *out.parents] if p.exists())   # the shards, then samples.npz
+    # the shards, then samples.npz
+    need, where = 2 * n * per - done, next(p for p in [out, *out.parents] if p.exists())
     free = shutil.disk_usage(where).free
-    check(need <= free, f'{what} need about {_gb(need)} on disk (the shards, then samples.npz); {where} has {_gb(free)} '
-          f'free: lower --num-samples, or use an --out with room')
-    try: ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (ValueError, OSError, AttributeError): return                       # not known on this system
-    mem = max(2 * n * per, shard_size * (per + 12 * math.prod(shape)))      # joining the shards; one shard's noise and output
-    check(mem <= ram, f'{what} in shards of {shard_size:,} need about {_gb(mem)} of memory; this machine has {_gb(ram)}: '
-          f'lower --num-samples (run several --seed jobs) or --shard-size')
+    check(
+        need <= free, f'{what} need about {_gb(need)} on disk (the shards, then samples.npz); {where} has {_gb(free)} '
+        f'free: lower --num-samples, or use an --out with room')
+    try:
+        ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return                       # not known on this system
+    # joining the shards; one shard's noise and output
+    mem = max(2 * n * per, shard_size * (per + 12 * math.prod(shape)))
+    check(
+        mem <= ram, f'{what} in shards of {shard_size:,} need about {_gb(mem)} of memory; this machine has {_gb(ram)}: '
+        f'lower --num-samples (run several --seed jobs) or --shard-size')
 
 def _read_json(p: Path, out: Path) -> dict:
     "The dict in `meta.json` / `COMPLETE` of a sample folder; a torn or foreign file is a one-line `ConfigError`."
-    try: d = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as ex: d = ex
-    check(isinstance(d, dict), f'{p} is damaged ({f"not valid JSON: {d}" if isinstance(d, Exception) else "not a JSON object"}): '
-          f'it does not say how the samples in {out} were made; delete {out} to sample again, or use another --out')
+    try:
+        d = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as ex:
+        d = ex
+    check(
+        isinstance(d, dict),
+        f'{p} is damaged ({f"not valid JSON: {d}" if isinstance(d, Exception) else "not a JSON object"}): '
+        f'it does not say how the samples in {out} were made; delete {out} to sample again, or use another --out')
     return d
 
 def _shard_fault(path: Path, size: int) -> str | None:
     "What is wrong with a shard file that should hold `size` samples (None: it reads back whole)."
     try:
         with np.load(path) as f:
-            if 'x' not in f.files or 'y' not in f.files: return f'it holds {", ".join(f.files) or "nothing"}, not x and y'
-            nx, ny = len(f['x']), len(f['y'])                                 # reads every byte: a cut-off file fails here
-    except Exception as ex: return f'{type(ex).__name__}: {" ".join(str(ex).split())[:100]}'
+            if 'x' not in f.files or 'y' not in f.files:
+                return f'it holds {", ".join(f.files) or "nothing"}, not x and y'
+            # reads every byte: a cut-off file fails here
+            nx, ny = len(f['x']), len(f['y'])
+    except Exception as ex:
+        return f'{type(ex).__name__}: {" ".join(str(ex).split())[:100]}'
     return None if nx == ny == size else f'it holds {nx} samples, not {size}'
 
 def _pending(out: Path, shards: list) -> list:
-    "Indices of the shards not written yet, or damaged (deleted with a warning: they are sampled again); rank 0 decides."
+    ("Indices of the shards not written yet, or damaged (deleted with a warning: they are sampled again); rank 0 "
+     "decides.")
     todo = None
     if dist.is_main():
         todo = []
@@ -554,9 +674,12 @@ def _pending(out: Path, shards: list) -> list:
             f = out / 'shards' / f'shard_{k:05d}.npz'
             why = _shard_fault(f, b - a) if f.exists() else 'missing'
             if why and why != 'missing':
-                print(f'warning: {f} is damaged ({why}); sampling shard {k} again', file=sys.stderr); f.unlink()
-            if why: todo.append(k)
+                print(f'warning: {f} is damaged ({why}); sampling shard {k} again', file=sys.stderr)
+                f.unlink()
+            if why:
+                todo.append(k)
     return dist.broadcast_object(todo)
+
 
 # %% ../nbs/11_eval.ipynb #4cb69454
 def sample_run(run: str | Path, out: str | Path, # run folder to sample from; output folder
@@ -570,52 +693,73 @@ def sample_run(run: str | Path, out: str | Path, # run folder to sample from; ou
     check(int(nfe) == nfe and nfe >= 1, f'nfe must be a positive integer, got {nfe}')
     check(int(seed) == seed and 0 <= seed <= 2 ** 63 - 1, f'seed must be an integer in [0, 2**63 - 1], got {seed}')
     check(fmt in ('npz', 'png', 'both'), f"format must be 'npz', 'png' or 'both', got {fmt!r}")
-    shards = shard_ranges(n, shard_size); check(batch_size >= 1, f'batch size must be >= 1, got {batch_size}')
+    shards = shard_ranges(n, shard_size)
+    check(batch_size >= 1, f'batch size must be >= 1, got {batch_size}')
     device = device or dist.init_distributed()
     info = {}
-    cfg, model, shp, step = loader(device) if loader else load_run(run, ckpt, weights, shape=shape, device=device, info=info)
+    cfg, model, shp, step = loader(device) if loader else load_run(run, ckpt, weights, shape=shape, device=device,
+                                                                   info=info)
     cfg = _apply_guidance(cfg, guidance)
-    sha = info.get('sha256') or (_file_sha256(run) if loader and Path(run).is_file() else None)  # a released file: its bytes
-    out = Path(out); meta = _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shp, fmt, sha)
+    # a released file: its bytes
+    sha = info.get('sha256') or (_file_sha256(run) if loader and Path(run).is_file() else None)
+    out = Path(out)
+    meta = _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shp, fmt, sha)
     latent = len(shp) == 3 and cfg.data == 'latents'
     _on_main(lambda: _check_resources(out, n, shard_size, shp, latent))          # before anything is written
     _on_main(lambda: _check_meta(out, meta))
-    if (out / 'COMPLETE').exists(): return {**meta, **_read_json(out / 'COMPLETE', out), 'out': str(out), 'skipped': True}
-    todo = _pending(out, shards); mine = todo[dist.get_rank()::dist.get_world_size()]
+    if (out / 'COMPLETE').exists():
+        return {**meta, **_read_json(out / 'COMPLETE', out), 'out': str(out), 'skipped': True}
+    todo = _pending(out, shards)
+    mine = todo[dist.get_rank()::dist.get_world_size()]
     decode = _decoder(cfg, vae, device) if latent else None
-    bar = _bar(sum(shards[k][1] - shards[k][0] for k in mine), progress and dist.is_main(), len(shards) - len(todo), len(shards))
+    bar = _bar(sum(shards[k][1] - shards[k][0] for k in mine), progress and dist.is_main(),
+               len(shards) - len(todo), len(shards))
     for k in mine:
-        try: res = sample_shard(cfg, model, shp, *shards[k], k, nfe, seed, batch_size, device, decode)
+        try:
+            res = sample_shard(cfg, model, shp, *shards[k], k, nfe, seed, batch_size, device, decode)
         except (MemoryError, torch.OutOfMemoryError):
-            raise ConfigError(f'out of memory sampling shard {k} ({shards[k][1] - shards[k][0]:,} samples in batches of {batch_size}): '
-                              f'lower --batch-size or --shard-size; the shards written are kept, the same command resumes') from None
-        _save_npz_atomic(out / 'shards' / f'shard_{k:05d}.npz', **res); bar.update(shards[k][1] - shards[k][0])
-    bar.close(); dist.barrier()
-    return {**meta, 'out': str(out), 'resumed_shards': len(shards) - len(todo), **(gather_shards(out, len(shards), fmt) if dist.is_main() else {})}
+            raise ConfigError(
+                f'out of memory sampling shard {k} ({shards[k][1] - shards[k][0]:,} samples in batches of '
+                f'{batch_size}): '
+                f'lower --batch-size or --shard-size; the shards written are kept, the same command resumes') from None
+        _save_npz_atomic(out / 'shards' / f'shard_{k:05d}.npz', **res)
+        bar.update(shards[k][1] - shards[k][0])
+    bar.close()
+    dist.barrier()
+    return {
+        **meta, 'out': str(out), 'resumed_shards': len(shards) - len(todo),
+        **(gather_shards(out, len(shards), fmt) if dist.is_main() else {})
+    }
+
 
 # %% ../nbs/11_eval.ipynb #08c69407
 def _apply_guidance(cfg, guidance: dict | None):
     "`cfg` with the iMF sampling-guidance fields replaced; MF / Kim guidance is trained in, so it is refused there."
     g = {k: v for k, v in (guidance or {}).items() if v is not None}
-    if not g: return cfg
+    if not g:
+        return cfg
     check(cfg.method == 'imf', f'sampling-time guidance (--omega, --t-min, --t-max) applies to iMF runs only; '
           f'{cfg.method!r} trains its guidance in (cfg_omega={cfg.cfg_omega}, cfg_kappa={cfg.cfg_kappa})')
     cfg = dataclasses.replace(cfg, **g)
-    check(math.isfinite(cfg.eval_omega) and cfg.eval_omega >= 0, f'--omega must be a finite number >= 0, got {cfg.eval_omega}')
-    check(0 <= cfg.eval_t_min <= cfg.eval_t_max <= 1, f'need 0 <= --t-min <= --t-max <= 1, got {cfg.eval_t_min}, {cfg.eval_t_max}')
+    check(
+        math.isfinite(cfg.eval_omega) and cfg.eval_omega >= 0,
+        f'--omega must be a finite number >= 0, got {cfg.eval_omega}')
+    check(0 <= cfg.eval_t_min <= cfg.eval_t_max <= 1,
+          f'need 0 <= --t-min <= --t-max <= 1, got {cfg.eval_t_min}, {cfg.eval_t_max}')
     return cfg
 
 def _file_sha256(path) -> str:
     "sha256 of a file's bytes, read in 16 MB blocks."
     h = hashlib.sha256()
     with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 24), b''): h.update(b)
+        for b in iter(lambda: f.read(1 << 24), b''):
+            h.update(b)
     return h.hexdigest()
 
 def _meta(run, ckpt, cfg, step, weights, n, nfe, seed, shard_size, shape, fmt, sha=None) -> dict:
-    return dict(run=str(Path(run).resolve()), ckpt=str(ckpt) if ckpt else None, step=step, ckpt_sha256=sha, method=cfg.method,
-                model=cfg.model, weights=weights, n=n, nfe=nfe, seed=seed, shard_size=shard_size, shape=list(shape),
-                num_classes=cfg.num_classes, eval_omega=cfg.eval_omega, eval_t_min=cfg.eval_t_min,
+    return dict(run=str(Path(run).resolve()), ckpt=str(ckpt) if ckpt else None, step=step, ckpt_sha256=sha,
+                method=cfg.method, model=cfg.model, weights=weights, n=n, nfe=nfe, seed=seed, shard_size=shard_size,
+                shape=list(shape), num_classes=cfg.num_classes, eval_omega=cfg.eval_omega, eval_t_min=cfg.eval_t_min,
                 eval_t_max=cfg.eval_t_max, format=fmt)
 
 def _bar(total: int, show: bool, done: int, n_shards: int):
@@ -626,13 +770,16 @@ def _bar(total: int, show: bool, done: int, n_shards: int):
 def _decoder(cfg, vae: str | None, device):
     "Latents -> images with the run's latent normalisation and an SD-VAE (needed for latent runs)."
     from meanflow_nb.data import load_vae, decode_latents, DEFAULT_VAE
-    m = load_vae(vae or DEFAULT_VAE, device=device); mode = cfg.data_kwargs.get('normalization', 'mf')
+    m = load_vae(vae or DEFAULT_VAE, device=device)
+    mode = cfg.data_kwargs.get('normalization', 'mf')
     return lambda z: decode_latents(m, z, mode)
+
 
 # %% ../nbs/11_eval.ipynb #f12e6f6b
 def gather_shards(out: str | Path, n_shards: int, fmt: str = 'npz') -> dict:
     "Join the shard files of `out` into `samples.npz` and/or `png/` (rank 0), then delete the shards."
-    out = Path(out); files = [out / 'shards' / f'shard_{k:05d}.npz' for k in range(n_shards)]
+    out = Path(out)
+    files = [out / 'shards' / f'shard_{k:05d}.npz' for k in range(n_shards)]
     missing = [f.name for f in files if not f.exists()]
     check(not missing, f'{len(missing)} shard file(s) missing in {out / "shards"} ({", ".join(missing[:3])}): '
           'every rank must write to the same (shared) --out folder')
@@ -640,50 +787,72 @@ def gather_shards(out: str | Path, n_shards: int, fmt: str = 'npz') -> dict:
         parts = [np.load(f) for f in files]
         x, y = np.concatenate([p['x'] for p in parts]), np.concatenate([p['y'] for p in parts])
     except MemoryError:
-        raise ConfigError(f'out of memory joining {n_shards} shards of {out} into one file; the shards are kept: join fewer '
-                          f'samples per folder (lower --num-samples, several --seed jobs)') from None
+        raise ConfigError(
+            f'out of memory joining {n_shards} shards of {out} into one file; the shards are kept: join fewer '
+            f'samples per folder (lower --num-samples, several --seed jobs)') from None
     written = {'n_written': len(x)}
     if fmt in ('png', 'both'):
         check(x.ndim == 4, f'PNG output needs images; these samples have shape {x.shape[1:]} (use --format npz)')
-        write_pngs(out / 'png', x); written['png'] = str(out / 'png')
+        write_pngs(out / 'png', x)
+        written['png'] = str(out / 'png')
     if fmt in ('npz', 'both'):
         arrs = {'arr_0': x} if (y < 0).all() else {'arr_0': x, 'arr_1': y}
-        _save_npz_atomic(out / 'samples.npz', **arrs); written['npz'] = str(out / 'samples.npz')
-    write_text_atomic(out / 'COMPLETE', json.dumps(written)); shutil.rmtree(out / 'shards')
+        _save_npz_atomic(out / 'samples.npz', **arrs)
+        written['npz'] = str(out / 'samples.npz')
+    write_text_atomic(out / 'COMPLETE', json.dumps(written))
+    shutil.rmtree(out / 'shards')
     return written
+
 
 # %% ../nbs/11_eval.ipynb #bb2d28dc
 def _shape_arg(s: str) -> tuple:
     "`--shape`: positive integers separated by commas, such as 1,8,8 or 2."
-    try: shape = tuple(int(v) for v in s.split(','))
-    except ValueError: shape = ()
-    if not shape or min(shape) < 1: raise argparse.ArgumentTypeError(f'expected positive integers such as 1,8,8 (C,H,W) or 2, got {s!r}')
+    try:
+        shape = tuple(int(v) for v in s.split(','))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f'expected positive integers such as 1,8,8 (C,H,W) or 2, got {s!r}')
     return shape
 
 def sample_parser() -> argparse.ArgumentParser:
     "The `mf-sample` argument parser."
-    p = CLIParser(prog='mf-sample', description='Generate N samples from a run folder (torchrun shards them; reruns resume).')
+    p = CLIParser(prog='mf-sample',
+                  description='Generate N samples from a run folder (torchrun shards them; reruns resume).')
     # option names avoid prefixes of torchrun's own (--run -> --run-path, --n -> --nnodes): torchrun would reject them
     p.add_argument('run', nargs='?', help='run folder (config.json, ckpt_*.pt); not with --pretrained')
     p.add_argument('--out', default=None, help='output folder (default RUN/samples_nfe{NFE}_{WEIGHTS}_n{N})')
-    p.add_argument('-n', '--num-samples', type=int, default=1000, help='number of samples (class-balanced labels i mod K) (default: 1000)')
+    p.add_argument('-n', '--num-samples', type=int, default=1000,
+                   help='number of samples (class-balanced labels i mod K) (default: 1000)')
     p.add_argument('--nfe', type=int, default=1, help='network evaluations per sample, i.e. steps (default: 1)')
-    p.add_argument('--weights', choices=['ema', 'raw'], default='ema', help='the EMA copy or the raw trained weights (default: ema)')
+    p.add_argument('--weights', choices=['ema', 'raw'], default='ema',
+                   help='the EMA copy or the raw trained weights (default: ema)')
     p.add_argument('--ckpt', default=None, help='a checkpoint file (default: the newest usable one in RUN)')
-    p.add_argument('--omega', type=float, default=None, help='iMF: guidance scale at sampling time (default: the run\'s eval_omega)')
-    p.add_argument('--t-min', type=float, default=None, help='iMF: guidance interval start (default: the run\'s eval_t_min)')
-    p.add_argument('--t-max', type=float, default=None, help='iMF: guidance interval end (default: the run\'s eval_t_max)')
-    p.add_argument('--format', choices=['npz', 'png', 'both'], default='npz', help='samples.npz (ADM layout), png/ or both (default: npz)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the noise and labels: same seed, same samples (default: 0)')
+    p.add_argument('--omega', type=float, default=None,
+                   help='iMF: guidance scale at sampling time (default: the run\'s eval_omega)')
+    p.add_argument('--t-min', type=float, default=None,
+                   help='iMF: guidance interval start (default: the run\'s eval_t_min)')
+    p.add_argument('--t-max', type=float, default=None,
+                   help='iMF: guidance interval end (default: the run\'s eval_t_max)')
+    p.add_argument('--format', choices=['npz', 'png', 'both'], default='npz',
+                   help='samples.npz (ADM layout), png/ or both (default: npz)')
+    p.add_argument('--seed', type=int, default=0,
+                   help='seed of the noise and labels: same seed, same samples (default: 0)')
     p.add_argument('--batch-size', type=int, default=256, help='samples per network call, per rank (default: 256)')
     p.add_argument('--shard-size', type=int, default=1000, help='samples per resumable unit of work (default: 1000)')
-    p.add_argument('--shape', default=None, type=_shape_arg, help='sample shape C,H,W when the data is not available to infer it (default: from the run\'s data)')
-    p.add_argument('--vae', default=None, help='latent runs: SD-VAE to decode with, Hugging Face id or local folder (default: stabilityai/sd-vae-ft-mse)')
+    p.add_argument('--shape', default=None, type=_shape_arg,
+                   help='sample shape C,H,W when the data is not available to infer it (default: from the run\'s data)')
+    p.add_argument(
+        '--vae', default=None,
+        help='latent runs: SD-VAE to decode with, Hugging Face id or local folder (default: stabilityai/sd-vae-ft-mse)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar (default: shown)')
-    p.add_argument('--pretrained', default=None, metavar='NAME', help='a released checkpoint instead of a run: iMF-B/2, iMF-M/2, iMF-L/2, '
-                   'iMF-XL/2 or MF-B/4 (file from --ckpt, $MEANFLOW_PRETRAINED or the Hub), sampled with the authors\' omega and '
-                   'interval for --nfe (default: none)')
+    p.add_argument(
+        '--pretrained', default=None, metavar='NAME',
+        help='a released checkpoint instead of a run: iMF-B/2, iMF-M/2, iMF-L/2, '
+        'iMF-XL/2 or MF-B/4 (file from --ckpt, $MEANFLOW_PRETRAINED or the Hub), sampled with the authors\' omega and '
+        'interval for --nfe (default: none)')
     return p
+
 
 # %% ../nbs/11_eval.ipynb #37cc7ea6
 @cli_errors
@@ -698,22 +867,29 @@ def cli_sample(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     shape = a.shape
     guidance = {'eval_omega': a.omega, 'eval_t_min': a.t_min, 'eval_t_max': a.t_max}
     try:
-        res = sample_run(run, out, a.num_samples, a.nfe, a.weights, a.ckpt, a.seed, a.shard_size, a.batch_size, a.format,
-                         guidance, shape, a.vae, progress=not a.no_progress, loader=loader)
+        res = sample_run(run, out, a.num_samples, a.nfe, a.weights, a.ckpt, a.seed, a.shard_size, a.batch_size,
+                         a.format, guidance, shape, a.vae, progress=not a.no_progress, loader=loader)
         if dist.is_main():
             print(json.dumps(res, indent=1))
-            print(f"wrote {res.get('n_written', a.num_samples)} samples to {res['out']}/ ({', '.join(k for k in ('npz', 'png') if k in res)})", file=sys.stderr)
-    finally: dist.cleanup_distributed()
+            print(
+                f"wrote {res.get('n_written', a.num_samples)} samples to {res['out']}/ "
+                f"({', '.join(k for k in ('npz', 'png') if k in res)})",
+                file=sys.stderr)
+    finally:
+        dist.cleanup_distributed()
+
 
 # %% ../nbs/11_eval.ipynb #574ab2bf
 def _pretrained_job(a) -> tuple:
     "`mf-sample --pretrained`: (run, out, loader) for a released checkpoint (`meanflow_nb.pretrained`)."
     from meanflow_nb.pretrained import resolve_checkpoint, pretrained_run
     check(a.run is None, f'give a run folder or --pretrained, not both (got {a.run} and {a.pretrained})')
-    check(a.shape is None and a.weights == 'ema', '--shape and --weights do not apply to --pretrained (released files hold EMA weights)')
+    check(a.shape is None and a.weights == 'ema',
+          '--shape and --weights do not apply to --pretrained (released files hold EMA weights)')
     path = resolve_checkpoint(a.ckpt or a.pretrained)
     out = a.out or f'pretrained_{Path(str(a.pretrained)).name.replace("/", "-")}_nfe{a.nfe}_n{a.num_samples}'
     return str(path), out, lambda device: pretrained_run(a.pretrained, a.nfe, ckpt=path, device=device)
+
 
 # %% ../nbs/11_eval.ipynb #fd8b1a41
 def fid_parser() -> argparse.ArgumentParser:
@@ -721,34 +897,43 @@ def fid_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog='mf-fid', description='digits-FID or ImageNet FID of a samples .npz / PNG folder.')
     p.add_argument('samples', nargs='?', help='samples.npz (arr_0 uint8 NHWC) or a folder of PNGs')
     p.add_argument('--metric', choices=['digits-fid', 'fid'], default='digits-fid', help='digits-FID or Inception FID')
-    p.add_argument('--ref', default=None, help="digits-fid: 'test' (default), 'train', 'all' or samples; fid: reference .npz (mu, sigma)")
+    p.add_argument('--ref', default=None,
+                   help="digits-fid: 'test' (default), 'train', 'all' or samples; fid: reference .npz (mu, sigma)")
     p.add_argument('--inception-weights', default=None, help='local Inception weights (fid without internet)')
     p.add_argument('--classifier', default=None, help='digits classifier weights (default: the shipped file)')
     p.add_argument('--batch-size', type=int, default=100)
     p.add_argument('--save-stats', default=None, help="also write the samples' feature statistics to this .npz")
     p.add_argument('--json', default=None, help='also write the result as JSON here')
-    p.add_argument('--train-classifier', action='store_true', help='(re)train the digits classifier into --classifier and exit')
+    p.add_argument('--train-classifier', action='store_true',
+                   help='(re)train the digits classifier into --classifier and exit')
     return p
+
 
 # %% ../nbs/11_eval.ipynb #06e29122
 def run_fid(samples, # samples.npz, a PNG folder, or images
             metric: str = 'digits-fid', # 'digits-fid' or 'fid' (Inception, ImageNet)
-            ref=None, # digits-fid: 'test' (default, DIGITS_REF), 'train', 'all' or images; fid: a reference .npz (mu, sigma)
+            # digits-fid: 'test' (default, DIGITS_REF), 'train', 'all' or images; fid: a reference .npz (mu, sigma)
+            ref=None,
             weights_path: str | None = None, # digits classifier or Inception weights (default: shipped / download)
             batch_size: int = 100, save_stats_to: str | None = None) -> dict:
     "The metric of `samples` against `ref` as a dict (`metric`, `value`, `n`, `ref`, `n_ref`)."
     check(metric in ('digits-fid', 'fid'), f"metric must be 'digits-fid' or 'fid', got {metric!r}")
     check(batch_size >= 1, f'batch size must be >= 1, got {batch_size}')
     ext = DIGITS_EXTRACTOR if metric == 'digits-fid' else INCEPTION
-    kw = dict(batch_size=batch_size, weights_path=weights_path, **({'feature_layer': '2048'} if metric == 'fid' else {}))
+    kw = dict(batch_size=batch_size, weights_path=weights_path,
+              **({'feature_layer': '2048'} if metric == 'fid' else {}))
     ref = ref or (DIGITS_REF if metric == 'digits-fid' else None)
     check(ref is not None, "metric 'fid' needs a reference .npz with mu and sigma (ADM / JiT ImageNet-256): --ref")
     s1 = feature_stats(samples, ext, **kw)
-    if save_stats_to: save_stats(save_stats_to, s1)
-    if metric == 'digits-fid' and isinstance(ref, str) and ref in ('train', 'test', 'all'): s2 = digits_reference_stats(ref, weights_path)
-    else: s2 = load_stats(ref) if _is_stats(ref) else feature_stats(ref, ext, **kw)
+    if save_stats_to:
+        save_stats(save_stats_to, s1)
+    if metric == 'digits-fid' and isinstance(ref, str) and ref in ('train', 'test', 'all'):
+        s2 = digits_reference_stats(ref, weights_path)
+    else:
+        s2 = load_stats(ref) if _is_stats(ref) else feature_stats(ref, ext, **kw)
     return {'metric': 'digits-FID' if metric == 'digits-fid' else 'FID', 'value': fid_from_stats(s1, s2), 'n': s1['n'],
             'ref': str(ref) if isinstance(ref, (str, Path)) else 'images', 'n_ref': int(s2.get('n', -1))}
+
 
 # %% ../nbs/11_eval.ipynb #ab79ea76
 @cli_errors
@@ -757,18 +942,24 @@ def cli_fid(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
     a = fid_parser().parse_args(argv)
     if a.train_classifier:
         _, acc = train_digits_classifier(a.classifier or DIGITS_CLASSIFIER_PATH)
-        print(json.dumps({'classifier': str(a.classifier or DIGITS_CLASSIFIER_PATH), 'test_accuracy': acc})); return
+        print(json.dumps({'classifier': str(a.classifier or DIGITS_CLASSIFIER_PATH), 'test_accuracy': acc}))
+        return
     check(a.samples is not None, 'give the samples (.npz or a PNG folder)')
     res = run_fid(a.samples, a.metric, a.ref, a.classifier if a.metric == 'digits-fid' else a.inception_weights,
                   a.batch_size, a.save_stats)
-    if a.save_stats: print(f'wrote {a.save_stats}', file=sys.stderr)
+    if a.save_stats:
+        print(f'wrote {a.save_stats}', file=sys.stderr)
     print(json.dumps(res))
-    if a.json: Path(a.json).write_text(json.dumps(res, indent=1)); print(f'wrote {a.json}', file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+        print(f'wrote {a.json}', file=sys.stderr)
 
 def _is_stats(p) -> bool:
     "True for an `.npz` holding `mu` and `sigma` (reference statistics rather than samples)."
-    if not str(p).endswith('.npz') or not Path(p).is_file(): return False
-    with np.load(p) as f: return 'mu' in f and 'sigma' in f
+    if not str(p).endswith('.npz') or not Path(p).is_file():
+        return False
+    with np.load(p) as f:
+        return 'mu' in f and 'sigma' in f
 
 # %% ../nbs/11_eval.ipynb #57f18bbc
 @torch.no_grad()
@@ -781,27 +972,40 @@ def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one o
              ) -> list[dict]:
     "digits-FID of the EMA weights at every checkpoint of `run`: `[{'step', 'fid1', 'fid2', ...}]`, cached in the run."
     from meanflow_nb.train import list_checkpoints
-    run = Path(run); cache = run / 'fid_curve.json'
+    run = Path(run)
+    cache = run / 'fid_curve.json'
     key = dict(nfes=list(nfes), n=n, seed=seed, ref=ref)
     old = {}
     if cache.exists():
-        try: d = json.loads(cache.read_text())
-        except ValueError: d = {}                                              # a torn cache: measure again
-        if d.get('key') == key: old = {(r.get('step'), r.get('sha256')): r for r in d.get('rows', [])}
+        try:
+            d = json.loads(cache.read_text())
+        except ValueError:
+            d = {}                                              # a torn cache: measure again
+        if d.get('key') == key:
+            old = {(r.get('step'), r.get('sha256')): r for r in d.get('rows', [])}
     paths = list_checkpoints(run)
     check(len(paths) > 0, f'run folder {run} holds no checkpoint (ckpt_*.pt)')
     rows = []
-    for p in paths:                           # a row is reused only for the same step and content hash of its checkpoint
+    # a row is reused only for the same step and content hash of its checkpoint
+    for p in paths:
         info = {}
         cfg, model, shp, step = load_run(run, ckpt=str(p), info=info)
         r = old.get((step, info['sha256']))
-        rows.append(r or dict(step=step, sha256=info['sha256'], **{
-            f'fid{k}': digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, seed, batch_size)['x'], ref) for k in nfes}))
-    if rows != list(old.values()): write_text_atomic(cache, json.dumps(dict(key=key, rows=rows), indent=1))
+        rows.append(r or dict(
+            step=step, sha256=info['sha256'], **{
+                f'fid{k}': digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, seed, batch_size)['x'], ref)
+                for k in nfes
+            }))
+    if rows != list(old.values()):
+        write_text_atomic(cache, json.dumps(dict(key=key, rows=rows), indent=1))
     return [{k: v for k, v in r.items() if k != 'sha256'} for r in rows]
+
 
 # %% ../nbs/11_eval.ipynb #a2becb1d
 #| eval: false
-if __name__ == '__main__' and 'ipykernel' not in sys.modules:  # `python -m meanflow_nb.eval sample|fid ...` (torchrun too)
-    cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] in ('sample', 'fid') else ('sample', sys.argv[1:])
+# `python -m meanflow_nb.eval sample|fid ...` (torchrun too)
+if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    cmd, rest = (sys.argv[1],
+                 sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] in ('sample', 'fid') else ('sample', sys.argv[1:])
     (cli_fid if cmd == 'fid' else cli_sample)(rest)
+

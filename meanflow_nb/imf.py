@@ -24,8 +24,10 @@ def omega_cdf(w: torch.Tensor, # guidance scales in [1, omega_max]
              ) -> torch.Tensor:
     "CDF of the power law `p(omega) ~ omega^-beta` on `[1, omega_max]`."
     w = torch.as_tensor(w, dtype=torch.float64).clamp(1.0, omega_max)
-    if omega_max == 1.0: return torch.ones_like(w)
-    if abs(beta - 1.0) < 1e-12: return w.log() / math.log(omega_max)
+    if omega_max == 1.0:
+        return torch.ones_like(w)
+    if abs(beta - 1.0) < 1e-12:
+        return w.log() / math.log(omega_max)
     a = 1.0 - beta
     return (w ** a - 1) / (omega_max ** a - 1)
 
@@ -33,8 +35,11 @@ def sample_omega(n: int, omega_max: float = 8.0, beta: float = 1.0, generator=No
     "`n` guidance scales from `p(omega) ~ omega^-beta` on `[1, omega_max]` by inverse CDF (beta = 1: log-uniform)."
     check(omega_max >= 1.0, f'omega_max must be >= 1, got {omega_max}')
     q = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-    if abs(beta - 1.0) < 1e-12: w = omega_max ** q
-    else: a = 1.0 - beta; w = (1 + q * (omega_max ** a - 1)) ** (1 / a)
+    if abs(beta - 1.0) < 1e-12:
+        w = omega_max ** q
+    else:
+        a = 1.0 - beta
+        w = (1 + q * (omega_max ** a - 1)) ** (1 / a)
     return w.float().clamp(1.0, omega_max)
 
 # %% ../nbs/10_imf.ipynb #d152d4cf
@@ -46,7 +51,8 @@ def effective_omega(omega: torch.Tensor, # sampled guidance scales (B,)
                    ) -> torch.Tensor:
     "`omega~`: `omega` where `t_min <= t <= t_max` (and the label is kept), else 1."
     on = (t >= t_min) & (t <= t_max)
-    if drop is not None: on = on & ~drop
+    if drop is not None:
+        on = on & ~drop
     return torch.where(on, omega, torch.ones_like(omega))
 
 def imf_guided_velocity(v: torch.Tensor, # conditional velocity e - x
@@ -55,7 +61,8 @@ def imf_guided_velocity(v: torch.Tensor, # conditional velocity e - x
                         omega: torch.Tensor | float, # effective scale omega~, (B,) or scalar
                        ) -> torch.Tensor:
     "iMF's guided target `v_g = v + (1 - 1/omega) (v_c - v_u)`."
-    if torch.is_tensor(omega) and omega.ndim == 1: omega = bcast(omega, v)
+    if torch.is_tensor(omega) and omega.ndim == 1:
+        omega = bcast(omega, v)
     return v + (1 - 1 / omega) * (v_c - v_u)
 
 # %% ../nbs/10_imf.ipynb #e70b3c50
@@ -76,16 +83,19 @@ class ToyIMF(nn.Module):
                  v_head: bool = True, # auxiliary v-head (training only)
                  head_depth: int = 1, # last hidden layers duplicated into the u- and v-heads
                  emb_dim: int = 64, # sinusoidal features per scalar condition, and label embedding size
-                 time_input: bool = False, # also condition on t (not iMF; for low-dim data, where z_t does not reveal t)
+                 # also condition on t (not iMF; for low-dim data, where z_t does not reveal t)
+                 time_input: bool = False,
                 ):
         super().__init__()
         check(1 <= head_depth < depth, f'head_depth must lie in [1, depth - 1 = {depth - 1}], got {head_depth}')
-        self.dim, self.num_classes, self.emb_dim, self.has_v_head, self.time_input = dim, num_classes, emb_dim, v_head, time_input
+        self.dim, self.num_classes, self.emb_dim = dim, num_classes, emb_dim
+        self.has_v_head, self.time_input = v_head, time_input
         self.y_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
         d_in = dim + (5 if time_input else 4) * emb_dim + (emb_dim if num_classes > 0 else 0)
         self.trunk = nn.Sequential(*_mlp(d_in, hidden, depth - head_depth))
         head = lambda: nn.Sequential(*_mlp(hidden, hidden, head_depth), nn.Linear(hidden, dim))
         self.u_head, self.v_head = head(), (head() if v_head else None)
+
 
 # %% ../nbs/10_imf.ipynb #fa5d00b1
 def _toy_imf_forward(self: ToyIMF, z, h, omega=None, t_min=None, t_max=None, y=None, return_v: bool = True, t=None):
@@ -94,7 +104,8 @@ def _toy_imf_forward(self: ToyIMF, z, h, omega=None, t_min=None, t_max=None, y=N
     B = z.shape[0]
     conds = [_cond(h, B, z, 0.), 1 - 1 / _cond(omega, B, z, 1.), _cond(t_min, B, z, 0.), _cond(t_max, B, z, 1.)]
     if self.time_input:
-        check(t is not None, 'this ToyIMF was built with time_input=True: pass t'); conds.append(_cond(t, B, z, 0.))
+        check(t is not None, 'this ToyIMF was built with time_input=True: pass t')
+        conds.append(_cond(t, B, z, 0.))
     feats = [z] + [timestep_embedding(c, self.emb_dim).to(z.dtype) for c in conds]    # iMF: h and 1 - 1/omega, no t
     if self.y_emb is not None:
         yy = torch.full((B,), self.num_classes, dtype=torch.long, device=z.device) if y is None else y
@@ -119,20 +130,27 @@ def imf_compound(u_fn, # u_fn(z, t, r) -> u, or (u, v) when `has_aux`
                  has_aux: bool = False, # u_fn also returns the v-head's output
                  tangent_fn=None, # optional u-only `f(z, t, r) -> u` for the JVP (a network call without its v-head)
                 ) -> tuple:
-    "`(V, u, dudt, v)`: iMF's compound prediction `V = u + (t - r) sg(dudt)` (v is None unless `has_aux`). The JVP runs without grad on the u output only, then a plain forward gives `u` (and `v`) with their graph."
-    check(t.shape == r.shape == (z.shape[0],), f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
-    check_values(r <= t, lambda: f'iMF needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
+    ("`(V, u, dudt, v)`: iMF's compound prediction `V = u + (t - r) sg(dudt)` (v is None unless `has_aux`). The JVP "
+     "runs without grad on the u output only, then a plain forward gives `u` (and `v`) with their graph.")
+    check(t.shape == r.shape == (z.shape[0], ),
+          f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
+    check_values(r <= t,
+                 lambda: f'iMF needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
     f = tangent_fn or ((lambda *a: u_fn(*a)[0]) if has_aux else u_fn)                 # the tangent of u only
-    with torch.no_grad():                                                              # sg(dudt): no tangent graph for backward
-        _, dudt = jvp_call(f, (z, t, r), (v_theta, torch.ones_like(t), torch.zeros_like(r)))  # traceable by torch.compile
+    # sg(dudt): no tangent graph for backward
+    with torch.no_grad():
+        # traceable by torch.compile
+        _, dudt = jvp_call(f, (z, t, r), (v_theta, torch.ones_like(t), torch.zeros_like(r)))
     out = plain_call(u_fn, z, t, r)                                                    # u (and v) with their graph
     u, v = out if has_aux else (out, None)
     return u + bcast(t - r, z) * dudt.detach(), u, dudt, v  # sg: V gets gradients through u only
 
+
 # %% ../nbs/10_imf.ipynb #a19ef2f7
 @dataclass
 class IMFLoss:
-    "The iMF loss (Geng, Lu et al. 2025): v-loss through u, own-velocity JVP, guidance as conditioning; a dict of parts."
+    ("The iMF loss (Geng, Lu et al. 2025): v-loss through u, own-velocity JVP, guidance as conditioning; a dict of "
+     "parts.")
     P_mean: float = -0.4 # logit-normal location of t and r
     P_std: float = 1.0 # logit-normal scale
     ratio_r_eq_t: float = 0.5 # fraction of samples with r = t (iMF: 50 %)
@@ -146,13 +164,17 @@ class IMFLoss:
     v_head: bool = True # use the network's v-head; False: v_theta = u(z, t, t) (zero-parameter variant)
 
     def __post_init__(self):
-        for n in ('ratio_r_eq_t', 'class_dropout'): check(0.0 <= getattr(self, n) <= 1.0, f'{n} must be in [0, 1], got {getattr(self, n)}')
+        for n in ('ratio_r_eq_t', 'class_dropout'):
+            check(0.0 <= getattr(self, n) <= 1.0, f'{n} must be in [0, 1], got {getattr(self, n)}')
         check(self.omega_max >= 1.0, f'omega_max must be >= 1, got {self.omega_max}')
-        check(self.norm_p >= 0 and self.norm_eps > 0, f'need norm_p >= 0 and norm_eps > 0, got {self.norm_p}, {self.norm_eps}')
+        check(self.norm_p >= 0 and self.norm_eps > 0,
+              f'need norm_p >= 0 and norm_eps > 0, got {self.norm_p}, {self.norm_eps}')
+
 
 # %% ../nbs/10_imf.ipynb #fde1d1e7
 def _imf_draw(self: IMFLoss, n: int, shape, generator=None, device=None, step: int = 0, total: int = 1) -> dict:
-    "Every random quantity of one step for `n` samples: `t, r, e, drop, omega, t_min, t_max`, each with leading dim `n`."
+    ("Every random quantity of one step for `n` samples: `t, r, e, drop, omega, t_min, t_max`, each with leading dim "
+     "`n`.")
     t, r = sample_t_r(n, self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator=generator, device=device)
     e = torch.randn((n, *shape), generator=generator, device=device)
     drop = torch.rand(n, generator=generator, device=device) < self.class_dropout
@@ -167,6 +189,7 @@ def _imf_draw(self: IMFLoss, n: int, shape, generator=None, device=None, step: i
 
 IMFLoss.draw = _imf_draw
 
+
 # %% ../nbs/10_imf.ipynb #8e866636
 def _call_net(model, z, h, omega, t_min, t_max, y, return_v, t):
     "The iMF network call; `t` is passed only to networks built with a t input (`time_input`)."
@@ -178,11 +201,14 @@ def _v_query(self: IMFLoss, model, z, t, w, y, use_head: bool):
     "`(v_c, v_u)` at h = 0 and interval [0, 1]: v_c at (y, omega~), v_u at (null, omega = 1); one batched call."
     B, zero, one = z.shape[0], torch.zeros_like(t), torch.ones_like(t)
     pick = (lambda o: o[1]) if use_head else (lambda o: o)                         # v-head, or the boundary u(z, t, t)
-    if self.num_classes == 0: return (pick(_call_net(model, z, zero, w, zero, one, None, use_head, t)),) * 2
+    if self.num_classes == 0:
+        return (pick(_call_net(model, z, zero, w, zero, one, None, use_head, t)),) * 2
     null = torch.full_like(y, self.num_classes)
-    both = pick(_call_net(model, torch.cat([z, z]), torch.cat([zero, zero]), torch.cat([w, one]), torch.cat([zero, zero]),
-                          torch.cat([one, one]), torch.cat([y, null]), use_head, torch.cat([t, t])))
+    both = pick(
+        _call_net(model, torch.cat([z, z]), torch.cat([zero, zero]), torch.cat([w, one]), torch.cat([zero, zero]),
+                  torch.cat([one, one]), torch.cat([y, null]), use_head, torch.cat([t, t])))
     return both.float().chunk(2)
+
 
 # %% ../nbs/10_imf.ipynb #a3b58824
 def _imf_call(self: IMFLoss, model, # called as model(z, h, omega, t_min, t_max, y, return_v) -> u or (u, v)
@@ -192,8 +218,10 @@ def _imf_call(self: IMFLoss, model, # called as model(z, h, omega, t_min, t_max,
               t=None, r=None, e=None, drop=None, omega=None, t_min=None, t_max=None, # pre-drawn (see `draw`)
              ) -> dict:
     "One iMF loss evaluation: a dict with `loss` (to backprop), `loss_u` (V term), `loss_v`, `weight`, `frac_u`."
-    check(hasattr(model, 'has_v_head'), f"method 'imf' needs an iMF network (ToyIMF or an iMF-* DiT), got {type(model).__name__}")
-    check(not self.v_head or model.has_v_head, 'IMFLoss(v_head=True) needs a network with a v-head; build it with v_head=True or use imf_v_head=False')
+    check(hasattr(model, 'has_v_head'),
+          f"method 'imf' needs an iMF network (ToyIMF or an iMF-* DiT), got {type(model).__name__}")
+    check(not self.v_head or model.has_v_head,
+          'IMFLoss(v_head=True) needs a network with a v-head; build it with v_head=True or use imf_v_head=False')
     if t is None:
         d = self.draw(x.shape[0], x.shape[1:], generator, x.device, step, total)
         t, r, e, drop, omega, t_min, t_max = (d[k] for k in ('t', 'r', 'e', 'drop', 'omega', 't_min', 't_max'))
@@ -201,23 +229,29 @@ def _imf_call(self: IMFLoss, model, # called as model(z, h, omega, t_min, t_max,
     if self.num_classes > 0:                                                           # class dropout to the null label
         y = torch.full_like(drop, self.num_classes, dtype=torch.long) if y is None else y
         y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-    else: y = None
+    else:
+        y = None
     w = effective_omega(omega, t, t_min, t_max, drop if self.num_classes else None)  # omega~
     v_c, v_u = _v_query(self, model, z, t, w, y, self.v_head)
     v_g = imf_guided_velocity(v, v_c, v_u, w)                                          # iMF: guided target
     u_fn = lambda z_, t_, r_: _call_net(model, z_, t_ - r_, omega, t_min, t_max, y, self.v_head, t_)  # no t: h only
-    u_only = lambda z_, t_, r_: _call_net(model, z_, t_ - r_, omega, t_min, t_max, y, False, t_)     # the JVP skips the v-head
-    V, u, dudt, v_pred = imf_compound(u_fn, z, t, r, v_c.to(z.dtype), has_aux=self.v_head, tangent_fn=u_only)  # tangent: own v (iMF)
-    err_u = sq_err(V.float(), v_g.float()); w_u = adaptive_weight(err_u, self.norm_p, self.norm_eps)
+    # the JVP skips the v-head
+    u_only = lambda z_, t_, r_: _call_net(model, z_, t_ - r_, omega, t_min, t_max, y, False, t_)
+    # tangent: own v (iMF)
+    V, u, dudt, v_pred = imf_compound(u_fn, z, t, r, v_c.to(z.dtype), has_aux=self.v_head, tangent_fn=u_only)
+    err_u = sq_err(V.float(), v_g.float())
+    w_u = adaptive_weight(err_u, self.norm_p, self.norm_eps)
     loss = (w_u * err_u).mean()
     if self.v_head:
         err_v = sq_err(v_pred.float(), v_g.float())
         loss = loss + (adaptive_weight(err_v, self.norm_p, self.norm_eps) * err_v).mean()  # auxiliary v-head loss
-    else: err_v = sq_err(v_c.float(), v_g.float())                                      # zero-parameter: logged only
+    else:
+        err_v = sq_err(v_c.float(), v_g.float())                                      # zero-parameter: logged only
     return dict(loss=loss, loss_u=err_u.detach().mean(), loss_v=err_v.detach().mean(), weight=w_u.mean(),
                 frac_u=(r != t).float().mean())
 
 IMFLoss.__call__ = _imf_call
+
 
 # %% ../nbs/10_imf.ipynb #322a9e38
 def imf_loss(cfg) -> IMFLoss:
@@ -262,7 +296,8 @@ def bench_imf_step(imf_model: str = 'iMF-T/2', # iMF backbone (a key of `DiT_mod
     "Median wall time of one iMF training step and one MF (with CFG) step on same-size backbones, and their ratio."
     from meanflow_nb.models import create_model
     from meanflow_nb.loss import MeanFlowLoss
-    device = torch.device(device or 'cpu'); torch.manual_seed(0)
+    device = torch.device(device or 'cpu')
+    torch.manual_seed(0)
     kw = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
     runs = {'imf': (create_model(imf_model, v_head=v_head, **kw), IMFLoss(num_classes=num_classes, v_head=v_head)),
             'mf': (create_model(mf_model, **kw), MeanFlowLoss(num_classes=num_classes, cfg_omega=1.0, cfg_kappa=0.5))}
@@ -273,8 +308,11 @@ def bench_imf_step(imf_model: str = 'iMF-T/2', # iMF backbone (a key of `DiT_mod
     for i in range(warmup + steps):
         for k, (m, lf) in runs.items():
             dt = _step_time(m, lf, opts[k], x, y, i)
-            if i >= warmup: times[k].append(dt)
+            if i >= warmup:
+                times[k].append(dt)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return dict(imf_model=imf_model, mf_model=mf_model, batch=batch, input_size=input_size, imf_ms=1e3 * med['imf'],
                 mf_ms=1e3 * med['mf'], ratio=med['imf'] / med['mf'], v_head=v_head,
-                imf_params=sum(p.numel() for p in runs['imf'][0].parameters()), mf_params=sum(p.numel() for p in runs['mf'][0].parameters()))
+                imf_params=sum(p.numel() for p in runs['imf'][0].parameters()),
+                mf_params=sum(p.numel() for p in runs['mf'][0].parameters()))
+

@@ -25,7 +25,8 @@ def base_cdf(t, # times in [0, 1]
              P_mean: float = -0.4, P_std: float = 1.0, time_dist: str = 'logit_normal'):
     "CDF `F(t)` of one base time draw (logit-normal or uniform)."
     t = torch.as_tensor(t, dtype=torch.float64)
-    if time_dist == 'uniform': return t.clamp(0, 1)
+    if time_dist == 'uniform':
+        return t.clamp(0, 1)
     lt = torch.log(t) - torch.log1p(-t)                                   # logit; -inf at 0 and +inf at 1
     return torch.special.ndtr((lt - P_mean) / P_std)
 
@@ -33,7 +34,8 @@ def base_icdf(u, # probabilities in [0, 1]
               P_mean: float = -0.4, P_std: float = 1.0, time_dist: str = 'logit_normal'):
     "Inverse CDF `F^-1(u)`: maps uniform draws to base time draws."
     u = torch.as_tensor(u)
-    if time_dist == 'uniform': return u.clamp(0, 1)
+    if time_dist == 'uniform':
+        return u.clamp(0, 1)
     return torch.sigmoid(P_mean + P_std * torch.special.ndtri(u))
 
 # %% ../nbs/09_kim.ipynb #217b1e3a
@@ -142,7 +144,8 @@ def _lower(self: DTDSampler, stage: int | None = None) -> float:
 
 def _sample(self: DTDSampler, n, generator=None, device=None, step=0, total=1):
     "Draw `(t, r)`: truncated to the active clusters during the curriculum, MeanFlow's base sampler after it."
-    if self.done: return sample_t_r(n, self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator, device)
+    if self.done:
+        return sample_t_r(n, self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator, device)
     return truncated_t_r(n, self.lower(), self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator, device)
 
 DTDSampler.done = property(lambda self: self.state['stage'] >= self.n_clusters)
@@ -152,10 +155,13 @@ DTDSampler.lower, DTDSampler.__call__ = _lower, _sample
 def _observe(self: DTDSampler, stats: dict, step: int = 0, total: int = 1):
     "Pacing: update the smoothed loss; end the stage on a plateau or when it reaches the max patience."
     st, x = self.state, stats.get(self.monitor)
-    if self.done or x is None or not math.isfinite(x): return
+    if self.done or x is None or not math.isfinite(x):
+        return
     st['ema'] = x if math.isnan(st['ema']) else self.smooth * st['ema'] + (1 - self.smooth) * x
-    if st['ema'] < st['best'] * (1 - self.min_delta): st['best'], st['bad'] = st['ema'], 0
-    else: st['bad'] += 1
+    if st['ema'] < st['best'] * (1 - self.min_delta):
+        st['best'], st['bad'] = st['ema'], 0
+    else:
+        st['bad'] += 1
     st['stage_steps'] += 1
     if st['bad'] >= _plateau_steps(self, total) or st['stage_steps'] >= _max_steps(self, total):
         self.state.update(stage=st['stage'] + 1, stage_steps=0, best=math.inf, ema=math.nan, bad=0)
@@ -168,7 +174,9 @@ def _state_dict(self: DTDSampler) -> dict:
     return dict(copy.deepcopy(self.state), n_clusters=self.n_clusters)
 
 def _load_state_dict(self: DTDSampler, sd: dict):
-    check(sd.get('n_clusters') == self.n_clusters, f"DTD state has {sd.get('n_clusters')} clusters, sampler has {self.n_clusters}")
+    check(
+        sd.get('n_clusters') == self.n_clusters,
+        f"DTD state has {sd.get('n_clusters')} clusters, sampler has {self.n_clusters}")
     self.state = {k: copy.deepcopy(v) for k, v in sd.items() if k != 'n_clusters'}
 
 def _stage_at(self: DTDSampler, step: int) -> int:
@@ -177,6 +185,7 @@ def _stage_at(self: DTDSampler, step: int) -> int:
 
 DTDSampler.state_dict, DTDSampler.load_state_dict = _state_dict, _load_state_dict
 DTDSampler.stage_at = _stage_at
+
 
 # %% ../nbs/09_kim.ipynb #23799e09
 def dtd_density(sampler: DTDSampler, total: int, # sampler with a history, and the run length
@@ -195,7 +204,8 @@ def dtd_density(sampler: DTDSampler, total: int, # sampler with a history, and t
 # %% ../nbs/09_kim.ipynb #476cdd42
 @dataclass
 class KimLoss(MeanFlowLoss):
-    "MeanFlow loss with Kim et al.'s v-acceleration and progressive gap weight, both after the adaptive weight (Eq. 8-9)."
+    ("MeanFlow loss with Kim et al.'s v-acceleration and progressive gap weight, both after the adaptive weight (Eq. "
+     "8-9).")
     accel: str = 'minsnr' # 'minsnr' (alpha(t) on the r = t term), 'dtd' (t from the curriculum) or 'none'
     beta: bool = True # progressive gap weight beta(dt, s) on the r != t term
     k: float = 1.0 # pace of s = 1 - (i / T) ** k
@@ -209,14 +219,17 @@ class KimLoss(MeanFlowLoss):
         check(self.accel in ('minsnr', 'dtd', 'none'), f"accel must be 'minsnr', 'dtd' or 'none', got {self.accel!r}")
         check((self.accel == 'dtd') == (self.dtd is not None), "accel='dtd' goes with a DTDSampler, and only it")
         self.lam = gap_lambda(self.P_mean, self.P_std, self.time_dist)                  # beta's lambda, base sampler
-        self.alpha_norm = minsnr_norm(self.gamma, self.P_mean, self.P_std, self.time_dist) if self.minsnr_normalize else 1.0
+        self.alpha_norm = minsnr_norm(self.gamma, self.P_mean, self.P_std,
+                                      self.time_dist) if self.minsnr_normalize else 1.0
         self.tr_sampler, self.extra_weight = self.sample_tr, self.weight               # MeanFlowLoss's hooks
+
 
 # %% ../nbs/09_kim.ipynb #0d3a102c
 def _kim_sample_tr(self: KimLoss, n, generator=None, device=None, step=0, total=1):
     "The step's `(t, r)`: from the study sampler, the DTD curriculum, or MeanFlow's sampler."
     sampler = self.study_sampler or self.dtd
-    if sampler is not None: return sampler(n, generator, device, step, total)
+    if sampler is not None:
+        return sampler(n, generator, device, step, total)
     return sample_t_r(n, self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator, device)
 
 def _kim_weight(self: KimLoss, t, r, step=0, total=1):
@@ -231,11 +244,13 @@ KimLoss.sample_tr, KimLoss.weight = _kim_sample_tr, _kim_weight
 # %% ../nbs/09_kim.ipynb #1ea74a0a
 def _kim_observe(self: KimLoss, stats: dict, step: int = 0, total: int = 1):
     "Called by the trainer after every step (rank-averaged stats): drives DTD's pacing."
-    if self.dtd is not None: self.dtd.observe(stats, step, total)
+    if self.dtd is not None:
+        self.dtd.observe(stats, step, total)
 
 def _kim_load(self: KimLoss, sd: dict):
     check(('dtd' in sd) == (self.dtd is not None), 'checkpoint and loss disagree on whether DTD is used')
-    if self.dtd is not None: self.dtd.load_state_dict(sd['dtd'])
+    if self.dtd is not None:
+        self.dtd.load_state_dict(sd['dtd'])
 
 KimLoss.observe = _kim_observe
 KimLoss.needs_observe = property(lambda self: self.dtd is not None and not self.dtd.done)  # the trainer syncs for it
@@ -254,18 +269,21 @@ def kim_loss(cfg, # a TrainConfig (kim_accel, kim_beta, kim_k, minsnr_gamma, dtd
     opt = {n: getattr(cfg, n, d) for n, d in STUDY_FIELDS.items()}
     tkw = dict(P_mean=base.P_mean, P_std=base.P_std, time_dist=base.time_dist)
     check(len(opt['gap_range']) in (0, 2), f"gap_range must be () or (lo, hi), got {opt['gap_range']}")
-    dtd = DTDSampler(cfg.dtd_clusters, cfg.dtd_patience, clustering=opt['dtd_clustering'], ratio_r_eq_t=base.ratio_r_eq_t,
-                     monitor='loss_v' if base.ratio_r_eq_t > 0 else 'loss_u', **tkw) if cfg.kim_accel == 'dtd' else None
+    dtd = DTDSampler(cfg.dtd_clusters, cfg.dtd_patience, clustering=opt['dtd_clustering'],
+                     ratio_r_eq_t=base.ratio_r_eq_t, monitor='loss_v' if base.ratio_r_eq_t > 0 else 'loss_u', **
+                     tkw) if cfg.kim_accel == 'dtd' else None
     kw = {f.name: getattr(base, f.name) for f in fields(MeanFlowLoss)}
     kw['v_target_noise'] = opt['v_target_noise'] or base.v_target_noise
     study = gap_range_sampler(*opt['gap_range'], **tkw) if len(opt['gap_range']) else None
     return KimLoss(**kw, accel=cfg.kim_accel, beta=cfg.kim_beta, k=cfg.kim_k, gamma=cfg.minsnr_gamma, dtd=dtd,
                    study_sampler=study)
 
+
 # %% ../nbs/09_kim.ipynb #251f9fb0
 def gap_range_sampler(lo: float, hi: float, # target gap range [lo, hi]
                       P_mean: float = -0.4, P_std: float = 1.0, time_dist: str = 'logit_normal') -> Callable:
-    "`(t, r)` sampler of Kim's O2 study (Fig. 4): no `r = t`; MeanFlow's raw gap rescaled into `[lo, hi]`, `t` kept, `r >= 0`."
+    ("`(t, r)` sampler of Kim's O2 study (Fig. 4): no `r = t`; MeanFlow's raw gap rescaled into `[lo, hi]`, `t` kept, "
+     "`r >= 0`.")
     check(0 <= lo <= hi <= 1, f'need 0 <= lo <= hi <= 1, got [{lo}, {hi}]')
     def sampler(n, generator=None, device=None, step=0, total=1):
         t, r = sample_t_r(n, P_mean, P_std, 0.0, time_dist, generator, device)
@@ -273,6 +291,7 @@ def gap_range_sampler(lo: float, hi: float, # target gap range [lo, hi]
         t = torch.where(t < h, h + (1 - h) * t, t)                          # lift t into [h, 1] only where r < 0
         return t, (t - h).clamp(min=0)
     return sampler
+
 
 # %% ../nbs/09_kim.ipynb #e9e084f5
 def loss_grad(model: torch.nn.Module, loss_fn: Callable, # loss_fn(model, x, y, generator=g) -> dict with 'loss'
@@ -290,9 +309,11 @@ def task_affinity(model: torch.nn.Module, loss_a: Callable, loss_b: Callable, # 
     cos = []
     for i in range(0, len(x) - batch + 1, batch):
         xb, yb = x[i:i + batch], None if y is None else y[i:i + batch]
-        ga, gb = (loss_grad(model, l, xb, yb, torch.Generator(x.device).manual_seed(seed + i)) for l in (loss_a, loss_b))
+        ga, gb = (loss_grad(model, l, xb, yb,
+                            torch.Generator(x.device).manual_seed(seed + i)) for l in (loss_a, loss_b))
         cos.append(F.cosine_similarity(ga, gb, dim=0))
     return float(torch.stack(cos).mean())
+
 
 # %% ../nbs/09_kim.ipynb #74887792
 def eight_gaussians_mixture():
@@ -313,11 +334,15 @@ class MixtureProbe:
         (x, _), e, t = gm.sample(n, g), torch.randn(n, d, generator=g), torch.rand(n, generator=g)
         self.zv, self.tv = interpolate(x, e, t), t
         self.v = gm.velocity(self.zv, t)
-        (x, _), e, a, b = gm.sample(n, g), torch.randn(n, d, generator=g), torch.rand(n, generator=g), torch.rand(n, generator=g)
+        (x, _), e, a, b = gm.sample(n,
+                                    g), torch.randn(n, d,
+                                                    generator=g), torch.rand(n,
+                                                                             generator=g), torch.rand(n, generator=g)
         self.tu, self.ru = torch.maximum(a, b), torch.minimum(a, b)
         self.zu = interpolate(x, e, self.tu)
         self.u = gm.avg_velocity(self.zu, self.ru, self.tu, rtol=tol, atol=tol)
         self.floor = float(((euler_v(lambda z, t: gm.velocity(z, t), self.z1, nfe) - self.x1) ** 2).sum(1).mean())
+
 
 # %% ../nbs/09_kim.ipynb #c4d7b187
 @torch.no_grad()

@@ -26,11 +26,14 @@ def jvp_precision(dtype: str = 'fp32'): # 'fp32' (MF's official code) or 'bf16'
     "Context: the precision of every MeanFlow / iMF JVP inside it (`jvp_context` reads it)."
     check(dtype in ('fp32', 'bf16'), f"jvp_dtype must be 'fp32' or 'bf16', got {dtype!r}")
     old, _JVP['dtype'] = _JVP['dtype'], dtype
-    try: yield
-    finally: _JVP['dtype'] = old
+    try:
+        yield
+    finally:
+        _JVP['dtype'] = old
 
 def jvp_context():
-    "Inside `torch.func.jvp`: math SDPA (no forward-mode AD for fused kernels); autocast off (fp32 JVP) or bf16 (`jvp_precision('bf16')`)."
+    ("Inside `torch.func.jvp`: math SDPA (no forward-mode AD for fused kernels); autocast off (fp32 JVP) or bf16 "
+     "(`jvp_precision('bf16')`).")
     stack = contextlib.ExitStack()
     stack.enter_context(jvp_attention())  # math SDPA, shared with the models' own JVP checks
     bf16 = _JVP['dtype'] == 'bf16'
@@ -40,14 +43,17 @@ def jvp_context():
     return stack
 
 def jvp_call(fn: Callable, primals: tuple, tangents: tuple, has_aux: bool = False):
-    "`torch.func.jvp` under `jvp_context`'s settings, written as plain nested `with`s: torch.compile traces these (not an `ExitStack`)."
+    ("`torch.func.jvp` under `jvp_context`'s settings, written as plain nested `with`s: torch.compile traces these "
+     "(not "
+     "an `ExitStack`).")
     bf16 = _JVP['dtype'] == 'bf16'
     with jvp_attention(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), \
          torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
         return torch.func.jvp(fn, primals, tangents, has_aux=has_aux)
 
 def plain_call(fn: Callable, *args):
-    "`fn(*args)` under the autocast settings `jvp_call` uses (the JVP's precision), without restricting SDPA to the math kernel."
+    ("`fn(*args)` under the autocast settings `jvp_call` uses (the JVP's precision), without restricting SDPA to the "
+     "math kernel.")
     bf16 = _JVP['dtype'] == 'bf16'
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), \
          torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
@@ -59,14 +65,20 @@ def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of
                     r: torch.Tensor, # (B,), r <= t
                     v: torch.Tensor, # velocity along which to differentiate (e - x, or a guided v_g)
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(u, u_tgt)`: `u = u_fn(z, t, r)` keeps its graph; `u_tgt = v - (t - r) dudt` is detached (Eq. 6 of MF). The JVP runs without grad (no tangent graph is kept for backward), then a plain forward gives `u`."
-    check(t.shape == r.shape == (z.shape[0],), f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
-    check_values(r <= t, lambda: f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
+    ("`(u, u_tgt)`: `u = u_fn(z, t, r)` keeps its graph; `u_tgt = v - (t - r) dudt` is detached (Eq. 6 of MF). The JVP "
+     "runs without grad (no tangent graph is kept for backward), then a plain forward gives `u`.")
+    check(t.shape == r.shape == (z.shape[0], ),
+          f't and r must have shape (B,) = ({z.shape[0]},), got {tuple(t.shape)}, {tuple(r.shape)}')
+    check_values(
+        r <= t,
+        lambda: f'MeanFlow needs r <= t for every sample; got r > t at {int((r > t).sum())} of {len(t)} samples')
     with torch.no_grad():                     # sg: the tangent needs no graph for backward (it only enters the target)
         _, dudt = jvp_call(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
-    u = plain_call(u_fn, z, t, r)             # u with its graph: a plain forward, in the JVP's precision, fused SDPA allowed
+    # u with its graph: a plain forward, in the JVP's precision, fused SDPA allowed
+    u = plain_call(u_fn, z, t, r)
     u_tgt = v - bcast(t - r, z) * dudt
     return u, u_tgt.detach()  # sg: the target must not receive gradients
+
 
 # %% ../nbs/04_loss.ipynb #e034b84e
 def sq_err(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
@@ -111,34 +123,46 @@ class MeanFlowLoss:
     cfg_t_start: float = 0.0 # guidance applies for t in [cfg_t_start, cfg_t_end]
     cfg_t_end: float = 1.0
     tr_sampler: Callable | None = None # optional (n, generator, device, step, total) -> (t, r), replaces sample_t_r
-    extra_weight: Callable | None = None # optional (t, r, step, total) -> (B,) weights applied after the adaptive weight
+    # optional (t, r, step, total) -> (B,) weights applied after the adaptive weight
+    extra_weight: Callable | None = None
     v_target_noise: float = 0.0 # Kim et al. O1 (Fig. 3): add noise of scale k*||v|| to the v-loss (r = t) target only
 
     def __post_init__(self):
         for n in ('ratio_r_eq_t', 'class_dropout', 'cfg_t_start', 'cfg_t_end'):
             check(0.0 <= getattr(self, n) <= 1.0, f'{n} must be in [0, 1], got {getattr(self, n)}')
-        check(self.norm_p >= 0 and self.norm_eps > 0, f'need norm_p >= 0 and norm_eps > 0, got {self.norm_p}, {self.norm_eps}')
-        check(self.cfg_t_start <= self.cfg_t_end, f'cfg_t_start ({self.cfg_t_start}) must not exceed cfg_t_end ({self.cfg_t_end})')
+        check(self.norm_p >= 0 and self.norm_eps > 0,
+              f'need norm_p >= 0 and norm_eps > 0, got {self.norm_p}, {self.norm_eps}')
+        check(self.cfg_t_start <= self.cfg_t_end,
+              f'cfg_t_start ({self.cfg_t_start}) must not exceed cfg_t_end ({self.cfg_t_end})')
 
     @property
-    def guided(self) -> bool: return self.num_classes > 0 and (self.cfg_omega != 1.0 or self.cfg_kappa != 0.0)
+    def guided(self) -> bool:
+        return self.num_classes > 0 and (self.cfg_omega != 1.0 or self.cfg_kappa != 0.0)
+
 
 # %% ../nbs/04_loss.ipynb #a5c71f32
 def _drop_labels(self: MeanFlowLoss, y, drop):
     "Labels with the dropped ones (mask `drop`) set to the null class; all null when `y` is None."
-    if self.num_classes == 0: return None
-    if y is None: return torch.full(drop.shape, self.num_classes, dtype=torch.long, device=drop.device)
+    if self.num_classes == 0:
+        return None
+    if y is None:
+        return torch.full(drop.shape, self.num_classes, dtype=torch.long, device=drop.device)
     return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
 def _draw(self: MeanFlowLoss, n: int, shape, generator=None, device=None, step: int = 0, total: int = 1) -> dict:
-    "Every random quantity of one step for `n` samples of shape `shape`: times `t`, `r`, noise `e`, dropout mask `drop` (and `eq_host`, see below)."
+    ("Every random quantity of one step for `n` samples of shape `shape`: times `t`, `r`, noise `e`, dropout mask "
+     "`drop` (and `eq_host`, see below).")
     with host_masks() as masks:                                           # the balanced r = t mask, known on the host
-        if self.tr_sampler is not None: t, r = self.tr_sampler(n, generator=generator, device=device, step=step, total=total)
-        else: t, r = sample_t_r(n, self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator=generator, device=device)
+        if self.tr_sampler is not None:
+            t, r = self.tr_sampler(n, generator=generator, device=device, step=step, total=total)
+        else:
+            t, r = sample_t_r(n, self.P_mean, self.P_std, self.ratio_r_eq_t, self.time_dist, generator=generator,
+                              device=device)
     e = torch.randn((n, *shape), generator=generator, device=device)
     drop = torch.rand(n, generator=generator, device=device) < self.class_dropout
     d = dict(t=t, r=r, e=e, drop=drop)
-    if len(masks) == 1 and tuple(masks[0].shape) == (n,): d['eq_host'] = masks[0]   # a CPU tensor: the split needs no sync
+    if len(masks) == 1 and tuple(masks[0].shape) == (n,):
+        d['eq_host'] = masks[0]   # a CPU tensor: the split needs no sync
     return d
 
 MeanFlowLoss.draw = _draw
@@ -146,7 +170,8 @@ MeanFlowLoss.draw = _draw
 @torch.no_grad()
 def _guide(self: MeanFlowLoss, model, z, t, v, y):
     "Guided velocity v_g (MF Sec. 4.2); unguided outside [cfg_t_start, cfg_t_end] and for null labels."
-    if not self.guided: return v
+    if not self.guided:
+        return v
     B, null = z.shape[0], torch.full_like(y, self.num_classes)
     both = model(torch.cat([z, z]), torch.cat([t, t]), torch.zeros(2 * B, device=z.device, dtype=t.dtype),
                  torch.cat([y, null]))                                  # one call for v_c and v_u, at h = 0
@@ -156,12 +181,15 @@ def _guide(self: MeanFlowLoss, model, z, t, v, y):
     kappa = torch.where(on, torch.full_like(t, self.cfg_kappa), torch.zeros_like(t))
     return guided_velocity(v, v_c, v_u, omega, kappa)
 
+
 # %% ../nbs/04_loss.ipynb #9236f288
 def _split(eq: torch.Tensor, # the r = t mask (B,) on the batch's device
            eq_host: torch.Tensor | None = None, # the same mask on the host, when the draw knows it (balanced split)
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Indices of the `r < t` and of the `r = t` samples: from `eq_host` without a host sync, else by `nonzero` (a sync on CUDA)."
-    if eq_host is None: return (~eq).nonzero().squeeze(1), eq.nonzero().squeeze(1)
+    ("Indices of the `r < t` and of the `r = t` samples: from `eq_host` without a host sync, else by `nonzero` (a sync "
+     "on CUDA).")
+    if eq_host is None:
+        return (~eq).nonzero().squeeze(1), eq.nonzero().squeeze(1)
     m = eq_host.numpy()                                                   # `numpy` refuses a device tensor: host only
     idx = lambda a: torch.from_numpy(np.flatnonzero(a)).to(eq.device, non_blocking=True)
     iu, iv = idx(~m), idx(m)
@@ -174,7 +202,8 @@ def _call(self: MeanFlowLoss, model, # called as model(z, t, h, y) -> u
           t=None, r=None, e=None, drop=None, # optional pre-drawn times (B,), noise and dropout mask (see `draw`)
           step: int = 0, total: int = 1, # training progress, for schedules that depend on it
           generator=None,
-          eq_host=None, # optional r = t mask (B,) on the host (a balanced `draw` adds it): the split without a host sync
+          # optional r = t mask (B,) on the host (a balanced `draw` adds it): the split without a host sync
+          eq_host=None,
          ):
     "One MeanFlow loss evaluation: a dict with `loss` (to backprop), `loss_u`, `loss_v`, `weight`."
     B, dev = x.shape[0], x.device
@@ -192,9 +221,11 @@ def _call(self: MeanFlowLoss, model, # called as model(z, t, h, y) -> u
     err = torch.zeros(B, device=dev)
     if len(iv):                                                           # r = t: the target is v itself, no JVP
         u_v, tgt_v = model(z[iv], t[iv], torch.zeros_like(t[iv]), sub(y, iv)), v[iv]
-        if self.v_target_noise > 0:                                       # Kim et al. Sec. 4.1: corrupt the v target only
+        # Kim et al. Sec. 4.1: corrupt the v target only
+        if self.v_target_noise > 0:
             nv = tgt_v.flatten(1).norm(dim=1)
-            tgt_v = tgt_v + torch.randn(tgt_v.shape, generator=generator, device=dev) * bcast(self.v_target_noise * nv, tgt_v)
+            tgt_v = tgt_v + torch.randn(tgt_v.shape, generator=generator, device=dev) * bcast(
+                self.v_target_noise * nv, tgt_v)
         err = err.index_put((iv,), sq_err(u_v.float(), tgt_v.float()))   # summed over all non-batch dims
     if len(iu):                                                           # r < t: JVP target, Eq. (6)-(7) of MF
         u_fn = lambda z_, t_, r_: model(z_, t_, t_ - r_, sub(y, iu))
@@ -202,32 +233,39 @@ def _call(self: MeanFlowLoss, model, # called as model(z, t, h, y) -> u
         err = err.index_put((iu,), sq_err(u_u.float(), tgt_u.float()))
     w = adaptive_weight(err, self.norm_p, self.norm_eps)                  # sg(1 / (L + c)^p)
     per = w * err
-    if self.extra_weight is not None: per = per * self.extra_weight(t, r, step, total).detach()  # after adp (Kim Eq. 8-9)
+    if self.extra_weight is not None:
+        per = per * self.extra_weight(t, r, step, total).detach()  # after adp (Kim Eq. 8-9)
     m_u, m_v = (~eq).float(), eq.float()
     return dict(loss=per.mean(), loss_u=_masked_mean(err.detach(), m_u), loss_v=_masked_mean(err.detach(), m_v),
                 weight=w.mean(), frac_u=m_u.mean())
 
 MeanFlowLoss.__call__ = _call
 
+
 # %% ../nbs/04_loss.ipynb #c4a1b002
 def precision_gap(model_name: str = 'DiT-T/2', batch: int = 32, input_size: int = 8, in_channels: int = 4,
                   num_classes: int = 10, seed: int = 0) -> dict:
-    "The u-loss (raw squared error of the JVP samples) and the gradient of one MF step under bf16 autocast with an fp32 JVP and with a bf16 JVP, against all-fp32."
+    ("The u-loss (raw squared error of the JVP samples) and the gradient of one MF step under bf16 autocast with an "
+     "fp32 JVP and with a bf16 JVP, against all-fp32.")
     from meanflow_nb.models import create_model
-    g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     net = create_model(model_name, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
     with torch.no_grad():
         for p in net.parameters():
-            if (p == 0).all() and p.ndim > 1: p.normal_(0, 0.02, generator=g)           # un-zero adaLN / output layers
+            if (p == 0).all() and p.ndim > 1:
+                p.normal_(0, 0.02, generator=g)           # un-zero adaLN / output layers
     lf = MeanFlowLoss(ratio_r_eq_t=0.5, num_classes=num_classes, cfg_omega=1.0, cfg_kappa=0.5)
-    x = torch.randn(batch, in_channels, input_size, input_size, generator=g); y = torch.randint(0, num_classes, (batch,), generator=g)
+    x = torch.randn(batch, in_channels, input_size, input_size, generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
     drawn = lf.draw(batch, x.shape[1:], g)
     def run(bf16: bool, jvp: str):
         net.zero_grad()
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), jvp_precision(jvp):
             out = lf(net, x, y, **drawn)
         out['loss'].backward()
-        return float(out['loss_u']), torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None]).double()
+        return float(out['loss_u']), torch.cat([p.grad.reshape(-1) for p in net.parameters()
+                                                if p.grad is not None]).double()
     ref, g_ref = run(False, 'fp32')
     res = dict(model=model_name, batch=batch, loss_u_fp32=ref)
     for name, (bf16, jvp) in dict(bf16_fwd_fp32_jvp=(True, 'fp32'), bf16_fwd_bf16_jvp=(True, 'bf16')).items():
@@ -236,6 +274,7 @@ def precision_gap(model_name: str = 'DiT-T/2', batch: int = 32, input_size: int 
         res[f'{name}_grad_rel'] = float((gr - g_ref).norm() / g_ref.norm())
         res[f'{name}_grad_cos'] = float(torch.nn.functional.cosine_similarity(gr, g_ref, dim=0))
     return res
+
 
 # %% ../nbs/04_loss.ipynb #88cf7490
 @torch.no_grad()
@@ -248,11 +287,14 @@ def sample_meanflow(model, # called as model(z, t, h, y) -> u
     "Generate with `steps` MeanFlow jumps `z_r = z_t - (t - r) u(z_t, r, t)` from t = 1 to 0."
     check(int(steps) == steps and steps >= 1, f'steps must be a positive integer, got {steps}')
     grid = torch.linspace(1, 0, int(steps) + 1) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
-    check(grid.ndim == 1 and len(grid) >= 2 and bool((grid[1:] <= grid[:-1]).all()), 'grid must be a decreasing 1-D sequence')
+    check(grid.ndim == 1 and len(grid) >= 2 and bool((grid[1:] <= grid[:-1]).all()),
+          'grid must be a decreasing 1-D sequence')
     for t_, r_ in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        t = torch.full((z.shape[0],), t_, device=z.device); h = torch.full_like(t, t_ - r_)
+        t = torch.full((z.shape[0],), t_, device=z.device)
+        h = torch.full_like(t, t_ - r_)
         z = z - (t_ - r_) * model(z, t, h, y).to(z.dtype)
     return z
+
 
 # %% ../nbs/04_loss.ipynb #6d996101
 def guided_u(model, # a class-conditional model(z, t, h, y)
@@ -262,7 +304,8 @@ def guided_u(model, # a class-conditional model(z, t, h, y)
     "A model whose output is `u(. | null) + omega (u(. | y) - u(. | null))` (test-time guidance; 2 calls)."
     def f(z, t, h, y=None):
         u_c = model(z, t, h, y)
-        if omega == 1.0 or y is None: return u_c
+        if omega == 1.0 or y is None:
+            return u_c
         u_u = model(z, t, h, torch.full_like(y, null))
         return u_u + omega * (u_c - u_u)
     return f

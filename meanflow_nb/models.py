@@ -29,18 +29,22 @@ def timestep_embedding(t: torch.Tensor, # `(B,)` scalars, raw in [0, 1]
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dt, device=t.device) / half)
     args = t.to(dt)[:, None] * freqs[None]                                   # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)               # (B, 2 * half)
-    if dim % 2: emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
     return emb
 
 # %% ../nbs/05_models.ipynb #f1e780e6
 class _LinearTangent(torch.autograd.Function):
     "`F.linear` whose forward-mode rule is `dx W^T` (used only when `W` and `b` carry no tangent)."
     @staticmethod
-    def forward(x, w, b): return F.linear(x, w, b)
+    def forward(x, w, b):
+        return F.linear(x, w, b)
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, w, b = inputs
-        ctx.save_for_backward(x, w); ctx.save_for_forward(x, w); ctx.has_bias = b is not None
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+        ctx.has_bias = b is not None
     @staticmethod
     def backward(ctx, g):  # g: (..., out)
         x, w = ctx.saved_tensors
@@ -57,7 +61,8 @@ def _has_tangent(a: torch.Tensor) -> bool:
     "True if `a` is a functorch `jvp`/`grad` wrapper or a dual tensor of `torch.autograd.forward_ad`."
     import torch.autograd.forward_ad as fwAD
     f = torch._C._functorch
-    if f.is_functorch_wrapped_tensor(a): return not f.is_batchedtensor(a)
+    if f.is_functorch_wrapped_tensor(a):
+        return not f.is_batchedtensor(a)
     return fwAD.unpack_dual(a).tangent is not None
 
 class JVPLinear(nn.Linear):
@@ -83,28 +88,38 @@ class ToyMLP(nn.Module):
         self.y_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
         d_in = dim + 2 * emb_dim + (emb_dim if num_classes > 0 else 0)
         layers = [JVPLinear(d_in, hidden), nn.SiLU()]
-        for _ in range(depth - 1): layers += [JVPLinear(hidden, hidden), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [JVPLinear(hidden, hidden), nn.SiLU()]
         self.net = nn.Sequential(*layers, JVPLinear(hidden, dim))
 
     def forward(self, z, t, h, y=None):
         "`z` `(B, dim)`, `t` and `h` `(B,)` raw in [0, 1], `y` `(B,)` long or None (null label) -> `u` `(B, dim)`."
-        check(z.ndim == 2 and z.shape[1] == self.dim, f'ToyMLP expects z of shape (B, {self.dim}), got {tuple(z.shape)}')
+        check(z.ndim == 2 and z.shape[1] == self.dim,
+              f'ToyMLP expects z of shape (B, {self.dim}), got {tuple(z.shape)}')
         feats = [z, timestep_embedding(t, self.emb_dim).to(z.dtype), timestep_embedding(h, self.emb_dim).to(z.dtype)]
-        if self.y_emb is not None: feats.append(self.y_emb(_labels(y, z.shape[0], self.num_classes, z.device)).to(z.dtype))
+        if self.y_emb is not None:
+            feats.append(self.y_emb(_labels(y, z.shape[0], self.num_classes, z.device)).to(z.dtype))
         return self.net(torch.cat(feats, dim=-1))
 
 def _labels(y, B: int, num_classes: int, device) -> torch.Tensor:
     "Labels `(B,)` long; `None` means the null label `num_classes`; out-of-range labels raise `ConfigError`."
-    if y is None: return torch.full((B,), num_classes, dtype=torch.long, device=device)
-    check(not y.is_floating_point() and y.shape == (B,), f'labels must be a (B,) = ({B},) integer tensor, got {y.dtype} {tuple(y.shape)}')
-    check_values((y >= 0) & (y <= num_classes), lambda: f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
+    if y is None:
+        return torch.full((B,), num_classes, dtype=torch.long, device=device)
+    check(not y.is_floating_point() and y.shape == (B, ),
+          f'labels must be a (B,) = ({B},) integer tensor, got {y.dtype} {tuple(y.shape)}')
+    check_values(
+        (y >= 0) & (y <= num_classes), lambda:
+        f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
     return y
+
 
 # %% ../nbs/05_models.ipynb #a7e91be0
 def jvp_attention():
-    "Context manager: restrict SDPA to the math backend, the only one with forward-mode AD. Wrap `torch.func.jvp` in it."
+    ("Context manager: restrict SDPA to the math backend, the only one with forward-mode AD. Wrap `torch.func.jvp` in "
+     "it.")
     from torch.nn.attention import sdpa_kernel, SDPBackend
     return sdpa_kernel([SDPBackend.MATH])
+
 
 # %% ../nbs/05_models.ipynb #7969e684
 class TimestepEmbedder(nn.Module):
@@ -128,15 +143,21 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, y, B: int):  # y: (B,) long or None (null label)
-        return self.embedding_table(_labels(y, B, self.num_classes, self.embedding_table.weight.device))  # (B, hidden_size)
+        # (B, hidden_size)
+        return self.embedding_table(_labels(y, B, self.num_classes, self.embedding_table.weight.device))
 
 # %% ../nbs/05_models.ipynb #f834f776
 def _labels(y, B: int, num_classes: int, device) -> torch.Tensor:
     "Labels `(B,)` long; `None` means the null label `num_classes`; out-of-range labels raise `ConfigError`."
-    if y is None: return torch.full((B,), num_classes, dtype=torch.long, device=device)
-    check(not y.is_floating_point() and tuple(y.shape) == (B,), f'labels must be a (B,) = ({B},) integer tensor, got {y.dtype} {tuple(y.shape)}')
-    check_values((y >= 0) & (y <= num_classes), lambda: f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
+    if y is None:
+        return torch.full((B,), num_classes, dtype=torch.long, device=device)
+    check(not y.is_floating_point() and tuple(y.shape) == (B, ),
+          f'labels must be a (B,) = ({B},) integer tensor, got {y.dtype} {tuple(y.shape)}')
+    check_values(
+        (y >= 0) & (y <= num_classes), lambda:
+        f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
     return y
+
 
 # %% ../nbs/05_models.ipynb #965be4d4
 def sincos_pos_embed_2d(dim: int, # token width, divisible by 4
@@ -145,8 +166,12 @@ def sincos_pos_embed_2d(dim: int, # token width, divisible by 4
     "Fixed 2-D sin-cos positions `(grid * grid, dim)`, row-major tokens; first half encodes the column, second the row."
     check(dim % 4 == 0, f'hidden size must be divisible by 4 for 2-D sin-cos positions, got {dim}')
     omega = 1. / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (D/4,)
-    def emb1d(pos): a = pos[:, None] * omega[None]; return torch.cat([a.sin(), a.cos()], 1)  # (N, D/2)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing='ij')
+    def emb1d(pos):
+        a = pos[:, None] * omega[None]
+        return torch.cat([a.sin(), a.cos()], 1)  # (N, D/2)
+
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing='ij')
     return torch.cat([emb1d(cols.flatten()), emb1d(rows.flatten())], 1).float()       # (grid^2, D)
 
 class PatchEmbed(nn.Module):
@@ -158,7 +183,9 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid ** 2
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=bias)
 
-    def forward(self, x): return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, T, D)
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, T, D)
+
 
 # %% ../nbs/05_models.ipynb #4184d630
 def modulate(x, shift, scale):
@@ -175,7 +202,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        # 3 x (B, nh, T, hd)
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)                           # (B, nh, T, hd)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))                  # (B, T, D)
 
@@ -192,7 +220,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), JVPLinear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):  # x: (B, T, D), c: (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        # 6 x (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, T, D)
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
 
@@ -220,8 +249,12 @@ def unpatchify(x: torch.Tensor, # tokens `(B, T, p*p*C)`, row-major over a squar
 def _check_image(x, in_channels: int, input_size: int, name: str):
     "Cheap static checks on a network input `(B, C, H, W)`."
     check(x.ndim == 4, f'{name} expects x of shape (B, C, H, W), got {tuple(x.shape)}')
-    check(x.shape[1] == in_channels, f'{name} was built for {in_channels} input channels, got {x.shape[1]} (x shape {tuple(x.shape)})')
-    check(tuple(x.shape[2:]) == (input_size, input_size), f'{name} was built for {input_size}x{input_size} inputs, got {tuple(x.shape[2:])}')
+    check(x.shape[1] == in_channels,
+          f'{name} was built for {in_channels} input channels, got {x.shape[1]} (x shape {tuple(x.shape)})')
+    check(
+        tuple(x.shape[2:]) == (input_size, input_size),
+        f'{name} was built for {input_size}x{input_size} inputs, got {tuple(x.shape[2:])}')
+
 
 # %% ../nbs/05_models.ipynb #c5835751
 class DiT(nn.Module):
@@ -232,15 +265,18 @@ class DiT(nn.Module):
                  num_classes: int = 1000, # the label table has one more row, the null label
                 ):
         super().__init__()
-        self.input_size, self.patch_size, self.in_channels, self.num_classes = input_size, patch_size, in_channels, num_classes
+        self.input_size, self.patch_size = input_size, patch_size
+        self.in_channels, self.num_classes = in_channels, num_classes
         self.out_channels = in_channels                                        # learn_sigma off
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder, self.h_embedder = TimestepEmbedder(hidden_size), TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.register_buffer('pos_embed', sincos_pos_embed_2d(hidden_size, self.x_embedder.grid)[None], persistent=False)
+        self.register_buffer('pos_embed',
+                             sincos_pos_embed_2d(hidden_size, self.x_embedder.grid)[None], persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
 
 # %% ../nbs/05_models.ipynb #215781ba
 @patch
@@ -249,16 +285,22 @@ def initialize_weights(self: DiT):
     for m in self.modules():                          # 1. every linear: Xavier-uniform, zero bias
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None: nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     w = self.x_embedder.proj.weight                   # 2. patch embedding like a linear layer
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1)); nn.init.zeros_(self.x_embedder.proj.bias)
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(self.x_embedder.proj.bias)
     nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)  # 3. label table (incl. null row)
     for emb in (self.t_embedder, self.h_embedder):    # 4. time MLPs
-        nn.init.normal_(emb.mlp[0].weight, std=0.02); nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(emb.mlp[0].weight, std=0.02)
+        nn.init.normal_(emb.mlp[2].weight, std=0.02)
     for blk in self.blocks:                           # 5. adaLN-Zero: gates, shifts and scales start at 0
-        nn.init.zeros_(blk.adaLN_modulation[-1].weight); nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+        nn.init.zeros_(blk.adaLN_modulation[-1].bias)
     fl = self.final_layer                             # 6. zero output layer: u = 0 at init
-    for lin in (fl.adaLN_modulation[-1], fl.linear): nn.init.zeros_(lin.weight); nn.init.zeros_(lin.bias)
+    for lin in (fl.adaLN_modulation[-1], fl.linear):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
 
 @patch
 def forward(self: DiT, x, t, h, y=None):
@@ -266,7 +308,8 @@ def forward(self: DiT, x, t, h, y=None):
     _check_image(x, self.in_channels, self.input_size, 'DiT')
     x = self.x_embedder(x) + self.pos_embed                                  # (B, T, D), T = (H/p)(W/p)
     c = self.t_embedder(t) + self.h_embedder(h) + self.y_embedder(y, x.shape[0])  # (B, D)
-    for block in self.blocks: x = block(x, c)                                # (B, T, D)
+    for block in self.blocks:
+        x = block(x, c)                                # (B, T, D)
     x = self.final_layer(x, c)                                               # (B, T, p*p*C)
     return unpatchify(x, self.patch_size, self.out_channels)                 # (B, C, H, W)
 
@@ -287,15 +330,18 @@ class RoPEAttention(nn.Module):
     "Bias-free multi-head attention with per-head QK-RMSNorm and 1-D RoPE (iMF)."
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        check(dim % num_heads == 0 and (dim // num_heads) % 2 == 0, f'hidden size {dim} must split into {num_heads} heads of even size')
+        check(dim % num_heads == 0 and (dim // num_heads) % 2 == 0,
+              f'hidden size {dim} must split into {num_heads} heads of even size')
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv, self.proj = JVPLinear(dim, 3 * dim, bias=False), JVPLinear(dim, dim, bias=False)  # iMF: no biases
         self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6), nn.RMSNorm(self.head_dim, eps=1e-6)
 
     def forward(self, x, cos, sin):  # x: (B, T, D); cos, sin: (T, hd/2)
         B, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)             # QK-norm, then RoPE
+        # 3 x (B, nh, T, hd)
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # QK-norm, then RoPE
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         x = F.scaled_dot_product_attention(q, k, v)                           # (B, nh, T, hd)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))                  # (B, T, D)
 
@@ -303,9 +349,13 @@ class SwiGLU(nn.Module):
     "SwiGLU MLP `w2(silu(w1 x) * w3 x)`, bias-free."
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1, self.w3, self.w2 = JVPLinear(dim, hidden, bias=False), JVPLinear(dim, hidden, bias=False), JVPLinear(hidden, dim, bias=False)
+        self.w1, self.w3, self.w2 = JVPLinear(dim, hidden,
+                                              bias=False), JVPLinear(dim, hidden,
+                                                                     bias=False), JVPLinear(hidden, dim, bias=False)
 
-    def forward(self, x): return self.w2(F.silu(self.w1(x)) * self.w3(x))    # (B, T, D) -> (B, T, D)
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))    # (B, T, D) -> (B, T, D)
+
 
 # %% ../nbs/05_models.ipynb #3dee43ac
 class iMFBlock(nn.Module):
@@ -314,7 +364,8 @@ class iMFBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(hidden_size, eps=1e-6), nn.RMSNorm(hidden_size, eps=1e-6)
         self.attn = RoPEAttention(hidden_size, num_heads)
-        self.mlp = SwiGLU(hidden_size, int(hidden_size * mlp_ratio))           # 8/3 x width: same params as a 4x GELU MLP
+        # 8/3 x width: same params as a 4x GELU MLP
+        self.mlp = SwiGLU(hidden_size, int(hidden_size * mlp_ratio))
         self.attn_gate = nn.Parameter(torch.zeros(hidden_size))                # zero-init: the block starts as identity
         self.mlp_gate = nn.Parameter(torch.zeros(hidden_size))
 
@@ -329,7 +380,8 @@ class iMFFinalLayer(nn.Module):
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.linear = JVPLinear(hidden_size, patch_size * patch_size * out_channels)
 
-    def forward(self, x): return self.linear(self.norm(x))                   # (B, T, D) -> (B, T, p*p*C)
+    def forward(self, x):
+        return self.linear(self.norm(x))                   # (B, T, D) -> (B, T, p*p*C)
 
 # %% ../nbs/05_models.ipynb #b8f7c02d
 class iMFDiT(nn.Module):
@@ -344,19 +396,25 @@ class iMFDiT(nn.Module):
                 ):
         super().__init__()
         check(1 <= head_depth <= depth, f'head_depth must lie in [1, depth={depth}], got {head_depth}')
-        self.input_size, self.patch_size, self.in_channels, self.num_classes = input_size, patch_size, in_channels, num_classes
-        self.out_channels, self.init_constant, self.tokens, self.has_v_head = in_channels, init_constant, tuple(tokens), v_head
+        self.input_size, self.patch_size = input_size, patch_size
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.out_channels, self.init_constant, self.tokens, self.has_v_head = in_channels, init_constant, tuple(
+            tokens), v_head
         self.head_dim = hidden_size // num_heads
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.omega_embedder, self.t_min_embedder, self.t_max_embedder, self.h_embedder = [TimestepEmbedder(hidden_size) for _ in range(4)]
-        self.prefix = nn.ParameterList([nn.Parameter(torch.empty(n, hidden_size)) for n in self.tokens])  # class, omega, t_min, t_max, h
+        self.omega_embedder, self.t_min_embedder, self.t_max_embedder, self.h_embedder = [
+            TimestepEmbedder(hidden_size) for _ in range(4)
+        ]
+        # class, omega, t_min, t_max, h
+        self.prefix = nn.ParameterList([nn.Parameter(torch.empty(n, hidden_size)) for n in self.tokens])
         mk = lambda n: nn.ModuleList([iMFBlock(hidden_size, num_heads, mlp_ratio) for _ in range(n)])
         self.blocks, self.u_blocks = mk(depth - head_depth), mk(head_depth)
         self.u_final = iMFFinalLayer(hidden_size, patch_size, self.out_channels)
         self.v_blocks = mk(head_depth) if v_head else None                    # iMF: auxiliary v-head, training only
         self.v_final = iMFFinalLayer(hidden_size, patch_size, self.out_channels) if v_head else None
         self.initialize_weights()
+
 
 # %% ../nbs/05_models.ipynb #60f88e8e
 @patch
@@ -366,23 +424,35 @@ def initialize_weights(self: iMFDiT):
     for name, m in self.named_modules():             # 1. block linears N(0, c^2/fan_in), embedder MLPs N(0, 1/fan_in)
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=(1. if 'embedder' in name else c) / math.sqrt(m.in_features))
-            if m.bias is not None: nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.RMSNorm): nn.init.ones_(m.weight)
-        elif isinstance(m, iMFBlock): nn.init.zeros_(m.attn_gate); nn.init.zeros_(m.mlp_gate)  # 2. zero gates
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, iMFBlock):
+            nn.init.zeros_(m.attn_gate)
+            nn.init.zeros_(m.mlp_gate)  # 2. zero gates
     w = self.x_embedder.proj.weight                  # 3. patch embedding: Xavier as a linear layer
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1)); nn.init.zeros_(self.x_embedder.proj.bias)
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(self.x_embedder.proj.bias)
     D = w.shape[0]                                   # 4. label table and prefix tokens N(0, 1/D)
     nn.init.normal_(self.y_embedder.embedding_table.weight, std=D ** -0.5)
-    for p in self.prefix: nn.init.normal_(p, std=D ** -0.5)
+    for p in self.prefix:
+        nn.init.normal_(p, std=D ** -0.5)
     for fl in (self.u_final, self.v_final):          # 5. zero output linears
-        if fl is not None: nn.init.zeros_(fl.linear.weight); nn.init.zeros_(fl.linear.bias)
+        if fl is not None:
+            nn.init.zeros_(fl.linear.weight)
+            nn.init.zeros_(fl.linear.bias)
 
 def _scalar(s, B: int, like: torch.Tensor, default: float, name: str) -> torch.Tensor:
-    "A per-sample condition as `(B,)` in `like`'s float dtype; None -> `default`, a Python float or 0-d tensor broadcasts."
-    if s is None: s = default
+    ("A per-sample condition as `(B,)` in `like`'s float dtype; None -> `default`, a Python float or 0-d tensor "
+     "broadcasts.")
+    if s is None:
+        s = default
     s = torch.as_tensor(s, device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
-    check(s.ndim == 0 or tuple(s.shape) == (B,), f'{name} must be a scalar or a ({B},) tensor, got shape {tuple(s.shape)}')
+    check(s.ndim == 0 or tuple(s.shape) == (B, ),
+          f'{name} must be a scalar or a ({B},) tensor, got shape {tuple(s.shape)}')
     return s.expand(B) if s.ndim == 0 else s
+
 
 # %% ../nbs/05_models.ipynb #401c80f4
 @patch
@@ -400,16 +470,23 @@ def forward(self: iMFDiT, x, h, omega=None, t_min=None, t_max=None, y=None, retu
     "`x (B, C, H, W)`, `h, omega, t_min, t_max (B,)` (None: 0, 1, 0, 1), `y (B,)` or None -> `u` or `(u, v)`."
     _check_image(x, self.in_channels, self.input_size, 'iMFDiT')
     B, P = x.shape[0], sum(self.tokens)
-    h, omega, t_min, t_max = [_scalar(s, B, x, d, n) for s, d, n in zip((h, omega, t_min, t_max), (0., 1., 0., 1.), ('h', 'omega', 't_min', 't_max'))]
+    h, omega, t_min, t_max = [
+        _scalar(s, B, x, d, n)
+        for s, d, n in zip((h, omega, t_min, t_max), (0., 1., 0., 1.), ('h', 'omega', 't_min', 't_max'))
+    ]
     seq = self.build_sequence(x, h, omega, t_min, t_max, y)                   # (B, P + T, D)
     cos, sin = rope_tables(seq.shape[1], self.head_dim, device=x.device, dtype=seq.dtype)  # 2 x (P + T, hd/2)
-    for blk in self.blocks: seq = blk(seq, cos, sin)                          # (B, P + T, D) shared trunk
+    for blk in self.blocks:
+        seq = blk(seq, cos, sin)                          # (B, P + T, D) shared trunk
     u = seq
-    for blk in self.u_blocks: u = blk(u, cos, sin)                            # (B, P + T, D) u-head
+    for blk in self.u_blocks:
+        u = blk(u, cos, sin)                            # (B, P + T, D) u-head
     u = unpatchify(self.u_final(u[:, P:]), self.patch_size, self.out_channels)  # drop prefix -> (B, C, H, W)
-    if not (self.has_v_head and return_v): return u
+    if not (self.has_v_head and return_v):
+        return u
     v = seq
-    for blk in self.v_blocks: v = blk(v, cos, sin)                            # (B, P + T, D) v-head
+    for blk in self.v_blocks:
+        v = blk(v, cos, sin)                            # (B, P + T, D) v-head
     return u, unpatchify(self.v_final(v[:, P:]), self.patch_size, self.out_channels)  # (B, C, H, W) each
 
 @patch
@@ -417,6 +494,7 @@ def drop_v_head(self: iMFDiT):
     "Delete the auxiliary v-head in place (the evaluation model); returns `self`."
     self.v_blocks, self.v_final, self.has_v_head = None, None, False
     return self
+
 
 # %% ../nbs/05_models.ipynb #1f49cca3
 from functools import partial
@@ -455,12 +533,14 @@ class _CheckpointBlock(torch.autograd.Function):
     "Run `fn(*inputs)` keeping only the inputs; recompute it for the JVP rule and in backward (functorch-compatible)."
     @staticmethod
     def forward(fn, n_in, *args):  # args: the n_in inputs, then the block's parameters (so they receive gradients)
-        with torch.no_grad(): return fn(*args[:n_in])
+        with torch.no_grad():
+            return fn(*args[:n_in])
     @staticmethod
     def setup_context(ctx, inputs, output):
         fn, n_in, *args = inputs
         ctx.fn, ctx.n_in, ctx.params = fn, n_in, args[n_in:]
-        ctx.save_for_backward(*args[:n_in]); ctx.save_for_forward(*args[:n_in])
+        ctx.save_for_backward(*args[:n_in])
+        ctx.save_for_forward(*args[:n_in])
         ctx.amp = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ('cpu', 'cuda')]
     @staticmethod
     def backward(ctx, g):
@@ -468,7 +548,8 @@ class _CheckpointBlock(torch.autograd.Function):
         xs = [a.detach().requires_grad_(bool(n)) for a, n in zip(ctx.saved_tensors, need)]
         with torch.enable_grad(), contextlib.ExitStack() as st:
             for d, on, dt in ctx.amp:
-                if d == 'cpu' or torch.cuda.is_available(): st.enter_context(torch.autocast(d, dtype=dt, enabled=on))
+                if d == 'cpu' or torch.cuda.is_available():
+                    st.enter_context(torch.autocast(d, dtype=dt, enabled=on))
             out = ctx.fn(*xs)
         want = [x for x in xs if x.requires_grad] + [p for p, n in zip(ctx.params, need[ctx.n_in:]) if n]
         gr = iter(torch.autograd.grad(out, want, g, allow_unused=True))
@@ -478,22 +559,28 @@ class _CheckpointBlock(torch.autograd.Function):
     def jvp(ctx, _fn_t, _n_t, *tangents):
         xs = ctx.saved_tensors
         ts = tuple(torch.zeros_like(x) if t is None else t for x, t in zip(xs, tangents[:ctx.n_in]))
-        with torch.no_grad(): return torch.func.jvp(ctx.fn, tuple(xs), ts)[1]
+        with torch.no_grad():
+            return torch.func.jvp(ctx.fn, tuple(xs), ts)[1]
 
 def checkpoint_block(block: nn.Module, *inputs):
     "`block(*inputs)` with activation checkpointing that also works under `torch.func.jvp` (see above)."
     return _CheckpointBlock.apply(block._plain_forward, len(inputs), *inputs, *block.parameters())
 
 def _ckpt_forward(self, *inputs):
-    if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()): return checkpoint_block(self, *inputs)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        return checkpoint_block(self, *inputs)
     return self._plain_forward(*inputs)
 
 def set_grad_ckpt(model: nn.Module, on: bool = True) -> nn.Module:
     "Switch activation checkpointing of every `DiTBlock` / `iMFBlock` in `model` on or off (in place; returns it)."
     for m in model.modules():
         if isinstance(m, (DiTBlock, iMFBlock)):
-            if on: m._plain_forward = types.MethodType(type(m).forward, m); m.forward = types.MethodType(_ckpt_forward, m)
-            else: m.__dict__.pop('forward', None); m.__dict__.pop('_plain_forward', None)
+            if on:
+                m._plain_forward = types.MethodType(type(m).forward, m)
+                m.forward = types.MethodType(_ckpt_forward, m)
+            else:
+                m.__dict__.pop('forward', None)
+                m.__dict__.pop('_plain_forward', None)
     return model
 
 # %% ../nbs/05_models.ipynb #3aa69c5c
@@ -506,7 +593,8 @@ def count_params(name: str, # a key of `DiT_models`
     "Number of parameters of a registered network, built on the `meta` device (no memory)."
     with torch.device('meta'):
         m = create_model(name, **overrides)
-    if eval_model and isinstance(m, iMFDiT): m.drop_v_head()
+    if eval_model and isinstance(m, iMFDiT):
+        m.drop_v_head()
     return sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/05_models.ipynb #4e096284
@@ -525,22 +613,32 @@ def _bench_fns(model, x, e, t, h, y):
     sq = lambda a, b: (a - b).pow(2).flatten(1).sum(1).mean()
     def fwd(bf16):
         with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='Mismatch dtype')  # RMSNorm: bf16 input, fp32 weight -> unfused path
+            # RMSNorm: bf16 input, fp32 weight -> unfused path
+            warnings.filterwarnings('ignore', message='Mismatch dtype')
             u_fn(x, t, h)
-    def fm(): model.zero_grad(); sq(u_fn(x, t, zero), v).backward()
+    def fm():
+        model.zero_grad()
+        sq(u_fn(x, t, zero), v).backward()
     def mf(fast=True):
-        model.zero_grad(); JVPLinear.fast = fast
-        with jvp_attention(): u, dudt = torch.func.jvp(u_fn, (x, t, h), (v, one, one))  # fp32: no autocast here
+        model.zero_grad()
+        JVPLinear.fast = fast
+        with jvp_attention():
+            u, dudt = torch.func.jvp(u_fn, (x, t, h), (v, one, one))  # fp32: no autocast here
         JVPLinear.fast = True
         sq(u, (v - h[:, None, None, None] * dudt).detach()).backward()
     def imf_step():
         model.zero_grad()
         _, v_pred = model(x, zero, y=y)                                         # v-head at h = 0
-        with jvp_attention(): u, dudt = torch.func.jvp(u_fn, (x, t, h), (v_pred.detach(), one, one))
+        with jvp_attention():
+            u, dudt = torch.func.jvp(u_fn, (x, t, h), (v_pred.detach(), one, one))
         (sq(u + h[:, None, None, None] * dudt.detach(), v) + sq(v_pred, v)).backward()  # compound V and the v-loss
-    fns = dict(fwd_fp32=lambda: fwd(False), fwd_bf16=lambda: fwd(True), fm_step=fm, mf_step=mf, mf_step_native_linear=lambda: mf(False))
-    if imf and model.has_v_head: fns['imf_step'] = imf_step
+
+    fns = dict(fwd_fp32=lambda: fwd(False), fwd_bf16=lambda: fwd(True), fm_step=fm, mf_step=mf,
+               mf_step_native_linear=lambda: mf(False))
+    if imf and model.has_v_head:
+        fns['imf_step'] = imf_step
     return fns
+
 
 # %% ../nbs/05_models.ipynb #1c37ecd8
 def bench_models(model_name: str = 'DiT-D/2', # a key of `DiT_models`
@@ -550,20 +648,27 @@ def bench_models(model_name: str = 'DiT-D/2', # a key of `DiT_models`
                  seed: int = 0) -> dict:
     "Forward fp32 vs bf16 throughput, and FM vs MeanFlow (JVP) vs iMF training-step cost, on one model and batch."
     old_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(seed)
         model = create_model(model_name, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
-        x = torch.randn(batch, in_channels, input_size, input_size, generator=g); e = torch.randn(x.shape, generator=g)
-        t = torch.rand(batch, generator=g); h = t * torch.rand(batch, generator=g); y = torch.randint(0, num_classes, (batch,), generator=g)
+        x = torch.randn(batch, in_channels, input_size, input_size, generator=g)
+        e = torch.randn(x.shape, generator=g)
+        t = torch.rand(batch, generator=g)
+        h = t * torch.rand(batch, generator=g)
+        y = torch.randint(0, num_classes, (batch,), generator=g)
         ms, cpu = _timed(_bench_fns(model, x, e, t, h, y), steps)
-    finally: torch.set_num_threads(old_threads)
+    finally:
+        torch.set_num_threads(old_threads)
     out = dict(model=model_name, params=sum(p.numel() for p in model.parameters()), batch=batch, input_size=input_size,
                threads=threads or old_threads, **{f'{k}_ms': round(v, 1) for k, v in ms.items()},
                **{f'{k}_cpu_ms': round(v, 1) for k, v in cpu.items()})
     r = lambda a, b: round(cpu[a] / cpu[b], 2)   # ratios from CPU time: robust to other jobs on a shared machine
-    out.update(fwd_fp32_img_per_s=round(1000 * batch / ms['fwd_fp32'], 1), fwd_bf16_img_per_s=round(1000 * batch / ms['fwd_bf16'], 1),
-               bf16_speedup=r('fwd_fp32', 'fwd_bf16'), mf_over_fm=r('mf_step', 'fm_step'),
-               mf_native_linear_over_fm=r('mf_step_native_linear', 'fm_step'))
-    if 'imf_step' in cpu: out['imf_over_fm'] = r('imf_step', 'fm_step')
+    out.update(fwd_fp32_img_per_s=round(1000 * batch / ms['fwd_fp32'], 1),
+               fwd_bf16_img_per_s=round(1000 * batch / ms['fwd_bf16'], 1), bf16_speedup=r('fwd_fp32', 'fwd_bf16'),
+               mf_over_fm=r('mf_step', 'fm_step'), mf_native_linear_over_fm=r('mf_step_native_linear', 'fm_step'))
+    if 'imf_step' in cpu:
+        out['imf_over_fm'] = r('imf_step', 'fm_step')
     return out
+

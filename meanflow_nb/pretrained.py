@@ -33,15 +33,18 @@ class Pretrained:
     ref: str = 'ADM' # reference statistics of the authors' FID: 'ADM' (guided-diffusion) or 'JiT'
 
     def eval_guidance(self, nfe: int = 1) -> dict:
-        "iMF sampling guidance `{'eval_omega', 'eval_t_min', 'eval_t_max'}` the authors used at `nfe` (else the 1-NFE one)."
+        ("iMF sampling guidance `{'eval_omega', 'eval_t_min', 'eval_t_max'}` the authors used at `nfe` (else the 1-NFE "
+         "one).")
         g = {n: (o, a, b) for n, o, a, b in self.guidance}
-        if not g: return {}
+        if not g:
+            return {}
         o, a, b = g.get(nfe, g[1])
         return dict(eval_omega=o, eval_t_min=a, eval_t_max=b)
 
 def _imf(size, fids, guid):
     f = f'iMF-{size}-2.pth'
-    return Pretrained(f'iMF-{size}/2', 'imf', f, f'https://huggingface.co/{HF_REPO}/resolve/main/{f}', HF_REPO, fids, guid, 'JiT')
+    return Pretrained(f'iMF-{size}/2', 'imf', f, f'https://huggingface.co/{HF_REPO}/resolve/main/{f}', HF_REPO, fids,
+                      guid, 'JiT')
 
 PRETRAINED = {
     'iMF-B/2':  _imf('B',  ((1, 3.32),), ((1, 8.0, 0.4, 0.65),)),
@@ -51,6 +54,7 @@ PRETRAINED = {
     'MF-B/4': Pretrained('DiT-B/4', 'mf', 'MF-B-4', 'https://drive.google.com/file/d/19MR1WLycyqc627gsOJF4yzR4ZkU8fvOu',
                          fid=((1, 11.4),)),  # a zipped flax (orbax) checkpoint folder; see `read_checkpoint`
 }
+
 
 # %% ../nbs/15_pretrained.ipynb #936c97a4
 def pretrained_dir() -> Path:
@@ -66,38 +70,50 @@ def resolve_checkpoint(name_or_path: str | Path, # a name of `PRETRAINED` or a c
                        cache_dir: str | Path | None = None, # where named checkpoints live (default `pretrained_dir()`)
                        download: bool = True, # try the Hugging Face Hub for a named checkpoint that is not on disk
                       ) -> Path:
-    "Local path of a checkpoint: the path itself, a file in `cache_dir`, or a Hub download; else one clear `ConfigError`."
+    ("Local path of a checkpoint: the path itself, a file in `cache_dir`, or a Hub download; else one clear "
+     "`ConfigError`.")
     p = Path(name_or_path).expanduser()
-    if p.exists(): return p
+    if p.exists():
+        return p
     spec = PRETRAINED.get(str(name_or_path))
     check(spec is not None, f'checkpoint {name_or_path} not found; give a file, or a name of {", ".join(PRETRAINED)}')
     d = Path(cache_dir).expanduser() if cache_dir else pretrained_dir()
-    if (d / spec.file).exists(): return d / spec.file
+    if (d / spec.file).exists():
+        return d / spec.file
     why = 'download disabled'
     if download and spec.repo:
-        try: return Path(_hub_download(spec.repo, spec.file, d))
-        except Exception as ex: why = f'{type(ex).__name__}: {str(ex).splitlines()[0][:120]}' if str(ex) else type(ex).__name__
+        try:
+            return Path(_hub_download(spec.repo, spec.file, d))
+        except Exception as ex:
+            why = f'{type(ex).__name__}: {str(ex).splitlines()[0][:120]}' if str(ex) else type(ex).__name__
     how = 'unzip it there' if spec.method == 'mf' else 'save it there'
-    raise ConfigError(f'{name_or_path}: {spec.file} is not in {d} ({why if spec.repo else "not on the Hugging Face Hub"}); '
-                      f'fetch {spec.url}, {how} (or set $MEANFLOW_PRETRAINED), or pass the file\'s path')
+    raise ConfigError(
+        f'{name_or_path}: {spec.file} is not in {d} ({why if spec.repo else "not on the Hugging Face Hub"}); '
+        f'fetch {spec.url}, {how} (or set $MEANFLOW_PRETRAINED), or pass the file\'s path')
+
 
 # %% ../nbs/15_pretrained.ipynb #8dad3894
 def _flatten(tree, prefix: str = '') -> dict:
     "Flat `{a.b.c: leaf}` of nested dictionaries."
-    if not isinstance(tree, dict): return {prefix[:-1]: tree}
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
     out = {}
-    for k, v in tree.items(): out.update(_flatten(v, f'{prefix}{k}.'))
+    for k, v in tree.items():
+        out.update(_flatten(v, f'{prefix}{k}.'))
     return out
 
 def _read_orbax(path: Path) -> dict:
     "Arrays of an orbax / tensorstore folder (OCDBT or one zarr array per folder), by dotted tree path."
-    try: import tensorstore as ts
+    try:
+        import tensorstore as ts
     except ImportError:
         raise ConfigError(f'{path} is a flax (orbax) checkpoint folder: reading it needs `pip install tensorstore`, '
                           'or export it to .npz once (see meanflow_nb.pretrained)') from None
     file = lambda d: {'driver': 'file', 'path': str(d.resolve()) + '/'}
-    dbs = [d for d in [path, *sorted(path.glob('ocdbt.process_*'))] if (d / 'manifest.ocdbt').exists()]  # merged, or per process
-    stores = [{'driver': 'ocdbt', 'base': file(d)} for d in dbs] or [file(path)]                   # else one folder per array
+    # merged, or per process
+    dbs = [d for d in [path, *sorted(path.glob('ocdbt.process_*'))] if (d / 'manifest.ocdbt').exists()]
+    # else one folder per array
+    stores = [{'driver': 'ocdbt', 'base': file(d)} for d in dbs] or [file(path)]
     out = {}
     for kv in stores:
         keys = [k.decode() for k in ts.KvStore.open(kv).result().list().result()]
@@ -113,32 +129,46 @@ def _flax_ext(code: int, data: bytes):
     if code in (1, 3):
         shape, dtype, buf = msgpack.unpackb(data, raw=True)
         name, shape = (dtype.decode() if isinstance(dtype, bytes) else dtype), tuple(shape)
-        if name == 'bfloat16': return torch.frombuffer(bytearray(buf), dtype=torch.bfloat16).reshape(shape) if buf else torch.zeros(shape, dtype=torch.bfloat16)
+        if name == 'bfloat16':
+            return torch.frombuffer(bytearray(buf), dtype=torch.bfloat16).reshape(shape) if buf else torch.zeros(
+                shape, dtype=torch.bfloat16)
         return torch.from_numpy(np.frombuffer(buf, dtype=np.dtype(name)).reshape(shape).copy())
-    if code == 2: re_, im = msgpack.unpackb(data); return complex(re_, im)
+    if code == 2:
+        re_, im = msgpack.unpackb(data)
+        return complex(re_, im)
     return msgpack.ExtType(code, data)
 
 def _unchunk(tree):
-    "flax splits arrays over 1 GiB into `{'__msgpack_chunked_array__': True, 'shape': {...}, 'chunks': {...}}`: join them."
-    if not isinstance(tree, dict): return tree
+    ("flax splits arrays over 1 GiB into `{'__msgpack_chunked_array__': True, 'shape': {...}, 'chunks': {...}}`: join "
+     "them.")
+    if not isinstance(tree, dict):
+        return tree
     if tree.get('__msgpack_chunked_array__'):
         ordered = lambda d: [d[k] for k in sorted(d, key=int)] if isinstance(d, dict) else list(d)
-        return torch.cat([c.reshape(-1) for c in ordered(tree['chunks'])]).reshape(tuple(int(s) for s in ordered(tree['shape'])))
+        return torch.cat([c.reshape(-1)
+                          for c in ordered(tree['chunks'])]).reshape(tuple(int(s) for s in ordered(tree['shape'])))
     return {str(k): _unchunk(v) for k, v in tree.items()}
 
 def _read_msgpack(path: Path) -> dict:
-    "Flat `{dotted name: leaf}` of a flax msgpack file: flax's older single-file checkpoint, or orbax's aggregated `checkpoint`."
-    try: import msgpack
-    except ImportError: raise ConfigError(f'{path} is a flax msgpack checkpoint: reading it needs `pip install msgpack`') from None
-    try: tree = msgpack.unpackb(path.read_bytes(), ext_hook=_flax_ext, raw=False, strict_map_key=False)
+    ("Flat `{dotted name: leaf}` of a flax msgpack file: flax's older single-file checkpoint, or orbax's aggregated "
+     "`checkpoint`.")
+    try:
+        import msgpack
+    except ImportError:
+        raise ConfigError(f'{path} is a flax msgpack checkpoint: reading it needs `pip install msgpack`') from None
+    try:
+        tree = msgpack.unpackb(path.read_bytes(), ext_hook=_flax_ext, raw=False, strict_map_key=False)
     except Exception as ex:
-        raise ConfigError(f'cannot read checkpoint {path} as flax msgpack: {type(ex).__name__}: {" ".join(str(ex).split())[:160]}') from None
+        raise ConfigError(
+            f'cannot read checkpoint {path} as flax msgpack: {type(ex).__name__}: {" ".join(str(ex).split())[:160]}'
+        ) from None
     check(isinstance(tree, dict), f'{path} holds a msgpack {type(tree).__name__}, not a flax state tree')
     return _flatten(_unchunk(tree))
 
 def _is_msgpack(path: Path) -> bool:
     "The file starts like a msgpack map (what `flax.serialization.to_bytes` writes for a state tree)."
-    with open(path, 'rb') as f: b = f.read(1)
+    with open(path, 'rb') as f:
+        b = f.read(1)
     return bool(b) and (0x80 <= b[0] <= 0x8f or b[0] in (0xde, 0xdf))
 
 def _newest_step(path: Path) -> Path | None:
@@ -152,19 +182,24 @@ def _read_folder(path: Path) -> dict:
     if (path / 'checkpoint').is_file():
         flat = _read_msgpack(path / 'checkpoint')
         arrays = {k: v for k, v in flat.items() if torch.is_tensor(v)}
-        if any(isinstance(v, str) for v in flat.values()): arrays = {**_read_orbax(path), **arrays}  # placeholders: in tensorstore
+        if any(isinstance(v, str) for v in flat.values()):
+            arrays = {**_read_orbax(path), **arrays}  # placeholders: in tensorstore
         check(len(arrays) > 0, f'{path / "checkpoint"} holds no arrays')
         return arrays
     if not (path / '_METADATA').exists() and not (path / 'manifest.ocdbt').exists():
         newest = _newest_step(path)
-        if newest is not None: return read_checkpoint(newest)
+        if newest is not None:
+            return read_checkpoint(newest)
     return _read_orbax(path)
 
 def read_checkpoint(path: str | Path) -> dict:
-    "Flat `{dotted name: tensor}` of a `.pth`/`.pt`, `.safetensors`, `.npz` or flax msgpack file, or of a flax (orbax) folder."
+    ("Flat `{dotted name: tensor}` of a `.pth`/`.pt`, `.safetensors`, `.npz` or flax msgpack file, or of a flax "
+     "(orbax) "
+     "folder.")
     path = Path(path)
     check(path.exists(), f'checkpoint {path} does not exist')
-    if path.is_dir(): return _read_folder(path)
+    if path.is_dir():
+        return _read_folder(path)
     if path.suffix not in ('.safetensors', '.npz', '.pt', '.pth', '.bin', '.ckpt') and _is_msgpack(path):
         return {k: v for k, v in _read_msgpack(path).items() if torch.is_tensor(v)}
     try:
@@ -172,33 +207,47 @@ def read_checkpoint(path: str | Path) -> dict:
             from safetensors.torch import load_file
             return load_file(str(path))
         if path.suffix == '.npz':
-            with np.load(path) as f: return {k.replace('/', '.'): torch.from_numpy(np.array(f[k])) for k in f.files}
+            with np.load(path) as f:
+                return {k.replace('/', '.'): torch.from_numpy(np.array(f[k])) for k in f.files}
         sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as ex:
-        raise ConfigError(f'cannot read checkpoint {path}: {type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ""}') from None
+        raise ConfigError(
+            f'cannot read checkpoint {path}: {type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ""}'
+        ) from None
     check(isinstance(sd, dict), f'{path} holds a {type(sd).__name__}, not a state dict')
     return {k: v for k, v in _flatten(sd).items() if torch.is_tensor(v)}
 
+
 # %% ../nbs/15_pretrained.ipynb #d6c31d91
-_IMF_TOKENS = ['class_tokens', 'omega_tokens', 't_min_tokens', 't_max_tokens', 'time_tokens']  # order of `iMFDiT.prefix`
+# order of `iMFDiT.prefix`
+_IMF_TOKENS = ['class_tokens', 'omega_tokens', 't_min_tokens', 't_max_tokens', 'time_tokens']
 _IMF_RENAMES = [  # (our name, official name) regular expressions, applied in turn; official names start with `net.`
-    (r'^blocks\.', 'shared_blocks.'), (r'^u_blocks\.', 'u_heads.'), (r'^v_blocks\.', 'v_heads.'),
-    (r'\.attn\.proj\.weight$', '.attn.out_proj._flax_linear.weight'), (r'\.mlp\.(w\d)\.weight$', r'.mlp.\1._flax_linear.weight'),
-    (r'\.attn_gate$', '.attn_scale'), (r'\.mlp_gate$', '.mlp_scale'),
-    (r'^t_min_embedder\.', 'cfg_t_start_embedder.'), (r'^t_max_embedder\.', 'cfg_t_end_embedder.'),
+    (r'^blocks\.', 'shared_blocks.'),
+    (r'^u_blocks\.', 'u_heads.'),
+    (r'^v_blocks\.', 'v_heads.'),
+    (r'\.attn\.proj\.weight$', '.attn.out_proj._flax_linear.weight'),
+    (r'\.mlp\.(w\d)\.weight$', r'.mlp.\1._flax_linear.weight'),
+    (r'\.attn_gate$', '.attn_scale'),
+    (r'\.mlp_gate$', '.mlp_scale'),
+    (r'^t_min_embedder\.', 'cfg_t_start_embedder.'),
+    (r'^t_max_embedder\.', 'cfg_t_end_embedder.'),
     (r'_embedder\.mlp\.(\d)\.(weight|bias)$', r'_embedder.mlp.\1._flax_linear.\2'),
     (r'^y_embedder\.embedding_table\.weight$', 'y_embedder.embedding_table._flax_embedding.weight'),
-    (r'^(u|v)_final\.', r'\1_final_layer.'), (r'_final_layer\.linear\.(weight|bias)$', r'_final_layer.linear._flax_linear.\1'),
+    (r'^(u|v)_final\.', r'\1_final_layer.'),
+    (r'_final_layer\.linear\.(weight|bias)$', r'_final_layer.linear._flax_linear.\1'),
 ]
 
 def imf_source(key: str) -> tuple:
     "Official name(s) of one `iMFDiT` parameter, and how to combine them: `([names], 'cat' | 'copy')`."
     m = re.fullmatch(r'prefix\.(\d)', key)
-    if m: return ['net.' + _IMF_TOKENS[int(m[1])]], 'copy'
-    for a, b in _IMF_RENAMES: key = re.sub(a, b, key)
+    if m:
+        return ['net.' + _IMF_TOKENS[int(m[1])]], 'copy'
+    for a, b in _IMF_RENAMES:
+        key = re.sub(a, b, key)
     if key.endswith('.attn.qkv.weight'):  # fused here, three linears there
         return [f'net.{key[:-len("qkv.weight")]}{c}_proj._flax_linear.weight' for c in 'qkv'], 'cat'
     return ['net.' + key], 'copy'
+
 
 # %% ../nbs/15_pretrained.ipynb #17cde2df
 _MF_RENAMES = [  # (our name, flax tree path) regular expressions, applied in turn
@@ -210,9 +259,12 @@ _MF_RENAMES = [  # (our name, flax tree path) regular expressions, applied in tu
 
 def mf_source(key: str) -> tuple:
     "Flax path of one `DiT` parameter and its layout change: `([path], 'copy' | 'linear' | 'conv')`."
-    for a, b in _MF_RENAMES: key = re.sub(a, b, key)
-    if key.startswith('x_embedder.proj.'): return [key.replace('.weight', '.kernel')], 'conv' if key.endswith('weight') else 'copy'
-    if key.startswith('y_embedder.'): return [key], 'copy'
+    for a, b in _MF_RENAMES:
+        key = re.sub(a, b, key)
+    if key.startswith('x_embedder.proj.'):
+        return [key.replace('.weight', '.kernel')], 'conv' if key.endswith('weight') else 'copy'
+    if key.startswith('y_embedder.'):
+        return [key], 'copy'
     stem, leaf = key.rsplit('.', 1)  # every other parameter is a dense layer inside a `TorchLinear`
     return [f'{stem}._flax_linear.{"kernel" if leaf == "weight" else "bias"}'], 'linear' if leaf == 'weight' else 'copy'
 
@@ -238,18 +290,21 @@ def imf_arch(src: dict) -> dict:
     head, trunk = _count(src, r'net\.u_heads\.(\d+)\.'), _count(src, r'net\.shared_blocks\.(\d+)\.')
     mlp = _need(src, 'net.u_heads.0.mlp.w1._flax_linear.weight', 'iMF').shape[0]
     return dict(hidden_size=D, in_channels=C, patch_size=p, num_heads=D // hd, depth=trunk + head, head_depth=head,
-                mlp_ratio=(mlp + 0.5) / D, num_classes=_need(src, 'net.y_embedder.embedding_table._flax_embedding.weight', 'iMF').shape[0] - 1,
-                tokens=tuple(_need(src, f'net.{t}', 'iMF').shape[0] for t in _IMF_TOKENS),
-                v_head=_count(src, r'net\.v_heads\.(\d+)\.') > 0)
+                mlp_ratio=(mlp + 0.5) / D,
+                num_classes=_need(src, 'net.y_embedder.embedding_table._flax_embedding.weight', 'iMF').shape[0] - 1,
+                tokens=tuple(_need(src, f'net.{t}', 'iMF').shape[0]
+                             for t in _IMF_TOKENS), v_head=_count(src, r'net\.v_heads\.(\d+)\.') > 0)
 
 def mf_arch(src: dict) -> dict:
     "`DiT` keyword arguments of an MF flax tree (paths relative to the `net` module)."
     w = _need(src, 'x_embedder.proj.kernel', 'MeanFlow (flax)')
     p, C, D = w.shape[0], w.shape[2], w.shape[3]
     mlp = _need(src, 'blocks.layers_0.mlp.fc1._flax_linear.kernel', 'MeanFlow (flax)').shape[1]
-    return dict(hidden_size=D, in_channels=C, patch_size=p, num_heads=_DIT_HEADS.get(D, 0), mlp_ratio=(mlp + 0.5) / D,
-                depth=_count(src, r'blocks\.layers_(\d+)\.'),
-                num_classes=_need(src, 'y_embedder.embedding_table._flax_embedding.embedding', 'MeanFlow (flax)').shape[0] - 1)
+    return dict(
+        hidden_size=D, in_channels=C, patch_size=p, num_heads=_DIT_HEADS.get(D, 0), mlp_ratio=(mlp + 0.5) / D,
+        depth=_count(src, r'blocks\.layers_(\d+)\.'),
+        num_classes=_need(src, 'y_embedder.embedding_table._flax_embedding.embedding', 'MeanFlow (flax)').shape[0] - 1)
+
 
 # %% ../nbs/15_pretrained.ipynb #e3fea312
 def _some(keys, n: int = 4) -> str:
@@ -267,21 +322,28 @@ def convert_official(model: nn.Module, # the network to fill (`iMFDiT` or `DiT`)
         names, how = source_fn(k)
         miss = [n for n in names if n not in src]
         used.update(n for n in names if n in src)                 # a part of a fused group is not 'unused'
-        if miss: missing.update(miss); continue
+        if miss:
+            missing.update(miss)
+            continue
         t = _COMBINE[how]([src[n] for n in names])
-        if tuple(t.shape) != tuple(ref.shape): bad_shape.append(f'{"+".join(names)} {tuple(t.shape)} (expected {tuple(ref.shape)})')
-        else: sd[k] = t.to(ref.dtype)
+        if tuple(t.shape) != tuple(ref.shape):
+            bad_shape.append(f'{"+".join(names)} {tuple(t.shape)} (expected {tuple(ref.shape)})')
+        else:
+            sd[k] = t.to(ref.dtype)
     unused = {k for k in src if k not in used and not k.startswith(tuple(ignore))}
-    errs = ([f'missing {_some(missing)}'] if missing else []) + ([f'wrong shape {_some(bad_shape, 3)}'] if bad_shape else []) \
+    errs = ([f'missing {_some(missing)}'] if missing else []) + ([f'wrong shape '
+                                                                  f'{_some(bad_shape, 3)}'] if bad_shape else []) \
          + ([f'unused {_some(unused)}'] if unused else [])
     check(not errs, f'{what} does not fit {type(model).__name__}: ' + '; '.join(errs))
     return sd
+
 
 # %% ../nbs/15_pretrained.ipynb #aea15a5a
 def _subtree(src: dict) -> dict:
     "The network's tensors of a flax tree: the EMA weights' `net` module (`ema_params.net.`) when present."
     for pre in ('ema_params.net.', 'net.'):
-        if any(k.startswith(pre) for k in src): return {k[len(pre):]: v for k, v in src.items() if k.startswith(pre)}
+        if any(k.startswith(pre) for k in src):
+            return {k[len(pre):]: v for k, v in src.items() if k.startswith(pre)}
     return src
 
 def _spec_of(path: Path):
@@ -292,12 +354,16 @@ def _check_size(name: str, kw: dict, what: str):
     "The size read from the weights must be the size of the registered model `name`."
     reg = DiT_models[name].keywords
     diff = {k: (kw[k], v) for k, v in reg.items() if kw.get(k) and kw[k] != v}  # 0: not known from the file
-    check(not diff, f'{what} does not hold {name}: ' + ', '.join(f'{k} {a} in the file, {b} in {name}' for k, (a, b) in diff.items()))
+    check(
+        not diff, f'{what} does not hold {name}: ' + ', '.join(f'{k} {a} in the file, {b} in {name}'
+                                                               for k, (a, b) in diff.items()))
 
-def load_pretrained(name_or_path: str | Path, # a name of `PRETRAINED` ('iMF-XL/2', 'MF-B/4', ...) or a checkpoint file / folder
+# a name of `PRETRAINED` ('iMF-XL/2', 'MF-B/4', ...) or a checkpoint file / folder
+def load_pretrained(name_or_path: str | Path,
                     model: str | None = None, # registered size the file must have (default: from the name or file name)
                     device='cpu', cache_dir=None, download: bool = True, # see `resolve_checkpoint`
-                    **overrides, # constructor arguments the weights do not fix: `input_size` (default 32), DiT `num_heads`
+                    # constructor arguments the weights do not fix: `input_size` (default 32), DiT `num_heads`
+                    **overrides,
                    ) -> nn.Module:
     "The network of a released iMF or MeanFlow checkpoint, strictly loaded, in eval mode."
     path = resolve_checkpoint(name_or_path, cache_dir, download)
@@ -308,33 +374,43 @@ def load_pretrained(name_or_path: str | Path, # a name of `PRETRAINED` ('iMF-XL/
         src = {(k if k.startswith('net.') else 'net.' + k): v for k, v in src.items()}
         kw, cls, fn, ignore = imf_arch(src), iMFDiT, imf_source, ('net.v_final_layer.',)
     elif any('_flax_linear.kernel' in k for k in src):                               # official MF (flax tree)
-        src = _subtree(src); kw, cls, fn, ignore = mf_arch(src), DiT, mf_source, ()
-    else: raise ConfigError(f'{what} is neither an official iMF state dict nor a MeanFlow flax tree (keys e.g. {_some(src, 3)})')
-    if model: _check_size(model, kw, what)
+        src = _subtree(src)
+        kw, cls, fn, ignore = mf_arch(src), DiT, mf_source, ()
+    else:
+        raise ConfigError(
+            f'{what} is neither an official iMF state dict nor a MeanFlow flax tree (keys e.g. {_some(src, 3)})')
+    if model:
+        _check_size(model, kw, what)
     kw = {**dict(input_size=32), **kw, **overrides}
     check(kw.get('num_heads', 1) > 0, f'{what}: width {kw["hidden_size"]} is no standard DiT size; pass num_heads=')
-    if kw.get('v_head'): ignore = ()                                                 # training file: the v-head is loaded too
+    if kw.get('v_head'):
+        ignore = ()                                                 # training file: the v-head is loaded too
     net = cls(**kw)
     net.load_state_dict(convert_official(net, src, fn, ignore, what))
     return net.to(device).eval()
+
 
 # %% ../nbs/15_pretrained.ipynb #1ed0bf87
 def pretrained_config(spec: Pretrained | None, method: str, model: str, nfe: int = 1):
     "A `TrainConfig` that samples like the authors' evaluation of `spec` (ImageNet 256 latents, 1000 classes)."
     from meanflow_nb.train import TrainConfig  # sampling only: no training fields to validate
     g = spec.eval_guidance(nfe) if spec else {}
-    return TrainConfig(method=method, model=model, data='latents', data_kwargs={'normalization': method}, num_classes=1000, **g)
+    return TrainConfig(method=method, model=model, data='latents', data_kwargs={'normalization': method},
+                       num_classes=1000, **g)
 
 def pretrained_run(name_or_path: str | Path, # a name of `PRETRAINED` or a checkpoint file / folder
                    nfe: int = 1, ckpt: str | Path | None = None, # a local file for the named checkpoint
                    device='cpu', **kw) -> tuple:
     "`(cfg, model, shape, step)` for `sample_run`: the released network and the authors' sampling settings."
-    net = load_pretrained(ckpt or name_or_path, model=PRETRAINED[name_or_path].model if name_or_path in PRETRAINED else None,
-                          device=device, **kw)
+    net = load_pretrained(ckpt or name_or_path,
+                          model=PRETRAINED[name_or_path].model if name_or_path in PRETRAINED else None, device=device,
+                          **kw)
     spec = PRETRAINED.get(str(name_or_path)) or _spec_of(Path(ckpt or name_or_path))
     imf = isinstance(net, iMFDiT)
     name = spec.model if spec else ('iMF' if imf else 'DiT')
-    return pretrained_config(spec, 'imf' if imf else 'mf', name, nfe), net, (net.in_channels, net.input_size, net.input_size), -1
+    return pretrained_config(spec, 'imf' if imf else 'mf', name,
+                             nfe), net, (net.in_channels, net.input_size, net.input_size), -1
+
 
 # %% ../nbs/15_pretrained.ipynb #81c4ca70
 REF_STATS = {'ADM': 'VIRTUAL_imagenet256_labeled.npz', # guided-diffusion's ImageNet 256 reference batch (MF's FID)
@@ -346,7 +422,11 @@ def fid_command(name: str, # a name of `PRETRAINED`
                ) -> str:
     "The two commands that reproduce the authors' FID-50K of a released checkpoint: `mf-sample` then `mf-fid`."
     check(name in PRETRAINED, f'no released checkpoint {name!r}; valid: {", ".join(PRETRAINED)}')
-    spec = PRETRAINED[name]; out = f'fid/{name.replace("/", "-")}_nfe{nfe}'
-    return (f'torchrun --standalone --nproc_per_node {gpus} $(which mf-sample) --pretrained {name} --ckpt {ckpt_dir}/{spec.file} '
-            f'-n 50000 --nfe {nfe} --batch-size {batch_size} --out {out} && '
-            f'mf-fid {out}/samples.npz --metric fid --ref {ref_dir}/{REF_STATS[ref or spec.ref]} --batch-size 250')
+    spec = PRETRAINED[name]
+    out = f'fid/{name.replace("/", "-")}_nfe{nfe}'
+    return (
+        f'torchrun --standalone --nproc_per_node {gpus} $(which mf-sample) --pretrained {name} --ckpt '
+        f'{ckpt_dir}/{spec.file} '
+        f'-n 50000 --nfe {nfe} --batch-size {batch_size} --out {out} && '
+        f'mf-fid {out}/samples.npz --metric fid --ref {ref_dir}/{REF_STATS[ref or spec.ref]} --batch-size 250')
+

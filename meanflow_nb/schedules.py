@@ -53,12 +53,16 @@ _HOST_MASKS = contextvars.ContextVar('r_eq_t_host_masks', default=None)  # a lis
 def balanced_split(groups: int): # 0: the random mask; k >= 1: a fixed count of r = t samples in each of k groups
     "Context: `sample_t_r` (and every sampler built on `r_eq_t_mask`) gives each of `groups` ranks a fixed r = t count."
     tok = _SPLIT.set(int(groups))
-    try: yield
-    finally: _SPLIT.reset(tok)
+    try:
+        yield
+    finally:
+        _SPLIT.reset(tok)
 
 def balanced_mask(n: int, ratio: float, groups: int = 1, device=None) -> torch.Tensor:
-    "Deterministic r = t mask `(n,)`: each interleaved group `i % groups` holds `round(ratio * n / groups)`, evenly spread."
-    check(groups >= 1 and n % groups == 0, f'a balanced r = t split needs the batch ({n}) to divide by the groups ({groups})')
+    ("Deterministic r = t mask `(n,)`: each interleaved group `i % groups` holds `round(ratio * n / groups)`, evenly "
+     "spread.")
+    check(groups >= 1 and n % groups == 0,
+          f'a balanced r = t split needs the batch ({n}) to divide by the groups ({groups})')
     j = torch.arange(n, device=device, dtype=torch.float64).div(groups).floor()   # position inside the group
     return torch.floor((j + 1) * ratio + 0.5) > torch.floor(j * ratio + 0.5)
 
@@ -66,14 +70,22 @@ def r_eq_t_mask(n: int, ratio: float, generator=None, device=None) -> torch.Tens
     "The r = t mask of one draw: Bernoulli(`ratio`) per sample, or `balanced_mask` inside `balanced_split`."
     u = torch.rand(n, generator=generator, device=device)          # drawn in both modes: the same random stream
     g = _SPLIT.get()
-    if not g: return u < ratio
-    m = balanced_mask(n, ratio, g)                                  # known on the host: built there, copied without a wait
-    if _HOST_MASKS.get() is not None: _HOST_MASKS.get().append(m)
+    if not g:
+        return u < ratio
+    # known on the host: built there, copied without a wait
+    m = balanced_mask(n, ratio, g)
+    if _HOST_MASKS.get() is not None:
+        _HOST_MASKS.get().append(m)
     return m.to(device, non_blocking=True) if device is not None else m
 
 @contextlib.contextmanager
 def host_masks():
-    "Context: collects (a list) the host copy of every balanced r = t mask drawn inside it; random masks are not known there."
+    ("Context: collects (a list) the host copy of every balanced r = t mask drawn inside it; random masks are not "
+     "known "
+     "there.")
     tok = _HOST_MASKS.set([])
-    try: yield _HOST_MASKS.get()
-    finally: _HOST_MASKS.reset(tok)
+    try:
+        yield _HOST_MASKS.get()
+    finally:
+        _HOST_MASKS.reset(tok)
+

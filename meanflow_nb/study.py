@@ -9,10 +9,12 @@ from dataclasses import fields
 from pathlib import Path
 import numpy as np
 import torch
-from .core import (check, ConfigError, cli_errors, bootstrap_ci, paired_diff_ci, equivalent_nfe_ci, fmt_ci, md_table,
-                   result_table, save_result, load_result, results_dir, RESULT_TABLES, sync_readme, readme_blocks, write_text_atomic)
+from .core import (check, ConfigError, cli_errors, bootstrap_ci, paired_diff_ci, equivalent_nfe_ci, fmt_ci,
+                              md_table, result_table, save_result, load_result, results_dir, RESULT_TABLES, sync_readme,
+                              readme_blocks, write_text_atomic)
 from .train import get_config, TrainConfig, train, build_model, list_checkpoints, load_checkpoint, generate, _mix
 from .kim import STUDY_FIELDS, MixtureProbe, probe_errors
+
 
 # %% auto #0
 __all__ = ['STUDIES', 'FIGURES', 'DOCS', 'TOY_SEEDS', 'TOY_VAL_SEED', 'TOY_NFES', 'TOY_FM', 'TOY_FM_SWEEP', 'TOY_ONE_STEP',
@@ -28,13 +30,15 @@ __all__ = ['STUDIES', 'FIGURES', 'DOCS', 'TOY_SEEDS', 'TOY_VAL_SEED', 'TOY_NFES'
 
 # %% ../nbs/16_study.ipynb #s16a0007
 def study_config(preset: str | None = None, **kw):
-    "`get_config(preset, **kw)`, checking the names against `TrainConfig` and `STUDY_FIELDS` (attributes for a config class without them)."
+    ("`get_config(preset, **kw)`, checking the names against `TrainConfig` and `STUDY_FIELDS` (attributes for a config "
+     "class without them).")
     names = {f.name for f in fields(TrainConfig)}
     bad = [k for k in kw if k not in names and k not in STUDY_FIELDS]
     check(not bad, f'unknown config field(s) {bad}')
     extra = {k: kw.pop(k) for k in list(kw) if k not in names}
     cfg = get_config(preset, **kw)
-    for k, v in extra.items(): setattr(cfg, k, v)
+    for k, v in extra.items():
+        setattr(cfg, k, v)
     return cfg
 
 def checkpoint_curve(out: str | Path, # a run folder written by `meanflow_nb.train.train`
@@ -45,23 +49,33 @@ def checkpoint_curve(out: str | Path, # a run folder written by `meanflow_nb.tra
     rows, model = [], build_model(cfg, (probe.dim,))
     for p in list_checkpoints(out):
         st = load_checkpoint(p)
-        sd = st['model'] if weights == 'model' else {k[7:]: v for k, v in st['ema'][0].items() if k.startswith('module.')}
-        model.load_state_dict(sd); model.eval()
+        sd = st['model'] if weights == 'model' else {
+            k[7:]: v
+            for k, v in st['ema'][0].items() if k.startswith('module.')
+        }
+        model.load_state_dict(sd)
+        model.eval()
         rows.append(dict(step=int(st['step']), **probe_errors(model, probe)))
     return rows
+
 
 # %% ../nbs/16_study.ipynb #s16a0010
 STUDIES: dict[str, dict] = {} # name -> dict(fn, minutes, doc)
 FIGURES: dict[str, callable] = {} # figure file (under nbs/images) -> function(path) drawing it from the result files
 
 def study(name: str, minutes: float):
-    "Register `fn(runs: Path, quick: bool, fresh: bool) -> dict` as study `name`, expected to take `minutes` on one free core."
-    def _reg(fn): STUDIES[name] = dict(fn=fn, minutes=minutes, doc=(fn.__doc__ or '').strip()); return fn
+    ("Register `fn(runs: Path, quick: bool, fresh: bool) -> dict` as study `name`, expected to take `minutes` on one "
+     "free core.")
+    def _reg(fn):
+        STUDIES[name] = dict(fn=fn, minutes=minutes, doc=(fn.__doc__ or '').strip())
+        return fn
     return _reg
 
 def figure(filename: str):
     "Register `fn(path)` as the function that draws `nbs/images/<filename>` from the result files."
-    def _reg(fn): FIGURES[filename] = fn; return fn
+    def _reg(fn):
+        FIGURES[filename] = fn
+        return fn
     return _reg
 
 def repo_root() -> Path:
@@ -79,32 +93,45 @@ def render_readme(readme: str | Path | None = None, # a README.md or a notebook;
         nb = json.loads(old)
         olds = [''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown']
         news = [sync_readme(s) if '<!-- results:' in s else s for s in olds]
-        for c, s in zip([c for c in nb['cells'] if c['cell_type'] == 'markdown'], news): c['source'] = s.splitlines(keepends=True)
+        for c, s in zip([c for c in nb['cells'] if c['cell_type'] == 'markdown'], news):
+            c['source'] = s.splitlines(keepends=True)
         old_t, new_t, new = '\n'.join(olds), '\n'.join(news), json.dumps(nb, indent=1, ensure_ascii=False) + '\n'
         changed = news != olds
     else:
-        old_t, new_t = old, sync_readme(old); new, changed = new_t, new_t != old
+        old_t, new_t = old, sync_readme(old)
+        new, changed = new_t, new_t != old
     stale = [k for k, v in readme_blocks(new_t).items() if readme_blocks(old_t).get(k) != v]
-    if write and changed: p.write_text(new)
+    if write and changed:
+        p.write_text(new)
     return new_t, stale
 
 def render_figures(folder: str | Path | None = None) -> list[Path]:
     "Redraw every registered figure from the result files into `folder` (default: `nbs/images`)."
-    folder = Path(folder or repo_root() / 'nbs' / 'images'); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder or repo_root() / 'nbs' / 'images')
+    folder.mkdir(parents=True, exist_ok=True)
     out = []
     for name, fn in FIGURES.items():
-        try: fn(folder / name); out.append(folder / name)
-        except FileNotFoundError as ex: print(f'skipped {name}: {ex}', file=sys.stderr)
+        try:
+            fn(folder / name)
+            out.append(folder / name)
+        except FileNotFoundError as ex:
+            print(f'skipped {name}: {ex}', file=sys.stderr)
     return out
+
 
 # %% ../nbs/16_study.ipynb #s16a0011
 def study_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='mf-study', description='Regenerate the results: train, measure, write results/*.json.')
+    p = argparse.ArgumentParser(prog='mf-study',
+                                description='Regenerate the results: train, measure, write results/*.json.')
     p.add_argument('what', nargs='+', help="study names, 'all', 'list' (names and expected durations) or 'readme' "
                    "(re-render the README's results blocks and the figures from the result files)")
     p.add_argument('--runs', default='runs/study', help='cache of finished training runs (resumable)')
-    p.add_argument('--quick', action='store_true', help='a tiny version of each study (minutes -> seconds), for testing')
-    p.add_argument('--fresh', action='store_true', help='redo every run, ignoring the records already in results/ (default: keep them, so an interrupted study resumes)')
+    p.add_argument('--quick', action='store_true',
+                   help='a tiny version of each study (minutes -> seconds), for testing')
+    p.add_argument(
+        '--fresh', action='store_true', help=
+        'redo every run, ignoring the records already in results/ (default: keep them, so an interrupted study resumes)'
+    )
     p.add_argument('--check', action='store_true', help="with 'readme': change nothing, exit 1 if a block is stale")
     return p
 
@@ -114,28 +141,40 @@ def cli_study(argv: list[str] | None = None):
     a = study_parser().parse_args(argv)
     torch.set_num_threads(1)  # small networks on a shared CPU: one thread per process
     if a.what == ['list']:
-        for k, s in STUDIES.items(): print(f"{k:24s} ~{s['minutes']:g} min  {s['doc'].splitlines()[0] if s['doc'] else ''}")
+        for k, s in STUDIES.items():
+            print(f"{k:24s} ~{s['minutes']:g} min  {s['doc'].splitlines()[0] if s['doc'] else ''}")
         return
     if a.what == ['readme']:
         stale = [f'{d}:{k}' for d in DOCS for k in render_readme(repo_root() / d, write=not a.check)[1]]
         if a.check:
-            if stale: print(f"README blocks out of date: {', '.join(stale)}; run `mf-study readme`", file=sys.stderr); sys.exit(1)
-            print('README results blocks match the result files'); return
+            if stale:
+                print(f"README blocks out of date: {', '.join(stale)}; run `mf-study readme`", file=sys.stderr)
+                sys.exit(1)
+            print('README results blocks match the result files')
+            return
         figs = render_figures()
-        print(f"README blocks re-rendered ({', '.join(stale) or 'none changed'}); figures: {', '.join(p.name for p in figs)}")
+        print(
+            f"README blocks re-rendered ({', '.join(stale) or 'none changed'}); figures: "
+            f"{', '.join(p.name for p in figs)}"
+        )
         return
     names = list(STUDIES) if a.what == ['all'] else a.what
     bad = [n for n in names if n not in STUDIES]
     check(not bad, f"unknown study {', '.join(bad)}; valid: {', '.join(STUDIES)}, all, list, readme")
     total = sum(STUDIES[n]['minutes'] for n in names)
-    print(f"running {', '.join(names)}: expected {'under a minute' if a.quick else f'about {total:g} minutes'} on one free core")
+    print(
+        f"running {', '.join(names)}: expected {'under a minute' if a.quick else f'about {total:g} minutes'} on one "
+        f"free core"
+    )
     for n in names:
         t0 = time.time()
         STUDIES[n]['fn'](Path(a.runs), a.quick, fresh=a.fresh)
         print(f'{n}: done in {(time.time() - t0) / 60:.1f} min')
     if not a.quick:
-        for d in DOCS: render_readme(repo_root() / d)
+        for d in DOCS:
+            render_readme(repo_root() / d)
         render_figures()
+
 
 # %% ../nbs/16_study.ipynb #s16a0013
 TOY_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
@@ -175,50 +214,68 @@ def toy_quality(cfg: TrainConfig, model: torch.nn.Module, ev: dict, nfes=TOY_NFE
                 energy_n: int = TOY_ENERGY_N) -> dict:
     "SWD and energy distance of `model`'s samples at each NFE: `solver` 'euler' or 'heun' (flow matching) or 'native'."
     from meanflow_nb.flow_matching import euler_sample, heun_sample
-    model.eval(); z = ev['z']
+    model.eval()
+    z = ev['z']
     v = lambda z_, t_: model(z_, t_, torch.zeros_like(t_))
     out = dict(nfe=[], swd=[], energy=[])
     for k in nfes:
-        if solver == 'heun' and k % 2: continue                      # Heun: 2 calls a step
+        if solver == 'heun' and k % 2:
+            continue                      # Heun: 2 calls a step
         x = euler_sample(v, z, k) if solver == 'euler' else heun_sample(v, z, k // 2) if solver == 'heun' \
             else generate(cfg, model, z, k)
         s, e = _dists(x, ev['ref'], energy_n)
-        out['nfe'].append(k); out['swd'].append(s); out['energy'].append(e)
+        out['nfe'].append(k)
+        out['swd'].append(s)
+        out['energy'].append(e)
     return out
 
 # %% ../nbs/16_study.ipynb #s16a0015
-def _toy_run(runs: Path, name: str, seed: int, settings: dict, evals: dict, quick: bool, n_eval: int, sweep: bool = False) -> dict:
-    "Train `toy2d | settings` for `seed` (or read the cached record) and measure it with `evals` (solver -> nfes); `sweep`: SWD only."
+def _toy_run(runs: Path, name: str, seed: int, settings: dict, evals: dict, quick: bool, n_eval: int,
+             sweep: bool = False) -> dict:
+    ("Train `toy2d | settings` for `seed` (or read the cached record) and measure it with `evals` (solver -> nfes); "
+     "`sweep`: SWD only.")
     key = runs / 'toy' / f"{name.replace(' ', '_').replace('/', '-')}_s{seed}{'_quick' if quick else ''}.json"
     if key.exists():
         rec = json.loads(key.read_text())
-        if rec['settings'] == json.loads(json.dumps(settings)): return rec
+        if rec['settings'] == json.loads(json.dumps(settings)):
+            return rec
     kw = dict(settings, seed=seed, eval_samples=200, log_every=500, ckpt_every=10**9, keep_ckpts=1, baseline_fm=False)
-    if quick: kw['steps'] = 20
+    if quick:
+        kw['steps'] = 20
     with tempfile.TemporaryDirectory() as tmp:
         cfg = get_config('toy2d', out=tmp, **kw)
-        t0 = time.time(); res = train(cfg, progress=False); sec = time.time() - t0
+        t0 = time.time()
+        res = train(cfg, progress=False)
+        sec = time.time() - t0
         ev = toy_eval_set(cfg, n_eval)
         rec = dict(name=name, seed=seed, settings=settings, train_sec=round(sec, 1),
                    **{s: toy_quality(cfg, res.ema, ev, nfes, s, energy_n=0 if sweep else TOY_ENERGY_N)
                       for s, nfes in evals.items()})
-    key.parent.mkdir(parents=True, exist_ok=True); key.write_text(json.dumps(rec))
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text(json.dumps(rec))
     return rec
 
 def _fm_score(rec: dict) -> float:
     "The sweep's criterion: mean Euler SWD over the NFE grid (good at few steps and at many)."
     return float(np.mean(rec['euler']['swd']))
 
+
 # %% ../nbs/16_study.ipynb #s16a0016
-def _canon(d: dict) -> str: return json.dumps(d, sort_keys=True)
+def _canon(d: dict) -> str:
+    return json.dumps(d, sort_keys=True)
 
 def _toy_previous(folder, seeds: tuple, n: int) -> dict:
-    "The runs of an existing `toy_fm_vs_mf` result, as `_toy_run` records keyed by (kind, name, settings), when seeds and size match."
-    try: res = load_result('toy_fm_vs_mf', folder)
-    except FileNotFoundError: return {}
-    if tuple(res['seeds']) != tuple(seeds) or res['eval_samples'] != n: return {}
+    ("The runs of an existing `toy_fm_vs_mf` result, as `_toy_run` records keyed by (kind, name, settings), when seeds "
+     "and size match.")
+    try:
+        res = load_result('toy_fm_vs_mf', folder)
+    except FileNotFoundError:
+        return {}
+    if tuple(res['seeds']) != tuple(seeds) or res['eval_samples'] != n:
+        return {}
     out = {('sweep', k, _canon(r['settings'])): dict(settings=r['settings'], train_sec=r['train_sec'],
-                                                     euler=dict(nfe=r['nfe'], swd=r['swd'])) for k, r in res['sweep'].items()}
+                                                     euler=dict(nfe=r['nfe'], swd=r['swd']))
+           for k, r in res['sweep'].items()}
     for m, d in res['methods'].items():
         out[('method', m, _canon(d['settings']))] = [
             dict(name=m, seed=s, settings=d['settings'], train_sec=d['train_sec'][i],
@@ -232,9 +289,12 @@ def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None,
               one_step: tuple | None = None, # names of `TOY_ONE_STEP` to run (default: all)
               reuse: bool = True, # keep the runs already in the result file (same settings, seeds and evaluation size)
              ) -> dict:
-    "2-D toy: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF; quality vs NFE, 5 seeds."
-    runs = Path(runs); n = 500 if quick else 10_000
-    seeds = tuple(seeds or (TOY_SEEDS[:2] if quick else TOY_SEEDS)); nfes = TOY_NFES[:3] if quick else TOY_NFES
+    ("2-D toy: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF; quality vs NFE, 5 "
+     "seeds.")
+    runs = Path(runs)
+    n = 500 if quick else 10_000
+    seeds = tuple(seeds or (TOY_SEEDS[:2] if quick else TOY_SEEDS))
+    nfes = TOY_NFES[:3] if quick else TOY_NFES
     fm_evals = dict(euler=nfes, heun=nfes)
     prev = {} if quick or fresh or not reuse else _toy_previous(folder, seeds, n)
     sweep = {k: prev.get(('sweep', k, _canon({**TOY_FM, **v}))) or
@@ -244,8 +304,11 @@ def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None,
     print(f'flow matching: chose {best!r} on validation seed {TOY_VAL_SEED}', flush=True)
     todo = {'flow matching': ({**TOY_FM, **TOY_FM_SWEEP[best]}, fm_evals)}
     todo.update({m: (kw, dict(native=(1, 2))) for m, kw in TOY_ONE_STEP.items() if one_step is None or m in one_step})
-    runs_ = {m: prev.get(('method', m, _canon(kw))) or [_toy_run(runs, m if m != 'flow matching' else 'fm', s, kw, ev, quick, n)
-                                                         for s in seeds] for m, (kw, ev) in todo.items()}
+    runs_ = {
+        m: prev.get(('method', m, _canon(kw)))
+        or [_toy_run(runs, m if m != 'flow matching' else 'fm', s, kw, ev, quick, n) for s in seeds]
+        for m, (kw, ev) in todo.items()
+    }
     floors = []
     for s in seeds:
         ev = toy_eval_set(get_config('toy2d', seed=s), n)
@@ -260,17 +323,21 @@ def study_toy(runs: Path = Path('runs/study'), quick: bool = False, folder=None,
                                 **{sol: dict(nfe=rs[0][sol]['nfe'], swd=[r[sol]['swd'] for r in rs],
                                              energy=[r[sol]['energy'] for r in rs])
                                    for sol in ('euler', 'heun', 'native') if sol in rs[0]}) for m, rs in runs_.items()})
-    if not quick: save_result('toy_fm_vs_mf', res, folder)
+    if not quick:
+        save_result('toy_fm_vs_mf', res, folder)
     return res
+
 
 # %% ../nbs/16_study.ipynb #s16a0020
 def toy_summary(res: dict, metric: str = 'swd') -> dict:
-    "Intervals from a `toy_fm_vs_mf` result: per (method, sampler, NFE), paired differences (each one-step model at 1 NFE minus flow matching at each Euler NFE, and minus MeanFlow), equivalent NFE."
+    ("Intervals from a `toy_fm_vs_mf` result: per (method, sampler, NFE), paired differences (each one-step model at 1 "
+     "NFE minus flow matching at each Euler NFE, and minus MeanFlow), equivalent NFE.")
     M, rows = res['methods'], {}
     for m, d in M.items():
         for sol in ('euler', 'heun', 'native'):
             if sol in d:
-                for i, k in enumerate(d[sol]['nfe']): rows[(m, sol, k)] = bootstrap_ci(np.array(d[sol][metric])[:, i])
+                for i, k in enumerate(d[sol]['nfe']):
+                    rows[(m, sol, k)] = bootstrap_ci(np.array(d[sol][metric])[:, i])
     fm, mf = M['flow matching']['euler'], M['MeanFlow']['native']
     fm_c, mf_1 = np.array(fm[metric]), np.array(mf[metric])[:, 0]
     diffs = {k: paired_diff_ci(mf_1, fm_c[:, i]) for i, k in enumerate(fm['nfe'])}
@@ -278,8 +345,10 @@ def toy_summary(res: dict, metric: str = 'swd') -> dict:
     vs_fm = {m: {k: paired_diff_ci(v, fm_c[:, i]) for i, k in enumerate(fm['nfe'])} for m, v in one.items()}
     vs_mf = {m: paired_diff_ci(v, mf_1) for m, v in one.items() if m != 'MeanFlow'}
     equiv = {m: equivalent_nfe_ci(fm_c, v, fm['nfe']) for m, v in one.items()}
-    return dict(rows=rows, mf1_minus_fm=diffs, one_minus_fm=vs_fm, one_minus_mf=vs_mf, equiv_nfe=equiv, floor=bootstrap_ci(res['floor'][metric]),
+    return dict(rows=rows, mf1_minus_fm=diffs, one_minus_fm=vs_fm, one_minus_mf=vs_mf, equiv_nfe=equiv,
+                floor=bootstrap_ci(res['floor'][metric]),
                 floor_range=(min(res['floor'][metric]), max(res['floor'][metric])))
+
 
 # %% ../nbs/16_study.ipynb #s16b0002
 _SOLVER = {'euler': 'Euler', 'heun': 'Heun', 'native': ''}
@@ -288,8 +357,10 @@ def _label(m: str, sol: str) -> str:
     return f'{m}, {_SOLVER[sol]}' if _SOLVER[sol] else m
 
 def _nfe_text(d: dict) -> str:
-    if math.isinf(d['mean']): return 'more than the grid (128)'
-    if d['mean'] <= 1: return 'at most 1'
+    if math.isinf(d['mean']):
+        return 'more than the grid (128)'
+    if d['mean'] <= 1:
+        return 'at most 1'
     hi = '> 128' if math.isinf(d['hi']) else f"{d['hi']:.0f}"
     return f"{d['mean']:.0f} [{d['lo']:.0f}, {hi}]"
 
@@ -313,16 +384,20 @@ def toy_table(res: dict | None = None) -> str:
     return '\n'.join([
         md_table(['model, sampler', 'NFE', 'SWD', 'energy distance'], rows), '',
         f"Mean [95 % bootstrap interval] over {n} training seeds; each seed's models share the noise and the "
-        f"{res['eval_samples']:,} reference points (energy distance on the first {res.get('energy_n', res['eval_samples']):,}). Two draws of the data differ by SWD {fmt_ci(s['floor'])} "
+        f"{res['eval_samples']:,} reference points (energy distance on the first "
+        f"{res.get('energy_n', res['eval_samples']):,}). Two draws of the data differ by SWD {fmt_ci(s['floor'])} "
         f"(range {lo:.3f} to {hi:.3f} over the {n} seeds' draws), energy {fmt_ci(e['floor'])}. Flow matching: "
         f"{res['fm_choice']}, chosen on validation seed {res['val_seed']} among {len(res['sweep'])} settings.", '',
         f"**Flow matching (Euler) needs this many NFE to match each one-step model at 1 NFE** (seed-mean curve, "
         f"log-linear between grid points, 95 % interval): SWD: {eq(s)}. Energy distance: {eq(e)}.", '',
-        "**Paired over seeds, each one-step model at 1 NFE against flow matching (Euler)**, SWD difference (negative: the "
-        "one-step model is better), claimed only where the interval excludes 0: "
-        + '; '.join(f"{m}: {_crossing(d)}" for m, d in s['one_minus_fm'].items()) + '. Against MeanFlow at 1 NFE: '
-        + ('; '.join(f"{m} {fmt_ci(d)} ({'excludes 0' if d['separated'] else 'includes 0: no difference claimed'})"
-                     for m, d in s['one_minus_mf'].items()) or 'no other one-step model in the file') + '.'])
+        "**Paired over seeds, each one-step model at 1 NFE against flow matching (Euler)**, SWD difference (negative: "
+        "the "
+        "one-step model is better), claimed only where the interval excludes 0: " +
+        '; '.join(f"{m}: {_crossing(d)}" for m, d in s['one_minus_fm'].items()) + '. Against MeanFlow at 1 NFE: ' +
+        ('; '.join(f"{m} {fmt_ci(d)} ({'excludes 0' if d['separated'] else 'includes 0: no difference claimed'})"
+                   for m, d in s['one_minus_mf'].items()) or 'no other one-step model in the file') + '.'
+    ])
+
 
 # %% ../nbs/16_study.ipynb #s16b0003
 @figure('toy_quality_nfe.png')
@@ -330,24 +405,35 @@ def plot_toy_quality(path: str | Path | None = None, res: dict | None = None):
     "Quality against NFE on the toy: flow matching (Euler, Heun) as curves, the one-step methods at 1 and 2 NFE."
     from matplotlib.figure import Figure
     res = res or load_result('toy_fm_vs_mf')
-    fig = Figure(figsize=(10, 3.6)); axs = fig.subplots(1, 2)
+    fig = Figure(figsize=(10, 3.6))
+    axs = fig.subplots(1, 2)
     for ax, metric, name in zip(axs, ('swd', 'energy'), ('sliced Wasserstein', 'energy distance')):
         s = toy_summary(res, metric)
         groups = {}
-        for (m, sol, k), ci in s['rows'].items(): groups.setdefault((m, sol), []).append((k, ci))
+        for (m, sol, k), ci in s['rows'].items():
+            groups.setdefault((m, sol), []).append((k, ci))
         for j, ((m, sol), pts) in enumerate(groups.items()):
-            k = np.array([p[0] for p in pts]); mu, lo, hi = (np.array([p[1][q] for p in pts]) for q in ('mean', 'lo', 'hi'))
+            k = np.array([p[0] for p in pts])
+            mu, lo, hi = (np.array([p[1][q] for p in pts]) for q in ('mean', 'lo', 'hi'))
             if sol == 'native':
-                ax.errorbar(k * (1 + 0.06 * (j - 2)), mu, [mu - lo, hi - mu], fmt='o', ms=5, capsize=3, label=_label(m, sol))
+                ax.errorbar(k * (1 + 0.06 * (j - 2)), mu, [mu - lo, hi - mu], fmt='o', ms=5, capsize=3,
+                            label=_label(m, sol))
             else:
-                l, = ax.plot(k, mu, marker='.', label=_label(m, sol)); ax.fill_between(k, lo, hi, color=l.get_color(), alpha=0.2)
-        f = s['floor']; ax.axhspan(f['lo'], f['hi'], color='0.8', label='two draws of the data')
-        ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xlabel('network calls (NFE)'); ax.set_title(name, fontsize=10)
+                l, = ax.plot(k, mu, marker='.', label=_label(m, sol))
+                ax.fill_between(k, lo, hi, color=l.get_color(), alpha=0.2)
+        f = s['floor']
+        ax.axhspan(f['lo'], f['hi'], color='0.8', label='two draws of the data')
+        ax.set_xscale('log', base=2)
+        ax.set_yscale('log')
+        ax.set_xlabel('network calls (NFE)')
+        ax.set_title(name, fontsize=10)
     axs[0].legend(fontsize=7)
     fig.suptitle(f"2-D checkerboard, toy2d budget: mean and 95 % interval over {len(res['seeds'])} seeds", fontsize=10)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=110)
+    if path:
+        fig.savefig(path, dpi=110)
     return fig
+
 
 # %% ../nbs/16_study.ipynb #s16b0007
 def _sep(d: dict, better: str = 'better', worse: str = 'worse') -> str:
@@ -357,11 +443,15 @@ def _sep(d: dict, better: str = 'better', worse: str = 'worse') -> str:
 def toy_findings(res: dict | None = None) -> str:
     "The results page's bullet points on the toy, every number read from the result file."
     res = res or load_result('toy_fm_vs_mf')
-    s, M = toy_summary(res, 'swd'), res['methods']; R = s['rows']
+    s, M = toy_summary(res, 'swd'), res['methods']
+    R = s['rows']
     fm_k = M['flow matching']['euler']['nfe']
     best = min(fm_k, key=lambda k: R[('flow matching', 'euler', k)]['mean'])
-    out = [f"**What the toy shows** ({len(res['seeds'])} training seeds, 95 % intervals; a difference is claimed only where "
-           "the paired interval excludes 0; SWD, lower is better):", '']
+    out = [
+        f"**What the toy shows** ({len(res['seeds'])} training seeds, 95 % intervals; a difference is claimed only "
+        f"where "
+        "the paired interval excludes 0; SWD, lower is better):", ''
+    ]
     for m, d in s['one_minus_fm'].items():
         two = paired_diff_ci(np.array(M[m]['native']['swd'])[:, 1], np.array(M[m]['native']['swd'])[:, 0])
         out.append(f"- **{m}** at 1 NFE: {fmt_ci(R[(m, 'native', 1)])}, as good as flow matching with Euler at "
@@ -369,12 +459,18 @@ def toy_findings(res: dict | None = None) -> str:
                    f"Its second step: {fmt_ci(R[(m, 'native', 2)])}, paired change {fmt_ci(two)} ({_sep(two)}).")
     for m, d in s['one_minus_mf'].items():
         out.append(f"- {m} minus MeanFlow at 1 NFE: {fmt_ci(d)} ({_sep(d)}).")
-    out.append(f"- Flow matching's best Euler result is at {best} NFE ({fmt_ci(R[('flow matching', 'euler', best)])}); more "
-               f"steps do not reach two draws of the data ({fmt_ci(s['floor'])}): there the network, not the sampler, limits it.")
+    out.append(
+        f"- Flow matching's best Euler result is at {best} NFE ({fmt_ci(R[('flow matching', 'euler', best)])}); more "
+        f"steps do not reach two draws of the data ({fmt_ci(s['floor'])}): there the network, not the sampler, limits "
+        f"it."
+    )
     sw = res['sweep']
-    out.append(f"- The flow-matching sweep (validation seed {res['val_seed']}, criterion the mean Euler SWD over the grid) chose "
-               f"{res['fm_choice']}: " + ', '.join(f"{k} {v['score']:.3f}" for k, v in sw.items()) + '.')
+    out.append(
+        f"- The flow-matching sweep (validation seed {res['val_seed']}, criterion the mean Euler SWD over the grid) "
+        f"chose "
+        f"{res['fm_choice']}: " + ', '.join(f"{k} {v['score']:.3f}" for k, v in sw.items()) + '.')
     return '\n'.join(out) + '\n'
+
 
 # %% ../nbs/16_study.ipynb #s16d0005
 from .core import speedup_ci
@@ -401,8 +497,10 @@ DIGITS_ONE_STEP = ('mf', 'kim', 'imf')
 DIGITS_EULER = (1, 2, 4, 8, 16, 32, 64) # flow-matching Euler NFEs (a network call costs ~1 s per 1,000 samples here)
 DIGITS_HEUN = (2, 4, 8, 16, 32) # flow-matching Heun NFEs (2 calls a step)
 DIGITS_MF_NFE = (1, 2, 4) # MeanFlow / Kim et al. / iMF sampling steps
-DIGITS_IMF_MATCHED = 2.0 # the others' trained-in guidance (omega 1, kappa 0.5) is CFG at scale omega / (1 - kappa) = 2 (MF Sec. 4.2)
-DIGITS_IMF_OMEGAS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0) # iMF's guidance scales (training draws them on [1, 8]), one chosen per NFE on the validation noise
+# the others' trained-in guidance (omega 1, kappa 0.5) is CFG at scale omega / (1 - kappa) = 2 (MF Sec. 4.2)
+DIGITS_IMF_MATCHED = 2.0
+# iMF's guidance scales (training draws them on [1, 8]), one chosen per NFE on the validation noise
+DIGITS_IMF_OMEGAS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 # %% ../nbs/16_study.ipynb #s16d0008
 def _digits_fid(x) -> float:
@@ -414,29 +512,35 @@ def _fm_fids(cfg, model, shp, n: int, seed: int, euler=DIGITS_EULER, heun=DIGITS
     from meanflow_nb.eval import sample_shard
     out, last = {}, None
     for k in euler:
-        last = sample_shard(cfg, model, shp, 0, n, 0, k, seed, 500)['x']; out[f'euler{k}'] = _digits_fid(last)
-    for k in heun: out[f'heun{k}'] = _digits_fid(heun_samples(model, shp, n, k, seed, cfg.num_classes))
+        last = sample_shard(cfg, model, shp, 0, n, 0, k, seed, 500)['x']
+        out[f'euler{k}'] = _digits_fid(last)
+    for k in heun:
+        out[f'heun{k}'] = _digits_fid(heun_samples(model, shp, n, k, seed, cfg.num_classes))
     return out, last
 
 def heun_samples(model, shp: tuple, n: int, nfe: int, seed: int, num_classes: int) -> torch.Tensor:
-    "`n` class-balanced flow-matching samples by Heun with `nfe` network calls, from shard 0's noise of `seed` (as `sample_shard` draws it)."
+    ("`n` class-balanced flow-matching samples by Heun with `nfe` network calls, from shard 0's noise of `seed` (as "
+     "`sample_shard` draws it).")
     from meanflow_nb.eval import shard_generator, class_labels
     from meanflow_nb.flow_matching import heun_sample
-    z = torch.randn((n, *shp), generator=shard_generator(seed, 0)); y = class_labels(0, n, num_classes)
+    z = torch.randn((n, *shp), generator=shard_generator(seed, 0))
+    y = class_labels(0, n, num_classes)
     v = lambda y_: (lambda z_, t_: model(z_, t_, torch.zeros_like(t_), y_))
     return torch.cat([heun_sample(v(y[i:i + 500]), z[i:i + 500], nfe // 2) for i in range(0, n, 500)]).clamp(-1, 1)
 
 @torch.no_grad()
 def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER, heun=DIGITS_HEUN,
                    mf_nfe=DIGITS_MF_NFE, omegas=DIGITS_IMF_OMEGAS) -> dict:
-    "The 1-NFE convergence curve (MeanFlow, Kim et al.), the final checkpoint's FIDs on fresh noise and its memorisation check; iMF's omega per NFE chosen on the validation noise."
+    ("The 1-NFE convergence curve (MeanFlow, Kim et al.), the final checkpoint's FIDs on fresh noise and its "
+     "memorisation check; iMF's omega per NFE chosen on the validation noise.")
     from meanflow_nb.eval import load_run, sample_shard, memorisation_check
     rec = {}
     if method in ('mf', 'kim'):
         curve = dict(step=[], fid1=[])
         for p in list_checkpoints(run):
             cfg, model, shp, step = load_run(run, ckpt=str(p))
-            curve['step'].append(step); curve['fid1'].append(_digits_fid(sample_shard(cfg, model, shp, 0, n, 0, 1, DIGITS_CURVE_SEED, 500)['x']))
+            curve['step'].append(step)
+            curve['fid1'].append(_digits_fid(sample_shard(cfg, model, shp, 0, n, 0, 1, DIGITS_CURVE_SEED, 500)['x']))
         rec['curve'] = curve
     cfg, model, shp, step = load_run(run)
     if method == 'fm':
@@ -449,11 +553,13 @@ def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER
             val[f'nfe{k}'] = {}
             for w in omegas:
                 cfg.eval_omega = w
-                val[f'nfe{k}'][str(w)] = _digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_CURVE_SEED, 500)['x'])
+                val[f'nfe{k}'][str(w)] = _digits_fid(
+                    sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_CURVE_SEED, 500)['x'])
             chosen[f'nfe{k}'] = cfg.eval_omega = float(min(val[f'nfe{k}'], key=val[f'nfe{k}'].get))
         s = sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_FINAL_SEED, 500)
         final[f'nfe{k}'] = _digits_fid(s['x'])
-        if k == 1: rec['memorisation'] = memorisation_check(s['x'])
+        if k == 1:
+            rec['memorisation'] = memorisation_check(s['x'])
     rec['final'] = final
     if method == 'imf':   # and at the others' guidance scale, on the same fresh noise: the comparison at equal guidance
         cfg.eval_omega = DIGITS_IMF_MATCHED
@@ -462,19 +568,23 @@ def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER
         rec.update(omega=chosen, omega_val=val, final_matched=matched)
     return rec
 
+
 # %% ../nbs/16_study.ipynb #s16d0009
 def _locked_update(name: str, method: str, seed: int, rec: dict, folder=None, settings: dict | None = None):
     "Add seed `seed`'s record to `results/NAME.json` under a file lock (several workers may finish at once)."
     import fcntl
-    folder = Path(folder or results_dir()); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder or results_dir())
+    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f'.{name}.lock', 'w') as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
-        try: d = load_result(name, folder)
+        try:
+            d = load_result(name, folder)
         except FileNotFoundError:
-            d = dict(name=name, method=method, label=DIGITS_LABELS[method],
-                     settings=dict(preset='digits', **(settings or DIGITS_METHODS[method])),
-                     protocol=dict(DIGITS_TRAIN, n=DIGITS_N, curve_seed=DIGITS_CURVE_SEED, final_seed=DIGITS_FINAL_SEED, ref='test'),
-                     seeds={})
+            d = dict(
+                name=name, method=method, label=DIGITS_LABELS[method],
+                settings=dict(preset='digits', **(settings or DIGITS_METHODS[method])),
+                protocol=dict(DIGITS_TRAIN, n=DIGITS_N, curve_seed=DIGITS_CURVE_SEED, final_seed=DIGITS_FINAL_SEED,
+                              ref='test'), seeds={})
         d['seeds'][str(seed)] = rec
         d['seeds'] = dict(sorted(d['seeds'].items(), key=lambda kv: int(kv[0])))
         save_result(name, d, folder)
@@ -485,54 +595,74 @@ def train_seconds(out: Path) -> float:
     return float(sum(s for s, nxt in zip(secs, secs[1:] + [-1.0]) if nxt < s))
 
 def digits_fm_settings(runs: Path, quick: bool = False, folder=None, fresh: bool = False) -> dict:
-    "Flow matching's settings: each `DIGITS_FM_SWEEP` entry trained on `DIGITS_VAL_SEED`, the lowest mean Euler FID on the validation noise wins (`results/digits_fm_sweep.json`)."
+    ("Flow matching's settings: each `DIGITS_FM_SWEEP` entry trained on `DIGITS_VAL_SEED`, the lowest mean Euler FID "
+     "on "
+     "the validation noise wins (`results/digits_fm_sweep.json`).")
     from meanflow_nb.eval import load_run
     if not (quick or fresh):
-        try: return load_result('digits_fm_sweep', folder)['settings']
-        except FileNotFoundError: pass
+        try:
+            return load_result('digits_fm_sweep', folder)['settings']
+        except FileNotFoundError:
+            pass
     euler, n = ((1, 2), 40) if quick else (DIGITS_EULER[:6], DIGITS_N)
     kw = dict(DIGITS_TRAIN, **(dict(steps=6, ckpt_every=6, global_batch=8) if quick else {}), keep_ckpts=1)
     rows = {}
     for name, st in DIGITS_FM_SWEEP.items():
-        out = Path(runs) / 'digits' / f"fm_sweep_{name.replace(' ', '').replace('(', '_').replace(')', '').replace(',', '_')}{'_quick' if quick else ''}"
-        train(get_config('digits', out=str(out), seed=DIGITS_VAL_SEED, **kw, **DIGITS_FM, **st), resume=True, progress=False)
+        tag = name.replace(' ', '').replace('(', '_').replace(')', '').replace(',', '_')
+        out = Path(runs) / 'digits' / f"fm_sweep_{tag}{'_quick' if quick else ''}"
+        train(get_config('digits', out=str(out), seed=DIGITS_VAL_SEED, **kw, **DIGITS_FM, **st), resume=True,
+              progress=False)
         cfg, model, shp, _ = load_run(out)
         fids = _fm_fids(cfg, model, shp, n, DIGITS_CURVE_SEED, euler, ())[0]
         rows[name] = dict(settings=st, euler_nfe=list(euler), euler_fid=[fids[f'euler{k}'] for k in euler],
                           score=float(np.mean([fids[f'euler{k}'] for k in euler])))
     best = min(rows, key=lambda k: rows[k]['score'])
-    res = dict(name='digits_fm_sweep', val_seed=DIGITS_VAL_SEED, noise_seed=DIGITS_CURVE_SEED, n=n, criterion='mean Euler FID over the NFE grid',
-               sweep=rows, choice=best, settings=dict(DIGITS_FM, **DIGITS_FM_SWEEP[best]))
-    if not quick: save_result('digits_fm_sweep', res, folder)
+    res = dict(name='digits_fm_sweep', val_seed=DIGITS_VAL_SEED, noise_seed=DIGITS_CURVE_SEED, n=n,
+               criterion='mean Euler FID over the NFE grid', sweep=rows, choice=best,
+               settings=dict(DIGITS_FM, **DIGITS_FM_SWEEP[best]))
+    if not quick:
+        save_result('digits_fm_sweep', res, folder)
     return res['settings']
 
 def digits_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None, fresh: bool = False) -> dict:
-    "Train (or resume) one digits run, measure it, record it in `results/digits_<method>.json`, keep only its last checkpoint."
+    ("Train (or resume) one digits run, measure it, record it in `results/digits_<method>.json`, keep only its last "
+     "checkpoint.")
     name = f'digits_{method}'
     try:
         done = load_result(name, folder)['seeds'].get(str(seed))
-        if done is not None and not (quick or fresh): return done
-    except FileNotFoundError: pass
+        if done is not None and not (quick or fresh):
+            return done
+    except FileNotFoundError:
+        pass
     settings = digits_fm_settings(runs, quick, folder) if method == 'fm' else DIGITS_METHODS[method]
     out = Path(runs) / 'digits' / f'{method}_s{seed}{"_quick" if quick else ""}'
     kw = dict(DIGITS_TRAIN, **(dict(steps=6, ckpt_every=3, global_batch=8) if quick else {}))
     train(get_config('digits', out=str(out), seed=seed, **kw, **settings), resume=True, progress=False)
     t1 = time.time()
-    rec = dict(train_wall_s=train_seconds(out), **digits_measure(out, method, **(dict(n=40, euler=(1, 2), heun=(2,), mf_nfe=(1, 2), omegas=(1.0, 2.0)) if quick else {})))
+    rec = dict(
+        train_wall_s=train_seconds(out),
+        **digits_measure(out, method,
+                         **(dict(n=40, euler=(1, 2), heun=(2, ), mf_nfe=(1, 2), omegas=(1.0, 2.0)) if quick else {})))
     rec['measure_wall_s'] = time.time() - t1
-    if not quick: _locked_update(name, method, seed, rec, folder, settings)
-    for p in list_checkpoints(out)[:-1]: p.unlink()
+    if not quick:
+        _locked_update(name, method, seed, rec, folder, settings)
+    for p in list_checkpoints(out)[:-1]:
+        p.unlink()
     return rec
+
 
 # %% ../nbs/16_study.ipynb #s16d0010
 @torch.no_grad()
 def digits_reference(folder=None, n: int = DIGITS_N, draws: int = 20) -> dict:
-    "The real-vs-real floor at the models' N, the reference's own numbers and the classifier's split, in `results/digits_reference.json`."
-    from meanflow_nb.eval import digits_real_fid, digits_fid, load_digits_classifier, classifier_accuracy, DIGITS_CLASSIFIER_PATH
+    ("The real-vs-real floor at the models' N, the reference's own numbers and the classifier's split, in "
+     "`results/digits_reference.json`.")
+    from meanflow_nb.eval import (digits_real_fid, digits_fid, load_digits_classifier, classifier_accuracy,
+                                  DIGITS_CLASSIFIER_PATH)
     from meanflow_nb.data import digits_dataset
     from safetensors import safe_open
     tr, te, clf = digits_dataset('train'), digits_dataset('test'), load_digits_classifier()
-    with safe_open(str(DIGITS_CLASSIFIER_PATH), 'pt') as fh: meta = fh.metadata()
+    with safe_open(str(DIGITS_CLASSIFIER_PATH), 'pt') as fh:
+        meta = fh.metadata()
     res = dict(name='digits_reference', ref='test', n_ref=len(te), n_train=len(tr), n=n,
                real_vs_real=digits_real_fid(n, draws=draws).tolist(), train_all_vs_test=digits_fid(tr.tensors[0]),
                classifier=dict(trained_on='train', test_accuracy=classifier_accuracy(clf, *te.tensors),
@@ -540,16 +670,19 @@ def digits_reference(folder=None, n: int = DIGITS_N, draws: int = 20) -> dict:
     save_result('digits_reference', res, folder)
     return res
 
+
 # %% ../nbs/16_study.ipynb #s16d0011
 def _digits_files(folder=None) -> tuple[dict, dict]:
     "The per-method result files (seeds common to all of them) and the reference file."
     runs = {m: load_result(f'digits_{m}', folder) for m in DIGITS_METHODS}
     seeds = sorted(set.intersection(*(set(r['seeds']) for r in runs.values())), key=int)
     check(len(seeds) > 0, 'the digits result files share no seed: run `mf-study digits`')
-    return {m: [r['seeds'][s] for s in seeds] for m, r in runs.items()}, dict(load_result('digits_reference', folder), seeds=seeds)
+    return {m: [r['seeds'][s] for s in seeds]
+            for m, r in runs.items()}, dict(load_result('digits_reference', folder), seeds=seeds)
 
 def digits_summary(folder=None) -> dict:
-    "Intervals over seeds from the digits result files: every (method, sampler, NFE), paired differences, equivalent NFE, speed-up."
+    ("Intervals over seeds from the digits result files: every (method, sampler, NFE), paired differences, equivalent "
+     "NFE, speed-up.")
     R, ref = _digits_files(folder)
     col = lambda m, key: np.array([r['final'][key] for r in R[m]])
     euler = [k for k in DIGITS_EULER if all(f'euler{k}' in r['final'] for r in R['fm'])]
@@ -559,26 +692,38 @@ def digits_summary(folder=None) -> dict:
     rows.update({(m, 'native', k): bootstrap_ci(col(m, f'nfe{k}')) for m in DIGITS_ONE_STEP for k in DIGITS_MF_NFE})
     matched = all('final_matched' in r for r in R['imf'])
     col_m = lambda k: np.array([r['final_matched'][f'nfe{k}'] for r in R['imf']])
-    if matched: rows.update({('imf', 'matched', k): bootstrap_ci(col_m(k)) for k in DIGITS_MF_NFE})
+    if matched:
+        rows.update({('imf', 'matched', k): bootstrap_ci(col_m(k)) for k in DIGITS_MF_NFE})
     fm_euler = np.stack([col('fm', f'euler{k}') for k in euler], 1)              # (seeds, NFEs)
     curves = {m: np.array([r['curve']['fid1'] for r in R[m]]) for m in ('mf', 'kim')}
     steps = R['mf'][0]['curve']['step']
-    return dict(seeds=ref['seeds'], rows=rows, steps=steps, curves=curves, euler=euler, heun=heun,
-                equiv_nfe={m: equivalent_nfe_ci(fm_euler, col(m, 'nfe1'), euler) for m in DIGITS_ONE_STEP},
-                vs_mf={m: {k: paired_diff_ci(col(m, f'nfe{k}'), col('mf', f'nfe{k}')) for k in DIGITS_MF_NFE} for m in ('kim', 'imf')},
-                imf_matched_vs_mf={k: paired_diff_ci(col_m(k), col('mf', f'nfe{k}')) for k in DIGITS_MF_NFE} if matched else {},
-                mf1_minus_fm={k: paired_diff_ci(col('mf', 'nfe1'), col('fm', f'euler{k}')) for k in euler},
-                speedup=speedup_ci(curves['mf'], curves['kim'], steps),
-                speedup_self=speedup_ci(curves['mf'], curves['mf'], steps),
-                imf_omega={k: [r['omega'][f'nfe{k}'] for r in R['imf']] for k in DIGITS_MF_NFE},
-                memorisation={m: {k: bootstrap_ci([r['memorisation'][k] for r in R[m]]) for k in ('ratio', 'frac_close')} for m in R},
-                floor=bootstrap_ci(ref['real_vs_real']), floor_range=(min(ref['real_vs_real']), max(ref['real_vs_real'])),
-                reference=ref)
+    return dict(
+        seeds=ref['seeds'], rows=rows, steps=steps, curves=curves, euler=euler, heun=heun,
+        equiv_nfe={m: equivalent_nfe_ci(fm_euler, col(m, 'nfe1'), euler)
+                   for m in DIGITS_ONE_STEP}, vs_mf={
+                       m: {k: paired_diff_ci(col(m, f'nfe{k}'), col('mf', f'nfe{k}'))
+                           for k in DIGITS_MF_NFE}
+                       for m in ('kim', 'imf')
+                   }, imf_matched_vs_mf={k: paired_diff_ci(col_m(k), col('mf', f'nfe{k}'))
+                                         for k in DIGITS_MF_NFE} if matched else {},
+        mf1_minus_fm={k: paired_diff_ci(col('mf', 'nfe1'), col('fm', f'euler{k}'))
+                      for k in euler}, speedup=speedup_ci(curves['mf'], curves['kim'], steps),
+        speedup_self=speedup_ci(curves['mf'], curves['mf'], steps),
+        imf_omega={k: [r['omega'][f'nfe{k}'] for r in R['imf']]
+                   for k in DIGITS_MF_NFE}, memorisation={
+                       m: {k: bootstrap_ci([r['memorisation'][k] for r in R[m]])
+                           for k in ('ratio', 'frac_close')}
+                       for m in R
+                   }, floor=bootstrap_ci(ref['real_vs_real']), floor_range=(min(ref['real_vs_real']),
+                                                                            max(ref['real_vs_real'])), reference=ref)
+
 
 # %% ../nbs/16_study.ipynb #s16d0012
 def _fmt_equiv(d: dict, top: int = DIGITS_EULER[-1]) -> str:
-    "An equivalent NFE with its interval and unit; 'more than TOP NFE' when no bootstrap resample reaches it on the grid."
-    if not math.isfinite(d['lo']): return f'more than {top} NFE (the largest on the grid; no bootstrap resample reaches it)'
+    ("An equivalent NFE with its interval and unit; 'more than TOP NFE' when no bootstrap resample reaches it on the "
+     "grid.")
+    if not math.isfinite(d['lo']):
+        return f'more than {top} NFE (the largest on the grid; no bootstrap resample reaches it)'
     f = lambda v: f'beyond {top}' if not math.isfinite(v) else f'{v:.1f}'
     return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}] NFE"
 
@@ -588,114 +733,172 @@ def _diff_text(d: dict) -> str:
 @result_table('digits')
 def digits_table(folder=None) -> str:
     "The README's digits block: digits-FID against NFE for every method, and the comparisons the text makes."
-    S = digits_summary(folder); n = len(S['seeds'])
-    lab = {'euler': 'Euler', 'heun': 'Heun', 'native': '', 'matched': f'omega {DIGITS_IMF_MATCHED:g} (the others\' guidance)'}
-    rows = [[f"{DIGITS_LABELS[m]}{', ' + lab[s] if lab[s] else ''}", k, S['rows'][(m, s, k)]] for (m, s, k) in S['rows']]
-    rows.append([f"real digits ({DIGITS_N:,} train images, {len(S['reference']['real_vs_real'])} draws)", '', S['floor']])
+    S = digits_summary(folder)
+    n = len(S['seeds'])
+    lab = {
+        'euler': 'Euler', 'heun': 'Heun', 'native': '',
+        'matched': f'omega {DIGITS_IMF_MATCHED:g} (the others\' guidance)'
+    }
+    rows = [[f"{DIGITS_LABELS[m]}{', ' + lab[s] if lab[s] else ''}", k, S['rows'][(m, s, k)]]
+            for (m, s, k) in S['rows']]
+    rows.append(
+        [f"real digits ({DIGITS_N:,} train images, {len(S['reference']['real_vs_real'])} draws)", '', S['floor']])
     eq, sp, mem = S['equiv_nfe'], S['speedup'], S['memorisation']
-    try: sw = load_result('digits_fm_sweep', folder); fm_txt = (f"Flow matching's time distribution: {sw['choice']}, chosen on validation "
-                                                                 f"seed {sw['val_seed']} among {len(sw['sweep'])} settings. ")
-    except FileNotFoundError: fm_txt = ''
+    try:
+        sw = load_result('digits_fm_sweep', folder)
+        fm_txt = (f"Flow matching's time distribution: {sw['choice']}, chosen on validation "
+                  f"seed {sw['val_seed']} among {len(sw['sweep'])} settings. ")
+    except FileNotFoundError:
+        fm_txt = ''
     om = ', '.join(f"{k} NFE {'/'.join(f'{w:g}' for w in S['imf_omega'][k])}" for k in DIGITS_MF_NFE)
-    lines = [md_table(['method, sampler', 'NFE', f'digits-FID, mean [95 % CI over {n} seeds]'], rows), '',
-             f"{fm_txt}iMF's guidance scale, chosen per run and NFE on validation noise (seeds {', '.join(S['seeds'])}): {om}.", '',
-             "- Flow matching (Euler) reaches each one-step model's 1-NFE digits-FID at: " + '; '.join(
-                 f"{DIGITS_LABELS[m]} **{_fmt_equiv(eq[m], S['euler'][-1])}**" for m in DIGITS_ONE_STEP) + '.',
-             "- Paired over seeds, minus MeanFlow: " + '; '.join(
-                 f"{DIGITS_LABELS[m]}: " + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['vs_mf'][m].items()) for m in S['vs_mf'])
-             + ('; iMF at the others\' guidance scale: ' + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['imf_matched_vs_mf'].items())
-                if S['imf_matched_vs_mf'] else '') + '.',
-             f"- Kim et al.'s speed-up (MeanFlow's {S['steps'][-1]} steps over the first checkpoint where Kim et al.'s seed-mean 1-NFE curve "
-             f"reaches MeanFlow's final level; grid of {S['steps'][1] - S['steps'][0]} steps): "
-             + (f"**{fmt_ci(sp, 2, 'x')}**." if sp['mean'] > 0 else f"**none**: the curve never reaches that level "
-                f"(it does in {100 * sp['reached']:.0f} % of the bootstrap resamples).") ,
-             f"- Memorisation (median nearest-training-image distance of samples over that of the test images; 1 = like fresh digits, "
-             f"0 = copies): " + ', '.join(f"{DIGITS_LABELS[m]} {fmt_ci(mem[m]['ratio'], 2)}" for m in mem) + '.']
+    lines = [
+        md_table(['method, sampler', 'NFE', f'digits-FID, mean [95 % CI over {n} seeds]'], rows), '',
+        f"{fm_txt}iMF's guidance scale, chosen per run and NFE on validation noise (seeds {', '.join(S['seeds'])}): "
+        f"{om}.",
+        '', "- Flow matching (Euler) reaches each one-step model's 1-NFE digits-FID at: " +
+        '; '.join(f"{DIGITS_LABELS[m]} **{_fmt_equiv(eq[m], S['euler'][-1])}**"
+                  for m in DIGITS_ONE_STEP) + '.', "- Paired over seeds, minus MeanFlow: " +
+        '; '.join(f"{DIGITS_LABELS[m]}: " + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['vs_mf'][m].items())
+                  for m in S['vs_mf']) +
+        ('; iMF at the others\' guidance scale: ' +
+         ', '.join(f"{k} NFE {_diff_text(d)}"
+                   for k, d in S['imf_matched_vs_mf'].items()) if S['imf_matched_vs_mf'] else '') + '.',
+        f"- Kim et al.'s speed-up (MeanFlow's {S['steps'][-1]} steps over the first checkpoint where Kim et al.'s "
+        f"seed-mean 1-NFE curve "
+        f"reaches MeanFlow's final level; grid of {S['steps'][1] - S['steps'][0]} steps): " +
+        (f"**{fmt_ci(sp, 2, 'x')}**." if sp['mean'] > 0 else f"**none**: the curve never reaches that level "
+         f"(it does in {100 * sp['reached']:.0f} % of the bootstrap resamples)."),
+        f"- Memorisation (median nearest-training-image distance of samples over that of the test images; 1 = like "
+        f"fresh digits, "
+        f"0 = copies): " + ', '.join(f"{DIGITS_LABELS[m]} {fmt_ci(mem[m]['ratio'], 2)}" for m in mem) + '.'
+    ]
     return '\n'.join(lines) + '\n'
+
 
 # %% ../nbs/16_study.ipynb #s16d0013
 @figure('digits_nfe.png')
 def digits_nfe_figure(path=None, folder=None):
-    "digits-FID against NFE: flow matching (Euler, Heun) as curves, the one-step methods as points, with 95 % intervals."
+    ("digits-FID against NFE: flow matching (Euler, Heun) as curves, the one-step methods as points, with 95 % "
+     "intervals.")
     import matplotlib, matplotlib.pyplot as plt
-    S = digits_summary(folder); R = S['rows']
+    S = digits_summary(folder)
+    R = S['rows']
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for (s, ks, mk) in (('euler', S['euler'], 'o'), ('heun', S['heun'], 's')):
         d = [R[('fm', s, k)] for k in ks]
         l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, label=f'flow matching, {s.capitalize()}')
         ax.fill_between(ks, [v['lo'] for v in d], [v['hi'] for v in d], color=l.get_color(), alpha=0.2)
     for i, m in enumerate(DIGITS_ONE_STEP):
-        d = [R[(m, 'native', k)] for k in DIGITS_MF_NFE]; x = np.array(DIGITS_MF_NFE) * (1 + 0.07 * (i - 1))
-        ax.errorbar(x, [v['mean'] for v in d], yerr=[[v['mean'] - v['lo'] for v in d], [v['hi'] - v['mean'] for v in d]],
-                    fmt='D', ms=5, capsize=3, color=f'C{i + 2}', label=DIGITS_LABELS[m])
-    f = S['floor']; ax.axhspan(*S['floor_range'], color='k', alpha=0.08)
+        d = [R[(m, 'native', k)] for k in DIGITS_MF_NFE]
+        x = np.array(DIGITS_MF_NFE) * (1 + 0.07 * (i - 1))
+        ax.errorbar(x, [v['mean'] for v in d], yerr=[[v['mean'] - v['lo'] for v in d],
+                                                     [v['hi'] - v['mean'] for v in d]], fmt='D', ms=5, capsize=3,
+                    color=f'C{i + 2}', label=DIGITS_LABELS[m])
+    f = S['floor']
+    ax.axhspan(*S['floor_range'], color='k', alpha=0.08)
     ax.axhline(f['mean'], color='k', ls=':', lw=1, label=f'real digits, N = {DIGITS_N:,}')
-    ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xticks(S['euler'], [str(k) for k in S['euler']])
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel('network calls per sample (NFE)'); ax.set_ylabel('digits-FID vs test split')
-    ax.set_title(f"digits, {len(S['seeds'])} seeds, {S['steps'][-1]} steps at batch {DIGITS_TRAIN['global_batch']}", fontsize=9)
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ax.set_xticks(S['euler'], [str(k) for k in S['euler']])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel('network calls per sample (NFE)')
+    ax.set_ylabel('digits-FID vs test split')
+    ax.set_title(f"digits, {len(S['seeds'])} seeds, {S['steps'][-1]} steps at batch {DIGITS_TRAIN['global_batch']}",
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=90)
+    if path:
+        fig.savefig(path, dpi=90)
     return fig
 
 @figure('digits_curves.png')
 def digits_curves_figure(path=None, folder=None):
     "1-NFE digits-FID over training for MeanFlow and Kim et al.: seed mean and seed range, MeanFlow's final level."
     import matplotlib, matplotlib.pyplot as plt
-    S = digits_summary(folder); steps = np.array(S['steps'])
+    S = digits_summary(folder)
+    steps = np.array(S['steps'])
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for i, m in enumerate(('mf', 'kim')):
         c = S['curves'][m]
-        l, = ax.plot(steps, c.mean(0), marker='o', ms=3, color=f'C{i + 2}', label=f"{DIGITS_LABELS[m]} (mean of {len(c)} seeds)")
+        l, = ax.plot(steps, c.mean(0), marker='o', ms=3, color=f'C{i + 2}',
+                     label=f"{DIGITS_LABELS[m]} (mean of {len(c)} seeds)")
         ax.fill_between(steps, c.min(0), c.max(0), color=l.get_color(), alpha=0.15)
     ax.axhline(S['curves']['mf'].mean(0)[-1], color='k', lw=0.8, ls='--', label="MeanFlow's final level")
-    ax.set_yscale('log'); ax.set_xlabel('training step'); ax.set_ylabel('1-NFE digits-FID vs test split')
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter()); ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yscale('log')
+    ax.set_xlabel('training step')
+    ax.set_ylabel('1-NFE digits-FID vs test split')
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     sp = S['speedup']
-    ax.set_title(f"speed-up of Kim et al.: {fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else 'none (never reaches it)'}", fontsize=9)
+    ax.set_title(f"speed-up of Kim et al.: {fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else 'none (never reaches it)'}",
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=90)
+    if path:
+        fig.savefig(path, dpi=90)
     return fig
+
 
 # %% ../nbs/16_study.ipynb #s16d0033
 def digits_findings(folder=None) -> str:
     "The results page's bullet points on digits, every number read from the result files."
-    S = digits_summary(folder); R = S['rows']; n = len(S['seeds'])
+    S = digits_summary(folder)
+    R = S['rows']
+    n = len(S['seeds'])
     fm_best = min((('euler', k) for k in S['euler']), key=lambda sk: R[('fm', *sk)]['mean'])
     out = [f"**What the digits runs show** ({n} training seeds, 95 % intervals; a difference is claimed only where the "
            "paired interval excludes 0; digits-FID, lower is better):", '']
     for m in DIGITS_ONE_STEP:
         eq = S['equiv_nfe'][m]
-        vs = (f"better than flow matching with Euler at every NFE of the grid (up to {S['euler'][-1]})" if not math.isfinite(eq['lo'])
-              else f"as good as flow matching with Euler at {_fmt_equiv(eq, S['euler'][-1])}")
-        out.append(f"- **{DIGITS_LABELS[m]}** at 1 NFE: {fmt_ci(R[(m, 'native', 1)])}, {vs}; at 2 NFE {fmt_ci(R[(m, 'native', 2)])}.")
+        vs = (f"better than flow matching with Euler at every NFE of the grid (up to {S['euler'][-1]})"
+              if not math.isfinite(eq['lo']) else
+              f"as good as flow matching with Euler at {_fmt_equiv(eq, S['euler'][-1])}")
+        out.append(
+            f"- **{DIGITS_LABELS[m]}** at 1 NFE: {fmt_ci(R[(m, 'native', 1)])}, {vs}; at 2 NFE "
+            f"{fmt_ci(R[(m, 'native', 2)])}."
+        )
     for m, d in S['vs_mf'].items():
-        out.append(f"- {DIGITS_LABELS[m]} minus MeanFlow: " + ', '.join(f"{k} NFE {fmt_ci(x)} ({_sep(x)})" for k, x in d.items()) + '.')
+        out.append(f"- {DIGITS_LABELS[m]} minus MeanFlow: " + ', '.join(f"{k} NFE {fmt_ci(x)} ({_sep(x)})"
+                                                                        for k, x in d.items()) + '.')
     if S['imf_matched_vs_mf']:
         d = S['imf_matched_vs_mf']
-        out.append(f"- iMF at the others' effective guidance scale ({DIGITS_IMF_MATCHED:g}) instead of its chosen one: 1 NFE "
-                   f"{fmt_ci(R[('imf', 'matched', 1)])}; minus MeanFlow " + ', '.join(f"{k} NFE {fmt_ci(x)} ({_sep(x)})" for k, x in d.items()) + '.')
+        out.append(
+            f"- iMF at the others' effective guidance scale ({DIGITS_IMF_MATCHED:g}) instead of its chosen one: 1 NFE "
+            f"{fmt_ci(R[('imf', 'matched', 1)])}; minus MeanFlow " + ', '.join(f"{k} NFE {fmt_ci(x)} ({_sep(x)})"
+                                                                               for k, x in d.items()) + '.')
     sp = S['speedup']
-    out.append(f"- Kim et al.'s speed-up over MeanFlow on the 1-NFE curves: " + (fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else
-               f"none: its seed-mean curve never reaches MeanFlow's final level (in {100 * sp['reached']:.0f} % of the bootstrap resamples it does)") + '.')
-    out.append(f"- Flow matching's best: {fmt_ci(R[('fm', *fm_best)])} at {fm_best[1]} Euler NFE; real digits at the same N: "
-               f"{fmt_ci(S['floor'])}. Every model is far above that floor: these are short runs, not converged models.")
-    mem = S['memorisation']; lo = min(v['ratio']['mean'] for v in mem.values()); hi = max(v['ratio']['mean'] for v in mem.values())
-    out.append(f"- Memorisation: samples sit {lo:.2f} to {hi:.2f} times farther from their nearest training image than the test "
-               "digits do (seed means; copies would score near 0).")
+    out.append(f"- Kim et al.'s speed-up over MeanFlow on the 1-NFE curves: " + (
+        fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else
+        f"none: its seed-mean curve never reaches MeanFlow's final level (in {100 * sp['reached']:.0f} % of the "
+        f"bootstrap resamples it does)"
+    ) + '.')
+    out.append(
+        f"- Flow matching's best: {fmt_ci(R[('fm', *fm_best)])} at {fm_best[1]} Euler NFE; real digits at the same N: "
+        f"{fmt_ci(S['floor'])}. Every model is far above that floor: these are short runs, not converged models.")
+    mem = S['memorisation']
+    lo = min(v['ratio']['mean'] for v in mem.values())
+    hi = max(v['ratio']['mean'] for v in mem.values())
+    out.append(
+        f"- Memorisation: samples sit {lo:.2f} to {hi:.2f} times farther from their nearest training image than the "
+        f"test "
+        "digits do (seed means; copies would score near 0).")
     return '\n'.join(out) + '\n'
+
 
 # %% ../nbs/16_study.ipynb #s16d0014
 @study('digits', minutes=90)  # 23 runs: training 1 to 4 min each, measuring 1 to 5 min
 def study_digits(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
-    "Digits: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF, digits-FID against NFE, 5 seeds."
+    ("Digits: fair flow matching (swept on a validation seed) against MeanFlow, Kim et al. and iMF, digits-FID against "
+     "NFE, 5 seeds.")
     seeds = DIGITS_SEEDS[:1] if quick else DIGITS_SEEDS
-    if fresh and not quick: digits_fm_settings(runs, False, folder, fresh=True)   # the sweep first; the runs then read its choice
+    if fresh and not quick:
+        digits_fm_settings(runs, False, folder, fresh=True)   # the sweep first; the runs then read its choice
     recs = {(m, s): digits_run(runs, m, s, quick, folder, fresh) for s in seeds for m in DIGITS_METHODS}
-    if not quick: digits_reference(folder)
+    if not quick:
+        digits_reference(folder)
     return recs
+
 
 # %% ../nbs/16_study.ipynb #s16e0002
 @study('main-job', minutes=5)
@@ -705,47 +908,62 @@ def study_main_job(runs: Path = Path('runs/study'), quick: bool = False, folder=
     out = Path(runs) / ('main_job_quick' if quick else 'main_job')
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, '-m', 'meanflow_nb.train', '--preset', 'toy2d', '--out', str(out), '--no-progress']
-    if quick: cmd += ['--steps', '20', '--eval_samples', '500']
+    if quick:
+        cmd += ['--steps', '20', '--eval_samples', '500']
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', MPLBACKEND='Agg')
     load0, r0, t0 = os.getloadavg(), resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall, r1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     check(p.returncode == 0, f"the main job failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:] or ''}")
     res = dict(name='main_job', command='mf-train --preset toy2d --out runs/toy2d', threads=1, wall_s=round(wall, 1),
-               user_s=round(r1.ru_utime - r0.ru_utime, 1), sys_s=round(r1.ru_stime - r0.ru_stime, 1),
-               max_rss_mb=round(r1.ru_maxrss / 1024), cpus=os.cpu_count(), loadavg_start=[round(x, 2) for x in load0],
-               loadavg_end=[round(x, 2) for x in os.getloadavg()], torch=torch.__version__, date=time.strftime('%Y-%m-%d'),
-               metrics=json.loads((out / 'metrics.json').read_text()))
+               user_s=round(r1.ru_utime - r0.ru_utime,
+                            1), sys_s=round(r1.ru_stime - r0.ru_stime,
+                                            1), max_rss_mb=round(r1.ru_maxrss / 1024), cpus=os.cpu_count(),
+               loadavg_start=[round(x, 2) for x in load0], loadavg_end=[round(x, 2) for x in os.getloadavg()],
+               torch=torch.__version__, date=time.strftime('%Y-%m-%d'), metrics=json.loads(
+                   (out / 'metrics.json').read_text()))
     if not quick:
         save_result('main_job', res, folder)
         shutil.copy(out / 'samples.png', repo_root() / 'nbs' / 'images' / 'toy2d_samples.png')  # the README's figure
     return res
 
-def _min_s(s: float) -> str: return f'{int(s // 60)} min {round(s % 60):02d} s'
+def _min_s(s: float) -> str:
+    return f'{int(s // 60)} min {round(s % 60):02d} s'
 
 @result_table('main_job')
 def main_job_text(folder=None) -> str:
     "The README's sentence on the main job: wall time, CPU, memory and what it printed."
-    r = load_result('main_job', folder); m = r['metrics']
-    return (f"Measured by `mf-study main-job` ({r['date']}, torch {r['torch']}, {r['cpus']} cores, one torch thread, load "
-            f"average {r['loadavg_start'][0]:.2f} at the start): **{_min_s(r['wall_s'])}** wall-clock, {r['user_s']:.0f} s user and "
-            f"{r['sys_s']:.0f} s system CPU, {r['max_rss_mb'] / 1024:.1f} GB peak memory. It printed SWD {m['swd_1nfe']:.3f} (1 step), "
-            f"{m['swd_2nfe']:.3f} (2 steps) and {m['swd_fm100']:.3f} for the flow-matching baseline at 100 Euler steps, against "
-            f"{m['swd_data_floor']:.3f} between two draws of the data (`results/main_job.json`).\n")
+    r = load_result('main_job', folder)
+    m = r['metrics']
+    return (
+        f"Measured by `mf-study main-job` ({r['date']}, torch {r['torch']}, {r['cpus']} cores, one torch thread, load "
+        f"average {r['loadavg_start'][0]:.2f} at the start): **{_min_s(r['wall_s'])}** wall-clock, {r['user_s']:.0f} s "
+        f"user and "
+        f"{r['sys_s']:.0f} s system CPU, {r['max_rss_mb'] / 1024:.1f} GB peak memory. It printed SWD "
+        f"{m['swd_1nfe']:.3f} (1 step), "
+        f"{m['swd_2nfe']:.3f} (2 steps) and {m['swd_fm100']:.3f} for the flow-matching baseline at 100 Euler steps, "
+        f"against "
+        f"{m['swd_data_floor']:.3f} between two draws of the data (`results/main_job.json`).\n")
+
 
 # %% ../nbs/16_study.ipynb #s16e0003
 @study('bench', minutes=20)
 def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
-    "Every `mf-bench` part side by side in one process (the README's benchmark table); `results/bench.json`. Parts finished before a crash are kept (in `runs/`) unless `fresh`."
+    ("Every `mf-bench` part side by side in one process (the README's benchmark table); `results/bench.json`. Parts "
+     "finished before a crash are kept (in `runs/`) unless `fresh`.")
     from meanflow_nb.bench import run_bench, PARTS
     part_file = Path(runs) / f"bench_parts{'_quick' if quick else ''}.json"
     res = {} if fresh or not part_file.exists() else json.loads(part_file.read_text())
     for p in PARTS:
-        if p in res: continue
+        if p in res:
+            continue
         r = run_bench((p,), 'tiny' if quick else 'default', threads=1, verbose=True)
-        res.setdefault('meta', r['meta'])['loadavg_end'] = r['meta']['loadavg_end']; res[p] = r[p]
-        part_file.parent.mkdir(parents=True, exist_ok=True); write_text_atomic(part_file, json.dumps(res))
-    if not quick: save_result('bench', res, folder)
+        res.setdefault('meta', r['meta'])['loadavg_end'] = r['meta']['loadavg_end']
+        res[p] = r[p]
+        part_file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(part_file, json.dumps(res))
+    if not quick:
+        save_result('bench', res, folder)
     part_file.unlink(missing_ok=True)
     return res
 
@@ -753,23 +971,32 @@ def study_bench(runs: Path = Path('runs/study'), quick: bool = False, folder=Non
 def bench_text(folder=None) -> str:
     "The README's benchmark table from `results/bench.json`."
     from meanflow_nb.bench import bench_table, bench_findings
-    r = load_result('bench', folder); m = r['meta']
-    return (bench_table(r) + '\n\n' + f"`mf-study bench` on {m['date'][:10]}: torch {m['torch']}, {m['cpus']} cores"
-            + (f" ({m['cpu']})" if 'cpu' in m else '') + f", one thread per process, load average {m['loadavg_start'][0]:.2f} at the "
+    r = load_result('bench', folder)
+    m = r['meta']
+    return (bench_table(r) + '\n\n' + f"`mf-study bench` on {m['date'][:10]}: torch {m['torch']}, {m['cpus']} cores" +
+            (f" ({m['cpu']})" if 'cpu' in m else '') +
+            f", one thread per process, load average {m['loadavg_start'][0]:.2f} at the "
             f"start and {m['loadavg_end'][0]:.2f} at the end. What it says:\n\n" + bench_findings(r) + '\n')
+
 
 # %% ../nbs/16_study.ipynb #s16e0004
 @result_table('digits_fid')
 def digits_fid_text(folder=None) -> str:
     "The README's paragraph on digits-FID itself: the classifier, the reference and the real-data floor."
-    r = load_result('digits_reference', folder); rv = r['real_vs_real']
+    r = load_result('digits_reference', folder)
+    rv = r['real_vs_real']
     c = r['classifier']
     params = f"A {c['params'] / 1000:.0f}k-parameter classifier" if 'params' in c else 'A small classifier'
-    return (f"{params} trained on the {r['n_train']:,}-image train split only and shipped with the package "
-            f"({100 * c['test_accuracy']:.1f} % accuracy on the test split), as a torch-fidelity feature extractor. The reference is the "
-            f"{r['n_ref']:,}-image **test** split, which neither the generators nor the classifier train on. At the studies' "
-            f"N = {r['n']:,}, real train digits score {np.mean(rv):.2f} ({min(rv):.2f} to {max(rv):.2f} over {len(rv)} subsets); "
-            f"the whole train split scores {r['train_all_vs_test']:.2f} (`results/digits_reference.json`).\n")
+    return (
+        f"{params} trained on the {r['n_train']:,}-image train split only and shipped with the package "
+        f"({100 * c['test_accuracy']:.1f} % accuracy on the test split), as a torch-fidelity feature extractor. The "
+        f"reference is the "
+        f"{r['n_ref']:,}-image **test** split, which neither the generators nor the classifier train on. At the "
+        f"studies' "
+        f"N = {r['n']:,}, real train digits score {np.mean(rv):.2f} ({min(rv):.2f} to {max(rv):.2f} over {len(rv)} "
+        f"subsets); "
+        f"the whole train split scores {r['train_all_vs_test']:.2f} (`results/digits_reference.json`).\n")
+
 
 # %% ../nbs/16_study.ipynb #s16e0005
 @result_table('plan')
@@ -780,13 +1007,19 @@ def plan_block(presets=('in256-mf-B4', 'in256-mf-XL2', 'in256-kim-XL2', 'in256-i
     rows = []
     for p in presets:
         r = plan(p, gpus, gpu_mem_gb)
-        rows.append([f'`{p}`', f"{r['params_m']} M", r['per_gpu_batch'],
-                     f"{r['act_fm_mb_per_sample'] / 1024:.2f} / {r['act_jvp_mb_per_sample'] / 1024:.2f} GB", r['micro_batch'] or 'none',
-                     f"{r['peak_gb']} GB" if r['peak_gb'] else '-', f"{r['gpu_hours']:,}"])
+        rows.append([
+            f'`{p}`', f"{r['params_m']} M", r['per_gpu_batch'],
+            f"{r['act_fm_mb_per_sample'] / 1024:.2f} / {r['act_jvp_mb_per_sample'] / 1024:.2f} GB", r['micro_batch']
+            or 'none', f"{r['peak_gb']} GB" if r['peak_gb'] else '-', f"{r['gpu_hours']:,}"
+        ])
     mfu, tf = r['mfu'], r['peak_tflops']
-    return md_table([f'preset ({gpus} x {gpu_mem_gb:g} GB)', 'params', 'per GPU', 'activations r = t / JVP per sample', 'micro-batch',
-                     'planned peak', f'GPU-hours ({100 * mfu:.0f} % MFU, {tf:g} TFLOP/s bf16)'], rows) + '\n'
+    return md_table([
+        f'preset ({gpus} x {gpu_mem_gb:g} GB)', 'params', 'per GPU', 'activations r = t / JVP per sample',
+        'micro-batch', 'planned peak', f'GPU-hours ({100 * mfu:.0f} % MFU, {tf:g} TFLOP/s bf16)'
+    ], rows) + '\n'
+
 
 # %% ../nbs/16_study.ipynb #s16b0006
 #| eval: false
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: cli_study()  # `python -m meanflow_nb.study`
+if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    cli_study()  # `python -m meanflow_nb.study`

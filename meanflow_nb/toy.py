@@ -80,9 +80,11 @@ class GaussianMixture:
         self.weights = w / w.sum()
 
     @property
-    def num_classes(self) -> int: return self.means.shape[0]
+    def num_classes(self) -> int:
+        return self.means.shape[0]
     @property
-    def dim(self) -> int: return self.means.shape[1]
+    def dim(self) -> int:
+        return self.means.shape[1]
 
     @classmethod
     def ring(cls, k: int = 8, # number of components (= classes)
@@ -95,7 +97,8 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None, y: torch.Tensor | None = None):
         "Draw `(x, y)`: float32 points `(n, d)` and their component labels `(n,)`; pass `y` to fix the labels."
-        if y is None: y = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        if y is None:
+            y = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         e = torch.randn(len(y), self.dim, generator=generator, dtype=torch.float64)
         return (self.means[y] + self.std[y, None] * e).float(), y
 
@@ -117,7 +120,8 @@ def velocity(self: GaussianMixture, z: torch.Tensor, # states `(B, d)`
     S = a ** 2 * s2 + t ** 2                                              # (B, K) variance of z_t given k
     diff = zz[:, None, :] - a[:, :, None] * m                             # (B, K, d) z - a m_k
     vk = ((t - a * s2) / S)[..., None] * diff - m                         # (B, K, d) E[e - x | z, k]
-    if y is not None: return vk[torch.arange(len(zz), device=zz.device), y.to(zz.device)].to(z.dtype)
+    if y is not None:
+        return vk[torch.arange(len(zz), device=zz.device), y.to(zz.device)].to(z.dtype)
     logits = self.weights.to(zz.device).log() - 0.5 * self.dim * S.log() - 0.5 * (diff ** 2).sum(-1) / S  # (B, K)
     return (logits.softmax(-1)[..., None] * vk).sum(1).to(z.dtype)        # (B, d) posterior average
 
@@ -153,7 +157,8 @@ def sliced_wasserstein(a: torch.Tensor, # samples `(N, d)`
     a, b = (torch.as_tensor(v).detach().cpu().double().reshape(len(v), -1) for v in (a, b))
     if len(a) != len(b):                                                  # general case: POT's quantile matching
         return float(ot.sliced_wasserstein_distance(a.numpy(), b.numpy(), n_projections=n_proj, p=2, seed=seed))
-    P = torch.from_numpy(ot.sliced.get_random_projections(a.shape[1], n_proj, seed=seed))  # (d, n_proj), POT's directions
+    # (d, n_proj), POT's directions
+    P = torch.from_numpy(ot.sliced.get_random_projections(a.shape[1], n_proj, seed=seed))
     pa, pb = (a @ P).sort(0).values, (b @ P).sort(0).values               # equal sizes: W2 in 1-D = sorted matching
     return float(((pa - pb) ** 2).mean(0).mean().sqrt())                  # ~10x faster than POT's numpy path
 

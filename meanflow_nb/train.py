@@ -4,7 +4,8 @@
 
 # %% ../nbs/08_train.ipynb #199e24f3
 from __future__ import annotations
-import os, re, sys, json, math, time, glob, copy, argparse, dataclasses, warnings, hashlib, numbers, socket, signal, threading
+import os, re, sys, json, math, time, glob, copy, argparse, dataclasses, warnings, hashlib, numbers
+import socket, signal, threading
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -12,12 +13,16 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
-from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, set_seed, in_test, write_text_atomic, write_atomic
-try: import fcntl  # run-folder locks (POSIX)
-except ImportError: fcntl = None
+from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, set_seed, in_test
+from .core import write_text_atomic, write_atomic
+try:
+    import fcntl  # run-folder locks (POSIX)
+except ImportError:
+    fcntl = None
 from . import dist
 from .loss import MeanFlowLoss, sample_meanflow, jvp_precision
 from .schedules import balanced_split
+
 
 # %% auto #0
 __all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'CKPT_KEYS', 'CKPT_NAME', 'RESUME_MAY_CHANGE', 'RUN_FILES',
@@ -51,19 +56,24 @@ class TrainConfig:
     weight_decay: float = 0.0 # AdamW weight decay (MF: 0)
     warmup_steps: int = 0 # linear learning-rate warm-up (iMF: 10 epochs)
     ema_decays: tuple = (0.9999,) # one EMA copy per decay; the first is used for samples and metrics
-    ema_warmup: bool = True # effective decay min(decay, (1 + n) / (10 + n)) after n updates, so short runs get a useful EMA
+    # effective decay min(decay, (1 + n) / (10 + n)) after n updates, so short runs get a useful EMA
+    ema_warmup: bool = True
     grad_clip: float = 0.0 # clip the global grad norm to this (0: off)
     bf16: bool = False # bf16 autocast for the forward passes (the JVP itself stays fp32)
     compile: bool = False # torch.compile the model
     # --- speed and memory at scale (see "Paper scale: fast and fitting" below)
     tf32: bool = True # on CUDA, TF32 tensor cores for fp32 matmuls and convolutions (False: exact fp32)
     jvp_dtype: str = 'fp32' # precision of the JVP: 'fp32' (MF's official code) or 'bf16' (autocast inside the JVP too)
-    micro_batch: int = 0 # per-rank micro-batch; gradients accumulate before the one all-reduce (0: no split; 'auto': fit the free GPU memory)
+    # per-rank micro-batch; gradients accumulate before the one all-reduce (0: no split; 'auto': fit the free GPU
+    # memory)
+    micro_batch: int = 0
     grad_ckpt: bool = False # activation checkpointing of every DiT / iMF block, also inside the JVP
-    r_eq_t_split: str = 'random' # 'random': a Bernoulli r = t mask; 'balanced': the same r = t count on every rank (04_loss)
+    # 'random': a Bernoulli r = t mask; 'balanced': the same r = t count on every rank (04_loss)
+    r_eq_t_split: str = 'random'
     overlap_sync: bool = True # all-reduce gradients in buckets during backward (False: one flat all-reduce after it)
     bucket_mb: float = 25.0 # gradient bucket size of the overlapped all-reduce, in MB
-    compile_step: bool | str = False # torch.compile the whole step (loss, JVP, backward); 'auto': on for CUDA, off for CPU (the in256-* presets)
+    # torch.compile the whole step (loss, JVP, backward); 'auto': on for CUDA, off for CPU (the in256-* presets)
+    compile_step: bool | str = False
     ckpt_every_minutes: float = 0.0 # also checkpoint when this many minutes passed since the last one (0: off)
     # --- the loss (MF names)
     P_mean: float = -0.4 # logit-normal location of t and r
@@ -86,7 +96,8 @@ class TrainConfig:
     dtd_patience: int = 0 # DTD: max steps per stage (0: an equal share of the first half of training)
     dtd_clustering: str = 'uniform' # DTD: t clusters of equal width ('uniform') or equal base mass ('quantile')
     v_target_noise: float = 0.0 # Kim et al. O1 (Fig. 3): noise of scale k * ||v|| on the v-loss target only
-    gap_range: tuple = () # Kim et al. O2 (Fig. 4): (lo, hi) rescales every gap t - r into [lo, hi], u-loss only (method kim)
+    # Kim et al. O2 (Fig. 4): (lo, hi) rescales every gap t - r into [lo, hi], u-loss only (method kim)
+    gap_range: tuple = ()
     # --- Improved MeanFlow
     imf_omega_max: float = 8.0 # guidance scales are drawn from [1, imf_omega_max]
     imf_omega_beta: float = 1.0 # density proportional to omega ** -beta (1: log-uniform)
@@ -111,33 +122,47 @@ class TrainConfig:
     init_from: str = '' # start from the model weights of this checkpoint or run folder (fine-tuning; not a resume)
     preset: str = '' # the preset this config came from (informational)
 
+
 # %% ../nbs/08_train.ipynb #a0ca0070
 IMAGENET_TRAIN = 1_281_167 # ImageNet-1k training images: epochs -> steps
 _IN256 = dict(data='latents', num_classes=1000, global_batch=256, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
-              ema_decays=(0.9999,), ema_warmup=False, P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
-              class_dropout=0.1, epochs=240, log_every=100, sample_every=10_000, ckpt_every=10_000, num_workers=8,
-              eval_samples=50_000, data_kwargs={'normalization': 'mf'},
-              bf16=True, r_eq_t_split='balanced', micro_batch='auto', ckpt_every_minutes=30.0,
-              compile_step='auto')  # fast and fitting: see 08_train
+              ema_decays=(0.9999, ), ema_warmup=False, P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0,
+              norm_eps=1e-2, class_dropout=0.1, epochs=240, log_every=100, sample_every=10_000, ckpt_every=10_000,
+              num_workers=8, eval_samples=50_000, data_kwargs={'normalization': 'mf'
+                                                               }, bf16=True, r_eq_t_split='balanced',
+              micro_batch='auto', ckpt_every_minutes=30.0, compile_step='auto')  # fast and fitting: see 08_train
 PRESETS: dict[str, dict] = {
     # MF on the 2-D checkerboard with a small MLP: the README's first command, <= 3 minutes on 2 cores
     # (uniform times: on this toy they beat the ImageNet logit-normal for both MF and FM, SWD 0.18 vs 0.21 at 2k steps)
-    'toy2d': dict(model='ToyMLP', model_kwargs=dict(hidden=256, depth=4), data='checkerboard', global_batch=1024,
-                  lr=1e-3, ema_decays=(0.999,), time_dist='uniform', ratio_r_eq_t=0.5, norm_p=0.75, norm_eps=1e-3,
-                  class_dropout=0.0, steps=2000, log_every=100, ckpt_every=1000, baseline_fm=True,
-                  # FM as FM: plain squared error, the time distribution chosen by `mf-study toy-fm-vs-mf` on a validation seed
-                  baseline_kwargs=dict(norm_p=0.0, time_dist='logit_normal', P_mean=0.0, P_std=1.0)),
+    'toy2d': dict(
+        model='ToyMLP',
+        model_kwargs=dict(hidden=256, depth=4),
+        data='checkerboard',
+        global_batch=1024,
+        lr=1e-3,
+        ema_decays=(0.999, ),
+        time_dist='uniform',
+        ratio_r_eq_t=0.5,
+        norm_p=0.75,
+        norm_eps=1e-3,
+        class_dropout=0.0,
+        steps=2000,
+        log_every=100,
+        ckpt_every=1000,
+        baseline_fm=True,
+        # FM as FM: plain squared error, the time distribution chosen by `mf-study toy-fm-vs-mf` on a validation seed
+        baseline_kwargs=dict(norm_p=0.0, time_dist='logit_normal', P_mean=0.0, P_std=1.0)),
     # a small DiT on scikit-learn's digits, class-conditional with trained-in CFG (MF's B/2 setting omega=1, kappa=0.5)
     'digits': dict(model='DiT-D/2', data='digits', data_kwargs={'size': 8}, num_classes=10, global_batch=128, lr=1e-3,
-                   ema_decays=(0.999,), P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
+                   ema_decays=(0.999, ), P_mean=-0.4, P_std=1.0, ratio_r_eq_t=0.75, norm_p=1.0, norm_eps=1e-2,
                    class_dropout=0.1, cfg_omega=1.0, cfg_kappa=0.5, steps=2000, log_every=50, sample_every=500,
                    ckpt_every=500, eval_samples=1000),
     # torchvision sets (need the data on disk or the internet); CIFAR-10 follows py-meanflow's paper config
-    'mnist': dict(model='DiT-B/4', data='mnist', num_classes=10, global_batch=256, lr=1e-4, cfg_omega=1.0, cfg_kappa=0.5,
-                  epochs=50, ema_decays=(0.9999,), sample_every=2000, ckpt_every=2000),
+    'mnist': dict(model='DiT-B/4', data='mnist', num_classes=10, global_batch=256, lr=1e-4, cfg_omega=1.0,
+                  cfg_kappa=0.5, epochs=50, ema_decays=(0.9999, ), sample_every=2000, ckpt_every=2000),
     'cifar10': dict(model='DiT-B/2', data='cifar10', num_classes=0, global_batch=1024, lr=6e-4, P_mean=-2.0, P_std=2.0,
                     ratio_r_eq_t=0.25, norm_p=0.75, norm_eps=1e-3, warmup_steps=10_000, steps=800_000,
-                    ema_decays=(0.9999,), class_dropout=0.0, sample_every=10_000, ckpt_every=10_000),
+                    ema_decays=(0.9999, ), class_dropout=0.0, sample_every=10_000, ckpt_every=10_000),
     # ImageNet 256 latents (MF Table 2 / Sec. 5): B/4 with omega=1, kappa=0.5 on [0, 1]
     'in256-mf-B4': dict(_IN256, model='DiT-B/4', cfg_omega=1.0, cfg_kappa=0.5, cfg_t_start=0.0, cfg_t_end=1.0),
     # XL/2: omega=0.2, kappa=0.92 on [0, 0.75]; 1000 epochs for the paper's best number, 240 for the ablations
@@ -148,8 +173,8 @@ PRESETS: dict[str, dict] = {
                           cfg_t_end=0.75, kim_accel='dtd', kim_beta=True, kim_k=1.0, epochs=240),
     # iMF: batch 1024, 10 warm-up epochs, 50 % r = t, per-channel latent standardisation, guidance as conditioning
     'in256-imf-B2': dict(_IN256, method='imf', model='iMF-B/2', global_batch=1024, ratio_r_eq_t=0.5, epochs=640,
-                         warmup_steps=10 * IMAGENET_TRAIN // 1024, data_kwargs={'normalization': 'imf'},
-                         eval_omega=8.0, eval_t_min=0.4, eval_t_max=0.65),
+                         warmup_steps=10 * IMAGENET_TRAIN // 1024, data_kwargs={'normalization': 'imf'}, eval_omega=8.0,
+                         eval_t_min=0.4, eval_t_max=0.65),
     'in256-imf-XL2': dict(_IN256, method='imf', model='iMF-XL/2', global_batch=1024, ratio_r_eq_t=0.5, epochs=640,
                           warmup_steps=10 * IMAGENET_TRAIN // 1024, data_kwargs={'normalization': 'imf'},
                           eval_omega=8.0, eval_t_min=0.42, eval_t_max=0.62),
@@ -163,10 +188,12 @@ def get_config(preset: str | None = None, **overrides) -> TrainConfig:
     check(not bad, f'unknown config field(s) {bad}; see TrainConfig')
     base = dict(PRESETS[preset]) if preset else {}
     for k, kw in (('data', 'data_kwargs'), ('model', 'model_kwargs')):  # a preset's kwargs belong to its data and model
-        if k in overrides and overrides[k] != base.get(k) and kw not in overrides: base.pop(kw, None)
+        if k in overrides and overrides[k] != base.get(k) and kw not in overrides:
+            base.pop(kw, None)
     cfg = TrainConfig(**{**base, **overrides, 'preset': preset or ''})
     validate_config(cfg)
     return cfg
+
 
 # %% ../nbs/08_train.ipynb #cd329a57
 METHODS = ('fm', 'mf', 'kim', 'imf')
@@ -179,7 +206,8 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
     check(cfg.method in METHODS, f'unknown method {cfg.method!r}; valid: {", ".join(METHODS)}')
     for n in ('ratio_r_eq_t', 'class_dropout', 'cfg_t_start', 'cfg_t_end', 'eval_t_min', 'eval_t_max'):
         check(0.0 <= getattr(cfg, n) <= 1.0, f'{n} must be in [0, 1], got {getattr(cfg, n)}')
-    check(cfg.steps >= 0 and cfg.epochs >= 0, f'steps and epochs must be non-negative, got steps={cfg.steps}, epochs={cfg.epochs}')
+    check(cfg.steps >= 0 and cfg.epochs >= 0,
+          f'steps and epochs must be non-negative, got steps={cfg.steps}, epochs={cfg.epochs}')
     check(cfg.steps > 0 or cfg.epochs > 0, 'set steps > 0 or epochs > 0')
     check(cfg.global_batch >= 1, f'global_batch must be positive, got {cfg.global_batch}')
     check(cfg.global_batch % world == 0, f'global_batch {cfg.global_batch} is not divisible by the world size {world}')
@@ -193,30 +221,43 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
         check(getattr(cfg, n) > 0, f'{n} must be > 0, got {getattr(cfg, n)}')
     check(0 <= cfg.seed <= 2 ** 63 - 1, f'seed must be in [0, 2**63 - 1], got {cfg.seed}')
     check(0 <= cfg.cfg_kappa < 1, f'cfg_kappa must be in [0, 1), got {cfg.cfg_kappa}')
-    check(cfg.eval_samples >= 2, f'eval_samples must be >= 2 (the samples of the end-of-run distances), got {cfg.eval_samples}')
+    check(cfg.eval_samples >= 2,
+          f'eval_samples must be >= 2 (the samples of the end-of-run distances), got {cfg.eval_samples}')
     check(cfg.dtd_clusters >= 1, f'dtd_clusters must be >= 1, got {cfg.dtd_clusters}')
-    check(cfg.imf_omega_max >= 1, f'imf_omega_max must be >= 1 (guidance scales are drawn from [1, imf_omega_max]), got {cfg.imf_omega_max}')
+    check(cfg.imf_omega_max >= 1,
+          f'imf_omega_max must be >= 1 (guidance scales are drawn from [1, imf_omega_max]), got {cfg.imf_omega_max}')
     check(cfg.cfg_t_start <= cfg.cfg_t_end, f'need cfg_t_start <= cfg_t_end, got {cfg.cfg_t_start} > {cfg.cfg_t_end}')
     check(cfg.eval_t_min <= cfg.eval_t_max, f'need eval_t_min <= eval_t_max, got {cfg.eval_t_min} > {cfg.eval_t_max}')
-    check(cfg.time_dist in ('logit_normal', 'uniform'), f"time_dist must be 'logit_normal' or 'uniform', got {cfg.time_dist!r}")
+    check(cfg.time_dist in ('logit_normal', 'uniform'),
+          f"time_dist must be 'logit_normal' or 'uniform', got {cfg.time_dist!r}")
     _check_names(cfg)
-    check(all(0 <= d < 1 for d in cfg.ema_decays) and len(cfg.ema_decays) >= 1, f'ema_decays must lie in [0, 1), got {cfg.ema_decays}')
-    check(cfg.kim_accel in ('minsnr', 'dtd', 'none'), f"kim_accel must be 'minsnr', 'dtd' or 'none', got {cfg.kim_accel!r}")
-    check(cfg.dtd_clustering in ('uniform', 'quantile'), f"dtd_clustering must be 'uniform' or 'quantile', got {cfg.dtd_clustering!r}")
+    check(
+        all(0 <= d < 1 for d in cfg.ema_decays) and len(cfg.ema_decays) >= 1,
+        f'ema_decays must lie in [0, 1), got {cfg.ema_decays}')
+    check(cfg.kim_accel in ('minsnr', 'dtd', 'none'),
+          f"kim_accel must be 'minsnr', 'dtd' or 'none', got {cfg.kim_accel!r}")
+    check(cfg.dtd_clustering in ('uniform', 'quantile'),
+          f"dtd_clustering must be 'uniform' or 'quantile', got {cfg.dtd_clustering!r}")
     check(len(cfg.gap_range) == 0 or (len(cfg.gap_range) == 2 and 0 <= cfg.gap_range[0] <= cfg.gap_range[1] <= 1),
           f'gap_range must be empty or (lo, hi) with 0 <= lo <= hi <= 1, got {cfg.gap_range}')
-    check(not cfg.gap_range or cfg.method == 'kim', "gap_range is a Kim et al. study protocol: use it with --method kim")
-    for n in ('log_every', 'ckpt_every', 'keep_ckpts', 'sample_every', 'param_check_every', 'warmup_steps', 'num_workers'):
+    check(not cfg.gap_range or cfg.method == 'kim',
+          "gap_range is a Kim et al. study protocol: use it with --method kim")
+    for n in ('log_every', 'ckpt_every', 'keep_ckpts', 'sample_every', 'param_check_every', 'warmup_steps',
+              'num_workers'):
         check(getattr(cfg, n) >= 0, f'{n} must be non-negative, got {getattr(cfg, n)}')
     check(cfg.jvp_dtype in ('fp32', 'bf16'), f"jvp_dtype must be 'fp32' or 'bf16', got {cfg.jvp_dtype!r}")
-    check(cfg.r_eq_t_split in ('random', 'balanced'), f"r_eq_t_split must be 'random' or 'balanced', got {cfg.r_eq_t_split!r}")
+    check(cfg.r_eq_t_split in ('random', 'balanced'),
+          f"r_eq_t_split must be 'random' or 'balanced', got {cfg.r_eq_t_split!r}")
     check(cfg.micro_batch == 'auto' or (isinstance(cfg.micro_batch, int) and cfg.micro_batch >= 0),
           f"micro_batch must be a non-negative integer or 'auto', got {cfg.micro_batch!r}")
     check(isinstance(cfg.compile_step, bool) or cfg.compile_step == 'auto',
           f"compile_step must be true, false or 'auto' (on for CUDA, off for CPU), got {cfg.compile_step!r}")
-    if cfg.data in _FILE_DATA: check(bool(cfg.data_path), f"data {cfg.data!r} needs --data_path (the folder it lives in)")
-    if cfg.data_path: check(os.path.exists(cfg.data_path), f'data path {cfg.data_path!r} does not exist')
-    if cfg.init_from: check(os.path.exists(cfg.init_from), f'init_from {cfg.init_from!r} does not exist')
+    if cfg.data in _FILE_DATA:
+        check(bool(cfg.data_path), f"data {cfg.data!r} needs --data_path (the folder it lives in)")
+    if cfg.data_path:
+        check(os.path.exists(cfg.data_path), f'data path {cfg.data_path!r} does not exist')
+    if cfg.init_from:
+        check(os.path.exists(cfg.init_from), f'init_from {cfg.init_from!r} does not exist')
 
 _FILE_DATA = ('imagefolder', 'latents')
 
@@ -229,23 +270,33 @@ def _check_names(cfg: TrainConfig):
     check(cfg.model in models, f'unknown model {cfg.model!r}; valid: {", ".join(models)}')
     check(cfg.data in data, f'unknown data {cfg.data!r}; valid: {", ".join(data)}')
 
-_ANY_TYPE = ('micro_batch', 'compile_step') # fields whose own checks accept more than their default's type (an int or a bool, or 'auto')
+# fields whose own checks accept more than their default's type (an int or a bool, or 'auto')
+_ANY_TYPE = ('micro_batch', 'compile_step')
 
 def _check_types(cfg: TrainConfig):
     "Every field has its default's type (an int where a float goes is fine) and every float is finite."
     for f in dataclasses.fields(cfg):
         d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         v = getattr(cfg, f.name)
-        if d is None or f.name in _ANY_TYPE: continue
-        if isinstance(d, bool): ok, kind = isinstance(v, bool), 'true or false'
-        elif isinstance(d, int): ok, kind = isinstance(v, numbers.Integral) and not isinstance(v, bool), 'an integer'
-        elif isinstance(d, float): ok, kind = isinstance(v, numbers.Real) and not isinstance(v, bool), 'a number'
+        if d is None or f.name in _ANY_TYPE:
+            continue
+        if isinstance(d, bool):
+            ok, kind = isinstance(v, bool), 'true or false'
+        elif isinstance(d, int):
+            ok, kind = isinstance(v, numbers.Integral) and not isinstance(v, bool), 'an integer'
+        elif isinstance(d, float):
+            ok, kind = isinstance(v, numbers.Real) and not isinstance(v, bool), 'a number'
         elif isinstance(d, (tuple, list)):
-            ok, kind = isinstance(v, (tuple, list)) and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v), 'a list of numbers'
-            if ok: check(all(math.isfinite(x) for x in v), f'{f.name} must be finite numbers, got {",".join(map(str, v))}')
-        else: ok, kind = isinstance(v, type(d)), f'a {type(d).__name__}'
+            ok, kind = isinstance(v, (tuple, list)) and all(
+                isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v), 'a list of numbers'
+            if ok:
+                check(all(math.isfinite(x) for x in v), f'{f.name} must be finite numbers, got {",".join(map(str, v))}')
+        else:
+            ok, kind = isinstance(v, type(d)), f'a {type(d).__name__}'
         check(ok, f'{f.name} must be {kind}, got {v!r}')
-        if isinstance(d, float): check(math.isfinite(v), f'{f.name} must be finite, got {v}')
+        if isinstance(d, float):
+            check(math.isfinite(v), f'{f.name} must be finite, got {v}')
+
 
 # %% ../nbs/08_train.ipynb #c37823aa
 def build_model(cfg: TrainConfig, sample_shape: tuple) -> nn.Module:
@@ -258,14 +309,17 @@ def build_model(cfg: TrainConfig, sample_shape: tuple) -> nn.Module:
         check_kwargs(cls, cfg.model_kwargs, f'model_kwargs of {cfg.model}', reserved=('dim', 'num_classes'))
         return cls(dim=sample_shape[0], num_classes=cfg.num_classes, **cfg.model_kwargs)
     from meanflow_nb.models import create_model
-    check(len(sample_shape) == 3, f'{cfg.model} needs image data (C, H, W), got samples of shape {tuple(sample_shape)}; '
-          f'for vector data use one of {", ".join(TOY_MODELS)}')
+    check(
+        len(sample_shape) == 3, f'{cfg.model} needs image data (C, H, W), got samples of shape {tuple(sample_shape)}; '
+        f'for vector data use one of {", ".join(TOY_MODELS)}')
     C, H, W = sample_shape
     check(H == W, f'{cfg.model} needs square inputs, got {H}x{W}')
     kw = dict(cfg.model_kwargs)
     clash = sorted(set(kw) & {'input_size', 'in_channels', 'num_classes'})
-    check(not clash, f'model_kwargs of {cfg.model}: {", ".join(clash)} come(s) from the data and num_classes, not model_kwargs')
-    if cfg.model.startswith('iMF'): kw.setdefault('v_head', cfg.imf_v_head)  # no unused head for the zero-parameter variant
+    check(not clash,
+          f'model_kwargs of {cfg.model}: {", ".join(clash)} come(s) from the data and num_classes, not model_kwargs')
+    if cfg.model.startswith('iMF'):
+        kw.setdefault('v_head', cfg.imf_v_head)  # no unused head for the zero-parameter variant
     return create_model(cfg.model, input_size=H, in_channels=C, num_classes=cfg.num_classes, **kw)
 
 def build_loss(cfg: TrainConfig):
@@ -275,13 +329,16 @@ def build_loss(cfg: TrainConfig):
                   class_dropout=cfg.class_dropout if cfg.num_classes else 0.0, cfg_omega=cfg.cfg_omega,
                   cfg_kappa=cfg.cfg_kappa, cfg_t_start=cfg.cfg_t_start, cfg_t_end=cfg.cfg_t_end,
                   v_target_noise=cfg.v_target_noise)
-    if cfg.method == 'fm': return MeanFlowLoss(**{**common, 'ratio_r_eq_t': 1.0})
-    if cfg.method == 'mf': return MeanFlowLoss(**common)
+    if cfg.method == 'fm':
+        return MeanFlowLoss(**{**common, 'ratio_r_eq_t': 1.0})
+    if cfg.method == 'mf':
+        return MeanFlowLoss(**common)
     if cfg.method == 'kim':
         from meanflow_nb.kim import kim_loss
         return kim_loss(cfg, MeanFlowLoss(**common))
     from meanflow_nb.imf import imf_loss
     return imf_loss(cfg)
+
 
 # %% ../nbs/08_train.ipynb #fca73cfe
 @torch.no_grad()
@@ -306,7 +363,8 @@ def _mix(*xs: int) -> int:
     return h >> 1
 
 class ToyData:
-    "A 2-D toy as step-indexed batches: a name of `meanflow_nb.toy.TOY_DATASETS`, or 'ring' (a labelled `GaussianMixture`)."
+    ("A 2-D toy as step-indexed batches: a name of `meanflow_nb.toy.TOY_DATASETS`, or 'ring' (a labelled "
+     "`GaussianMixture`).")
     def __init__(self, name: str, labelled: bool = False, **kw):
         from meanflow_nb.toy import TOY_DATASETS, GaussianMixture
         self.name, self.labelled, self.shape, self.size = name, labelled, (2,), None
@@ -314,7 +372,8 @@ class ToyData:
         self._fn = TOY_DATASETS.get(name)
     def sample(self, n: int, generator=None):
         "`(x, y)`: `n` points and their labels (None for unlabelled toys)."
-        if self.mixture is not None: return self.mixture.sample(n, generator=generator)
+        if self.mixture is not None:
+            return self.mixture.sample(n, generator=generator)
         return self._fn(n, generator=generator), None
     def batches(self, start: int, global_batch: int, rank: int, world: int, seed: int, device):
         "Yield `(x, y)` for steps `start, start + 1, ...`: this rank's rows of the step's global batch."
@@ -324,11 +383,13 @@ class ToyData:
             yield x[rank::world].to(device), (y[rank::world].to(device) if self.labelled and y is not None else None)
             step += 1
 
+
 # %% ../nbs/08_train.ipynb #201dea56
 class _StepBatchSampler:
     "Index batches for steps `start, start + 1, ...`: this rank's shard of each epoch's seeded permutation."
     def __init__(self, dataset, per_rank: int, rank: int, world: int, seed: int, start: int):
-        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
         self.per_rank, self.start = per_rank, start
         self.steps_per_epoch = len(self.sampler) // per_rank
         check(self.steps_per_epoch >= 1, f'the dataset ({len(dataset)} items) holds less than one global batch')
@@ -336,15 +397,20 @@ class _StepBatchSampler:
         step, epoch, idx = self.start, None, None
         while True:
             ep, k = divmod(step, self.steps_per_epoch)
-            if ep != epoch: self.sampler.set_epoch(ep); idx, epoch = list(self.sampler), ep
+            if ep != epoch:
+                self.sampler.set_epoch(ep)
+                idx, epoch = list(self.sampler), ep
             yield idx[k * self.per_rank:(k + 1) * self.per_rank]
             step += 1
 
 def _check_labels(y: torch.Tensor, num_classes: int):
-    "Labels of a host batch must lie in [0, num_classes): checked where the data enters (the networks then only assert on the device)."
+    ("Labels of a host batch must lie in [0, num_classes): checked where the data enters (the networks then only "
+     "assert "
+     "on the device).")
     bad = (y < 0) | (y >= num_classes)
-    if bool(bad.any()): raise ConfigError(f'the data has labels outside [0, {num_classes}) (min {int(y.min())}, max {int(y.max())}); '
-                                          f'set num_classes to the number of classes of the data')
+    if bool(bad.any()):
+        raise ConfigError(f'the data has labels outside [0, {num_classes}) (min {int(y.min())}, max {int(y.max())}); '
+                                              f'set num_classes to the number of classes of the data')
 
 class DatasetData:
     "A dataset of `(x, y)` from `meanflow_nb.data` as step-indexed batches."
@@ -357,20 +423,24 @@ class DatasetData:
         bs = _StepBatchSampler(self.ds, global_batch // world, rank, world, seed, start)
         dl = DataLoader(self.ds, batch_sampler=bs, num_workers=self.num_workers, pin_memory=device.type == 'cuda')
         for x, y in dl:
-            if self.num_classes: _check_labels(y, self.num_classes)          # on the host, before the device sees them
+            if self.num_classes:
+                _check_labels(y, self.num_classes)          # on the host, before the device sees them
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 def build_data(cfg: TrainConfig):
     "Step-indexed batches for `cfg.data`."
     from meanflow_nb.toy import TOY_DATASETS
-    if cfg.data in TOY_DATASETS or cfg.data == 'ring': return ToyData(cfg.data, cfg.num_classes > 0, **cfg.data_kwargs)
+    if cfg.data in TOY_DATASETS or cfg.data == 'ring':
+        return ToyData(cfg.data, cfg.num_classes > 0, **cfg.data_kwargs)
     return DatasetData(cfg)
 
 def total_steps(cfg: TrainConfig, data) -> int:
     "Training steps: `cfg.steps`, or `cfg.epochs` passes over the data."
-    if cfg.steps: return cfg.steps
+    if cfg.steps:
+        return cfg.steps
     check(data.size is not None, f'data {cfg.data!r} has no size: give steps, not epochs')
     return max(1, math.ceil(cfg.epochs * data.size / cfg.global_batch))
+
 
 # %% ../nbs/08_train.ipynb #ca0c369d
 class RunError(RuntimeError):
@@ -381,7 +451,8 @@ def _chunks(n: int, micro: int) -> list:
     return [(a, min(a + micro, n)) for a in range(0, n, micro)] if 0 < micro < n else [(0, n)]
 
 def _combine(parts: list, ns: list, masked: bool) -> dict:
-    "Micro-batch loss parts -> the parts of the whole batch (`loss_u`/`loss_v` weighted by their sample counts when `masked`)."
+    ("Micro-batch loss parts -> the parts of the whole batch (`loss_u`/`loss_v` weighted by their sample counts when "
+     "`masked`).")
     n = torch.tensor(ns, dtype=torch.float32).to(parts[0]['loss'].device, non_blocking=True)  # no blocking copy
     fu = torch.stack([p['frac_u'].float() for p in parts]) * n if 'frac_u' in parts[0] else n
     out = {}
@@ -394,7 +465,8 @@ def sync_stats(stats: dict, step: int) -> dict:
     "All-reduce the loss parts over ranks and bring them to the host (one sync); non-finite loss -> `RunError`."
     vals = dist.all_reduce_mean(torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in stats.values()]))
     out = dict(zip(stats.keys(), vals.tolist()))
-    if not math.isfinite(out['loss']): raise RunError(f'non-finite loss ({out["loss"]}) at step {step}; nothing was saved for this step')
+    if not math.isfinite(out['loss']):
+        raise RunError(f'non-finite loss ({out["loss"]}) at step {step}; nothing was saved for this step')
     return out
 
 def train_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, x, y, drawn: dict, step: int = 0, total: int = 1,
@@ -402,50 +474,74 @@ def train_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, x, y, draw
                bf16: bool = False, # bf16 autocast around the loss (its JVP runs in `jvp_dtype`)
                micro_batch: int = 0, # split the batch into micro-batches of this size (0: no split)
                jvp_dtype: str = 'fp32', # 'fp32' or 'bf16' (see `jvp_precision`)
-               grad_sync: dist.GradSync | None = None, # overlapped all-reduce (None: one flat all-reduce after backward)
-               sync: bool = True, # all-reduce the stats, check them, return floats (False: this rank's tensors, no host sync)
-               step_fn=None, # optional compiled `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` (see `compile_step`)
+               # overlapped all-reduce (None: one flat all-reduce after backward)
+               grad_sync: dist.GradSync | None = None,
+               # all-reduce the stats, check them, return floats (False: this rank's tensors, no host sync)
+               sync: bool = True,
+               # optional compiled `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` (see `compile_step`)
+               step_fn=None,
               ) -> dict:
-    "One optimiser step over micro-batches; with `sync`, the rank-averaged loss parts as floats (a NaN stops before `opt.step`)."
+    ("One optimiser step over micro-batches; with `sync`, the rank-averaged loss parts as floats (a NaN stops before "
+     "`opt.step`).")
     args = (model, loss_fn, opt, x, y, drawn, step, total, grad_clip, bf16, micro_batch, jvp_dtype, grad_sync, sync)
-    if getattr(step_fn, 'failed', False): step_fn = None                     # compiling failed before: eager
-    try: return _step_once(*args, step_fn)
-    except _CompileFailed:                                                    # redo the whole step eagerly (no stale gradients)
+    if getattr(step_fn, 'failed', False):
+        step_fn = None                     # compiling failed before: eager
+    try:
+        return _step_once(*args, step_fn)
+    # redo the whole step eagerly (no stale gradients)
+    except _CompileFailed:
         if grad_sync is not None:
-            for *_, w in grad_sync.work: w.wait()                             # buckets already launched: finish, then forget
+            for *_, w in grad_sync.work:
+                w.wait()                             # buckets already launched: finish, then forget
             grad_sync._reset()
         return _step_once(*args, None)
 
-class _CompileFailed(Exception): "The compiled step failed (it said so in one line): `train_step` redoes the step eagerly."
+class _CompileFailed(Exception):
+    "The compiled step failed (it said so in one line): `train_step` redoes the step eagerly."
 
-def _step_once(model, loss_fn, opt, x, y, drawn, step, total, grad_clip, bf16, micro_batch, jvp_dtype, grad_sync, sync, step_fn):
+
+def _step_once(model, loss_fn, opt, x, y, drawn, step, total, grad_clip, bf16, micro_batch, jvp_dtype, grad_sync, sync,
+               step_fn):
     opt.zero_grad(set_to_none=True)
-    n = x.shape[0]; chunks = _chunks(n, micro_batch); parts = []
+    n = x.shape[0]
+    chunks = _chunks(n, micro_batch)
+    parts = []
     for i, (a, b) in enumerate(chunks):
-        if grad_sync is not None: grad_sync.enabled = i == len(chunks) - 1      # the gradients travel once, after the last
+        if grad_sync is not None:
+            grad_sync.enabled = i == len(chunks) - 1      # the gradients travel once, after the last
         cut = lambda v: v[a:b] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v
         xb, yb, db = x[a:b], (None if y is None else y[a:b]), {k: cut(v) for k, v in drawn.items()}
-        scale = (b - a) / n if len(chunks) > 1 else 1.0                         # sum of the micro-batch means = the batch mean
+        # sum of the micro-batch means = the batch mean
+        scale = (b - a) / n if len(chunks) > 1 else 1.0
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16), jvp_precision(jvp_dtype):
             if step_fn is not None:
-                try: out = step_fn(model, loss_fn, xb, yb, db, step, total, scale)
-                except (RunError, ConfigError): raise                           # the loss's own checks, not the compiler's
+                try:
+                    out = step_fn(model, loss_fn, xb, yb, db, step, total, scale)
+                except (RunError, ConfigError):
+                    raise                           # the loss's own checks, not the compiler's
                 except Exception as ex:
-                    if not hasattr(step_fn, 'give_up'): raise
-                    step_fn.give_up('the compiled step', ex); raise _CompileFailed() from ex
+                    if not hasattr(step_fn, 'give_up'):
+                        raise
+                    step_fn.give_up('the compiled step', ex)
+                    raise _CompileFailed() from ex
             else:
                 out = loss_fn(model, xb, yb, step=step, total=total, **db)
                 (out['loss'] * scale if scale != 1.0 else out['loss']).backward()
         parts.append({k: v.detach() for k, v in out.items()})
-    stats = parts[0] if len(parts) == 1 else _combine(parts, [b - a for a, b in chunks], isinstance(loss_fn, MeanFlowLoss))
-    if grad_sync is not None: grad_sync.finish()
-    else: dist.sync_gradients(model)
-    if sync: stats = sync_stats(stats, step)                                   # raises before the weights change
+    stats = parts[0] if len(parts) == 1 else _combine(parts, [b - a
+                                                              for a, b in chunks], isinstance(loss_fn, MeanFlowLoss))
+    if grad_sync is not None:
+        grad_sync.finish()
+    else:
+        dist.sync_gradients(model)
+    if sync:
+        stats = sync_stats(stats, step)                                   # raises before the weights change
     if grad_clip > 0:
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         stats['grad_norm'] = float(gn) if sync else gn
     opt.step()
     return stats
+
 
 # %% ../nbs/08_train.ipynb #4e6e6da1
 CKPT_KEYS = ('step', 'model', 'config') # what every training checkpoint holds (besides `ema`, `opt`, `loss`, `sha256`)
@@ -456,16 +552,21 @@ def state_digest(state: dict) -> str:
     def walk(x):
         if torch.is_tensor(x):
             t = x.detach().cpu().contiguous().reshape(-1)
-            h.update(f'T{t.dtype}{tuple(x.shape)}'.encode()); h.update(t.view(torch.uint8).numpy().data)
+            h.update(f'T{t.dtype}{tuple(x.shape)}'.encode())
+            h.update(t.view(torch.uint8).numpy().data)
         elif isinstance(x, dict):
             h.update(b'{')
-            for k in sorted(x, key=repr): h.update(repr(k).encode()); walk(x[k])
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                walk(x[k])
             h.update(b'}')
         elif isinstance(x, (list, tuple)):
             h.update(b'[' if isinstance(x, list) else b'(')
-            for v in x: walk(v)
+            for v in x:
+                walk(v)
             h.update(b']')
-        else: h.update(f'{type(x).__name__}:{x!r};'.encode())
+        else:
+            h.update(f'{type(x).__name__}:{x!r};'.encode())
     walk({k: v for k, v in state.items() if k != 'sha256'})
     return h.hexdigest()
 
@@ -476,47 +577,66 @@ def nonfinite_weights(state: dict) -> list[str]:
             if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 def save_checkpoint(path: str | Path, state: dict):
-    "Write `state` and its `state_digest` to `path` atomically (temporary file, fsync, rename); refuse non-finite weights."
+    ("Write `state` and its `state_digest` to `path` atomically (temporary file, fsync, rename); refuse non-finite "
+     "weights.")
     path = Path(path)
     bad = nonfinite_weights(state)
-    if bad: raise RunError(f'non-finite weights at step {state.get("step")} ({bad[0]}{f" and {len(bad) - 1} more" if len(bad) > 1 else ""}); '
-                           f'{path.name} was not written, the previous checkpoints are kept')
+    if bad:
+        raise RunError(
+            f'non-finite weights at step {state.get("step")} '
+            f'({bad[0]}{f" and {len(bad) - 1} more" if len(bad) > 1 else ""}); '
+            f'{path.name} was not written, the previous checkpoints are kept')
     state = {**state, 'sha256': state_digest(state)}
     write_atomic(path, lambda f: torch.save(state, f), '.tmp')  # `ckpt_*.pt.tmp`: a run-folder file (RUN_FILES)
 
 def load_checkpoint(path: str | Path) -> dict:
-    "Load a checkpoint with `weights_only=True` and verify it; a corrupt, truncated, altered or foreign file raises `RunError`."
+    ("Load a checkpoint with `weights_only=True` and verify it; a corrupt, truncated, altered or foreign file raises "
+     "`RunError`.")
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f'no checkpoint at {path}')
-    try: st = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as ex: raise RunError(f'checkpoint {path} is corrupt or truncated ({type(ex).__name__}: {" ".join(str(ex).split())[:120]})') from None
+    if not path.exists():
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    try:
+        st = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as ex:
+        raise RunError(
+            f'checkpoint {path} is corrupt or truncated ({type(ex).__name__}: {" ".join(str(ex).split())[:120]})'
+        ) from None
     missing = [k for k in CKPT_KEYS if k not in st] if isinstance(st, dict) else list(CKPT_KEYS)
-    if missing: raise RunError(f'{path} is not a training checkpoint: it lacks {", ".join(missing)}')
+    if missing:
+        raise RunError(f'{path} is not a training checkpoint: it lacks {", ".join(missing)}')
     if 'sha256' in st and st['sha256'] != state_digest(st):
         raise RunError(f'checkpoint {path} is corrupt: its content does not match the sha256 stored with it')
     bad = nonfinite_weights(st)
-    if bad: raise RunError(f'checkpoint {path} holds non-finite weights ({bad[0]})')
+    if bad:
+        raise RunError(f'checkpoint {path} holds non-finite weights ({bad[0]})')
     return st
 
-CKPT_NAME = re.compile(r'ckpt_(\d{8,})\.pt') # the trainer's names, f'ckpt_{step:08d}.pt': nothing else in a folder is a checkpoint
+# the trainer's names, f'ckpt_{step:08d}.pt': nothing else in a folder is a checkpoint
+CKPT_NAME = re.compile(r'ckpt_(\d{8,})\.pt')
 
 def list_checkpoints(out: str | Path) -> list[Path]:
-    "The run's checkpoints, oldest step first: files named exactly `ckpt_<8 or more digits>.pt` (`ckpt_best.pt`, `ckpt_1.pt` are not)."
+    ("The run's checkpoints, oldest step first: files named exactly `ckpt_<8 or more digits>.pt` (`ckpt_best.pt`, "
+     "`ckpt_1.pt` are not).")
     d = Path(out)
-    if not d.is_dir(): return []
+    if not d.is_dir():
+        return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_NAME.fullmatch(p.name)) and p.is_file()]
     return [p for _, p in sorted(found)]
 
 def prune_checkpoints(out: str | Path, keep: int):
     "Delete all but the newest `keep` checkpoints (by step; other files are never touched)."
-    for p in list_checkpoints(out)[:-keep] if keep > 0 else []: p.unlink(missing_ok=True)
+    for p in list_checkpoints(out)[:-keep] if keep > 0 else []:
+        p.unlink(missing_ok=True)
+
 
 # %% ../nbs/08_train.ipynb #0b1dafcb
 def latest_checkpoint(out: str | Path) -> dict | None:
     "The newest checkpoint of a run that loads; corrupt ones are reported and skipped (None if there is none)."
     for p in reversed(list_checkpoints(out)):
-        try: return load_checkpoint(p)
-        except RunError as ex: print(f'warning: {ex}; trying an older checkpoint', file=sys.stderr)
+        try:
+            return load_checkpoint(p)
+        except RunError as ex:
+            print(f'warning: {ex}; trying an older checkpoint', file=sys.stderr)
     return None
 
 # %% ../nbs/08_train.ipynb #319b6d27
@@ -524,8 +644,11 @@ def _prepare_out(out: Path):
     "Create the run folder and check that it is writable (rank 0)."
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / '.write_test'; probe.write_text('ok'); probe.unlink()
-    except OSError as ex: raise ConfigError(f'cannot write to the run folder {str(out)!r}: {ex.strerror or ex}') from None
+        probe = out / '.write_test'
+        probe.write_text('ok')
+        probe.unlink()
+    except OSError as ex:
+        raise ConfigError(f'cannot write to the run folder {str(out)!r}: {ex.strerror or ex}') from None
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     "Learning rate at `step`: linear warm-up, then constant (MF, iMF)."
@@ -545,9 +668,12 @@ def ema_update(ema: AveragedModel, # built with multi_avg_fn=ema_update_fn(decay
                warmup: bool = True):
     "`ema.update_parameters(model)` without a host sync: the count comes from the host, not from a device copy of it."
     avg, cur = [p.detach() for p in ema.module.parameters()], [p.detach() for p in model.parameters()]
-    if n == 0: torch._foreach_copy_(avg, cur)                                 # the first update copies
-    else: ema_update_fn(decay, warmup)(avg, cur, n)
-    for b, bm in zip(ema.module.buffers(), model.buffers()): b.copy_(bm)
+    if n == 0:
+        torch._foreach_copy_(avg, cur)                                 # the first update copies
+    else:
+        ema_update_fn(decay, warmup)(avg, cur, n)
+    for b, bm in zip(ema.module.buffers(), model.buffers()):
+        b.copy_(bm)
     ema.n_averaged += 1                                                        # a CPU buffer: no device work
 
 def _state(cfg, step, model, emas, opt, loss_fn=None) -> dict:
@@ -560,9 +686,11 @@ RESUME_MAY_CHANGE = ( # config fields that may differ between a checkpoint and t
     'steps', 'epochs', # extend the run (never below the checkpoint's step)
     'log_every', 'sample_every', 'ckpt_every', 'keep_ckpts', 'eval_samples', 'baseline_fm', # bookkeeping and evaluation
     'num_workers', 'dist_timeout', 'compile', 'bf16', # how it runs, not what it computes
-    'tf32', 'jvp_dtype', 'micro_batch', 'grad_ckpt', 'overlap_sync', 'bucket_mb', 'compile_step', # (the GPU path's knobs)
+    # (the GPU path's knobs)
+    'tf32', 'jvp_dtype', 'micro_batch', 'grad_ckpt', 'overlap_sync', 'bucket_mb', 'compile_step',
     'ckpt_every_minutes', 'param_check_every',
-    'out', 'data_path', 'init_from', 'preset', # where things are (moved data, a renamed folder); init_from is moot on resume
+    # where things are (moved data, a renamed folder); init_from is moot on resume
+    'out', 'data_path', 'init_from', 'preset',
     'eval_omega', 'eval_t_min', 'eval_t_max', # sampling-time guidance of iMF
 )
 RUN_FILES = ('ckpt_*.pt', 'ckpt_*.pt.tmp', 'log.jsonl', 'metrics.json', 'config.json', 'samples.png', 'loss.png',
@@ -572,19 +700,27 @@ _LOCKS: dict = {} # resolved run folder -> file descriptor of the lock this proc
 def release_run_folder(out: str | Path):
     "Drop this process's lock on `out`, if it holds one."
     fd = _LOCKS.pop(str(Path(out).resolve()), None)
-    if fd is not None: os.close(fd)
+    if fd is not None:
+        os.close(fd)
 
 def lock_run_folder(out: str | Path):
-    "Take the exclusive lock of run folder `out` (`OUT/.lock`); `ConfigError` naming the holder if another process has it."
-    out = Path(out); release_run_folder(out)  # a lock kept by an earlier call of this process (a notebook re-run)
-    if fcntl is None: return  # no flock on this OS: no protection
+    ("Take the exclusive lock of run folder `out` (`OUT/.lock`); `ConfigError` naming the holder if another process "
+     "has "
+     "it.")
+    out = Path(out)
+    release_run_folder(out)  # a lock kept by an earlier call of this process (a notebook re-run)
+    if fcntl is None:
+        return  # no flock on this OS: no protection
     fd = os.open(out / '.lock', os.O_RDWR | os.O_CREAT, 0o644)
-    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        who = os.read(fd, 200).decode(errors='replace').strip(); os.close(fd)
+        who = os.read(fd, 200).decode(errors='replace').strip()
+        os.close(fd)
         raise ConfigError(f'run folder {str(out)!r} is in use by another run ({who or "another process"}); '
                           'wait for it to end, or choose another --out') from None
-    os.ftruncate(fd, 0); os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())
+    os.ftruncate(fd, 0)
+    os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())
     _LOCKS[str(out.resolve())] = fd
 
 _OWN_CKPT = re.compile(r'ckpt_\d{8,}\.pt(\.tmp)?') # a checkpoint of `RUN_FILES`: the trainer's exact names only
@@ -595,9 +731,11 @@ def clear_run_folder(out: str | Path):
     for d in (out, out / 'baseline_fm'):
         for pat in RUN_FILES:
             for p in d.glob(pat):
-                if not p.name.startswith('ckpt_') or _OWN_CKPT.fullmatch(p.name): p.unlink()
+                if not p.name.startswith('ckpt_') or _OWN_CKPT.fullmatch(p.name):
+                    p.unlink()
 
-RUN_OUTPUTS = ('config.json', 'log.jsonl', 'metrics.json') # files a new run would overwrite: a folder holding one holds a run
+# files a new run would overwrite: a folder holding one holds a run
+RUN_OUTPUTS = ('config.json', 'log.jsonl', 'metrics.json')
 
 def claim_run_folder(out: str | Path, resume: bool = False, overwrite: bool = False):
     "Rank 0 creates, locks and checks the run folder; a refusal is raised as the same `ConfigError` on every rank."
@@ -605,22 +743,33 @@ def claim_run_folder(out: str | Path, resume: bool = False, overwrite: bool = Fa
     out, err = Path(out), None
     if dist.is_main():
         try:
-            _prepare_out(out); lock_run_folder(out)
-            if overwrite: clear_run_folder(out)
+            _prepare_out(out)
+            lock_run_folder(out)
+            if overwrite:
+                clear_run_folder(out)
             ck = [] if resume else list_checkpoints(out)
-            check(not ck, f'run folder {str(out)!r} already holds a run (newest: {ck[-1].name if ck else ""}); pass --resume '
-                          'to continue it, --overwrite to start it over, or choose another --out')
+            check(
+                not ck,
+                f'run folder {str(out)!r} already holds a run (newest: {ck[-1].name if ck else ""}); pass --resume '
+                'to continue it, --overwrite to start it over, or choose another --out')
             old = [] if resume else [n for n in RUN_OUTPUTS if (out / n).exists()]
-            check(not old, f'run folder {str(out)!r} holds the files of a run ({", ".join(old)}) but no checkpoint; pass --resume '
-                           'to start it again from step 0, --overwrite to replace them, or choose another --out')
-        except ConfigError as ex: err = str(ex); release_run_folder(out)
+            check(
+                not old,
+                f'run folder {str(out)!r} holds the files of a run ({", ".join(old)}) but no checkpoint; pass --resume '
+                'to start it again from step 0, --overwrite to replace them, or choose another --out')
+        except ConfigError as ex:
+            err = str(ex)
+            release_run_folder(out)
     err = dist.broadcast_object(err)
-    if err: raise ConfigError(err)
+    if err:
+        raise ConfigError(err)
 
 def _plain(v):
     "Tuples as lists, recursively, so a config compares equal to its round trip through a checkpoint."
-    if isinstance(v, (list, tuple)): return [_plain(x) for x in v]
-    if isinstance(v, dict): return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
     return v
 
 def config_diff(new: dict, old: dict, may_change: tuple = RESUME_MAY_CHANGE) -> dict:
@@ -630,23 +779,31 @@ def config_diff(new: dict, old: dict, may_change: tuple = RESUME_MAY_CHANGE) -> 
 def check_resume(cfg: TrainConfig, st: dict, out: Path, total: int):
     "Refuse to resume checkpoint state `st` with a config that defines another run, or with fewer steps than it holds."
     diff = config_diff(asdict(cfg), st['config'])
-    check(not diff, f'cannot resume {str(out)!r}: it was trained with other settings ('
-                    + ', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in ((k, *v) for k, v in diff.items()))
-                    + f'); only {", ".join(RESUME_MAY_CHANGE[:6])}, ... may change on resume. Use another --out for a new run')
-    check(total >= st['step'], f'cannot resume {str(out)!r}: it is at step {st["step"]}, but this config trains {total} '
-                               f'steps; pass --steps {st["step"]} or more')
+    check(
+        not diff, f'cannot resume {str(out)!r}: it was trained with other settings (' +
+        ', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in ((k, *v) for k, v in diff.items())) +
+        f'); only {", ".join(RESUME_MAY_CHANGE[:6])}, ... may change on resume. Use another --out for a new run')
+    check(
+        total >= st['step'], f'cannot resume {str(out)!r}: it is at step {st["step"]}, but this config trains {total} '
+        f'steps; pass --steps {st["step"]} or more')
 
 def _log_step(line: str) -> float:
     "The step of a `log.jsonl` line; inf for a torn one (a kill mid-write), so that it is dropped."
-    try: return json.loads(line)['step']
-    except (ValueError, KeyError, TypeError): return math.inf
+    try:
+        return json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 def _trim_log(out: Path, start: int):
     "Cut `log.jsonl` back to the steps `<= start` (and drop a torn last line), so a resumed run logs every step once."
     p = out / 'log.jsonl'
-    if not p.exists(): return
-    keep = [l if l.endswith('\n') else l + '\n' for l in p.read_text().splitlines(keepends=True) if _log_step(l) <= start]
+    if not p.exists():
+        return
+    keep = [
+        l if l.endswith('\n') else l + '\n' for l in p.read_text().splitlines(keepends=True) if _log_step(l) <= start
+    ]
     write_text_atomic(p, ''.join(keep))
+
 
 # %% ../nbs/08_train.ipynb #b9e5f28d
 def train(cfg: TrainConfig, # what to train; see `get_config`
@@ -664,14 +821,16 @@ def _train(cfg: TrainConfig, stop, resume: bool, overwrite: bool, progress: bool
     rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main()
     validate_config(cfg, world)
     out = Path(cfg.out)
-    init = _init_weights(cfg.init_from, cfg) if cfg.init_from else None  # another model's weights: refused before the folder is touched
+    # another model's weights: refused before the folder is touched
+    init = _init_weights(cfg.init_from, cfg) if cfg.init_from else None
     claim_run_folder(out, resume, overwrite)  # rank 0 locks it; refusals reach every rank
     set_precision(cfg.tf32, device)
     data = build_data(cfg)
     total = total_steps(cfg, data)
     set_seed(cfg.seed)  # identical init on every rank; broadcast makes sure
     model = build_model(cfg, data.shape).to(device)
-    if init is not None: _load_init(model, init, cfg.init_from)
+    if init is not None:
+        _load_init(model, init, cfg.init_from)
     dist.broadcast_params(model)
     emas = [AveragedModel(model, multi_avg_fn=ema_update_fn(d, cfg.ema_warmup)) for d in cfg.ema_decays]
     if cfg.grad_ckpt:
@@ -680,18 +839,23 @@ def _train(cfg: TrainConfig, stop, resume: bool, overwrite: bool, progress: bool
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     loss_fn = build_loss(cfg)
     start = _maybe_resume(out, model, emas, opt, loss_fn, cfg, total, verbose=not quiet) if resume else 0
-    if resume and world > 1: _check_params(model, start, 'after the resume')  # every rank loaded the same weights
+    if resume and world > 1:
+        _check_params(model, start, 'after the resume')  # every rank loaded the same weights
     ema_n = [int(e.n_averaged) for e in emas]                                  # the EMA counts, kept on the host
     micro = resolve_micro_batch(cfg, model, device, world)
     fwd = torch.compile(model) if cfg.compile else model
     step_fn = compiled_step() if use_compile_step(cfg, device) else None
     gsync = dist.GradSync(model, cfg.bucket_mb) if cfg.overlap_sync and world > 1 else None
-    if (dist.any_rank(stop.flag)[0] if world > 1 else stop.flag): raise Preempted(start, out, 'startup')  # nothing written yet
-    if main: write_text_atomic(out / 'config.json', json.dumps(asdict(cfg), indent=1)); _trim_log(out, start)
+    if (dist.any_rank(stop.flag)[0] if world > 1 else stop.flag):
+        raise Preempted(start, out, 'startup')  # nothing written yet
+    if main:
+        write_text_atomic(out / 'config.json', json.dumps(asdict(cfg), indent=1))
+        _trim_log(out, start)
     batches = data.batches(start, cfg.global_batch, rank, world, cfg.seed, device)
     bar = _progress(range(start, total), main and progress, run_label(cfg))
     split = world if cfg.r_eq_t_split == 'balanced' else 0
-    bad = torch.full((), -1, dtype=torch.long, device=device)                 # first step with a non-finite loss (-1: none)
+    # first step with a non-finite loss (-1: none)
+    bad = torch.full((), -1, dtype=torch.long, device=device)
     meter, t0, last_ckpt = _Meter(device), time.perf_counter(), time.monotonic()
     with (open(out / 'log.jsonl', 'a') if main else open(os.devnull, 'w')) as log:
         try:
@@ -700,45 +864,70 @@ def _train(cfg: TrainConfig, stop, resume: bool, overwrite: bool, progress: bool
                 log_now = done % max(cfg.log_every, 1) == 0 or done == total
                 ckpt_now = done % max(cfg.ckpt_every, 1) == 0 or done == total
                 check_now = world > 1 and cfg.param_check_every > 0 and done % cfg.param_check_every == 0
-                observe = getattr(loss_fn, 'needs_observe', hasattr(loss_fn, 'observe'))  # e.g. DTD, during its curriculum
+                # e.g. DTD, during its curriculum
+                observe = getattr(loss_fn, 'needs_observe', hasattr(loss_fn, 'observe'))
                 sync_now = log_now or ckpt_now or check_now or observe                # the only host syncs
-                with meter.data(): x, y = next(batches)
+                with meter.data():
+                    x, y = next(batches)
                 g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, 2))
                 with balanced_split(split):
-                    drawn = {k: v[rank::world] for k, v in loss_fn.draw(cfg.global_batch, x.shape[1:], g, device, step, total).items()}
-                for grp in opt.param_groups: grp['lr'] = _lr_at(cfg, step)
+                    drawn = {
+                        k: v[rank::world]
+                        for k, v in loss_fn.draw(cfg.global_batch, x.shape[1:], g, device, step, total).items()
+                    }
+                for grp in opt.param_groups:
+                    grp['lr'] = _lr_at(cfg, step)
                 try:
                     stats = train_step(fwd, loss_fn, opt, x, y, drawn, step, total, cfg.grad_clip, cfg.bf16, micro,
                                        cfg.jvp_dtype, gsync, sync=sync_now, step_fn=step_fn)
                 except RunError:
-                    _raise_if_bad(bad); raise                                  # an earlier silent step went first
-                if not sync_now: bad = torch.where((bad < 0) & ~torch.isfinite(stats['loss']), step, bad)
-                if observe: loss_fn.observe(stats, step, total)                # DTD's pacing (rank-averaged: the same on all ranks)
-                for i, e in enumerate(emas): ema_update(e, model, cfg.ema_decays[i], ema_n[i], cfg.ema_warmup); ema_n[i] += 1
+                    _raise_if_bad(bad)
+                    raise                                  # an earlier silent step went first
+                if not sync_now:
+                    bad = torch.where((bad < 0) & ~torch.isfinite(stats['loss']), step, bad)
+                if observe:
+                    # DTD's pacing (rank-averaged: the same on all ranks)
+                    loss_fn.observe(stats, step, total)
+                for i, e in enumerate(emas):
+                    ema_update(e, model, cfg.ema_decays[i], ema_n[i], cfg.ema_warmup)
+                    ema_n[i] += 1
                 meter.step()
-                timed = main and cfg.ckpt_every_minutes > 0 and time.monotonic() - last_ckpt >= 60 * cfg.ckpt_every_minutes
-                preempt, timed = dist.any_rank(stop.flag, timed) if (world > 1 or stop.flag or timed) else (False, False)
-                if sync_now or preempt or timed: _raise_if_bad(bad)
-                if check_now: _check_params(model, done)
+                timed = main and cfg.ckpt_every_minutes > 0 and time.monotonic(
+                ) - last_ckpt >= 60 * cfg.ckpt_every_minutes
+                preempt, timed = dist.any_rank(stop.flag, timed) if (world > 1 or stop.flag or timed) else (False,
+                                                                                                            False)
+                if sync_now or preempt or timed:
+                    _raise_if_bad(bad)
+                if check_now:
+                    _check_params(model, done)
                 if main and log_now:
-                    row = dict(step=done, lr=_lr_at(cfg, step), sec=round(time.perf_counter() - t0, 3), **stats, **meter.read(cfg.global_batch))
-                    log.write(json.dumps(row) + '\n'); log.flush()
-                    if hasattr(bar, 'set_postfix'): bar.set_postfix(loss=f"{stats['loss']:.4g}", loss_u=f"{stats['loss_u']:.3g}",
-                                                                   loss_v=f"{stats['loss_v']:.3g}", img_s=f"{row['img_per_s']:.0f}")
-                elif log_now: meter.read(cfg.global_batch)
+                    row = dict(step=done, lr=_lr_at(cfg, step), sec=round(time.perf_counter() - t0, 3), **stats,
+                               **meter.read(cfg.global_batch))
+                    log.write(json.dumps(row) + '\n')
+                    log.flush()
+                    if hasattr(bar, 'set_postfix'):
+                        bar.set_postfix(loss=f"{stats['loss']:.4g}", loss_u=f"{stats['loss_u']:.3g}",
+                                        loss_v=f"{stats['loss_v']:.3g}", img_s=f"{row['img_per_s']:.0f}")
+                elif log_now:
+                    meter.read(cfg.global_batch)
                 if main and cfg.sample_every and done % cfg.sample_every == 0 and len(data.shape) == 3:
                     save_sample_grid(cfg, emas[0].module, data.shape, out / 'samples' / f'step_{done:08d}.png', device)
                 if ckpt_now or preempt or timed:
                     if main:
                         save_checkpoint(out / f'ckpt_{done:08d}.pt', _state(cfg, done, model, emas, opt, loss_fn))
                         prune_checkpoints(out, cfg.keep_ckpts)
-                    dist.barrier(); last_ckpt = time.monotonic()
-                if preempt and done < total: raise Preempted(done, out)
+                    dist.barrier()
+                    last_ckpt = time.monotonic()
+                if preempt and done < total:
+                    raise Preempted(done, out)
         finally:
-            if gsync is not None: gsync.remove()
+            if gsync is not None:
+                gsync.remove()
     res = finish_run(cfg, model, emas, data, device, total, resume, progress, quiet)
-    if main: release_run_folder(out)
+    if main:
+        release_run_folder(out)
     return res
+
 
 # %% ../nbs/08_train.ipynb #e8a0c001
 EXIT_PREEMPTED = 75 # exit code of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: retry)
@@ -749,13 +938,17 @@ class Preempted(RuntimeError):
         at = f' (the checkpoint of step {step} is in {out})' if step else ''
         super().__init__({
             'training': f'preempted: stopped after step {step} with a checkpoint in {out}; rerun with --resume',
-            'startup': f'preempted during startup, before step {step + 1}: nothing new to save{at}; rerun with --resume',
-            'evaluation': f'preempted during the final evaluation: the checkpoint of step {step} is in {out}, no metrics.json '
-                          'was written; rerun with --resume to evaluate it'}[phase])
+            'startup': f'preempted during startup, before step {step + 1}: nothing new to save{at}; rerun with '
+                       f'--resume',
+            'evaluation': f'preempted during the final evaluation: the checkpoint of step {step} is in {out}, no '
+                          f'metrics.json '
+            'was written; rerun with --resume to evaluate it'
+        }[phase])
         self.step, self.phase = step, phase
 
 class _StopSignals:
-    "Context: SIGTERM and SIGUSR1 set `flag` instead of killing the process (main thread only). Nested contexts share one flag; the outermost restores the old handlers."
+    ("Context: SIGTERM and SIGUSR1 set `flag` instead of killing the process (main thread only). Nested contexts share "
+     "one flag; the outermost restores the old handlers.")
     SIGNALS = ('SIGTERM', 'SIGUSR1')
     _depth, _flag, _old = 0, False, {}
     def __enter__(self):
@@ -765,31 +958,42 @@ class _StopSignals:
             if threading.current_thread() is threading.main_thread():
                 for name in self.SIGNALS:
                     s = getattr(signal, name, None)
-                    if s is not None: S._old[s] = signal.signal(s, S._set)
+                    if s is not None:
+                        S._old[s] = signal.signal(s, S._set)
         S._depth += 1
         return self
     @property
-    def flag(self) -> bool: return _StopSignals._flag
+    def flag(self) -> bool:
+        return _StopSignals._flag
     @staticmethod
-    def _set(signum, frame): _StopSignals._flag = True
+    def _set(signum, frame):
+        _StopSignals._flag = True
     @staticmethod
-    def requested() -> bool: return _StopSignals._depth > 0 and _StopSignals._flag
+    def requested() -> bool:
+        return _StopSignals._depth > 0 and _StopSignals._flag
     def __exit__(self, *exc):
-        S = _StopSignals; S._depth -= 1
+        S = _StopSignals
+        S._depth -= 1
         if S._depth == 0:
-            for s, h in S._old.items(): signal.signal(s, h)
+            for s, h in S._old.items():
+                signal.signal(s, h)
             S._old = {}
 
 def _raise_if_bad(bad: torch.Tensor):
     "Raise `RunError` if any rank saw a non-finite loss at a step that was not synced (a max all-reduce of the step)."
     b = bad.clone()
-    if dist.is_dist(): torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MAX)
-    if int(b) >= 0: raise RunError(f'non-finite loss at step {int(b)}; no checkpoint was written after it')
+    if dist.is_dist():
+        torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MAX)
+    if int(b) >= 0:
+        raise RunError(f'non-finite loss at step {int(b)}; no checkpoint was written after it')
 
 def _check_params(model: nn.Module, step: int, when: str = ''):
     "Raise `RunError` when a rank's parameters differ from rank 0's (see `dist.params_agree`)."
     off = dist.params_agree(model)
-    if off: raise RunError(f'parameters differ across ranks at step {step} {when}: rank(s) {off} disagree with rank 0'.replace('  ', ' '))
+    if off:
+        raise RunError(
+            f'parameters differ across ranks at step {step} {when}: rank(s) {off} disagree with rank 0'.replace(
+                '  ', ' '))
 
 class _Meter:
     "Throughput between log steps: images/s, step time, data-wait time, and the peak CUDA memory."
@@ -798,18 +1002,24 @@ class _Meter:
     def data(self):
         meter = self
         class _W:
-            def __enter__(s): s.t = time.perf_counter()
-            def __exit__(s, *e): meter.wait += time.perf_counter() - s.t
+            def __enter__(s):
+                s.t = time.perf_counter()
+            def __exit__(s, *e):
+                meter.wait += time.perf_counter() - s.t
         return _W()
-    def step(self): self.n += 1
+    def step(self):
+        self.n += 1
     def read(self, global_batch: int) -> dict:
-        now = time.perf_counter(); dt, n = now - self.t, max(self.n, 1)
-        r = dict(img_per_s=round(global_batch * n / dt, 2), step_ms=round(1e3 * dt / n, 2), data_ms=round(1e3 * self.wait / n, 3))
+        now = time.perf_counter()
+        dt, n = now - self.t, max(self.n, 1)
+        r = dict(img_per_s=round(global_batch * n / dt, 2), step_ms=round(1e3 * dt / n, 2),
+                 data_ms=round(1e3 * self.wait / n, 3))
         if self.device.type == 'cuda':
             r['peak_mem_gb'] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.t, self.n, self.wait = now, 0, 0.0
         return r
+
 
 # %% ../nbs/08_train.ipynb #e8a0c002
 def set_precision(tf32: bool, device) -> dict:
@@ -825,11 +1035,15 @@ def set_precision(tf32: bool, device) -> dict:
 
 def resolve_micro_batch(cfg: TrainConfig, model: nn.Module, device, world: int) -> int:
     "The micro-batch of `cfg`: an integer as given, or for 'auto' the planner's fit to the free GPU memory (0 on CPU)."
-    if cfg.micro_batch != 'auto': return int(cfg.micro_batch)
-    if torch.device(device).type != 'cuda': return 0                          # CPU memory is not the limit: no split
+    if cfg.micro_batch != 'auto':
+        return int(cfg.micro_batch)
+    if torch.device(device).type != 'cuda':
+        return 0                          # CPU memory is not the limit: no split
     free, _ = torch.cuda.mem_get_info(device)
     m = fit_micro_batch(cfg, model, free / 2 ** 30, cfg.global_batch // world)
-    if dist.is_main(): print(f'micro_batch auto: {m} of {cfg.global_batch // world} per rank ({free / 2 ** 30:.1f} GB free)', file=sys.stderr)
+    if dist.is_main():
+        print(f'micro_batch auto: {m} of {cfg.global_batch // world} per rank ({free / 2 ** 30:.1f} GB free)',
+              file=sys.stderr)
     return m
 
 def _eager_step(model, loss_fn, x, y, drawn, step, total, scale):
@@ -844,23 +1058,31 @@ class CompiledStep:
     later one. Called directly, a failure raises."""
     def __init__(self, backend='inductor'):
         self.backend, self.failed, self.fn = backend, False, None
-        try: self.fn = torch.compile(_eager_step, backend=backend)
-        except Exception as ex: self.give_up('torch.compile', ex)
-    def __call__(self, *args): return (_eager_step if self.failed else self.fn)(*args)
+        try:
+            self.fn = torch.compile(_eager_step, backend=backend)
+        except Exception as ex:
+            self.give_up('torch.compile', ex)
+    def __call__(self, *args):
+        return (_eager_step if self.failed else self.fn)(*args)
     def give_up(self, what: str, ex: Exception):
         self.failed = True
         who = f'rank {dist.get_rank()}: ' if dist.get_world_size() > 1 else ''
-        print(f"{who}compile_step: {what} failed ({type(ex).__name__}: {' '.join(str(ex).split())[:200]}); continuing eagerly",
-              file=sys.stderr, flush=True)
+        print(
+            f"{who}compile_step: {what} failed ({type(ex).__name__}: {' '.join(str(ex).split())[:200]}); continuing "
+            f"eagerly",
+            file=sys.stderr, flush=True)
 
-def compiled_step(backend: str = 'inductor', # 'aot_eager' traces the same graphs without generating kernels (fast tests)
+# 'aot_eager' traces the same graphs without generating kernels (fast tests)
+def compiled_step(backend: str = 'inductor',
                  ) -> CompiledStep:
-    "A `torch.compile`d `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` doing loss, JVP and backward (eager if compiling fails)."
+    ("A `torch.compile`d `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` doing loss, JVP and backward "
+     "(eager if compiling fails).")
     return CompiledStep(backend)
 
 def use_compile_step(cfg: TrainConfig, device) -> bool:
     "Whether `cfg` compiles the step on `device`: `compile_step` true, or 'auto' (the `in256-*` presets) on CUDA."
     return cfg.compile_step is True or (cfg.compile_step == 'auto' and torch.device(device).type == 'cuda')
+
 
 # %% ../nbs/08_train.ipynb #e8a0c005
 # the memory model of a training step, used by micro_batch='auto' and by `mf-bench plan` (calibrated in 12_bench)
@@ -879,8 +1101,9 @@ def _arch(model) -> dict:
 # does; its forward runs in the JVP's precision (fp32 by default), so under bf16 autocast a JVP sample (and every iMF
 # sample) holds fp32 activations, a plain sample bf16 ones (measured on their own). b ~ 0: fused attention (flash on the
 # CPU, flash or memory-efficient on CUDA) keeps no T x T scores for backward.
-ACT_COEF = {('dit', 'fm', 'fp32'): (21.95, 0.0), ('dit', 'jvp', 'fp32'): (21.95, 0.0), ('imf', 'jvp', 'fp32'): (28.91, 0.08),
-            ('dit', 'fm', 'bf16'): (13.59, 0.0), ('dit', 'jvp', 'bf16'): (21.95, 0.0), ('imf', 'jvp', 'bf16'): (28.91, 0.08)}
+ACT_COEF = {('dit', 'fm', 'fp32'): (21.95, 0.0), ('dit', 'jvp', 'fp32'): (21.95, 0.0),
+            ('imf', 'jvp', 'fp32'): (28.91, 0.08), ('dit', 'fm', 'bf16'): (13.59, 0.0),
+            ('dit', 'jvp', 'bf16'): (21.95, 0.0), ('imf', 'jvp', 'bf16'): (28.91, 0.08)}
 
 def activation_bytes(arch: dict, kind: str = 'jvp', # 'fm' (r = t sample) or 'jvp' (r < t sample; iMF: every sample)
                      bf16: bool = False, grad_ckpt: bool = False, coef: dict | None = None) -> float:
@@ -888,7 +1111,8 @@ def activation_bytes(arch: dict, kind: str = 'jvp', # 'fm' (r = t sample) or 'jv
     fam, kind = arch['family'], ('jvp' if arch['family'] == 'imf' else kind)
     a, b = (coef or ACT_COEF)[(fam, kind, 'bf16' if bf16 else 'fp32')]
     per_block = (a * arch['T'] * arch['D'] + b * arch['H'] * arch['T'] ** 2) * 4
-    if grad_ckpt: return arch['depth'] * arch['T'] * arch['D'] * 4 + per_block   # block inputs + one block's activations
+    if grad_ckpt:
+        return arch['depth'] * arch['T'] * arch['D'] * 4 + per_block   # block inputs + one block's activations
     return arch['depth'] * per_block
 
 def fixed_bytes(params: int, n_ema: int = 1) -> dict:
@@ -915,19 +1139,25 @@ def fit_micro_batch(cfg, model, free_gb: float, per_rank: int) -> int:
     check(m >= 1, f'not even one sample per micro-batch fits in {free_gb:.1f} GB free; try --grad_ckpt true')
     return 0 if m == per_rank else m
 
+
 # %% ../nbs/08_train.ipynb #39011b4e
 def _init_weights(path: str, cfg: TrainConfig | None = None) -> dict:
-    "Model weights of a checkpoint file, or of the newest usable checkpoint of a run folder; `ConfigError` if they are another model's."
+    ("Model weights of a checkpoint file, or of the newest usable checkpoint of a run folder; `ConfigError` if they "
+     "are "
+     "another model's.")
     p = Path(path)
     st = latest_checkpoint(p) if p.is_dir() else load_checkpoint(p)
-    if st is None: raise ConfigError(f'init_from: no checkpoint in {path}')
+    if st is None:
+        raise ConfigError(f'init_from: no checkpoint in {path}')
     old = st['config'].get('model') if isinstance(st['config'], dict) else None
-    if cfg is not None: check(old == cfg.model, f'init_from {str(path)!r} holds a {old} model, but this run trains {cfg.model}; '
-                                                f'pass --model {old}, or a checkpoint of a {cfg.model} run')
+    if cfg is not None:
+        check(old == cfg.model, f'init_from {str(path)!r} holds a {old} model, but this run trains {cfg.model}; '
+                                                    f'pass --model {old}, or a checkpoint of a {cfg.model} run')
     return st['model']
 
 def _load_init(model: nn.Module, weights: dict, path: str):
-    "Load `init_from` weights into `model`; `ConfigError` naming the first tensor that does not fit (other model_kwargs or data)."
+    ("Load `init_from` weights into `model`; `ConfigError` naming the first tensor that does not fit (other "
+     "model_kwargs or data).")
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     shape = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
@@ -946,23 +1176,31 @@ def run_label(cfg: TrainConfig) -> str:
     return f'{cfg.preset}: {m}' if cfg.preset else m
 
 def _progress(it, show: bool, desc: str):
-    if not show: return it
+    if not show:
+        return it
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
 def _maybe_resume(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=None, verbose: bool = True) -> int:
-    "Load the newest usable checkpoint into the run's objects (after `check_resume`); the step to continue from (0 if none)."
+    ("Load the newest usable checkpoint into the run's objects (after `check_resume`); the step to continue from (0 if "
+     "none).")
     st = latest_checkpoint(out)
     if st is None:
-        if list_checkpoints(out): raise RunError(f'no usable checkpoint in {out}: every ckpt_*.pt is corrupt')
+        if list_checkpoints(out):
+            raise RunError(f'no usable checkpoint in {out}: every ckpt_*.pt is corrupt')
         return 0
-    if cfg is not None: check_resume(cfg, st, out, total if total is not None else st['step'])
+    if cfg is not None:
+        check_resume(cfg, st, out, total if total is not None else st['step'])
     model.load_state_dict(st['model'])
-    for e, s in zip(emas, st['ema']): e.load_state_dict(s)
+    for e, s in zip(emas, st['ema']):
+        e.load_state_dict(s)
     opt.load_state_dict(st['opt'])
-    if st.get('loss') and hasattr(loss_fn, 'load_state_dict'): loss_fn.load_state_dict(st['loss'])
-    if verbose and dist.is_main(): print(f'resumed from step {st["step"]} in {out}', file=sys.stderr)
+    if st.get('loss') and hasattr(loss_fn, 'load_state_dict'):
+        loss_fn.load_state_dict(st['loss'])
+    if verbose and dist.is_main():
+        print(f'resumed from step {st["step"]} in {out}', file=sys.stderr)
     return int(st['step'])
+
 
 # %% ../nbs/08_train.ipynb #af066f50
 @dataclass
@@ -986,16 +1224,21 @@ def finish_run(cfg, model, emas, data, device, total, resume=False, progress=Tru
                              resume=resume, progress=progress, quiet=quiet)
     metrics = {}
     if dist.is_main():
-        try:                                     # a SIGTERM / SIGUSR1 here: no metrics.json, every rank raises `Preempted`
-            if _StopSignals.requested(): raise Preempted(total, out, 'evaluation')
+        # a SIGTERM / SIGUSR1 here: no metrics.json, every rank raises `Preempted`
+        try:
+            if _StopSignals.requested():
+                raise Preempted(total, out, 'evaluation')
             metrics = evaluate_toy(cfg, res.ema, res.baseline, device, data, progress) if len(data.shape) == 1 \
                 else evaluate_images(cfg, res.ema, data.shape, device)
             metrics.update(steps=total, method=cfg.method, preset=cfg.preset)
-            if _StopSignals.requested(): raise Preempted(total, out, 'evaluation')
+            if _StopSignals.requested():
+                raise Preempted(total, out, 'evaluation')
             write_text_atomic(out / 'metrics.json', json.dumps(metrics, indent=1))
-        except Preempted: metrics = None
+        except Preempted:
+            metrics = None
     res.metrics = dist.broadcast_object(metrics)
-    if res.metrics is None: raise Preempted(total, out, 'evaluation')
+    if res.metrics is None:
+        raise Preempted(total, out, 'evaluation')
     return res
 
 # %% ../nbs/08_train.ipynb #523cac7d
@@ -1017,8 +1260,12 @@ def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, d
     bar = tqdm(total=6 + 2 * (baseline is not None), desc=f'{run_label(cfg)}: evaluating', disable=not progress,
                dynamic_ncols=True)
     def step(what, v):
-        if _StopSignals.requested(): raise Preempted(cfg.steps, cfg.out, 'evaluation')  # SIGTERM: stop between parts
-        bar.set_postfix_str(what); v = v(); bar.update(); return v
+        if _StopSignals.requested():
+            raise Preempted(cfg.steps, cfg.out, 'evaluation')  # SIGTERM: stop between parts
+        bar.set_postfix_str(what)
+        v = v()
+        bar.update()
+        return v
     name = METHOD_NAMES.get(cfg.method, cfg.method)
     xs, titles = {}, {}
     for k in (1, 2):
@@ -1028,52 +1275,68 @@ def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, d
         baseline.ema.eval()
         xs['fm100'] = step('flow-matching samples', lambda: generate(baseline.cfg, baseline.ema, z, 100, y).cpu())
         titles['fm100'] = 'flow matching, 100 Euler steps'
-    m = step('distances', lambda: {'swd_data_floor': sliced_wasserstein(ref, ref2), 'energy_data_floor': energy_distance(ref, ref2)})
+    m = step('distances',
+             lambda: {'swd_data_floor': sliced_wasserstein(ref, ref2), 'energy_data_floor': energy_distance(ref, ref2)})
     for k, x in xs.items():
-        m[f'swd_{k}'], m[f'energy_{k}'] = step(f'distances, {titles[k]}', lambda: (sliced_wasserstein(x, ref), energy_distance(x, ref)))
-    fig = Figure(figsize=(3 * (len(xs) + 2), 3.2)); axs = fig.subplots(1, len(xs) + 2)
+        m[f'swd_{k}'], m[f'energy_{k}'] = step(f'distances, {titles[k]}', lambda:
+                                               (sliced_wasserstein(x, ref), energy_distance(x, ref)))
+    fig = Figure(figsize=(3 * (len(xs) + 2), 3.2))
+    axs = fig.subplots(1, len(xs) + 2)
     scatter2d(ref, axs[0], 'data')
-    for ax, (k, x) in zip(axs[1:], xs.items()): scatter2d(x, ax, f"{titles[k]}  SWD {m['swd_' + k]:.3f}")
+    for ax, (k, x) in zip(axs[1:], xs.items()):
+        scatter2d(x, ax, f"{titles[k]}  SWD {m['swd_' + k]:.3f}")
     one = lambda p: (p - generate(cfg, ema, p.to(device), 1).cpu())  # z_1 - x = u(z_1, 0, 1), unconditional
     plot_field(one, axs[-1], title='learned v(z, t=1)' if cfg.method == 'fm' else 'learned u(z, r=0, t=1)')
     step('figure', lambda: (fig.tight_layout(), fig.savefig(Path(cfg.out) / 'samples.png', dpi=110)))
     bar.close()
     return {k: round(float(v), 6) for k, v in m.items()}
 
+
 # %% ../nbs/08_train.ipynb #d079752b
 @torch.no_grad()
-def save_sample_grid(cfg: TrainConfig, model: nn.Module, shape: tuple, path: Path, device, nfes=(1, 2), per_class: int = 8):
+def save_sample_grid(cfg: TrainConfig, model: nn.Module, shape: tuple, path: Path, device, nfes=(1, 2),
+                     per_class: int = 8):
     "Side-by-side grids of samples with 1 and 2 network calls (one row per class when class-conditional)."
     from matplotlib.figure import Figure
     from meanflow_nb.core import show_images
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     k = min(cfg.num_classes, 10) if cfg.num_classes else 0
     y = torch.arange(k, device=device).repeat_interleave(per_class) if k else None
     n = k * per_class if k else 8 * per_class
     z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(_mix(cfg.seed, 6))).to(device)
-    was = model.training; model.eval()
-    fig = Figure(figsize=(3.2 * len(nfes), 3.4)); axs = fig.subplots(1, len(nfes))
+    was = model.training
+    model.eval()
+    fig = Figure(figsize=(3.2 * len(nfes), 3.4))
+    axs = fig.subplots(1, len(nfes))
     for ax, nfe in zip(np.atleast_1d(axs), nfes):
         show_images(generate(cfg, model, z, nfe, y).float().cpu()[:, :3], nrow=per_class, ax=ax, title=f'{nfe}-NFE')
     model.train(was)
-    fig.tight_layout(); fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 def plot_log(out: Path, path: Path | None = None):
     "The raw u- and v-errors and the adaptive-weighted loss of a run, from its `log.jsonl` (saved to `path` if given)."
     from matplotlib.figure import Figure
     rows = [json.loads(l) for l in open(Path(out) / 'log.jsonl')]
     steps = [r['step'] for r in rows]
-    fig = Figure(figsize=(10, 3)); axs = fig.subplots(1, 2)
+    fig = Figure(figsize=(10, 3))
+    axs = fig.subplots(1, 2)
     for k, label in (('loss_u', 'loss_u: u-term, r < t'), ('loss_v', 'loss_v: v-term, r = t')):
         ys = [r.get(k, 0.0) for r in rows]
-        if any(y > 0 for y in ys): axs[0].plot(steps, ys, label=label)  # a run with no r = t (or no r < t) samples logs zeros
-    axs[0].set_xlabel('step'); axs[0].set_ylabel('squared error per sample (raw)')
-    axs[0].set_title('raw errors, before the adaptive weight', fontsize=9); axs[0].legend(fontsize=8)
+        if any(y > 0 for y in ys):
+            axs[0].plot(steps, ys, label=label)  # a run with no r = t (or no r < t) samples logs zeros
+    axs[0].set_xlabel('step')
+    axs[0].set_ylabel('squared error per sample (raw)')
+    axs[0].set_title('raw errors, before the adaptive weight', fontsize=9)
+    axs[0].legend(fontsize=8)
     axs[1].plot(steps, [r['loss'] for r in rows], c='k')
-    axs[1].set_xlabel('step'); axs[1].set_ylabel('loss (adaptive-weighted)')
+    axs[1].set_xlabel('step')
+    axs[1].set_ylabel('loss (adaptive-weighted)')
     axs[1].set_title('the loss the optimiser sees', fontsize=9)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=110)
+    if path:
+        fig.savefig(path, dpi=110)
     return fig
 
 def evaluate_images(cfg: TrainConfig, ema: nn.Module, shape: tuple, device) -> dict:
@@ -1084,26 +1347,36 @@ def evaluate_images(cfg: TrainConfig, ema: nn.Module, shape: tuple, device) -> d
     last = [json.loads(l) for l in open(out / 'log.jsonl')][-1]
     return {k: last[k] for k in ('loss', 'loss_u', 'loss_v') if k in last}
 
+
 # %% ../nbs/08_train.ipynb #52ce4c63
 def _bool_flag(s: str) -> bool:
     v = {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}.get(s.strip().lower())
-    if v is None: raise argparse.ArgumentTypeError(f'expected true or false (or 1/0, yes/no), got {s!r}')
+    if v is None:
+        raise argparse.ArgumentTypeError(f'expected true or false (or 1/0, yes/no), got {s!r}')
     return v
 
 def _tuple_flag(s: str) -> tuple:
-    try: return tuple(float(v) for v in s.split(',') if v.strip())
-    except ValueError: raise argparse.ArgumentTypeError(f'expected comma-separated numbers such as 0.9,0.95, got {s!r}') from None
+    try:
+        return tuple(float(v) for v in s.split(',') if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated numbers such as 0.9,0.95, got {s!r}') from None
 
 def _dict_flag(s: str) -> dict:
-    try: d = json.loads(s)
-    except ValueError: d = None
-    if not isinstance(d, dict): raise argparse.ArgumentTypeError(f"""expected a JSON object such as '{{"hidden": 64}}', got {s!r}""")
+    try:
+        d = json.loads(s)
+    except ValueError:
+        d = None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"""expected a JSON object such as '{{"hidden": 64}}', got {s!r}""")
     return d
 
 def _flag_type(default):
-    if isinstance(default, bool): return _bool_flag
-    if isinstance(default, tuple): return _tuple_flag
-    if isinstance(default, dict): return _dict_flag
+    if isinstance(default, bool):
+        return _bool_flag
+    if isinstance(default, tuple):
+        return _tuple_flag
+    if isinstance(default, dict):
+        return _dict_flag
     return type(default)
 
 _METAVARS = {bool: 'BOOL', tuple: 'TUPLE', dict: 'DICT', int: 'INT', float: 'FLOAT', str: 'STR'}
@@ -1116,71 +1389,107 @@ the preset's values when --preset is given (mf-train --preset digits --help), el
 
 def _flag_str(v) -> str:
     "A value as it would be written on the command line."
-    if isinstance(v, bool): return str(v).lower()
-    if isinstance(v, tuple): return ','.join(str(x) for x in v) or "''"
-    if isinstance(v, dict): return json.dumps(v)
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, tuple):
+        return ','.join(str(x) for x in v) or "''"
+    if isinstance(v, dict):
+        return json.dumps(v)
     return str(v) if v != '' else "''"
 
 def field_docs(cls=TrainConfig) -> dict:
     "Each field's comment in the source of the dataclass `cls` (its docments): the help text of its flag."
     import inspect, re
-    try: src = inspect.getsource(cls)
+    try:
+        src = inspect.getsource(cls)
     except (OSError, TypeError):  # a class defined in a notebook has no file: read the exported one
         from meanflow_nb import train as exported
         src = inspect.getsource(getattr(exported, cls.__name__))
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r'^\s+(\w+)\s*:[^#\n]*#\s*(.+)$', src, re.M)}
+    docs, above = {}, []
+    for line in src.splitlines():
+        if m := re.match(r'^\s+#\s*(.+)$', line):  # a comment line documents the field below it
+            above.append(m.group(1).strip())
+            continue
+        if m := re.match(r'^\s+(\w+)\s*:[^#\n]*?(?:#\s*(.+))?$', line):
+            doc = m.group(2) or ' '.join(above)
+            if doc and not line.lstrip().startswith(('def ', '"')):
+                docs[m.group(1)] = doc.strip()
+        above = []
+    return docs
 
 def _int_or_auto(s: str):
-    if s == 'auto': return s
-    try: return int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {s!r}") from None
+    if s == 'auto':
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {s!r}") from None
 
 def _bool_or_auto(s: str):
-    if s.strip().lower() == 'auto': return 'auto'
-    try: return _bool_flag(s)
-    except argparse.ArgumentTypeError: raise argparse.ArgumentTypeError(f"expected true, false or 'auto', got {s!r}") from None
+    if s.strip().lower() == 'auto':
+        return 'auto'
+    try:
+        return _bool_flag(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or 'auto', got {s!r}") from None
 
-_FLAG_TYPES = {'micro_batch': _int_or_auto, 'compile_step': _bool_or_auto} # fields whose flag is not parsed by the type of their default
+# fields whose flag is not parsed by the type of their default
+_FLAG_TYPES = {'micro_batch': _int_or_auto, 'compile_step': _bool_or_auto}
 _FLAG_METAVARS = {'compile_step': 'BOOL|auto'} # ... and whose metavar is not their default's
 
 def train_parser(preset: str | None = None, # show this preset's values as the defaults
                 ) -> argparse.ArgumentParser:
-    "The `mf-train` parser: `--preset`, `--resume`, `--no-progress` and one flag per `TrainConfig` field, described by the field's comment."
-    if preset: check(preset in PRESETS, f'unknown preset {preset!r}; valid presets: {", ".join(PRESETS)}')
+    ("The `mf-train` parser: `--preset`, `--resume`, `--no-progress` and one flag per `TrainConfig` field, described "
+     "by "
+     "the field's comment.")
+    if preset:
+        check(preset in PRESETS, f'unknown preset {preset!r}; valid presets: {", ".join(PRESETS)}')
     # the preset's values unvalidated: a preset may still need a flag (the in256-* presets need --data_path)
     shown, docs = TrainConfig(**PRESETS[preset]) if preset else TrainConfig(), field_docs()
-    p = CLIParser(prog='mf-train', formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_SYNTAX,
-                                description='Train flow matching, MeanFlow, Kim et al. or iMF: a preset fills every field, flags override it.')
-    p.add_argument('--preset', default=None, help=f'one of: {", ".join(PRESETS)}' + (f' (now: {preset})' if preset else ''))
+    p = CLIParser(
+        prog='mf-train', formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_SYNTAX,
+        description='Train flow matching, MeanFlow, Kim et al. or iMF: a preset fills every field, flags override it.')
+    p.add_argument('--preset', default=None,
+                   help=f'one of: {", ".join(PRESETS)}' + (f' (now: {preset})' if preset else ''))
     p.add_argument('--resume', action='store_true', help='continue from the newest usable checkpoint in --out')
-    p.add_argument('--overwrite', action='store_true', help='start over in an --out that holds a run (deletes its checkpoints)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='start over in an --out that holds a run (deletes its checkpoints)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     for f in dataclasses.fields(TrainConfig):
-        if f.name == 'preset': continue
+        if f.name == 'preset':
+            continue
         d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help = f"{docs.get(f.name, '')} (default: {_flag_str(getattr(shown, f.name))})"
-        p.add_argument(f'--{f.name}', type=_FLAG_TYPES.get(f.name, _flag_type(d)), default=None, metavar=_FLAG_METAVARS.get(f.name, _METAVARS.get(type(d), type(d).__name__.upper())),
+        p.add_argument(f'--{f.name}', type=_FLAG_TYPES.get(f.name, _flag_type(d)), default=None,
+                       metavar=_FLAG_METAVARS.get(f.name, _METAVARS.get(type(d),
+                                                                        type(d).__name__.upper())),
                        help=help.replace('%', '%%'))
     return p
 
 def _preset_of(argv) -> str | None:
     "The --preset among `argv`, if it names a preset (for --help)."
     class Quiet(argparse.ArgumentParser):
-        def error(self, message): raise ValueError(message)  # e.g. --preset with no value: the real parser reports it
-    pre = Quiet(add_help=False); pre.add_argument('--preset', default=None)
-    try: p = pre.parse_known_args(argv)[0].preset
-    except ValueError: return None
+        def error(self, message):
+            raise ValueError(message)  # e.g. --preset with no value: the real parser reports it
+    pre = Quiet(add_help=False)
+    pre.add_argument('--preset', default=None)
+    try:
+        p = pre.parse_known_args(argv)[0].preset
+    except ValueError:
+        return None
     return p if p in PRESETS else None
 
 def _outputs(out: Path) -> str:
     "One line naming a run folder and what is in it."
-    names = sorted(p.name + ('/' if p.is_dir() else '') for p in Path(out).iterdir() if not p.name.startswith('.')) if Path(out).is_dir() else []  # not the .lock
+    names = sorted(p.name + ('/' if p.is_dir() else '') for p in Path(out).iterdir()
+                   if not p.name.startswith('.')) if Path(out).is_dir() else []  # not the .lock
     return f"outputs in {out}/: {', '.join(names)}"
 
 @cli_errors
 def cli_train(argv: list[str] | None = None):
     "Console script `mf-train`."
-    with _StopSignals(): _cli_train(argv)  # SIGTERM / SIGUSR1 from the start: exit 75 in every phase
+    with _StopSignals():
+        _cli_train(argv)  # SIGTERM / SIGUSR1 from the start: exit 75 in every phase
 
 def _cli_train(argv):
     a = vars(train_parser(_preset_of(argv if argv is not None else sys.argv[1:])).parse_args(argv))
@@ -1188,14 +1497,21 @@ def _cli_train(argv):
     try:
         cfg = get_config(preset, **{k: v for k, v in a.items() if v is not None})
         res = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
-        if dist.is_main(): print(json.dumps({'out': str(res.out), **res.metrics}, indent=1))
-        if dist.is_main(): print(_outputs(res.out), file=sys.stderr)
+        if dist.is_main():
+            print(json.dumps({'out': str(res.out), **res.metrics}, indent=1))
+        if dist.is_main():
+            print(_outputs(res.out), file=sys.stderr)
     except Preempted as ex:
-        print(str(ex), file=sys.stderr); sys.exit(EXIT_PREEMPTED)
+        print(str(ex), file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except RunError as ex:
-        print(f'error: {ex}', file=sys.stderr); sys.exit(1)
-    finally: dist.cleanup_distributed()
+        print(f'error: {ex}', file=sys.stderr)
+        sys.exit(1)
+    finally:
+        dist.cleanup_distributed()
+
 
 # %% ../nbs/08_train.ipynb #e95cfab5
 #| eval: false
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: cli_train()  # `python -m meanflow_nb.train`, torchrun
+if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    cli_train()  # `python -m meanflow_nb.train`, torchrun
