@@ -9,23 +9,42 @@ PKG = Path(__file__).resolve().parent.parent / 'meanflow_nb'
 # lower number = lower layer; a module may import only modules of a strictly lower layer
 LAYERS = {
     'core': 0,
-    'toy': 1, 'flow_matching': 1, 'schedules': 1, 'dist': 1,
-    'models': 2, 'data': 2,
-    'loss': 3,
-    'kim': 4, 'imf': 4,      # the methods: never the trainer
-    'train': 5,
-    'bench': 6, 'pretrained': 6,
-    'eval': 7,               # eval resolves pretrained checkpoints
-    'study': 8,              # study drivers: they run the trainer
-    'convergence': 9,        # the digits convergence study (and the mf-study entry point, which loads it)
+    'report': 1, 'toy': 1, 'flow_matching': 1, 'schedules': 1, 'dist': 1,   # report: statistics, result files, README blocks
+    'blocks': 2, 'data': 2,
+    'models': 3, 'latents': 3,
+    'loss': 4,
+    'kim': 5, 'imf': 5,      # the methods: never the trainer
+    'config': 6,             # TrainConfig, presets, validation
+    'methods': 7, 'plan': 7, # the method table; the memory and cost model
+    'checkpoint': 8,         # checkpoint files, the run folder, loading a run into a model
+    'pretrained': 9, 'fid': 9,
+    'eval': 10,              # what a trained run is worth; eval resolves pretrained checkpoints; never the trainer
+    'train': 11,             # the step and the loop; calls eval at the end of a run
+    'bench': 12,
+    'study': 13,             # study drivers: they run the trainer
+    'convergence': 14,       # the digits convergence study
+    'cli': 15,               # every console script
 }
 MODULES = sorted(p.stem for p in PKG.glob('*.py') if not p.stem.startswith('_'))
+
+
+def _is_main_block(n) -> bool:
+    t = getattr(n, 'test', None) if isinstance(n, ast.If) else None
+    for c in ast.walk(t) if t is not None else ():
+        if isinstance(c, ast.Compare) and getattr(c.left, 'id', '') == '__name__' \
+                and any(getattr(x, 'value', None) == '__main__' for x in c.comparators):
+            return True
+    return False
 
 
 def imported(mod: str) -> set[str]:
     "Package modules that `mod`'s source imports anywhere (top level or inside functions)."
     out = set()
-    for n in ast.walk(ast.parse((PKG / f'{mod}.py').read_text())):
+    tree = ast.parse((PKG / f'{mod}.py').read_text())
+    for n in ast.walk(tree):
+        if _is_main_block(n):               # `if __name__ == '__main__'`: an entry shim (python -m), not a dependency
+            n.body, n.orelse = [], []
+    for n in ast.walk(tree):
         if isinstance(n, ast.ImportFrom):
             name = n.module or ''
             if n.level == 1 or name == 'meanflow_nb' or name.startswith('meanflow_nb.'):
@@ -41,7 +60,7 @@ def imported(mod: str) -> set[str]:
 
 
 def test_every_module_has_a_layer():
-    assert set(MODULES) == set(LAYERS), f'give new modules a layer: {sorted(set(MODULES) ^ set(LAYERS))}'
+    assert set(MODULES) <= set(LAYERS), f'give new modules a layer: {sorted(set(MODULES) - set(LAYERS))}'
 
 
 @pytest.mark.parametrize('mod', MODULES)
