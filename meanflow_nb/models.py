@@ -4,75 +4,27 @@
 
 # %% ../nbs/05_models.ipynb #2eda19d3
 from __future__ import annotations
-import math, time, contextlib, warnings, types
-import numpy as np
+import math, warnings
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from fastcore.basics import patch
-from .core import ConfigError, check, check_values
+from .core import check
+from .blocks import (
+    timestep_embedding, JVPLinear, jvp_attention, TimestepEmbedder, LabelEmbedder, sincos_pos_embed_2d, PatchEmbed,
+    modulate, Attention, DiTBlock, FinalLayer, unpatchify, rope_tables, apply_rope, RoPEAttention, SwiGLU, iMFBlock,
+    iMFFinalLayer, checkpoint_block, set_grad_ckpt, _labels, _check_image)
 
 # %% auto #0
-__all__ = ['DiT_models', 'PAPER_PARAMS', 'timestep_embedding', 'JVPLinear', 'ToyMLP', 'jvp_attention', 'TimestepEmbedder',
-           'LabelEmbedder', 'sincos_pos_embed_2d', 'PatchEmbed', 'modulate', 'Attention', 'DiTBlock', 'FinalLayer',
-           'unpatchify', 'DiT', 'rope_tables', 'apply_rope', 'RoPEAttention', 'SwiGLU', 'iMFBlock', 'iMFFinalLayer',
-           'iMFDiT', 'create_model', 'checkpoint_block', 'set_grad_ckpt', 'count_params', 'bench_models']
+__all__ = ['DiT_models', 'PAPER_PARAMS', 'ToyMLP', 'DiT', 'iMFDiT', 'create_model', 'count_params', 'bench_models',
+           'timestep_embedding', 'JVPLinear', 'jvp_attention', 'TimestepEmbedder', 'LabelEmbedder',
+           'sincos_pos_embed_2d', 'PatchEmbed', 'modulate', 'Attention', 'DiTBlock', 'FinalLayer', 'unpatchify',
+           'rope_tables', 'apply_rope', 'RoPEAttention', 'SwiGLU', 'iMFBlock', 'iMFFinalLayer', 'checkpoint_block',
+           'set_grad_ckpt']
 
-# %% ../nbs/05_models.ipynb #5cf67fc7
-def timestep_embedding(t: torch.Tensor, # `(B,)` scalars, raw in [0, 1]
-                       dim: int, # output features (even)
-                       max_period: float = 10000., # the slowest frequency is `1 / max_period`
-                      ) -> torch.Tensor:
-    "Sinusoidal features `(B, dim)` of a batch of scalars (ADM/DiT layout: cos first, then sin)."
-    half = dim // 2
-    dt = t.dtype if t.is_floating_point() else torch.float32   # float64 stays float64 (finite-difference checks)
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dt, device=t.device) / half)
-    args = t.to(dt)[:, None] * freqs[None]                                   # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)               # (B, 2 * half)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
-    return emb
-
-# %% ../nbs/05_models.ipynb #f1e780e6
-class _LinearTangent(torch.autograd.Function):
-    "`F.linear` whose forward-mode rule is `dx W^T` (used only when `W` and `b` carry no tangent)."
-    @staticmethod
-    def forward(x, w, b):
-        return F.linear(x, w, b)
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b = inputs
-        ctx.save_for_backward(x, w)
-        ctx.save_for_forward(x, w)
-        ctx.has_bias = b is not None
-    @staticmethod
-    def backward(ctx, g):  # g: (..., out)
-        x, w = ctx.saved_tensors
-        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        return (g @ w if ctx.needs_input_grad[0] else None, g2.T @ x2 if ctx.needs_input_grad[1] else None,
-                g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None)
-    @staticmethod
-    def jvp(ctx, xt, wt, bt):  # wt, bt are zeros by construction (see JVPLinear.forward): skip them
-        x, w = ctx.saved_tensors
-        return F.linear(xt, w) if xt is not None else x.new_zeros(*x.shape[:-1], w.shape[0])
-
-# %% ../nbs/05_models.ipynb #a6e5cecb
-def _has_tangent(a: torch.Tensor) -> bool:
-    "True if `a` is a functorch `jvp`/`grad` wrapper or a dual tensor of `torch.autograd.forward_ad`."
-    import torch.autograd.forward_ad as fwAD
-    f = torch._C._functorch
-    if f.is_functorch_wrapped_tensor(a):
-        return not f.is_batchedtensor(a)
-    return fwAD.unpack_dual(a).tangent is not None
-
-class JVPLinear(nn.Linear):
-    "`nn.Linear` with a one-matmul forward-mode rule inside JVPs (set `JVPLinear.fast = False` to compare)."
-    fast = True
-    def forward(self, x):
-        if (not self.fast or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
-            or not _has_tangent(x) or _has_tangent(self.weight) or (self.bias is not None and _has_tangent(self.bias))):
-            return F.linear(x, self.weight, self.bias)
-        return _LinearTangent.apply(x, self.weight, self.bias)
+# %% ../nbs/05_models.ipynb #5542231d
+_all_ = ['timestep_embedding', 'JVPLinear', 'jvp_attention', 'TimestepEmbedder', 'LabelEmbedder', 'sincos_pos_embed_2d',
+         'PatchEmbed', 'modulate', 'Attention', 'DiTBlock', 'FinalLayer', 'unpatchify', 'rope_tables', 'apply_rope',
+         'RoPEAttention', 'SwiGLU', 'iMFBlock', 'iMFFinalLayer', 'checkpoint_block', 'set_grad_ckpt']
 
 # %% ../nbs/05_models.ipynb #7bed9d55
 class ToyMLP(nn.Module):
@@ -100,161 +52,6 @@ class ToyMLP(nn.Module):
         if self.y_emb is not None:
             feats.append(self.y_emb(_labels(y, z.shape[0], self.num_classes, z.device)).to(z.dtype))
         return self.net(torch.cat(feats, dim=-1))
-
-def _labels(y, B: int, num_classes: int, device) -> torch.Tensor:
-    "Labels `(B,)` long; `None` means the null label `num_classes`; out-of-range labels raise `ConfigError`."
-    if y is None:
-        return torch.full((B,), num_classes, dtype=torch.long, device=device)
-    check(not y.is_floating_point() and y.shape == (B, ),
-          f'labels must be a (B,) = ({B},) integer tensor, got {y.dtype} {tuple(y.shape)}')
-    check_values(
-        (y >= 0) & (y <= num_classes), lambda:
-        f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
-    return y
-
-
-# %% ../nbs/05_models.ipynb #a7e91be0
-def jvp_attention():
-    ("Context manager: restrict SDPA to the math backend, the only one with forward-mode AD. Wrap `torch.func.jvp` in "
-     "it.")
-    from torch.nn.attention import sdpa_kernel, SDPBackend
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-# %% ../nbs/05_models.ipynb #7969e684
-class TimestepEmbedder(nn.Module):
-    "Scalar (raw in [0, 1]) -> sinusoidal features -> MLP -> `(B, hidden_size)`."
-    def __init__(self, hidden_size: int, # output width
-                 freq_dim: int = 256, # sinusoidal features
-                ):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(JVPLinear(freq_dim, hidden_size), nn.SiLU(), JVPLinear(hidden_size, hidden_size))
-
-    def forward(self, t):  # t: (B,)
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))  # (B, hidden_size)
-
-class LabelEmbedder(nn.Module):
-    "Class label -> vector; row `num_classes` is the null label used for classifier-free guidance."
-    def __init__(self, num_classes: int, # real classes; the table has `num_classes + 1` rows
-                 hidden_size: int):
-        super().__init__()
-        self.num_classes = num_classes
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
-
-    def forward(self, y, B: int):  # y: (B,) long or None (null label)
-        # (B, hidden_size)
-        return self.embedding_table(_labels(y, B, self.num_classes, self.embedding_table.weight.device))
-
-# %% ../nbs/05_models.ipynb #f834f776
-def _labels(y, B: int, num_classes: int, device) -> torch.Tensor:
-    "Labels `(B,)` long; `None` means the null label `num_classes`; out-of-range labels raise `ConfigError`."
-    if y is None:
-        return torch.full((B,), num_classes, dtype=torch.long, device=device)
-    check(not y.is_floating_point() and tuple(y.shape) == (B, ),
-          f'labels must be a (B,) = ({B},) integer tensor, got {y.dtype} {tuple(y.shape)}')
-    check_values(
-        (y >= 0) & (y <= num_classes), lambda:
-        f'labels must lie in [0, {num_classes}] ({num_classes} = null), got min {int(y.min())}, max {int(y.max())}')
-    return y
-
-
-# %% ../nbs/05_models.ipynb #965be4d4
-def sincos_pos_embed_2d(dim: int, # token width, divisible by 4
-                        grid: int, # tokens per side
-                       ) -> torch.Tensor:
-    "Fixed 2-D sin-cos positions `(grid * grid, dim)`, row-major tokens; first half encodes the column, second the row."
-    check(dim % 4 == 0, f'hidden size must be divisible by 4 for 2-D sin-cos positions, got {dim}')
-    omega = 1. / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))   # (D/4,)
-    def emb1d(pos):
-        a = pos[:, None] * omega[None]
-        return torch.cat([a.sin(), a.cos()], 1)  # (N, D/2)
-
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing='ij')
-    return torch.cat([emb1d(cols.flatten()), emb1d(rows.flatten())], 1).float()       # (grid^2, D)
-
-class PatchEmbed(nn.Module):
-    "Image `(B, C, H, W)` -> tokens `(B, (H/p) (W/p), D)` by a `p x p` stride-`p` convolution."
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, bias: bool = True):
-        super().__init__()
-        check(input_size % patch_size == 0, f'input_size {input_size} is not divisible by patch_size {patch_size}')
-        self.patch_size, self.grid = patch_size, input_size // patch_size
-        self.num_patches = self.grid ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=bias)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, T, D)
-
-
-# %% ../nbs/05_models.ipynb #4184d630
-def modulate(x, shift, scale):
-    "adaLN: `x (B, T, D) * (1 + scale (B, D)) + shift (B, D)`."
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-class Attention(nn.Module):
-    "Multi-head self-attention with a fused qkv projection; SDPA (wrap JVPs in `jvp_attention()`)."
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        check(dim % num_heads == 0, f'hidden size {dim} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.qkv, self.proj = JVPLinear(dim, 3 * dim, bias=qkv_bias), JVPLinear(dim, dim, bias=qkv_bias)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        # 3 x (B, nh, T, hd)
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)                           # (B, nh, T, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))                  # (B, T, D)
-
-# %% ../nbs/05_models.ipynb #a5ce0e90
-class DiTBlock(nn.Module):
-    "DiT block with adaLN-Zero conditioning."
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        hid = int(hidden_size * mlp_ratio)
-        self.mlp = nn.Sequential(JVPLinear(hidden_size, hid), nn.GELU(approximate='tanh'), JVPLinear(hid, hidden_size))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), JVPLinear(hidden_size, 6 * hidden_size))
-
-    def forward(self, x, c):  # x: (B, T, D), c: (B, D)
-        # 6 x (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, T, D)
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
-
-class FinalLayer(nn.Module):
-    "adaLN-modulated LayerNorm + linear to `p * p * C` values per token."
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = JVPLinear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), JVPLinear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x, c):  # x: (B, T, D), c: (B, D)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)               # 2 x (B, D)
-        return self.linear(modulate(self.norm_final(x), shift, scale))        # (B, T, p*p*C)
-
-# %% ../nbs/05_models.ipynb #75fab246
-def unpatchify(x: torch.Tensor, # tokens `(B, T, p*p*C)`, row-major over a square grid
-               patch_size: int, channels: int) -> torch.Tensor:
-    "Tokens `(B, T, p*p*C)` -> image `(B, C, H, W)`."
-    B, T, _ = x.shape
-    g, p = int(round(T ** 0.5)), patch_size
-    x = x.reshape(B, g, g, p, p, channels)                                    # (B, gh, gw, p, p, C)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, g * p, g * p)     # (B, C, gh*p, gw*p)
-
-def _check_image(x, in_channels: int, input_size: int, name: str):
-    "Cheap static checks on a network input `(B, C, H, W)`."
-    check(x.ndim == 4, f'{name} expects x of shape (B, C, H, W), got {tuple(x.shape)}')
-    check(x.shape[1] == in_channels,
-          f'{name} was built for {in_channels} input channels, got {x.shape[1]} (x shape {tuple(x.shape)})')
-    check(
-        tuple(x.shape[2:]) == (input_size, input_size),
-        f'{name} was built for {input_size}x{input_size} inputs, got {tuple(x.shape[2:])}')
-
 
 # %% ../nbs/05_models.ipynb #c5835751
 class DiT(nn.Module):
@@ -312,76 +109,6 @@ def forward(self: DiT, x, t, h, y=None):
         x = block(x, c)                                # (B, T, D)
     x = self.final_layer(x, c)                                               # (B, T, p*p*C)
     return unpatchify(x, self.patch_size, self.out_channels)                 # (B, C, H, W)
-
-# %% ../nbs/05_models.ipynb #36996c67
-def rope_tables(seq_len: int, head_dim: int, theta: float = 10000., device=None, dtype=torch.float32):
-    "cos and sin tables `(seq_len, head_dim // 2)` for 1-D RoPE over positions `0 .. seq_len - 1`."
-    freqs = 1. / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
-    ang = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None] * freqs[None]  # (T, hd/2)
-    return ang.cos().to(dtype), ang.sin().to(dtype)
-
-def apply_rope(x, cos, sin):
-    "Rotate channel pairs `(2i, 2i+1)` of `x (B, nh, T, hd)` by the position angles (interleaved layout)."
-    x1, x2 = x[..., 0::2], x[..., 1::2]                                   # 2 x (B, nh, T, hd/2)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)  # (B, nh, T, hd)
-
-# %% ../nbs/05_models.ipynb #f7f55f08
-class RoPEAttention(nn.Module):
-    "Bias-free multi-head attention with per-head QK-RMSNorm and 1-D RoPE (iMF)."
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        check(dim % num_heads == 0 and (dim // num_heads) % 2 == 0,
-              f'hidden size {dim} must split into {num_heads} heads of even size')
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv, self.proj = JVPLinear(dim, 3 * dim, bias=False), JVPLinear(dim, dim, bias=False)  # iMF: no biases
-        self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6), nn.RMSNorm(self.head_dim, eps=1e-6)
-
-    def forward(self, x, cos, sin):  # x: (B, T, D); cos, sin: (T, hd/2)
-        B, T, D = x.shape
-        # 3 x (B, nh, T, hd)
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # QK-norm, then RoPE
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        x = F.scaled_dot_product_attention(q, k, v)                           # (B, nh, T, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))                  # (B, T, D)
-
-class SwiGLU(nn.Module):
-    "SwiGLU MLP `w2(silu(w1 x) * w3 x)`, bias-free."
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1, self.w3, self.w2 = JVPLinear(dim, hidden,
-                                              bias=False), JVPLinear(dim, hidden,
-                                                                     bias=False), JVPLinear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))    # (B, T, D) -> (B, T, D)
-
-
-# %% ../nbs/05_models.ipynb #3dee43ac
-class iMFBlock(nn.Module):
-    "Pre-RMSNorm transformer block with zero-initialised per-channel residual gates (iMF)."
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 8 / 3):
-        super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(hidden_size, eps=1e-6), nn.RMSNorm(hidden_size, eps=1e-6)
-        self.attn = RoPEAttention(hidden_size, num_heads)
-        # 8/3 x width: same params as a 4x GELU MLP
-        self.mlp = SwiGLU(hidden_size, int(hidden_size * mlp_ratio))
-        self.attn_gate = nn.Parameter(torch.zeros(hidden_size))                # zero-init: the block starts as identity
-        self.mlp_gate = nn.Parameter(torch.zeros(hidden_size))
-
-    def forward(self, x, cos, sin):  # x: (B, T, D)
-        x = x + self.attn_gate * self.attn(self.norm1(x), cos, sin)            # (B, T, D)
-        return x + self.mlp_gate * self.mlp(self.norm2(x))                     # (B, T, D)
-
-class iMFFinalLayer(nn.Module):
-    "Final RMSNorm + zero-initialised linear to `p * p * C` values per token."
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
-        self.linear = JVPLinear(hidden_size, patch_size * patch_size * out_channels)
-
-    def forward(self, x):
-        return self.linear(self.norm(x))                   # (B, T, D) -> (B, T, p*p*C)
 
 # %% ../nbs/05_models.ipynb #b8f7c02d
 class iMFDiT(nn.Module):
@@ -527,61 +254,6 @@ def create_model(name: str, # a key of `DiT_models`
     bad = sorted(set(overrides) - valid)
     check(not bad, f"{name} has no option(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
     return ctor(**overrides)
-
-# %% ../nbs/05_models.ipynb #d5c0a002
-class _CheckpointBlock(torch.autograd.Function):
-    "Run `fn(*inputs)` keeping only the inputs; recompute it for the JVP rule and in backward (functorch-compatible)."
-    @staticmethod
-    def forward(fn, n_in, *args):  # args: the n_in inputs, then the block's parameters (so they receive gradients)
-        with torch.no_grad():
-            return fn(*args[:n_in])
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        fn, n_in, *args = inputs
-        ctx.fn, ctx.n_in, ctx.params = fn, n_in, args[n_in:]
-        ctx.save_for_backward(*args[:n_in])
-        ctx.save_for_forward(*args[:n_in])
-        ctx.amp = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ('cpu', 'cuda')]
-    @staticmethod
-    def backward(ctx, g):
-        need = ctx.needs_input_grad[2:]
-        xs = [a.detach().requires_grad_(bool(n)) for a, n in zip(ctx.saved_tensors, need)]
-        with torch.enable_grad(), contextlib.ExitStack() as st:
-            for d, on, dt in ctx.amp:
-                if d == 'cpu' or torch.cuda.is_available():
-                    st.enter_context(torch.autocast(d, dtype=dt, enabled=on))
-            out = ctx.fn(*xs)
-        want = [x for x in xs if x.requires_grad] + [p for p, n in zip(ctx.params, need[ctx.n_in:]) if n]
-        gr = iter(torch.autograd.grad(out, want, g, allow_unused=True))
-        return (None, None, *[next(gr) if x.requires_grad else None for x in xs],
-                *[next(gr) if n else None for n in need[ctx.n_in:]])
-    @staticmethod
-    def jvp(ctx, _fn_t, _n_t, *tangents):
-        xs = ctx.saved_tensors
-        ts = tuple(torch.zeros_like(x) if t is None else t for x, t in zip(xs, tangents[:ctx.n_in]))
-        with torch.no_grad():
-            return torch.func.jvp(ctx.fn, tuple(xs), ts)[1]
-
-def checkpoint_block(block: nn.Module, *inputs):
-    "`block(*inputs)` with activation checkpointing that also works under `torch.func.jvp` (see above)."
-    return _CheckpointBlock.apply(block._plain_forward, len(inputs), *inputs, *block.parameters())
-
-def _ckpt_forward(self, *inputs):
-    if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-        return checkpoint_block(self, *inputs)
-    return self._plain_forward(*inputs)
-
-def set_grad_ckpt(model: nn.Module, on: bool = True) -> nn.Module:
-    "Switch activation checkpointing of every `DiTBlock` / `iMFBlock` in `model` on or off (in place; returns it)."
-    for m in model.modules():
-        if isinstance(m, (DiTBlock, iMFBlock)):
-            if on:
-                m._plain_forward = types.MethodType(type(m).forward, m)
-                m.forward = types.MethodType(_ckpt_forward, m)
-            else:
-                m.__dict__.pop('forward', None)
-                m.__dict__.pop('_plain_forward', None)
-    return model
 
 # %% ../nbs/05_models.ipynb #3aa69c5c
 PAPER_PARAMS = {'DiT-B/4': 131e6, 'DiT-B/2': 131e6, 'DiT-M/2': 308e6, 'DiT-L/2': 459e6, 'DiT-XL/2': 676e6,  # MF / KIM
