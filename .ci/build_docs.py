@@ -76,11 +76,40 @@ def local_links(md):
                   lambda m: f']({page_of.get(m.group(1), m.group(1))}{m.group(2) or ""})', md)
 
 
+TEX = {r'\omega': 'ω', r'\beta': 'β', r'\theta': 'θ', r'\kappa': 'κ', r'\lambda': 'λ', r'\gamma': 'γ',
+       r'\sigma': 'σ', r'\mu': 'μ', r'\epsilon': 'ε', r'\Delta': 'Δ', r'\delta': 'δ', r'\tau': 'τ', r'\max': 'max',
+       r'\min': 'min', r'\le': '≤', r'\ge': '≥', r'\to': '→', r'\approx': '≈', r'\cdot': '·', r'\,': ' '}
+
+
+def plain_tex(s):
+    "A heading's math as plain text for the contents list (`$[1, \\omega_{max}]$` -> `[1, ω_max]`)."
+    def one(m):
+        t = m.group(1)
+        for k, v in TEX.items(): t = t.replace(k, v)
+        t = re.sub(r'\\(?:mathrm|text|mathbf|operatorname)\{([^}]*)\}', r'\1', t)
+        t = re.sub(r'_\{([^}]*)\}', r'_\1', t).replace('{', '').replace('}', '')
+        return re.sub(r'\\([A-Za-z]+)', r'\1', t)
+    return re.sub(r'\$([^$]+)\$', one, s).replace('`', '')
+
+
+def link_notebooks(line):
+    "`` `08_train` `` -> a link to its page, where such a notebook exists and the name is not a link already."
+    def sub(m):
+        nb = m.group(1) + '.ipynb'
+        return f'[`{m.group(1)}`]({page_of[nb]})' if nb in page_of else m.group(0)
+    return re.sub(r'(?<!\[)`(\d\d[a-z]?_[a-z0-9_]+|index)`(?!\]|\()', sub, line)
+
+
 def md_fixes(md):
-    "Markdown as Jupyter renders it -> as Python-Markdown needs it: a blank line before a list."
+    ("Markdown as Jupyter renders it -> as Python-Markdown needs it: a blank line before a list; headings with math "
+     "get a plain contents-list label; notebook names become links.")
     lines, res, fence = md.split('\n'), [], False
     for i, l in enumerate(lines):
         if l.lstrip().startswith('```'): fence = not fence
+        if not fence and re.match(r'#{1,6} .*\$', l) and '{' not in l.split('$')[-1]:
+            l = f'{l} {{data-toc-label="{plain_tex(l.lstrip("#").strip())}"}}'
+        elif not fence and not l.startswith('#'):
+            l = link_notebooks(l)
         if (not fence and res and res[-1].strip() and re.match(r'(- |\* |\d+\. )', l)
                 and not re.match(r'\s*(- |\* |\d+\. )', res[-1]) and not res[-1].startswith(('  ', '|'))):
             res.append('')
@@ -128,10 +157,13 @@ def show_doc_md(md, source, mods):
     md = re.sub(r'\[source\]\(([^)]+)\)\{[^}]*\}', r'<a class="srclink" href="\1">source</a>', md)
     md = re.sub(r'```python\n\n', '```python\n', md).replace('\n\n\n```', '\n```')
     # the anchor nbdev links to (`trainconfig.from_preset`), which Python-Markdown's slugs would drop the dot from
-    md = re.sub(r'^(#+) (\S+)\s*$', lambda m: f'{m.group(1)} {m.group(2)} {{#{m.group(2).lower()}}}', md, flags=re.M)
+    # underscores escaped (`__getitem__` is not bold); the class styles symbol headings apart from prose headings
+    esc = lambda t: t.replace('_', chr(92) + '_')
+    md = re.sub(r'^(#+) (\S+)\s*$', lambda m: f"{m.group(1)} {esc(m.group(2))} {{#{esc(m.group(2).lower())} .doc-sym}}",
+                md, flags=re.M)
     m = re.search(r'show_doc\((.+?)(?:,\s*\w+\s*=.*)?\)\s*$', source.strip())
     tbl = docments_table(m.group(1), mods) if m else ''
-    return md.rstrip() + ('\n\n' + tbl if tbl else '')
+    return md_fixes(md.rstrip()) + ('\n\n' + tbl if tbl else '')
 
 
 def cell_md(c, stem, k, mods):
@@ -141,22 +173,26 @@ def cell_md(c, stem, k, mods):
     opts, code = directives(text(c['source']))
     if opts.get('include') == 'false' or {'hide', 'exporti', 'export'} & set(opts): return ''
     parts = [] if opts.get('echo') == 'false' or not code.strip() else [fence(code, 'python')]
+    outs = []
     if opts.get('output') != 'false':
         for j, o in enumerate(c.get('outputs', [])):
-            if o['output_type'] == 'stream': parts.append(fence(text(o['text']), 'text'))
-            elif o['output_type'] == 'error': parts.append(fence('\n'.join(o.get('traceback', [])), 'text'))
+            if o['output_type'] == 'stream': outs.append(fence(text(o['text']), 'text'))
+            elif o['output_type'] == 'error': outs.append(fence('\n'.join(o.get('traceback', [])), 'text'))
             else:
                 d = o.get('data', {})
                 if 'image/png' in d:
                     f = f'figs/{stem}_{k}_{j}.png'
                     (src / f).write_bytes(base64.b64decode(text(d['image/png'])))
-                    parts.append(f'![]({f})')
+                    outs.append(f'![]({f})')
                 elif 'text/markdown' in d:
                     md = text(d['text/markdown'])
-                    parts.append(local_links(show_doc_md(md, code, mods) if 'show_doc' in code else md))
-                elif 'text/html' in d: parts.append('<div class="output-html" markdown="0">\n'
-                                                    + text(d['text/html']) + '\n</div>')
-                elif 'text/plain' in d: parts.append(fence(text(d['text/plain']), 'text'))
+                    if 'show_doc' in code: parts.append(local_links(show_doc_md(md, code, mods)))  # a page part
+                    else: outs.append(md_fixes(local_links(md)))
+                elif 'text/html' in d: outs.append('<div class="output-html" markdown="0">\n'
+                                                   + text(d['text/html']) + '\n</div>')
+                elif 'text/plain' in d: outs.append(fence(text(d['text/plain']), 'text'))
+    if outs:  # what a cell printed or drew, set apart from its code (nbdev's cell-output style)
+        parts.append('<div class="cell-output" markdown="1">\n\n' + '\n\n'.join(outs) + '\n\n</div>')
     return '\n\n'.join(parts)
 
 
@@ -211,7 +247,10 @@ shutil.copy(nbs / 'styles.css', src / 'nbdev-styles.css') if (nbs / 'styles.css'
 (src / 'site.css').write_text("""
 .page-description { font-size: 1.15em; color: var(--md-default-fg-color--light); margin-top: -0.6em; }
 a.srclink { float: right; font-size: smaller; }
-.md-typeset h3 { font-family: var(--md-code-font-family); }
+.md-typeset .doc-sym { font-family: var(--md-code-font-family); }
+.md-typeset .cell-output { margin: -0.6em 0 1em 0.8rem; border-left: 2px solid lightsalmon; padding-left: 0.2rem; }
+.md-typeset .cell-output pre, .md-typeset .cell-output .highlight, .md-typeset .cell-output code { background: none; }
+.md-typeset .cell-output pre { margin: 0; }
 .md-typeset .output-html, .md-typeset div.arithmatex { overflow-x: auto; }
 """)
 
@@ -228,7 +267,7 @@ mk = {
     'markdown_extensions': ['tables', 'attr_list', 'md_in_html', 'toc', 'admonition', 'pymdownx.superfences',
                             {'pymdownx.arithmatex': {'generic': True}}, {'pymdownx.highlight': {}}],
     'extra_javascript': ['mathjax-config.js', 'mathjax/MathJax.js'],
-    'extra_css': ['site.css'],
+    'extra_css': ['nbdev-styles.css', 'site.css'] if (nbs / 'styles.css').exists() else ['site.css'],
     'extra': {'polyfills': ['iframe-worker-shim.js']},  # the offline plugin would fetch it from a CDN
 }
 (src.parent / 'mkdocs.yml').write_text(yaml.safe_dump(mk, sort_keys=False))

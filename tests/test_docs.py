@@ -196,3 +196,62 @@ def test_no_slow_cell_runs_while_building_docs():
             except SyntaxError: continue
             if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)): bad.append(f"{nb.name} {c.get('id')}")
     assert not bad, f'slow cells with imports (move the import into its own cell): {bad}'
+
+
+@need_site
+def test_contents_lists_and_headings_read_as_text(site):
+    "No raw TeX in a page's contents list; symbol headings keep their underscores (`__getitem__` is not bold)."
+    manifest, pages = site
+    for m in manifest:
+        html = (SITE / m['page']).read_text(encoding='utf-8')
+        for toc in re.findall(r'<nav class="md-nav md-nav--secondary".*?</nav>', html, re.S):
+            assert '\\(' not in toc and '$' not in toc, f"{m['page']}: raw TeX in the contents list"
+        for h in re.findall(r'<h[2-6][^>]*class="doc-sym"[^>]*>.*?</h[2-6]>', html, re.S):
+            assert '<strong>' not in h, f"{m['page']}: a symbol heading lost its underscores: {h[:120]}"
+    nb_dunders = [n for n in NBS if re.search(r'show_doc\([\w.]+\.__\w+__', n.read_text(encoding='utf-8'))]
+    for n in nb_dunders:
+        page = next(m['page'] for m in manifest if m['notebook'] == n.name)
+        assert re.search(r'class="doc-sym"[^>]*>[\w.]*__\w+__', (SITE / page).read_text(encoding='utf-8')), page
+
+
+@need_site
+def test_outputs_and_headings_are_styled_apart(site):
+    "Outputs sit in nbdev's `cell-output` blocks with their own style; only symbol headings are in the code font."
+    manifest, pages = site
+    css = (SITE / 'site.css').read_text()
+    assert '.cell-output' in css and '.doc-sym' in css and not re.search(r'(^|\s)h3\s*\{[^}]*code-font', css)
+    for m in manifest:
+        has_out = any(c['cell_type'] == 'code' and c.get('outputs') and 'show_doc' not in src(c)
+                      and not re.search(r'#\|\s*(hide|include:\s*false|output:\s*false)', src(c))
+                      for c in cells(ROOT / 'nbs' / m['notebook']))
+        html = (SITE / m['page']).read_text(encoding='utf-8')
+        if has_out: assert 'class="cell-output"' in html, f"{m['page']}: outputs are not set apart from code"
+        assert 'nbdev-styles.css' in html and 'site.css' in html, f"{m['page']}: a style sheet is not linked"
+
+
+@need_site
+def test_notebook_names_are_links(site):
+    "A notebook named in the text (`08_train`) links to its page."
+    manifest, pages = site
+    stems = {Path(m['notebook']).stem for m in manifest}
+    for m in manifest:
+        html = (SITE / m['page']).read_text(encoding='utf-8')
+        html = re.sub(r'<pre.*?</pre>|<a [^>]*>.*?</a>', ' ', html, flags=re.S)   # code blocks and links aside
+        bare = sorted({s for s in re.findall(r'<code>(\d\d[a-z]?_\w+)</code>', html) if s in stems})
+        assert not bare, f"{m['page']}: notebook names not linked: {bare}"
+
+
+@need_site
+def test_404_page_links_resolve_where_the_site_is_published():
+    "The 404 page links absolutely (it is served at any depth): every link maps into the site under doc_baseurl."
+    import configparser
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / 'settings.ini')
+    base = ini['DEFAULT']['doc_baseurl'].rstrip('/') + '/'
+    pg = Page((SITE / '404.html').read_text(encoding='utf-8'))
+    local = [h for h in pg.hrefs if not urlsplit(h).scheme and not h.startswith(('#', '//', 'mailto:'))]
+    assert local
+    for h in local:
+        path = urlsplit(h).path
+        assert path.startswith(base), f'404.html: {h} is not under {base}'
+        assert (SITE / unquote(path[len(base):])).exists(), f'404.html: {h} resolves to no file'
