@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from .core import bcast, interpolate, cond_velocity, check, check_values
 from .schedules import sample_t_r
-from .loss import jvp_call, plain_call, sq_err, adaptive_weight
+from .loss import jvp_call, sq_err, adaptive_weight
 from .models import timestep_embedding
 
 # %% auto #0
@@ -141,7 +141,7 @@ def imf_compound(u_fn, # u_fn(z, t, r) -> u, or (u, v) when `has_aux`
     with torch.no_grad():
         # traceable by torch.compile
         _, dudt = jvp_call(f, (z, t, r), (v_theta, torch.ones_like(t), torch.zeros_like(r)))
-    out = plain_call(u_fn, z, t, r)                                                    # u (and v) with their graph
+    out = u_fn(z, t, r)  # u (and v) with their graph, under the step's own autocast (bf16 if on)
     u, v = out if has_aux else (out, None)
     return u + bcast(t - r, z) * dudt.detach(), u, dudt, v  # sg: V gets gradients through u only
 

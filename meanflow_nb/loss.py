@@ -15,8 +15,8 @@ from .core import bcast, interpolate, cond_velocity, check, check_values, Config
 from .schedules import sample_t_r, host_masks
 
 # %% auto #0
-__all__ = ['jvp_precision', 'jvp_context', 'jvp_call', 'plain_call', 'meanflow_target', 'sq_err', 'adaptive_weight',
-           'guided_velocity', 'MeanFlowLoss', 'precision_gap', 'sample_meanflow', 'guided_u']
+__all__ = ['jvp_precision', 'jvp_context', 'jvp_call', 'meanflow_target', 'sq_err', 'adaptive_weight', 'guided_velocity',
+           'MeanFlowLoss', 'precision_gap', 'sample_meanflow', 'guided_u']
 
 # %% ../nbs/04_loss.ipynb #365d8c17
 _JVP = {'dtype': 'fp32'} # the JVP precision in force (a plain dict: torch.compile can read it)
@@ -51,14 +51,6 @@ def jvp_call(fn: Callable, primals: tuple, tangents: tuple, has_aux: bool = Fals
          torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
         return torch.func.jvp(fn, primals, tangents, has_aux=has_aux)
 
-def plain_call(fn: Callable, *args):
-    ("`fn(*args)` under the autocast settings `jvp_call` uses (the JVP's precision), without restricting SDPA to the "
-     "math kernel.")
-    bf16 = _JVP['dtype'] == 'bf16'
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), \
-         torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16, enabled=bf16):
-        return fn(*args)
-
 def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of shape (B,)
                     z: torch.Tensor, # z_t, (B, ...)
                     t: torch.Tensor, # (B,)
@@ -75,7 +67,7 @@ def meanflow_target(u_fn: Callable, # u_fn(z, t, r) -> u with z's shape; t, r of
     with torch.no_grad():                     # sg: the tangent needs no graph for backward (it only enters the target)
         _, dudt = jvp_call(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
     # u with its graph: a plain forward, in the JVP's precision, fused SDPA allowed
-    u = plain_call(u_fn, z, t, r)
+    u = u_fn(z, t, r)  # under the step's own autocast (bf16 when the trainer's `bf16` is on)
     u_tgt = v - bcast(t - r, z) * dudt
     return u, u_tgt.detach()  # sg: the target must not receive gradients
 
@@ -244,18 +236,20 @@ MeanFlowLoss.__call__ = _call
 
 # %% ../nbs/04_loss.ipynb #c4a1b002
 def precision_gap(model_name: str = 'DiT-T/2', batch: int = 32, input_size: int = 8, in_channels: int = 4,
-                  num_classes: int = 10, seed: int = 0) -> dict:
+                  num_classes: int = 10, seed: int = 0,
+                  loss_fn=None, # default: MeanFlow with half its samples r < t; an `IMFLoss` measures iMF's step
+                  **model_kw) -> dict:
     ("The u-loss (raw squared error of the JVP samples) and the gradient of one MF step under bf16 autocast with an "
      "fp32 JVP and with a bf16 JVP, against all-fp32.")
     from meanflow_nb.models import create_model
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = create_model(model_name, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    net = create_model(model_name, input_size=input_size, in_channels=in_channels, num_classes=num_classes, **model_kw)
     with torch.no_grad():
         for p in net.parameters():
             if (p == 0).all() and p.ndim > 1:
                 p.normal_(0, 0.02, generator=g)           # un-zero adaLN / output layers
-    lf = MeanFlowLoss(ratio_r_eq_t=0.5, num_classes=num_classes, cfg_omega=1.0, cfg_kappa=0.5)
+    lf = loss_fn or MeanFlowLoss(ratio_r_eq_t=0.5, num_classes=num_classes, cfg_omega=1.0, cfg_kappa=0.5)
     x = torch.randn(batch, in_channels, input_size, input_size, generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)
     drawn = lf.draw(batch, x.shape[1:], g)
