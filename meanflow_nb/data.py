@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_data.ipynb #31439587
 from __future__ import annotations
-import os, json, time, math, hashlib, warnings, argparse, tempfile, shutil
+import os, json, time, math, warnings, tempfile
 from pathlib import Path
 from dataclasses import dataclass
 from collections import Counter
@@ -13,17 +13,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset, DataLoader, DistributedSampler
-from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser, in_test, write_text_atomic, write_atomic
+from .core import ConfigError, check, check_kwargs, cli_errors, CLIParser
 from . import dist
-
+from .latents import (
+    MF_LATENT_SCALE, IMF_LATENT_MEAN, IMF_LATENT_STD, LATENT_NORMS, DEFAULT_VAE, LATENT_FORMAT, normalize_latents,
+    denormalize_latents, tiny_vae, latent_shape, LatentDataset, decode_latents, load_vae, _shard_path, _latent_meta,
+    _prepare_out, _shard_done, _encode_shard, _save_shard)
 
 # %% auto #0
-__all__ = ['DIGITS_SPLITS', 'DATASETS', 'IMG_EXTENSIONS', 'MF_LATENT_SCALE', 'IMF_LATENT_MEAN', 'IMF_LATENT_STD', 'LATENT_NORMS',
-           'DEFAULT_VAE', 'LATENT_FORMAT', 'digits_dataset', 'make_loader', 'set_epoch', 'infinite_batches',
+__all__ = ['DIGITS_SPLITS', 'DATASETS', 'IMG_EXTENSIONS', 'digits_dataset', 'make_loader', 'set_epoch', 'infinite_batches',
            'build_dataset', 'mnist_dataset', 'cifar10_dataset', 'FolderScan', 'scan_image_folder', 'make_shapes_folder',
-           'center_crop_arr', 'ImageFolderDataset', 'normalize_latents', 'denormalize_latents', 'tiny_vae',
-           'latent_shape', 'encode_folder', 'LatentDataset', 'decode_latents', 'load_vae', 'cli_latents', 'eval_labels',
-           'bench_latents', 'bench_loader']
+           'center_crop_arr', 'ImageFolderDataset', 'encode_folder', 'cli_latents', 'eval_labels', 'bench_latents',
+           'bench_loader', 'MF_LATENT_SCALE', 'IMF_LATENT_MEAN', 'IMF_LATENT_STD', 'LATENT_NORMS', 'DEFAULT_VAE',
+           'LATENT_FORMAT', 'normalize_latents', 'denormalize_latents', 'tiny_vae', 'latent_shape', 'LatentDataset',
+           'decode_latents', 'load_vae']
+
+# %% ../nbs/06_data.ipynb #60fb3a83
+_all_ = ['MF_LATENT_SCALE', 'IMF_LATENT_MEAN', 'IMF_LATENT_STD', 'LATENT_NORMS', 'DEFAULT_VAE', 'LATENT_FORMAT',
+         'normalize_latents', 'denormalize_latents', 'tiny_vae', 'latent_shape', 'LatentDataset', 'decode_latents', 'load_vae']
 
 # %% ../nbs/06_data.ipynb #933f837d
 DIGITS_SPLITS = ('train', 'val', 'test', 'all')
@@ -318,163 +325,6 @@ DATASETS['imagefolder'] = _imagefolder
 _DATASET_TARGETS['imagefolder'] = ImageFolderDataset
 
 
-# %% ../nbs/06_data.ipynb #d4427b01
-MF_LATENT_SCALE = 0.18215  # SD-VAE scaling factor: MF multiplies raw latents by it
-IMF_LATENT_MEAN = (0.86488, -0.27787, 0.21617, 0.37384)  # iMF per-channel mean of raw SD-VAE latents
-IMF_LATENT_STD = (4.85504, 5.31922, 3.93725, 3.98700)  # iMF per-channel std of raw SD-VAE latents
-LATENT_NORMS = ('mf', 'imf', 'none')
-DEFAULT_VAE = 'stabilityai/sd-vae-ft-mse'
-
-def _chan(v, z):
-    return torch.tensor(v, dtype=z.dtype, device=z.device).view(-1, 1, 1)
-
-def normalize_latents(z: torch.Tensor, # raw latents `(..., 4, h, w)`
-                      mode: str = 'mf', # 'mf' (x 0.18215), 'imf' (per-channel standardisation) or 'none'
-                     ) -> torch.Tensor:
-    "Raw VAE latents -> the scale the model is trained on."
-    check(mode in LATENT_NORMS, f'unknown latent normalization {mode!r}; choose one of {LATENT_NORMS}')
-    if mode == 'mf':
-        return z * MF_LATENT_SCALE
-    if mode == 'imf':
-        return (z - _chan(IMF_LATENT_MEAN, z)) / _chan(IMF_LATENT_STD, z)
-    return z
-
-def denormalize_latents(z: torch.Tensor, mode: str = 'mf') -> torch.Tensor:
-    "The inverse of `normalize_latents`: model scale -> raw VAE latents."
-    check(mode in LATENT_NORMS, f'unknown latent normalization {mode!r}; choose one of {LATENT_NORMS}')
-    if mode == 'mf':
-        return z / MF_LATENT_SCALE
-    if mode == 'imf':
-        return z * _chan(IMF_LATENT_STD, z) + _chan(IMF_LATENT_MEAN, z)
-    return z
-
-# %% ../nbs/06_data.ipynb #10c41e56
-def tiny_vae(seed: int = 0, # weights are random, seeded
-             sample_size: int = 32, # nominal image size (metadata only)
-            ):
-    "A randomly initialised `AutoencoderKL` with 4 latent channels and 2x downsampling (~44k parameters)."
-    from diffusers import AutoencoderKL
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
-                         up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, sample_size=sample_size, norm_num_groups=8).eval()
-
-def latent_shape(vae, resolution: int) -> tuple:
-    "Shape `(C, h, w)` of `vae`'s latent for a `resolution x resolution` image."
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    check(resolution % f == 0, f'resolution {resolution} is not a multiple of the VAE downsampling factor {f}')
-    return (vae.config.latent_channels, resolution // f, resolution // f)
-
-# %% ../nbs/06_data.ipynb #e5c6968b
-LATENT_FORMAT = 'meanflow_nb.latents/1'
-
-def _shard_path(out, s):
-    return Path(out) / f'shard_{s:05d}.safetensors'
-
-def _latent_meta(scan, vae, vae_id, resolution, n, shard_size) -> dict:
-    return dict(format=LATENT_FORMAT, vae=vae_id, resolution=resolution,
-                latent_shape=list(latent_shape(vae, resolution)), n=n, shard_size=shard_size,
-                n_shards=math.ceil(n / shard_size), normalization='none',
-                scaling_factor=getattr(vae.config, 'scaling_factor', None), classes=scan.classes)
-
-_META_KEYS = ('format', 'vae', 'resolution', 'latent_shape', 'n', 'shard_size', 'n_shards', 'classes')
-
-def _read_meta(path: Path) -> dict:
-    "A latent folder's `meta.json`, checked: valid JSON, an object, every key present; else a one-line `ConfigError`."
-    try:
-        m = json.loads(Path(path).read_text())
-    except ValueError as ex:
-        raise ConfigError(
-            f'{path} is not valid JSON ({ex}); restore it, or rerun mf-latents into a new folder') from None
-    missing = [k for k in _META_KEYS if k not in m] if isinstance(m, dict) else list(_META_KEYS)
-    check(not missing, f'{path} lacks {", ".join(missing)}; restore it, or rerun mf-latents into a new folder')
-    return m
-
-def _open_shard(path: Path):
-    "`safe_open` a shard; a garbage or truncated file is a one-line `ConfigError` naming it."
-    from safetensors import safe_open
-    try:
-        return safe_open(str(path), 'pt')
-    except Exception as ex:
-        raise ConfigError(f'latent shard {path} is unreadable ({" ".join(str(ex).split())[:100]}); '
-                          'delete it and rerun mf-latents with the same arguments to encode it again') from None
-
-
-# %% ../nbs/06_data.ipynb #efe96496
-def _prepare_out(out: Path, meta: dict):
-    "Every rank checks an existing `meta.json` against this run; rank 0 writes it if missing."
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / 'meta.json').is_file():
-        old = _read_meta(out / 'meta.json')
-        diff = [f'{k}: {old.get(k)!r} != {v!r}' for k, v in meta.items() if k != 'classes' and old.get(k) != v]
-        if old.get('classes') != meta['classes']:
-            diff.append('classes differ')
-        check(not diff, f'{out} holds latents of another run ({"; ".join(diff)}); use another output directory')
-    dist.barrier()
-    if dist.is_main() and not (out / 'meta.json').is_file():
-        write_text_atomic(out / 'meta.json', json.dumps(meta, indent=1))
-    dist.barrier()
-
-def _shard_done(path: Path, meta: dict, count: int) -> bool:
-    "True if a complete shard of this run is on disk; an incompatible one is an error."
-    if not path.is_file():
-        return False
-    with _open_shard(path) as f:
-        m = f.metadata() or {}
-        ok = m.get('vae') == meta['vae'] and m.get('resolution') == str(
-            meta['resolution']) and m.get('count') == str(count)
-        check(ok, f'{path} comes from another run (vae {m.get("vae")!r}, resolution {m.get("resolution")}, '
-                  f'{m.get("count")} images); use another output directory')
-        intact = _shard_intact(f)
-    if intact is False:                                    # bytes changed on disk since it was written: encode it again
-        warnings.warn(f'{path}: its tensors no longer match their sha256; encoding the shard again')
-        return False
-    return True
-
-
-# %% ../nbs/06_data.ipynb #a5eb02c3
-@torch.no_grad()
-def _encode_shard(vae, ds, lo, hi, batch_size, num_workers, device) -> dict:
-    "Posterior mean and std of images `lo..hi-1` of `ds`, batched."
-    dtype = next(vae.parameters()).dtype
-    dl = DataLoader(torch.utils.data.Subset(ds, range(lo, hi)), batch_size=batch_size, num_workers=num_workers)
-    ms, ss, ys = [], [], []
-    for x, y in dl:
-        post = vae.encode(x.to(device, dtype)).latent_dist  # diagonal Gaussian q(z|x)
-        ms.append(post.mean.float().cpu())
-        ss.append(post.std.float().cpu())
-        ys.append(torch.as_tensor(y))
-    return dict(mean=torch.cat(ms).contiguous(), std=torch.cat(ss).contiguous(), y=torch.cat(ys).long(),
-                index=torch.arange(lo, hi))
-
-# %% ../nbs/06_data.ipynb #f97d904f
-def _tensor_digest(t: dict) -> str:
-    "sha256 of a shard's tensors: names, dtypes, shapes and bytes, in name order."
-    h = hashlib.sha256()
-    for k in sorted(t):
-        v = t[k].detach().cpu().contiguous()
-        h.update(f'{k}|{v.dtype}|{tuple(v.shape)}|'.encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-def _shard_intact(f) -> bool | None:
-    ("Whether the tensors of an open shard `f` (`_open_shard`) still hash to the sha256 in its metadata (None: written "
-     "without one).")
-    want = (f.metadata() or {}).get('sha256')
-    return None if want is None else _tensor_digest({k: f.get_tensor(k) for k in f.keys()}) == want
-
-def _save_shard(t: dict, path: Path, meta: dict, s: int, lo: int):
-    "Write one shard atomically (`core.write_atomic`: `path.tmp`, fsync, rename)."
-    from safetensors.torch import save
-    check(list(t['mean'].shape[1:]) == meta['latent_shape'],
-          f'VAE gave latents {tuple(t["mean"].shape[1:])}, expected {tuple(meta["latent_shape"])}')
-    md = dict(format=LATENT_FORMAT, vae=meta['vae'], resolution=str(meta['resolution']), normalization='none',
-              latent_shape=json.dumps(meta['latent_shape']), shard=str(s), start=str(lo), count=str(len(t['y'])),
-              sha256=_tensor_digest(t))
-    blob = save(t, metadata=md)
-    write_atomic(path, lambda f: f.write(blob), '.tmp')  # a shard on disk is always complete
-
-
 # %% ../nbs/06_data.ipynb #f2a428e9
 def _scan_on_rank0(data, verify, strict) -> FolderScan:
     "Scan the folder on rank 0 only and broadcast the result; an error reaches every rank, so none waits forever."
@@ -532,81 +382,7 @@ def encode_folder(data: str | os.PathLike, # ImageFolder root (one sub-directory
                 seconds=sec, images_per_s=done / sec if done else 0.0)
 
 
-# %% ../nbs/06_data.ipynb #d71a9fca
-class LatentDataset(Dataset):
-    "Cached VAE posteriors as `(z, y)`: a fresh sample `mean + std * randn` per access, normalised for MF or iMF."
-    def __init__(self, root: str | os.PathLike, # a directory written by `encode_folder` / `mf-latents`
-                 normalization: str = 'mf', # 'mf' (x 0.18215), 'imf' (per-channel standardisation) or 'none'
-                 vae: str | None = None, # if given, the VAE id the latents must come from
-                 resolution: int | None = None, # if given, the image resolution the latents must come from
-                 sample: bool = True, # False: return the posterior mean (deterministic)
-                 # also hash every shard's tensors against the sha256 written with it (reads all the data)
-                 verify: bool = False,
-                ):
-        root = Path(root)
-        check(root.is_dir(), f'latent directory {root} does not exist')
-        check((root / 'meta.json').is_file(),
-              f'{root} is not a latent directory (no meta.json); make one with mf-latents')
-        check(normalization in LATENT_NORMS,
-              f'unknown latent normalization {normalization!r}; choose one of {LATENT_NORMS}')
-        self.meta = m = _read_meta(root / 'meta.json')
-        check(m.get('format') == LATENT_FORMAT, f'{root}/meta.json: unknown format {m.get("format")!r}')
-        check(vae is None or m['vae'] == vae, f'latents in {root} come from VAE {m["vae"]!r}, not {vae!r}')
-        check(resolution is None or m['resolution'] == resolution,
-              f'latents in {root} were encoded at resolution {m["resolution"]}, not {resolution}')
-        missing = [s for s in range(m['n_shards']) if not _shard_path(root, s).is_file()]
-        check(not missing, f'latents in {root} are incomplete: {len(missing)} of {m["n_shards"]} shards missing '
-                           f'(first: {missing[0] if missing else None}); rerun mf-latents with the same arguments')
-        self.root, self.normalization, self.sample, self.verify = root, normalization, sample, verify
-        self.y = torch.cat([self._check_shard(s) for s in range(m['n_shards'])])
-        check(len(self.y) == m['n'], f'latents in {root}: shards hold {len(self.y)} items, meta.json says {m["n"]}')
-        self.classes, self.latent_shape, self._files = m['classes'], tuple(m['latent_shape']), {}
-
-    def __len__(self):
-        return len(self.y)
-
-
-# %% ../nbs/06_data.ipynb #c9c8d788
-@patch
-def _check_shard(self: LatentDataset, s: int) -> torch.Tensor:
-    "Check shard `s` against `meta.json` (provenance, tensors and their shapes) and return its labels."
-    m, p = self.meta, _shard_path(self.root, s)
-    with _open_shard(p) as f:
-        md = f.metadata() or {}
-        n = min(m['shard_size'], m['n'] - s * m['shard_size'])
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        want = {'mean': (n, *m['latent_shape']), 'std': (n, *m['latent_shape']), 'y': (n,)}
-        check(
-            all(shapes.get(k) == v for k, v in want.items()),
-            f'latent shard {p} holds {shapes}, expected {want}; delete it and rerun mf-latents with the same arguments')
-        check(md.get('normalization', 'none') == 'none',
-              f'{p} holds latents normalised with {md.get("normalization")!r}; LatentDataset expects raw posteriors')
-        check(md.get('vae') == m['vae'] and md.get('resolution') == str(m['resolution']),
-              f'{p} comes from VAE {md.get("vae")!r} at resolution {md.get("resolution")}, '
-              f'but {self.root} from {m["vae"]!r} at {m["resolution"]}')
-        check(
-            not self.verify or _shard_intact(f) is not False,
-            f'latent shard {p} is corrupt: its tensors no longer match their sha256; rerun mf-latents with the same '
-            f'arguments '
-            'to encode it again')
-        return f.get_tensor('y')
-
-@patch
-def __getitem__(self: LatentDataset, i: int):
-    "`(z, y)` with `z = normalize(mean + std * eps)`, a new `eps` at every call."
-    s, o = divmod(int(i), self.meta['shard_size'])
-    if s not in self._files:
-        self._files[s] = _open_shard(_shard_path(self.root, s))  # opened lazily, per worker
-    f = self._files[s]
-    mean, std = f.get_slice('mean')[o], f.get_slice('std')[o]
-    z = mean + std * torch.randn_like(mean) if self.sample else mean
-    return normalize_latents(z, self.normalization), self.y[i]
-
-@patch
-def __getstate__(self: LatentDataset):
-    "Open shards cannot be pickled (DataLoader workers under spawn): send the rest."
-    return {**self.__dict__, '_files': {}}
-
+# %% ../nbs/06_data.ipynb #018d9a4a
 def _latents(root=None, split='train', **kw):
     check(root is not None, 'latents: pass root= (a directory written by mf-latents)')
     sub = Path(root) / split
@@ -614,41 +390,6 @@ def _latents(root=None, split='train', **kw):
 
 DATASETS['latents'] = _latents
 _DATASET_TARGETS['latents'] = LatentDataset
-
-
-# %% ../nbs/06_data.ipynb #0c50efe6
-@torch.no_grad()
-def decode_latents(vae, # a diffusers `AutoencoderKL`
-                   z: torch.Tensor, # normalised latents `(B, C, h, w)`
-                   mode: str = 'mf', # the normalisation `z` is in
-                   batch_size: int = 32, # latents per decoder call
-                  ) -> torch.Tensor:
-    "Latents -> images in [-1, 1] `(B, 3, H, W)` on the CPU, float32."
-    p = next(vae.parameters())
-    return torch.cat([vae.decode(denormalize_latents(b.to(p.device, p.dtype), mode)).sample.float().clamp(-1, 1).cpu()
-                      for b in z.split(batch_size)])
-
-# %% ../nbs/06_data.ipynb #8ab26935
-def load_vae(name: str = DEFAULT_VAE, # Hugging Face id or local directory
-             device=None, # where to put it (default CPU)
-             dtype: torch.dtype = torch.float32, # float16 halves memory on GPUs
-            ):
-    ("Load a diffusers `AutoencoderKL`; warn if it is the ft-ema one (same encoder, a different decoder from the "
-     "papers').")
-    from diffusers import AutoencoderKL
-    if 'ema' in name.lower():
-        warnings.warn(
-            f"VAE {name!r}: MeanFlow and iMF decode with {DEFAULT_VAE!r}; ft-ema has the same encoder but another "
-            "decoder, so decoded samples and their FID are not comparable with the papers'")
-    local = Path(name).expanduser()
-    check(local.exists() or not name.startswith(('/', '.', '~')), f'VAE directory {name} does not exist')
-    try:
-        vae = AutoencoderKL.from_pretrained(
-            str(local) if local.exists() else name, torch_dtype=dtype, low_cpu_mem_usage=False)
-    except (OSError, ValueError) as ex:
-        raise ConfigError(f'cannot load VAE {name!r}: {str(ex).splitlines()[0]}') from None
-    return vae.to(device or 'cpu').eval()
-
 
 # %% ../nbs/06_data.ipynb #b5b79b1f
 @cli_errors

@@ -10,8 +10,8 @@ PKG = Path(__file__).resolve().parent.parent / 'meanflow_nb'
 LAYERS = {
     'core': 0,
     'report': 1, 'toy': 1, 'flow_matching': 1, 'schedules': 1, 'dist': 1,   # report: statistics, result files, README blocks
-    'blocks': 2, 'data': 2,
-    'models': 3, 'latents': 3,
+    'blocks': 2, 'latents': 2,   # latents: the SD-VAE side (normalisation, shard format, LatentDataset, decoding)
+    'models': 3, 'data': 3,      # data: datasets, image folders, encoding a folder into latents (it reads images)
     'loss': 4,
     'kim': 5, 'imf': 5,      # the methods: never the trainer
     'config': 6,             # TrainConfig, presets, validation
