@@ -71,6 +71,25 @@ def test_readme_renders_off_the_repository():
     assert not missing, f'README links to files the repository lacks: {missing}'
 
 
+def test_readme_links_pin_to_a_tag(tmp_path):
+    "`readme_links.py --ref TAG` (the release workflow's step) moves every link into the repository to that tag."
+    import shutil, subprocess, sys
+    (tmp_path / '.ci').mkdir()
+    shutil.copy(ROOT / '.ci' / 'readme_links.py', tmp_path / '.ci')
+    shutil.copy(ROOT / 'settings.ini', tmp_path)
+    user_repo = CFG['git_url'].removeprefix('https://github.com/').rstrip('/')
+    (tmp_path / 'README.md').write_text(
+        f'![f](https://raw.githubusercontent.com/{user_repo}/main/nbs/images/a.png) ![g](nbs/images/b.png)\n'
+        f'[c](https://github.com/{user_repo}/blob/main/CHANGELOG.md) [o](https://example.org/main/x.png)\n')
+    r = subprocess.run([sys.executable, str(tmp_path / '.ci' / 'readme_links.py'), '--ref', '9.9.9'],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = (tmp_path / 'README.md').read_text()
+    assert out.count('/9.9.9/') == 3 and '/main/' in out.split('example.org')[1], out      # others' links untouched
+    assert f'raw.githubusercontent.com/{user_repo}/9.9.9/nbs/images/b.png' in out
+    assert '--ref "$GITHUB_REF_NAME"' in (ROOT / '.github' / 'workflows' / 'release.yaml').read_text()
+
+
 def _gh_filter(pattern):
     "A GitHub Actions tag filter as a regex (`*` any run of non-slashes, `+` one or more of the previous, `.` literal)."
     return re.compile(pattern.replace('.', r'\.').replace('*', '[^/]*') + '$')
