@@ -4,26 +4,22 @@
 
 # %% ../nbs/17_convergence.ipynb #s17c0004
 from __future__ import annotations
-import os, sys, json, math, time, functools
+import os, sys, time, functools
 from pathlib import Path
 import numpy as np
 import torch
-from .core import (check, load_result, save_result, results_dir, bootstrap_ci, speedup_ci, equivalent_nfe_ci,
-                              fmt_ci, md_table, result_table)
+from .core import check
+from .report import load_result, save_result, locked_update, load_record, study
 from .train import get_config, TrainConfig, train, build_model, list_checkpoints, _mix
-from .study import study, figure, train_seconds, cli_study, heun_samples
+from .digits_study import train_seconds, heun_samples
 
 # %% auto #0
 __all__ = ['CONV_SEEDS', 'CONV_VAL_SEED', 'CONV_DATA', 'CONV_BATCH', 'CONV_MF_STEPS', 'CONV_CKPTS', 'CONV_N', 'CONV_CURVE_SEED',
            'CONV_FINAL_SEED', 'CONV_METHODS', 'CONV_LABELS', 'CONV_BUDGET', 'CONV_FM_SWEEP', 'CONV_EULER', 'CONV_HEUN',
            'CONV_FM_CURVE_NFE', 'CONV_NFE', 'CONV_IMF_OMEGAS', 'CONV_PILOT', 'CONV_CANDIDATES', 'CONV_FLAT',
-           'CONV_ONE_STEP', 'CONV_FM_KEY', 'TOY_LONG_SEEDS', 'TOY_LONG_VAL_SEED', 'TOY_LONG_STEPS', 'TOY_LONG_FM_STEPS',
-           'TOY_LONG_EVERY', 'TOY_LONG_RECIPES', 'TOY_LONG_FM', 'TOY_LONG_EULER', 'TOY_LONG_HEUN', 'conv_steps',
-           'conv_config', 'step_compute', 'conv_fid', 'conv_measure', 'conv_protocol', 'conv_pilot', 'pilot_budget',
-           'conv_compute', 'conv_fm_settings', 'conv_fm_sweep_run', 'conv_run', 'conv_jobs', 'conv_worker',
-           'study_digits_conv', 't_ci', 'paired_t_ci', 'both_ci', 'read_curve', 'conv_files', 'conv_curves',
-           'conv_axis', 'conv_summary', 'conv_table', 'conv_curves_figure', 'conv_nfe_figure', 'fake_conv_results',
-           'conv_findings', 'toy_long_recipe', 'toy_long_run', 'study_toy_long', 'toy_long_summary', 'toy_long_table']
+           'conv_steps', 'conv_config', 'step_compute', 'conv_fid', 'conv_measure', 'conv_protocol', 'conv_pilot',
+           'pilot_budget', 'conv_compute', 'conv_fm_settings', 'conv_fm_sweep_run', 'conv_run', 'conv_jobs',
+           'conv_worker', 'study_digits_conv']
 
 # %% ../nbs/17_convergence.ipynb #s17c0007
 CONV_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
@@ -163,28 +159,6 @@ def conv_measure(run: Path, method: str, n: int = CONV_N, euler=CONV_EULER, heun
 
 
 # %% ../nbs/17_convergence.ipynb #s17c0017
-def _conv_update(name: str, key: str, rec: dict, folder=None, **head):
-    ("Add record `key` to `results/NAME.json` under a file lock (two workers may finish at once); `head` fills a new "
-     "file.")
-    import fcntl
-    folder = Path(folder or results_dir())
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f'.{name}.lock', 'w') as lk:
-        fcntl.flock(lk, fcntl.LOCK_EX)
-        try:
-            d = load_result(name, folder)
-        except FileNotFoundError:
-            d = dict(name=name, **head, runs={})
-        d['runs'][key] = rec
-        d['runs'] = dict(sorted(d['runs'].items()))
-        save_result(name, d, folder)
-
-def _conv_done(name: str, key: str, folder=None) -> dict | None:
-    try:
-        return load_result(name, folder)['runs'].get(key)
-    except FileNotFoundError:
-        return None
-
 def conv_protocol(mf_steps: int = CONV_MF_STEPS) -> dict:
     "What every digits-convergence result file records about how it was made."
     return dict(preset='digits', batch=CONV_BATCH, data=CONV_DATA, mf_steps=mf_steps, ckpts=CONV_CKPTS, n=CONV_N,
@@ -202,7 +176,7 @@ CONV_FLAT = 0.10
 def conv_pilot(runs: Path, quick: bool = False, folder=None) -> dict:
     ("MeanFlow on the validation seed, scored on the validation split every `every` steps; the budget is the smallest "
      "candidate whose last quarter improves the (3-checkpoint mean) curve by at most `CONV_FLAT`.")
-    if (d := _conv_done('digits_conv_pilot', 'mf', folder)) is not None:
+    if (d := load_record('digits_conv_pilot', 'mf', folder)) is not None:
         return d
     steps, every = (8, 2) if quick else (CONV_PILOT['steps'], CONV_PILOT['every'])
     out = Path(runs) / 'digits_conv' / f"pilot_mf_s{CONV_VAL_SEED}{'_quick' if quick else ''}"
@@ -217,7 +191,8 @@ def conv_pilot(runs: Path, quick: bool = False, folder=None) -> dict:
         curve['step'].append(step)
         curve['fid1'].append(conv_fid(_samples(c, m, shp, 1, CONV_CURVE_SEED, n), 'val'))
     rec = dict(curve=curve, **pilot_budget(curve, (4, 8) if quick else CONV_CANDIDATES))
-    _conv_update('digits_conv_pilot', 'mf', rec, folder, seed=CONV_VAL_SEED, ref='val', flat=CONV_FLAT)
+    locked_update('digits_conv_pilot', 'runs', 'mf', rec, folder, head=dict(seed=CONV_VAL_SEED, ref='val',
+                                                                            flat=CONV_FLAT))
     return rec
 
 def pilot_budget(curve: dict, candidates=CONV_CANDIDATES, flat: float = CONV_FLAT) -> dict:
@@ -248,13 +223,14 @@ def conv_compute(folder=None, quick: bool = False) -> dict:
     save_result('digits_conv_compute', res, folder)
     return res
 
+# %% ../nbs/17_convergence.ipynb #s17c00x12
 def conv_fm_settings(runs: Path, mf_steps: int, quick: bool = False, folder=None, wait: bool = True) -> dict | None:
     ("Flow matching's time distribution: each `CONV_FM_SWEEP` entry trained on the validation seed at flow matching's "
      "budget, mean Euler FID (1 to 32 NFE) on the validation split; None while a sweep run is missing and `wait` is "
      "False.")
     rows = {}
     for name in CONV_FM_SWEEP:
-        rows[name] = _conv_done('digits_conv_fm_sweep', name, folder)
+        rows[name] = load_record('digits_conv_fm_sweep', name, folder)
         if rows[name] is None:
             if not wait:
                 return None
@@ -265,7 +241,7 @@ def conv_fm_settings(runs: Path, mf_steps: int, quick: bool = False, folder=None
 def conv_fm_sweep_run(runs: Path, name: str, mf_steps: int, quick: bool = False, folder=None) -> dict:
     "One setting of flow matching's sweep, on the validation seed, scored against the validation split."
     from meanflow_nb.eval import load_run
-    if (d := _conv_done('digits_conv_fm_sweep', name, folder)) is not None:
+    if (d := load_record('digits_conv_fm_sweep', name, folder)) is not None:
         return d
     out = Path(
         runs) / 'digits_conv' / f"fm_sweep_{''.join(ch for ch in name if ch.isalnum())}{'_quick' if quick else ''}"
@@ -276,16 +252,16 @@ def conv_fm_sweep_run(runs: Path, name: str, mf_steps: int, quick: bool = False,
     nfes, n = ((1, 2), 40) if quick else ((1, 2, 4, 8, 16, 32), CONV_N)
     fids = [conv_fid(_samples(c, m, shp, k, CONV_CURVE_SEED, n), 'val') for k in nfes]
     rec = dict(settings=CONV_FM_SWEEP[name], euler_nfe=list(nfes), euler_fid_val=fids, score=float(np.mean(fids)))
-    _conv_update('digits_conv_fm_sweep', name, rec, folder, seed=CONV_VAL_SEED, ref='val',
-                               criterion='mean Euler digits-FID over 1 to 32 NFE against the validation split')
+    locked_update('digits_conv_fm_sweep', 'runs', name, rec, folder, head=dict(seed=CONV_VAL_SEED, ref='val',
+                               criterion='mean Euler digits-FID over 1 to 32 NFE against the validation split'))
     return rec
 
-
+# %% ../nbs/17_convergence.ipynb #s17c00x19
 def conv_run(runs: Path, method: str, seed: int, mf_steps: int, quick: bool = False, folder=None,
              settings=None) -> dict:
     "Train (or resume) one run, measure its curve and final numbers, record it in `results/digits_conv_<method>.json`."
     name = f'digits_conv_{method}'
-    if (d := _conv_done(name, str(seed), folder)) is not None:
+    if (d := load_record(name, str(seed), folder)) is not None:
         return d
     out = Path(runs) / 'digits_conv' / f"{method}_s{seed}{'_quick' if quick else ''}"
     settings = {k: v for k, v in (settings or {}).items() if not k.startswith('_')}
@@ -297,9 +273,9 @@ def conv_run(runs: Path, method: str, seed: int, mf_steps: int, quick: bool = Fa
     rec = dict(settings={**CONV_METHODS[method], **settings}, steps=cfg.steps,
                train_cpu_s=round(c1 - c0, 1), train_wall_s=train_seconds(out), **conv_measure(out, method, **kw))
     rec['measure_cpu_s'] = round(time.process_time() - c1, 1)
-    _conv_update(name, str(seed), rec, folder, label=CONV_LABELS[method], protocol=conv_protocol(mf_steps))
+    locked_update(name, 'runs', str(seed), rec, folder, head=dict(label=CONV_LABELS[method],
+                                                                  protocol=conv_protocol(mf_steps)))
     return rec
-
 
 # %% ../nbs/17_convergence.ipynb #s17c0023
 def conv_jobs(seeds=CONV_SEEDS) -> list[tuple]:
@@ -372,541 +348,4 @@ def study_digits_conv(runs: Path = Path('runs/study'), quick: bool = False, fold
     bad = [p.wait() for p in procs]
     check(not any(bad), f'a digits-conv worker failed (exit codes {bad}); rerun `mf-study digits-conv` to resume')
     return dict(compute=comp, mf_steps=mf_steps)
-
-
-# %% ../nbs/17_convergence.ipynb #s17c0101
-def t_ci(values, level: float = 0.95) -> dict:
-    ("Mean and Student-t interval of the mean over seeds: `dict(mean, lo, hi, n)` (exact for normal per-seed values; "
-     "with 5 seeds the percentile bootstrap is too narrow).")
-    from scipy.stats import t as student_t
-    v = np.asarray(values, float)
-    check(v.ndim == 1 and len(v) >= 2 and np.isfinite(v).all(), f't_ci needs >= 2 finite values, got {v.tolist()}')
-    h = float(student_t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return dict(mean=float(v.mean()), lo=float(v.mean() - h), hi=float(v.mean() + h), n=len(v))
-
-def paired_t_ci(a, b, level: float = 0.95) -> dict:
-    "Paired t-interval of `a - b` over seeds, `separated` when it excludes 0 (the claims rest on this one)."
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    check(a.shape == b.shape, f'paired values need the same seeds, got {a.shape} and {b.shape}')
-    d = t_ci(a - b, level)
-    return dict(d, separated=bool(d['lo'] > 0 or d['hi'] < 0))
-
-def both_ci(values) -> dict:
-    "The t-interval, with the percentile bootstrap beside it (`boot`)."
-    return dict(t_ci(values), boot=bootstrap_ci(values))
-
-
-# %% ../nbs/17_convergence.ipynb #s17c0104
-def read_curve(steps, curves, at) -> np.ndarray:
-    ("Each seed's curve (rows of `curves`, lower is better) read at `at` (steps or compute on the same axis): "
-     "log-linear between the bracketing checkpoints; NaN outside the curve.")
-    s, c = np.asarray(steps, float), np.log(np.asarray(curves, float))
-    if at < s[0] or at > s[-1]:
-        return np.full(len(c), np.nan)
-    return np.exp(np.array([np.interp(at, s, row) for row in c]))
-
-
-# %% ../nbs/17_convergence.ipynb #s17c0107
-def conv_files(folder=None) -> dict:
-    ("The result files of the digits-convergence study: per method the records of the seeds every method has, the "
-     "compute per step, the protocol.")
-    runs = {m: load_result(f'digits_conv_{m}', folder) for m in CONV_METHODS}
-    seeds = sorted(set.intersection(*(set(r['runs']) for r in runs.values())), key=int)
-    check(len(seeds) >= 2, f'the digits-convergence files share {len(seeds)} seed(s): run `mf-study digits-conv`')
-    comp = load_result('digits_conv_compute', folder)['methods']
-    return dict(seeds=seeds, R={m: [r['runs'][s] for s in seeds] for m, r in runs.items()}, compute=comp,
-                protocol=runs['mf']['protocol'], pilot=load_result('digits_conv_pilot', folder)['runs']['mf'],
-                sweep=load_result('digits_conv_fm_sweep', folder))
-
-def conv_curves(F: dict, m: str, key: str = 'fid1') -> tuple[np.ndarray, np.ndarray]:
-    "`(steps, (seeds, checkpoints) curve)` of method `m`."
-    return np.array(F['R'][m][0]['curve']['step'], float), np.array([r['curve'][key] for r in F['R'][m]], float)
-
-def conv_axis(F: dict, m: str, steps, unit: str = 'flops'):
-    "Steps of `m` on a compute axis: TFLOPs (counted) or CPU minutes (one idle thread)."
-    c = F['compute'][m]
-    return np.asarray(steps, float) * (c['flops_per_step'] / 1e12 if unit == 'flops' else c['cpu_s_per_step'] / 60)
-
-
-# %% ../nbs/17_convergence.ipynb #s17c0108
-CONV_ONE_STEP = ('mf', 'kim_minsnr', 'kim_dtd', 'imf')
-CONV_FM_KEY = f'euler{CONV_FM_CURVE_NFE}'
-
-def conv_summary(folder=None) -> dict:
-    ("Every number the digits-convergence text gives, from the files: finals, flatness, equal steps, matched compute, "
-     "Kim et al.'s speed-up, flow matching's equivalent NFE.")
-    F = conv_files(folder)
-    R = F['R']
-    S = dict(seeds=F['seeds'], files=F)
-    fin = lambda m, k: np.array([r['final'][k] for r in R[m]], float)
-    S['final'] = {(m, k): both_ci(fin(m, f'nfe{k}')) for m in CONV_ONE_STEP for k in CONV_NFE}
-    fm_keys = sorted(R['fm'][0]['final'], key=lambda k: (k[:4], int(''.join(ch for ch in k if ch.isdigit()))))
-    S['fm_final'] = {k: both_ci(fin('fm', k)) for k in fm_keys}
-    S['vs_mf_final'] = {(m, k): paired_t_ci(fin(m, f'nfe{k}'), fin('mf', f'nfe{k}'))
-                        for m in CONV_ONE_STEP[1:]
-                        for k in CONV_NFE}
-    steps, mf = conv_curves(F, 'mf')
-    mean = mf.mean(0)
-    q = int(np.argmin(np.abs(steps - 0.75 * steps[-1])))
-    S['flat'] = dict(at=int(steps[q]), end=int(steps[-1]), gain=float(1 - mean[-1] / mean[q]),
-                     ok=bool(1 - mean[-1] / mean[q] <= 0.15))
-    # converged level: the mean of each run's last 3 checkpoints (flow matching's curve oscillates at constant lr)
-    S['level'] = {m: both_ci(conv_curves(F, m)[1][:, -3:].mean(1)) for m in CONV_ONE_STEP}
-    # equal steps: every curve read at iMF's last step (a checkpoint of each one-step method)
-    at_s = float(conv_curves(F, 'imf')[0][-1])
-    eq = {m: read_curve(*conv_curves(F, m), at_s) for m in CONV_ONE_STEP}
-    eq['fm'] = read_curve(*conv_curves(F, 'fm', CONV_FM_KEY), at_s)
-    S['equal_steps'] = dict(at=int(at_s), values={m: both_ci(v) for m, v in eq.items()},
-                           vs_mf={m: paired_t_ci(eq[m], eq['mf']) for m in eq if m != 'mf'})
-    # matched compute: every curve read at MeanFlow's total compute, in counted FLOPs and in CPU time
-    S['matched'] = {}
-    for unit in ('flops', 'cpu'):
-        budget = float(conv_axis(F, 'mf', [steps[-1]], unit)[0])
-        vals = {
-            m: read_curve(conv_axis(F, m,
-                                    conv_curves(F, m)[0], unit),
-                          conv_curves(F, m)[1], budget)
-            for m in CONV_ONE_STEP
-        }
-        s_fm, c_fm = conv_curves(F, 'fm', CONV_FM_KEY)
-        vals['fm'] = read_curve(conv_axis(F, 'fm', s_fm, unit), c_fm, budget)
-        S['matched'][unit] = dict(
-            budget=budget, values={m: both_ci(v) if np.isfinite(v).all() else None
-                                   for m, v in vals.items()},
-            vs_mf={m: paired_t_ci(v, vals['mf'])
-                   for m, v in vals.items() if m != 'mf' and np.isfinite(v).all()},
-            steps={m: budget / float(conv_axis(F, m, [1], unit)[0])
-                   for m in vals})
-    # Kim et al.'s speed-up on the 1-NFE curves (same step grid as MeanFlow), and MeanFlow against itself
-    S['speedup'] = {m: speedup_ci(mf, conv_curves(F, m)[1], steps, final_k=3) for m in ('kim_minsnr', 'kim_dtd', 'mf')}
-    # flow matching's equivalent NFE for MeanFlow's 1 NFE, Euler and Heun, and the measured grid points around it
-    S['equiv'] = {}
-    for solver in ('euler', 'heun'):
-        ks = [int(k[len(solver):]) for k in fm_keys if k.startswith(solver)]
-        grid = np.stack([fin('fm', f'{solver}{k}') for k in ks], 1)
-        S['equiv'][solver] = {
-            m: dict(equivalent_nfe_ci(grid, fin(m, 'nfe1'), ks), around=_around(grid, fin(m, 'nfe1'), ks, solver))
-            for m in CONV_ONE_STEP
-        }
-    return S
-
-def _around(grid, target, ks, solver) -> list:
-    ("The two measured grid points that bracket the seed-mean crossing, each with the paired difference (flow matching "
-     "minus the one-step model).")
-    mean = grid.mean(0)
-    i = int(np.argmax(mean <= target.mean())) if (mean <= target.mean()).any() else len(ks)
-    pick = [j for j in (i - 1, i) if 0 <= j < len(ks)]
-    return [dict(nfe=ks[j], solver=solver, diff=paired_t_ci(grid[:, j], target)) for j in pick]
-
-
-# %% ../nbs/17_convergence.ipynb #s17c0109
-def _ci2(d: dict, nd: int | None = None) -> str:
-    "`mean [t-interval]` with the percentile bootstrap after it."
-    return f"{fmt_ci(d, nd)} (bootstrap [{fmt_ci(d['boot'], nd).split('[')[1]})" if 'boot' in d else fmt_ci(d, nd)
-
-def _sep_t(d: dict) -> str:
-    return f"{fmt_ci(d)}, {'excludes 0' if d['separated'] else 'includes 0: no difference claimed'}"
-
-@result_table('digits_conv')
-def conv_table(folder=None) -> str:
-    ("The README's digits block: each method at its own converged budget, at equal steps and at MeanFlow's compute; "
-     "Kim "
-     "et al.'s speed-up; flow matching's equivalent NFE for Euler and Heun.")
-    S = conv_summary(folder)
-    F = S['files']
-    n = len(S['seeds'])
-    P = F['protocol']
-    comp = lambda m: F['compute'][m]
-    rows = []
-    for m in CONV_METHODS:
-        st = P['steps'][m]
-        fin = (lambda k: S['fm_final'][f'euler{k}']) if m == 'fm' else (lambda k: S['final'][(m, k)])
-        rows.append([
-            CONV_LABELS[m] + (' (Euler)' if m == 'fm' else ''), f'{st:,}',
-            f"{st * comp(m)['flops_per_step'] / 1e12:.1f}", f"{st * comp(m)['cpu_s_per_step'] / 60:.1f}",
-            _ci2(fin(1)),
-            _ci2(fin(2)),
-            _ci2(S['level'][m]) if m != 'fm' else '-'
-        ])
-    head = ['method', 'steps', 'training TFLOPs', 'CPU min', '1 NFE', '2 NFE', '1 NFE, mean of last 3 checkpoints']
-    eqs, mt, mc = S['equal_steps'], S['matched']['flops'], S['matched']['cpu']
-    lines = [
-        f"digits-FID against the test split, mean [95 % t-interval over {n} seeds] (percentile bootstrap in brackets "
-        f"after it); "
-        f"batch {P['batch']}, trained on the train split minus a 20 % validation split.", '',
-        md_table(head, rows), '',
-        f"- MeanFlow's budget ({P['mf_steps']:,} steps) was chosen on a pilot run (validation seed, validation split); "
-        f"on the reported seed mean its last quarter (steps {S['flat']['at']:,} to {S['flat']['end']:,}) improves the "
-        f"1-NFE "
-        f"digits-FID by {100 * S['flat']['gain']:.1f} % ({'within' if S['flat']['ok'] else 'above'} the 15 % rule).",
-        f"- At equal steps ({eqs['at']:,}), minus MeanFlow (1 NFE; flow matching at {CONV_FM_CURVE_NFE} Euler NFE): " +
-        '; '.join(f"{CONV_LABELS[m]} {_sep_t(d)}" for m, d in eqs['vs_mf'].items()) + '.',
-        f"- At MeanFlow's total compute ({mt['budget']:.1f} TFLOPs; flow matching at {CONV_FM_CURVE_NFE} Euler NFE), "
-        f"minus MeanFlow: "
-        + '; '.join(f"{CONV_LABELS[m]} ({mt['steps'][m]:,.0f} steps) {_sep_t(d)}"
-                    for m, d in mt['vs_mf'].items()) + '.',
-        f"- At MeanFlow's CPU time ({mc['budget']:.1f} min on one thread), minus MeanFlow: " +
-        '; '.join(f"{CONV_LABELS[m]} ({mc['steps'][m]:,.0f} steps) {_sep_t(d)}" for m, d in mc['vs_mf'].items()) +
-        (f"; flow matching's curve ends before it ({P['steps']['fm']:,} steps)" if mc['values']['fm'] is None else '') +
-        '.',
-        "- Kim et al.'s speed-up (MeanFlow's steps over the first checkpoint where the variant's seed-mean 1-NFE curve "
-        "reaches MeanFlow's final level, the mean of its last 3 checkpoints; bootstrap over paired seeds): " +
-        '; '.join(f"{CONV_LABELS[m]} **{_speed(S['speedup'][m])}**" for m in ('kim_minsnr', 'kim_dtd')) +
-        f"; MeanFlow against itself {_speed(S['speedup']['mf'])} (the largest the grid shows without a real speed-up). "
-        "Kim et al. report about 2.1x to 2.5x with DTD on ImageNet DiT-M/2 to XL/2 (their Sec. 6.2, Fig. 6).",
-        "- Flow matching's NFE that matches each one-step model's 1-NFE digits-FID: " + '; '.join(
-            f"{CONV_LABELS[m]} Euler **{_equiv_txt(S['equiv']['euler'][m])}**, Heun "
-            f"**{_equiv_txt(S['equiv']['heun'][m])}**"
-            for m in CONV_ONE_STEP) + '.'
-    ]
-    return '\n'.join(lines) + '\n'
-
-def _speed(d: dict) -> str:
-    if d['mean'] <= 0:
-        return f"none (the curve never reaches it; {100 * d['reached']:.0f} % of resamples do)"
-    return f"{fmt_ci(d, 2, 'x')}"
-
-def _equiv_range(d: dict) -> str:
-    f = lambda v: 'beyond the grid' if not math.isfinite(v) else f'{v:.1f}'
-    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
-
-def _equiv_txt(d: dict) -> str:
-    around = ', '.join(f"{a['nfe']} NFE: {fmt_ci(a['diff'])}" for a in d['around'])
-    return f"{_equiv_range(d)} (measured, flow matching minus it: {around})"
-
-
-# %% ../nbs/17_convergence.ipynb #s17c0110
-@figure('digits_conv_curves.png')
-def conv_curves_figure(path=None, folder=None):
-    "1-NFE digits-FID over training against steps and against counted FLOPs, seed mean and range, every method."
-    import matplotlib, matplotlib.pyplot as plt
-    F = conv_files(folder)
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, unit in zip(axs, ('steps', 'flops')):
-        for i, m in enumerate(CONV_METHODS):
-            s, c = conv_curves(F, m, CONV_FM_KEY if m == 'fm' else 'fid1')
-            x = s if unit == 'steps' else conv_axis(F, m, s, 'flops')
-            lab = CONV_LABELS[m] + (f' ({CONV_FM_CURVE_NFE} Euler NFE)' if m == 'fm' else ' (1 NFE)')
-            l, = ax.plot(x, c.mean(0), marker='o', ms=2.5, color=f'C{i}', label=lab)
-            ax.fill_between(x, c.min(0), c.max(0), color=l.get_color(), alpha=0.15)
-        ax.set_yscale('log')
-        ax.set_xlabel('training step' if unit == 'steps' else 'training compute (TFLOPs, counted)')
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_yticks([1, 2, 5, 10, 20, 50])
-    mfb = float(conv_axis(F, 'mf', [F['protocol']['mf_steps']], 'flops')[0])
-    axs[1].axvline(mfb, color='k', lw=0.8, ls='--', label="MeanFlow's total compute")
-    axs[0].set_ylabel('digits-FID vs test split')
-    axs[1].legend(fontsize=7)
-    fig.suptitle(
-        f"digits, {len(F['seeds'])} seeds at batch {F['protocol']['batch']} (mf-study digits-conv): mean and seed "
-        f"range",
-        fontsize=9)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=90)
-    return fig
-
-@figure('digits_conv_nfe.png')
-def conv_nfe_figure(path=None, folder=None):
-    ("digits-FID against NFE at the end of training: flow matching with Euler and Heun, the one-step methods at 1 and "
-     "2 "
-     "NFE (t-intervals).")
-    import matplotlib, matplotlib.pyplot as plt
-    S = conv_summary(folder)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for solver, mk, col in (('euler', 'o', 'C0'), ('heun', 's', 'C7')):
-        ks = sorted(int(k[len(solver):]) for k in S['fm_final'] if k.startswith(solver))
-        d = [S['fm_final'][f'{solver}{k}'] for k in ks]
-        l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, color=col,
-                     label=f'flow matching, {solver.capitalize()}')
-        ax.fill_between(ks, [v['lo'] for v in d], [v['hi'] for v in d], color=l.get_color(), alpha=0.2)
-    for i, m in enumerate(CONV_ONE_STEP):
-        d = [S['final'][(m, k)] for k in CONV_NFE]
-        x = np.array(CONV_NFE) * (1 + 0.06 * (i - 1.5))
-        ax.errorbar(
-            x,
-            [v['mean'] for v in d],
-            yerr=[[v['mean'] - v['lo'] for v in d], [v['hi'] - v['mean'] for v in d]],
-            # as in the curves
-            fmt='D',
-            ms=4,
-            capsize=3,
-            color=f'C{list(CONV_METHODS).index(m)}',
-            label=CONV_LABELS[m])
-    ax.set_xscale('log', base=2)
-    ax.set_yscale('log')
-    ks = sorted(int(k[5:]) for k in S['fm_final'] if k.startswith('euler'))
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_yticks([1, 2, 5, 10, 20, 50])
-    ax.set_xlabel('network calls per sample (NFE)')
-    ax.set_ylabel('digits-FID vs test split')
-    ax.set_title(f"digits at convergence, {len(S['seeds'])} seeds (mf-study digits-conv)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=90)
-    return fig
-
-
-# %% ../nbs/17_convergence.ipynb #s17c0112
-def fake_conv_results(folder, seeds=(0, 1, 2), mf_steps: int = 160, seed: int = 0):
-    ("Synthetic result files of the digits-convergence study with known curves (FID = a + b / step per method), for "
-     "tests of the summaries.")
-    rng = np.random.default_rng(seed)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    P = dict(conv_protocol(mf_steps))
-    steps = P['steps']
-    lv = dict(fm=1.5, mf=1.2, kim_minsnr=1.1, kim_dtd=1.0, imf=2.0)
-    comp = {
-        m: dict(flops_per_step=int(4e9 if m != 'imf' else 16e9), cpu_s_per_step=0.1 if m != 'imf' else 0.4)
-        for m in CONV_METHODS
-    }
-    save_result('digits_conv_compute', dict(name='digits_conv_compute', methods=comp), folder)
-    save_result('digits_conv_pilot',
-                dict(name='digits_conv_pilot', runs=dict(mf=dict(budget=mf_steps, gain={}, met=True))), folder)
-    save_result('digits_conv_fm_sweep', dict(name='digits_conv_fm_sweep', runs={}), folder)
-    for m in CONV_METHODS:
-        st = np.arange(1, CONV_CKPTS + 1) * (steps[m] // CONV_CKPTS)
-        runs = {}
-        for s in seeds:
-            j = 1 + 0.02 * rng.standard_normal()
-            curve = dict(step=st.tolist(), fid1=(j * (lv[m] + 20 * steps['mf'] / 16 / st)).tolist())
-            if m == 'fm':
-                curve[CONV_FM_KEY] = curve['fid1']
-                final = {f'euler{k}': j * (lv[m] + 30 / k) for k in CONV_EULER}
-            else:
-                final = {f'nfe{k}': j * lv[m] / k ** 0.1 for k in CONV_NFE}
-            if m == 'fm':
-                final.update({f'heun{k}': j * (lv[m] + 10 / k) for k in CONV_HEUN})
-            runs[str(s)] = dict(curve=curve, final=final, steps=int(steps[m]))
-        save_result(f'digits_conv_{m}', dict(name=f'digits_conv_{m}', protocol=P, runs=runs), folder)
-    return folder
-
-
-# %% ../nbs/17_convergence.ipynb #s17y0002
-def _verdict(d: dict, a: str, b: str) -> str:
-    "'A is better than B' / 'worse' / 'not different from' by the paired t-interval of A - B (lower is better)."
-    if not d['separated']:
-        return f'{a} is not distinguishable from {b} ({fmt_ci(d)})'
-    return f"{a} is {'better' if d['hi'] < 0 else 'worse'} than {b} ({fmt_ci(d)})"
-
-@result_table('digits_conv_findings')
-def conv_findings(folder=None) -> str:
-    ("What the digits-convergence runs say, and which claims of the 300-step protocol changed; every number from the "
-     "files.")
-    S = conv_summary(folder)
-    n = len(S['seeds'])
-    L = CONV_LABELS
-    out = [f"**What the converged digits runs say** ({n} paired seeds; a difference is claimed only where the paired "
-           "t-interval excludes 0):", '']
-    for m in CONV_ONE_STEP[1:]:
-        out.append(f"- At each method's own budget, 1 NFE: {_verdict(S['vs_mf_final'][(m, 1)], L[m], 'MeanFlow')}; "
-                   f"2 NFE: {_verdict(S['vs_mf_final'][(m, 2)], L[m], 'MeanFlow').split(' is ', 1)[1]}.")
-    mt = S['matched']['flops']
-    if 'imf' in mt['vs_mf']:
-        out.append(
-            f"- At MeanFlow's total compute ({mt['steps']['imf']:.0f} iMF steps), 1 NFE: "
-            f"{_verdict(mt['vs_mf']['imf'], 'iMF', 'MeanFlow')}."
-        )
-    sp, self_ = S['speedup'], S['speedup']['mf']
-    for m in ('kim_minsnr', 'kim_dtd'):
-        d = sp[m]
-        ok = d['mean'] > 0 and d['lo'] > self_['mean']
-        if d['mean'] <= 0:
-            out.append(f"- {L[m]}'s seed-mean curve never reaches MeanFlow's final 1-NFE level within the budget "
-                       f"({100 * d['reached']:.0f} % of the bootstrap resamples do): no speed-up.")
-            continue
-        out.append(
-            f"- {L[m]} reaches MeanFlow's final 1-NFE level after {d['first_step']:,.0f} of "
-            f"{S['files']['protocol']['mf_steps']:,} steps, a speed-up of {_speed(d)}, " +
-            ("above what the checkpoint grid shows for MeanFlow against itself." if ok else
-             f"not separated from the {fmt_ci(self_, 2, 'x')} that the grid shows for MeanFlow against itself: no "
-             f"speed-up claimed."
-             ))
-    eu, he = S['equiv']['euler']['mf'], S['equiv']['heun']['mf']
-    out.append(
-        f"- One MeanFlow step matches flow matching at {_equiv_txt(eu)} Euler NFE and {_equiv_txt(he)} Heun NFE.")
-    try:   # the same questions under the superseded 300-step protocol, from its files
-        from meanflow_nb.study import digits_summary
-        O = digits_summary(folder)
-        old = lambda m: O['vs_mf'][m][1]
-        out += [
-            '', "**What changed against the 300-step protocol** (`results/digits_*.json`, 300 steps at batch 32, "
-            "choices scored on the test split; 1 NFE, minus MeanFlow):", '',
-            f"- iMF: {fmt_ci(old('imf'))} at 300 steps; now {fmt_ci(S['vs_mf_final'][('imf', 1)])} at its own budget" +
-            (f" and {fmt_ci(mt['vs_mf']['imf'])} at MeanFlow's compute." if 'imf' in mt['vs_mf'] else '.'),
-            f"- Kim et al. (MinSNR + beta): {fmt_ci(old('kim'))} at 300 steps; now "
-            f"{fmt_ci(S['vs_mf_final'][('kim_minsnr', 1)])}.",
-            f"- MeanFlow's 1 NFE in flow-matching Euler NFE: {_equiv_range(O['equiv_nfe']['mf'])} at 300 steps; now "
-            f"{_equiv_txt(eu).split(' (')[0]}."
-        ]
-    except FileNotFoundError:
-        pass
-    return '\n'.join(out) + '\n'
-
-
-# %% ../nbs/17_convergence.ipynb #s17u0002
-TOY_LONG_SEEDS = (10, 11, 12, 13, 14) # training seeds that no other result file uses
-TOY_LONG_VAL_SEED = 100 # MeanFlow's recipe is chosen on this seed only
-TOY_LONG_STEPS = 6000 # MeanFlow's long budget (toy2d's is 2,000)
-# flow matching trains past MeanFlow's compute in both units (measured ratios 1.3x FLOPs, 1.6x CPU)
-TOY_LONG_FM_STEPS = 10_000
-TOY_LONG_EVERY = 250 # checkpoint spacing
-TOY_LONG_RECIPES = {  # MeanFlow's recipe grid on the validation seed: time distribution x share of r = t samples
-    f'{td}, r=t {q:g}': dict(time_dist=td, ratio_r_eq_t=q,
-                             **({'P_mean': -0.4, 'P_std': 1.0} if td == 'logit_normal' else {}))
-    for td in ('uniform', 'logit_normal')
-    for q in (0.25, 0.5, 0.75)
-}
-# toy2d's baseline, chosen on seed 100 by `mf-study toy-fm-vs-mf`
-TOY_LONG_FM = dict(method='fm', ratio_r_eq_t=1.0, norm_p=0.0, time_dist='logit_normal', P_mean=0.0, P_std=1.0)
-TOY_LONG_EULER = (1, 2, 4, 6, 8, 10, 12, 14, 16, 24, 32, 64, 128) # flow matching's dense Euler grid
-TOY_LONG_HEUN = (2, 4, 6, 8, 10, 12, 14, 16, 24, 32) # and Heun's
-
-
-# %% ../nbs/17_convergence.ipynb #s17u0003
-def _toy_long_cfg(out, seed: int, steps: int, settings: dict, quick: bool = False) -> TrainConfig:
-    return get_config('toy2d', out=str(out), seed=seed, steps=steps, ckpt_every=TOY_LONG_EVERY if not quick else 4,
-                      keep_ckpts=10_000, eval_samples=200, log_every=TOY_LONG_EVERY, baseline_fm=False, **settings)
-
-def _toy_ckpt_quality(run: Path, step: int, ev: dict, solvers: dict) -> dict:
-    "SWD of a toy run's checkpoint at `step` (EMA weights) for each solver's NFE grid."
-    from meanflow_nb.eval import load_run
-    from meanflow_nb.study import toy_quality
-    cfg, model, _, st = load_run(run, ckpt=str(Path(run) / f'ckpt_{step:08d}.pt'))
-    check(st == step, f'{run}: checkpoint of step {step} holds step {st}')
-    return {s: toy_quality(cfg, model, ev, nfes, s, energy_n=0) for s, nfes in solvers.items()}
-
-def toy_long_recipe(runs: Path, quick: bool = False, folder=None) -> dict:
-    ("MeanFlow's toy recipe: every `TOY_LONG_RECIPES` entry trained 2,000 steps on the validation seed, scored by 1- "
-     "and 2-step SWD against a fresh draw.")
-    from meanflow_nb.study import toy_eval_set
-    rows = {}
-    for name, st in TOY_LONG_RECIPES.items():
-        if (d := _conv_done('toy_long_recipe', name, folder)) is not None:
-            rows[name] = d
-            continue
-        out = Path(
-            runs
-        ) / 'toy_long' / f"recipe_{''.join(ch for ch in name if ch.isalnum() or ch == '.')}{'_quick' if quick else ''}"
-        cfg = _toy_long_cfg(out, TOY_LONG_VAL_SEED, 8 if quick else 2000, st, quick)
-        train(cfg, resume=True, progress=False)
-        ev = toy_eval_set(cfg, 500 if quick else 10_000)
-        q = _toy_ckpt_quality(out, cfg.steps, ev, dict(native=(1, 2)))['native']
-        rows[name] = dict(settings=st, swd=q['swd'], score=float(np.mean(q['swd'])))
-        _conv_update('toy_long_recipe', name, rows[name], folder, seed=TOY_LONG_VAL_SEED,
-                     criterion='mean SWD at 1 and 2 steps')
-    best = min(rows, key=lambda k: rows[k]['score'])
-    return dict(TOY_LONG_RECIPES[best], _choice=best)
-
-
-def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None,
-                 recipe: dict | None = None) -> dict:
-    ("One long toy run ('mf' with the chosen recipe, or 'fm'), SWD at every 2,000-step mark and, for flow matching, at "
-     "every checkpoint near a matched-compute point.")
-    from meanflow_nb.study import toy_eval_set
-    if (d := _conv_done(f'toy_long_{method}', str(seed), folder)) is not None:
-        return d
-    st = {k: v for k, v in (recipe or {}).items() if not k.startswith('_')} if method == 'mf' else TOY_LONG_FM
-    steps = (16 if method == 'fm' else 8) if quick else (TOY_LONG_FM_STEPS if method == 'fm' else TOY_LONG_STEPS)
-    out = Path(runs) / 'toy_long' / f"{method}_s{seed}{'_quick' if quick else ''}"
-    cfg = _toy_long_cfg(out, seed, steps, st, quick)
-    train(cfg, resume=True, progress=False)
-    ev = toy_eval_set(cfg, 500 if quick else 10_000)
-    solvers = dict(euler=TOY_LONG_EULER[:3], heun=TOY_LONG_HEUN[:1]) if quick else dict(
-        euler=TOY_LONG_EULER, heun=TOY_LONG_HEUN)
-    marks = [s for s in range(cfg.ckpt_every, steps + 1, cfg.ckpt_every)] if method == 'fm' else \
-            [s for s in (2000, 4000, 6000, 4, 8) if s <= steps and s % cfg.ckpt_every == 0]
-    q = {str(s): _toy_ckpt_quality(out, s, ev, solvers if method == 'fm' else dict(native=(1, 2))) for s in marks}
-    rec = dict(settings=st, steps=steps, quality=q)
-    _conv_update(f'toy_long_{method}', str(seed), rec, folder, eval_samples=len(ev['ref']))
-    return rec
-
-
-# %% ../nbs/17_convergence.ipynb #s17u0004
-@study('toy-long', minutes=60)
-def study_toy_long(runs: Path = Path('runs/study'), quick: bool = False, folder=None, fresh: bool = False) -> dict:
-    ("The toy longer and at matched compute: MeanFlow's recipe chosen on the validation seed, MeanFlow 6,000 steps and "
-     "flow matching 10,000 on 5 new seeds, Euler and Heun on a dense grid.")
-    check(not fresh, 'toy-long resumes from its result files; delete results/toy_long_*.json to start over')
-    if quick and folder is None:
-        folder = Path(runs) / 'toy_long' / 'quick_results'
-    comp = {}
-    try:
-        comp = load_result('toy_long_compute', folder)['methods']
-    except FileNotFoundError:
-        comp = {
-            m: step_compute(_toy_long_cfg('/tmp/unused', 0, 100, TOY_LONG_FM if m == 'fm' else {}),
-                            steps=2 if quick else 50)
-            for m in ('mf', 'fm')
-        }
-        save_result('toy_long_compute', dict(name='toy_long_compute', methods=comp, date=time.strftime('%Y-%m-%d'),
-                                             loadavg_start=[round(x, 2) for x in os.getloadavg()]), folder)
-    recipe = toy_long_recipe(runs, quick, folder)
-    print(f"toy-long: MeanFlow's recipe {recipe['_choice']!r} (validation seed {TOY_LONG_VAL_SEED})", flush=True)
-    seeds = TOY_LONG_SEEDS[:2] if quick else TOY_LONG_SEEDS
-    recs = {(m, s): toy_long_run(runs, m, s, quick, folder, recipe) for s in seeds for m in ('mf', 'fm')}
-    return dict(compute=comp, recipe=recipe, runs=recs)
-
-
-# %% ../nbs/17_convergence.ipynb #s17w0002
-def toy_long_summary(folder=None) -> dict:
-    ("The long toy runs: MeanFlow's 1- and 2-step SWD at 2,000 and 6,000 steps, flow matching's Euler and Heun SWD at "
-     "equal steps and at MeanFlow's compute, equivalent NFEs with t- and bootstrap intervals.")
-    mf, fm = load_result('toy_long_mf', folder)['runs'], load_result('toy_long_fm', folder)['runs']
-    comp = load_result('toy_long_compute', folder)['methods']
-    seeds = sorted(set(mf) & set(fm), key=int)
-    check(len(seeds) >= 2, f'the long toy files share {len(seeds)} seed(s): run `mf-study toy-long`')
-    last = max(int(k) for k in mf[seeds[0]]['quality'])
-    ratio = {u: comp['mf'][k] / comp['fm'][k] for u, k in (('flops', 'flops_per_step'), ('cpu', 'cpu_s_per_step'))}
-    fm_marks = sorted(int(k) for k in fm[seeds[0]]['quality'])
-    near = lambda s: min(fm_marks, key=lambda m: abs(m - s))
-    S = dict(seeds=seeds, ratio=ratio, recipe=load_result('toy_long_recipe', folder), points={})
-    for mark in sorted(int(k) for k in mf[seeds[0]]['quality']):
-        one = np.array([mf[s]['quality'][str(mark)]['native']['swd'][0] for s in seeds])
-        two = np.array([mf[s]['quality'][str(mark)]['native']['swd'][1] for s in seeds])
-        targets = {'equal steps': mark}
-        if mark == last:
-            targets.update({f'{u}-matched': near(mark * r) for u, r in ratio.items()})
-        for what, fstep in targets.items():
-            q = {s: fm[s]['quality'][str(fstep)] for s in seeds}
-            row = dict(mf_step=mark, fm_step=fstep, mf1=both_ci(one), mf2=both_ci(two))
-            for solver in ('euler', 'heun'):
-                ks = q[seeds[0]][solver]['nfe']
-                grid = np.array([q[s][solver]['swd'] for s in seeds])
-                row[solver] = dict(nfe=ks, mean=grid.mean(0).tolist(), equiv=equivalent_nfe_ci(grid, one, ks),
-                                   around=_around(grid, one, ks, solver))
-            S['points'][(mark, what)] = row
-    return S
-
-@result_table('toy_long')
-def toy_long_table(folder=None) -> str:
-    ("The README's long-toy block: MeanFlow's one step in flow-matching NFE, Euler and Heun, at 2,000 and 6,000 steps "
-     "and at matched compute.")
-    S = toy_long_summary(folder)
-    n = len(S['seeds'])
-    rec = S['recipe']
-    best = min(rec['runs'], key=lambda k: rec['runs'][k]['score'])
-    rows = []
-    for (mark, what), r in S['points'].items():
-        if what == 'equal steps' and mark not in (2000, 4000, 6000) and len(S['points']) > 3:
-            continue
-        rows.append([f'{mark:,}', f"{r['fm_step']:,} ({what})", fmt_ci(r['mf1']), fmt_ci(r['mf2']),
-                     _equiv_txt(r['euler']['equiv'] | dict(around=r['euler']['around'])),
-                     _equiv_txt(r['heun']['equiv'] | dict(around=r['heun']['around']))])
-    return '\n'.join([
-        f"Checkerboard, {n} new seeds, SWD on 10,000 samples, mean [95 % t-interval]; equivalent NFE with a bootstrap "
-        f"interval, and the measured grid points around it (flow matching's SWD minus MeanFlow's 1-step SWD, paired "
-        f"t). "
-        f"MeanFlow's recipe, chosen on validation seed {TOY_LONG_VAL_SEED}: {best}. Per step MeanFlow costs "
-        f"{S['ratio']['flops']:.2f}x flow matching's FLOPs and {S['ratio']['cpu']:.2f}x its CPU time.", '',
-        md_table([
-            'MeanFlow steps', 'flow-matching steps', 'MeanFlow 1 step', 'MeanFlow 2 steps',
-            'flow matching, Euler: equivalent NFE', 'flow matching, Heun: equivalent NFE'
-        ], rows)
-    ]) + '\n'
 

@@ -4,17 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #6eb7d23a
 from __future__ import annotations
-import os, sys, json, random, functools, math, time, argparse, inspect, warnings, errno, shutil
+import os, sys, random, functools, math, time, argparse, inspect, warnings, errno, shutil
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['RESULT_TABLES', 'bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test',
-           'ConfigError', 'check', 'check_values', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved',
-           'bootstrap_ci', 'paired_diff_ci', 'fmt_ci', 'speedup_ci', 'equivalent_nfe_ci', 'results_dir', 'write_atomic',
-           'NoRoomError', 'write_text_atomic', 'save_result', 'load_result', 'result_table', 'md_table',
-           'readme_blocks', 'sync_readme', 'image_grid', 'show_images', 'scatter2d', 'plot_field']
+__all__ = ['bcast', 'interpolate', 'cond_velocity', 'mean_flow_step', 'set_seed', 'default_device', 'in_test', 'ConfigError',
+           'check', 'check_values', 'check_kwargs', 'CLIParser', 'cli_errors', 'time_interleaved', 'write_atomic',
+           'NoRoomError', 'write_text_atomic', 'image_grid', 'show_images', 'scatter2d', 'plot_field', 'log_y_axis',
+           'save_figure']
 
 # %% ../nbs/00_core.ipynb #393d5e47
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +106,7 @@ def check_kwargs(fn, # the callable the keywords go to
     bad = sorted(set(kw) - set(valid))
     check(not bad, f'{what}: unknown key(s) {", ".join(bad)}; valid: {", ".join(valid)}')
 
+# %% ../nbs/00_core.ipynb #7dc400x01
 class CLIParser(argparse.ArgumentParser):
     "An `ArgumentParser` whose usage errors are one line on stderr with exit code 2, like every other user error."
     def error(self, message):
@@ -147,7 +147,6 @@ def cli_errors(fn):
 # lines to the first error after step 1 (nothing for users to act on)
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 
-
 # %% ../nbs/00_core.ipynb #c13a0018
 def time_interleaved(fns: dict, # name -> callable taking no argument
                      repeats: int = 5, # timed calls of each
@@ -167,128 +166,7 @@ def time_interleaved(fns: dict, # name -> callable taking no argument
             cpu[k].append(time.process_time() - c0)
     return {k: {'wall_ms': 1e3 * float(np.median(wall[k])), 'cpu_ms': 1e3 * float(np.median(cpu[k]))} for k in fns}
 
-# %% ../nbs/00_core.ipynb #c13a0002
-def _as_array(values) -> np.ndarray:
-    v = np.asarray(values if not torch.is_tensor(values) else values.detach().cpu().numpy(), dtype=float).reshape(-1)
-    check(len(v) > 0, 'a bootstrap needs at least one value')
-    return v
-
-def bootstrap_ci(values, # one number per training seed
-                 level: float = 0.95, # coverage of the interval
-                 n_boot: int = 10_000, # bootstrap resamples
-                 seed: int = 0, # seed of the resampling (the interval is reproducible)
-                ) -> dict:
-    "Mean and percentile-bootstrap interval of the mean over seeds: `dict(mean, lo, hi, n)`."
-    v = _as_array(values)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return dict(mean=float(v.mean()), lo=float(lo), hi=float(hi), n=len(v))
-
-def paired_diff_ci(a, b, # per-seed values of two methods; entry i of both comes from seed i
-                   level: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> dict:
-    "Bootstrap over paired seeds of `a - b`: `dict(mean, lo, hi, n, separated)`, `separated` when 0 lies outside."
-    a, b = _as_array(a), _as_array(b)
-    check(len(a) == len(b), f'paired values need the same seeds, got {len(a)} and {len(b)}')
-    d = bootstrap_ci(a - b, level, n_boot, seed)
-    return dict(d, separated=bool(d['lo'] > 0 or d['hi'] < 0))
-
-def _decimals(x: float, sig: int = 3) -> int:
-    return 0 if x == 0 or not math.isfinite(x) else max(0, sig - 1 - math.floor(math.log10(abs(x))))
-
-def fmt_ci(d: dict, # from `bootstrap_ci`, `paired_diff_ci` or `speedup_ci`
-           nd: int | None = None, # decimals; default: 3 significant digits of the mean
-           unit: str = '', # appended to each number, e.g. 'x'
-          ) -> str:
-    "Format a mean and its interval as `'1.17 [1.13, 1.24]'`."
-    nd = _decimals(d['mean']) if nd is None else nd
-    f = lambda x: f'{x:.{nd}f}{unit}'
-    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
-
-# %% ../nbs/00_core.ipynb #c13a0008
-def _first_reach(curve: np.ndarray, level: float, steps: np.ndarray, lower_is_better: bool) -> float:
-    ok = curve <= level if lower_is_better else curve >= level
-    return float(steps[np.argmax(ok)]) if ok.any() else math.inf
-
-def speedup_ci(curves_base, # `(seeds, checkpoints)`: the baseline's metric at each checkpoint
-               curves_method, # `(seeds, checkpoints)`: the method's metric on the same grid
-               steps, # the training step of each checkpoint
-               level: float = 0.95, n_boot: int = 10_000, seed: int = 0,
-               final_k: int = 1, # the baseline's final level: the mean of its last `final_k` checkpoints
-               lower_is_better: bool = True,
-               paired: bool | None = None, # resample seed indices jointly (default: when both have the same seeds)
-              ) -> dict:
-    "Speed-up = base total steps / first step where the method's seed-mean curve reaches base's final level."
-    cb, cm, steps = np.asarray(curves_base, float), np.asarray(curves_method, float), np.asarray(steps, float)
-    check(cb.ndim == 2 and cm.ndim == 2 and cb.shape[1] == cm.shape[1] == len(steps),
-          f'curves must be (seeds, {len(steps)} checkpoints), got {cb.shape} and {cm.shape}')
-    paired = (len(cb) == len(cm)) if paired is None else paired
-    check(not paired or len(cb) == len(cm), 'paired curves need the same seeds')
-    total = steps[-1]
-    def one(ib, im):
-        base = cb[ib].mean(0)
-        return total / _first_reach(cm[im].mean(0), base[-final_k:].mean(), steps, lower_is_better)
-    point = one(np.arange(len(cb)), np.arange(len(cm)))
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for i in range(n_boot):
-        ib = rng.integers(0, len(cb), len(cb))
-        boots[i] = one(ib, ib if paired else rng.integers(0, len(cm), len(cm)))
-    lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return dict(mean=float(point), lo=float(lo), hi=float(hi), n=len(cm), reached=float((boots > 0).mean()),
-                first_step=float(total / point) if point > 0 else math.inf)
-
-# %% ../nbs/00_core.ipynb #c13a0015
-def _equiv(curve: np.ndarray, level: float, lg: np.ndarray) -> float:
-    ok = curve <= level
-    if not ok.any():
-        return math.inf
-    i = int(np.argmax(ok))
-    if i == 0:
-        return float(2 ** lg[0])
-    f = (curve[i - 1] - level) / (curve[i - 1] - curve[i])
-    return float(2 ** (lg[i - 1] + f * (lg[i] - lg[i - 1])))
-
-def equivalent_nfe_ci(curves, # `(seeds, len(nfes))`: the many-step sampler's metric (lower is better)
-                      target, # `(seeds,)`: the one-step model's metric, same seeds when paired
-                      nfes, # the NFE grid of `curves`, increasing
-                      level: float = 0.95, n_boot: int = 10_000, seed: int = 0, paired: bool | None = None) -> dict:
-    ("NFE at which the seed-mean curve first reaches the seed-mean `target` (log-linear interpolation), with a "
-     "bootstrap interval.")
-    c, tg, lg = np.asarray(curves, float), _as_array(target), np.log2(np.asarray(nfes, float))
-    check(c.ndim == 2 and c.shape[1] == len(lg), f'curves must be (seeds, {len(lg)}), got {c.shape}')
-    paired = len(c) == len(tg) if paired is None else paired
-    point = _equiv(c.mean(0), tg.mean(), lg)
-    rng, boots = np.random.default_rng(seed), np.empty(n_boot)
-    for i in range(n_boot):
-        ic = rng.integers(0, len(c), len(c))
-        boots[i] = _equiv(c[ic].mean(0), tg[ic if paired else rng.integers(0, len(tg), len(tg))].mean(), lg)
-    # `nearest`: no interpolation towards inf (a resample beyond the grid); inf sorts last
-    lo, hi = (float(v) for v in np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2], method='nearest'))
-    return dict(mean=point, lo=lo, hi=hi, n=len(c), beyond_grid=float(np.isinf(boots).mean()))
-
-
-# %% ../nbs/00_core.ipynb #c13a0011
-def results_dir() -> Path:
-    "The committed results folder: `$MF_RESULTS_DIR`, else `results/` at the repository root."
-    env = os.environ.get('MF_RESULTS_DIR')
-    return Path(env) if env else Path(__import__('meanflow_nb').__file__).resolve().parent.parent / 'results'
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if torch.is_tensor(o):
-        return _jsonable(o.detach().cpu().tolist())
-    if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        return None if not math.isfinite(float(o)) else float(f'{float(o):.6g}')
-    if isinstance(o, np.integer):
-        return int(o)
-    return o
-
+# %% ../nbs/00_core.ipynb #c00wta02
 def write_atomic(path: Path | str, # the file to (re)write
                  write, # `write(f)` fills the open binary file `f`
                  # the temporary file's name is `path` + this (default: a hidden per-process name)
@@ -312,6 +190,7 @@ def write_atomic(path: Path | str, # the file to (re)write
         tmp.unlink(missing_ok=True)
     return path
 
+# %% ../nbs/00_core.ipynb #c00wtax02
 class NoRoomError(OSError):
     "A write that found no room (file-size limit, full disk, quota); its message names the file and what to change."
     def __str__(self):
@@ -344,60 +223,6 @@ def write_text_atomic(path: Path | str, # the file to (re)write
     "Write `text` (UTF-8) to `path` atomically, like `write_atomic`."
     return write_atomic(path, lambda f: f.write(text.encode()))
 
-def save_result(name: str, # file stem, e.g. 'toy_fm_vs_mf'
-                d: dict, # per-seed values, curves, settings; numbers are kept to 6 significant digits
-                folder: Path | str | None = None) -> Path:
-    "Write `results/NAME.json` (small, committed, diff-friendly), atomically."
-    check(name.replace('_', '').replace('-', '').isalnum(), f'result names are letters, digits, - and _: {name!r}')
-    p = Path(folder or results_dir()) / f'{name}.json'
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(p, json.dumps(_jsonable(d), indent=1) + '\n')
-
-def load_result(name: str, folder: Path | str | None = None) -> dict:
-    "Read `results/NAME.json`."
-    p = Path(folder or results_dir()) / f'{name}.json'
-    if not p.exists():
-        raise FileNotFoundError(f'no result file {p.name} in {p.parent.name}/: run `mf-study` to make it')
-    return json.loads(p.read_text())
-
-
-# %% ../nbs/00_core.ipynb #c13a0012
-RESULT_TABLES = {} # block name -> function returning the block's markdown, read from the result files
-
-def result_table(block: str):
-    "Register a function as the renderer of README block `block` (`<!-- results:block -->`)."
-    def _reg(fn):
-        RESULT_TABLES[block] = fn
-        return fn
-    return _reg
-
-def md_table(header: list, rows: list) -> str:
-    "A markdown table; cells that are CI dicts are written with `fmt_ci`."
-    cell = lambda c: fmt_ci(c) if isinstance(c, dict) else str(c)
-    lines = ['| ' + ' | '.join(map(str, header)) + ' |', '|' + '---|' * len(header)]
-    return '\n'.join(lines + ['| ' + ' | '.join(cell(c) for c in r) + ' |' for r in rows])
-
-def readme_blocks(text: str) -> dict:
-    "The `<!-- results:NAME -->` blocks of a README text: name -> content between the markers."
-    import re
-    return {
-        m.group(1): m.group(2)
-        for m in re.finditer(r'<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->', text, re.S)
-    }
-
-def sync_readme(text: str, # the README's text
-                blocks: dict | None = None, # name -> rendered markdown; default: every registered renderer
-               ) -> str:
-    "Replace the content of each `<!-- results:NAME -->` block present in `text` by its rendering."
-    import re
-    blocks = {k: fn()
-              for k, fn in RESULT_TABLES.items() if f'<!-- results:{k} -->' in text} if blocks is None else blocks
-    for k, v in blocks.items():
-        text = re.sub(rf'(<!-- results:{re.escape(k)} -->\n).*?(<!-- /results:{re.escape(k)} -->)',
-                      lambda m: m.group(1) + v.rstrip('\n') + '\n' + m.group(2), text, flags=re.S)
-    return text
-
-
 # %% ../nbs/00_core.ipynb #3dd9b40f
 def image_grid(x: torch.Tensor, # `(B, C, H, W)` images in [-1, 1]
                nrow: int = 8, # images per row
@@ -426,15 +251,9 @@ def show_images(x: torch.Tensor, nrow: int = 8, ax=None, title: str | None = Non
         ax.set_title(title)
     return ax
 
-def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4.5, s: float = 1, c=None,
-              labels: tuple = ('$x_1$', '$x_2$'), # axis labels (the two coordinates)
-              **kw):
-    "Scatter 2-D points `(N, 2)` on a square canvas."
-    import matplotlib.pyplot as plt
-    if ax is None:
-        _, ax = plt.subplots(figsize=(3, 3))
-    x = torch.as_tensor(x).detach().cpu()
-    ax.scatter(x[:, 0], x[:, 1], s=s, c=c, alpha=kw.pop('alpha', 0.5), linewidths=0, **kw)
+# %% ../nbs/00_core.ipynb #3dd9b4x03
+def _square_axes(ax, lim: float, labels: tuple, title: str | None):
+    "A square canvas `[-lim, lim]^2` without ticks, its two coordinates named, `title` above it; returns `ax`."
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect('equal')
@@ -445,6 +264,17 @@ def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+def scatter2d(x: torch.Tensor, ax=None, title: str | None = None, lim: float = 4.5, s: float = 1, c=None,
+              labels: tuple = ('$x_1$', '$x_2$'), # axis labels (the two coordinates)
+              **kw):
+    "Scatter 2-D points `(N, 2)` on a square canvas."
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    x = torch.as_tensor(x).detach().cpu()
+    ax.scatter(x[:, 0], x[:, 1], s=s, c=c, alpha=kw.pop('alpha', 0.5), linewidths=0, **kw)
+    return _square_axes(ax, lim, labels, title)
 
 def plot_field(fn, # maps `(N, 2)` points to `(N, 2)` vectors
                ax=None, lim: float = 4.5, n: int = 21, title: str | None = None,
@@ -460,13 +290,22 @@ def plot_field(fn, # maps `(N, 2)` points to `(N, 2)` vectors
     with torch.no_grad():
         vec = fn(pts).detach().cpu()
     ax.quiver(pts[:, 0], pts[:, 1], vec[:, 0], vec[:, 1], angles='xy', **kw)
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect('equal')
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_xlabel(labels[0], fontsize=8, labelpad=1)
-    ax.set_ylabel(labels[1], fontsize=8, labelpad=1)
-    if title:
-        ax.set_title(title, fontsize=9)
+    return _square_axes(ax, lim, labels, title)
+
+# %% ../nbs/00_core.ipynb #3dd9b4x04
+def log_y_axis(ax, ticks=None):
+    "A log-scale y axis labelled with plain numbers (1, 2, 5 rather than powers of ten), at `ticks` when given."
+    import matplotlib
+    ax.set_yscale('log')
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if ticks is not None:
+        ax.set_yticks(ticks)
     return ax
+
+def save_figure(fig, path=None, dpi: int = 90):
+    "Lay `fig` out tightly and write it to `path` when one is given; returns `fig`."
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=dpi)
+    return fig

@@ -21,9 +21,12 @@ LAYERS = {
     'eval': 10,              # what a trained run is worth; eval resolves pretrained checkpoints; never the trainer
     'train': 11,             # the step and the loop; calls eval at the end of a run
     'bench': 12,
-    'study': 13,             # study drivers: they run the trainer
-    'convergence': 14,       # the digits convergence study
-    'cli': 15,               # every console script
+    'toy_study': 13, 'digits_study': 13,    # the toy and the 300-step digits studies: they run the trainer
+    'convergence': 14,       # the digits convergence study's runs
+    'conv_results': 15,      # its result files read into intervals, the README block, the figures
+    'toy_long': 16,          # the long toy
+    'study': 17,             # `mf-study`: every study, in order; the measurements of the tool itself
+    'cli': 18,               # every console script
 }
 MODULES = sorted(p.stem for p in PKG.glob('*.py') if not p.stem.startswith('_'))
 

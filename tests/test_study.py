@@ -5,9 +5,10 @@ import json, os, re, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
-from meanflow_nb.core import bootstrap_ci, fmt_ci, load_result, readme_blocks, RESULT_TABLES, results_dir
-import meanflow_nb.study as study
-import meanflow_nb.convergence as conv   # registers the convergence blocks (the `mf-study` entry point imports it too)
+from meanflow_nb.report import bootstrap_ci, fmt_ci, load_result, readme_blocks, render_readme, RESULT_TABLES, results_dir
+import meanflow_nb.study   # registers every study, README block and figure (the `mf-study` entry point)
+import meanflow_nb.digits_study as digits
+import meanflow_nb.convergence as conv
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / 'README.md').read_text()
@@ -59,9 +60,9 @@ def test_stale_readme_is_detected(tmp_path):
     block = readme_blocks(README)['toy']
     first = re.search(r'\d\.\d+ \[', block).group(0)
     p.write_text(README.replace(block, block.replace(first, '9' + first[1:], 1)))
-    _, stale = study.render_readme(p, write=False)
+    _, stale = render_readme(p, write=False)
     assert stale == ['toy']
-    text, stale = study.render_readme(p, write=True)
+    text, stale = render_readme(p, write=True)
     assert stale == ['toy'] and p.read_text() == README
 
 
@@ -118,21 +119,21 @@ def test_hand_written_number_is_caught():
 
 def test_digits_table_numbers_are_the_files_bootstrap():
     "Independently of the renderer: every FID interval of the digits block is `bootstrap_ci` of the files' per-seed values."
-    files = {m: load_result(f'digits_{m}') for m in study.DIGITS_METHODS}
+    files = {m: load_result(f'digits_{m}') for m in digits.DIGITS_METHODS}
     seeds = sorted(set.intersection(*(set(f['seeds']) for f in files.values())), key=int)
     assert len(seeds) >= 5
     rows = {}
-    for line in study.digits_table().splitlines():   # the superseded 300-step table, now shown in 13_results only
+    for line in digits.digits_table().splitlines():   # the superseded 300-step table, now shown in 13_results only
         cells = [c.strip() for c in line.strip('|').split('|')]
         if len(cells) == 3 and cells[1].isdigit(): rows[(cells[0], int(cells[1]))] = cells[2]
     want = {}
     for m, f in files.items():
         for key in f['seeds'][seeds[0]]['final']:
             sol, k = re.match(r'([a-z]+)(\d+)$', key).groups()
-            label = study.DIGITS_LABELS[m] + ({'euler': ', Euler', 'heun': ', Heun'}.get(sol, ''))
+            label = digits.DIGITS_LABELS[m] + ({'euler': ', Euler', 'heun': ', Heun'}.get(sol, ''))
             if (label, int(k)) in rows: want[(label, int(k))] = fmt_ci(bootstrap_ci([f['seeds'][s]['final'][key] for s in seeds]))
         for key in f['seeds'][seeds[0]].get('final_matched', {}):   # iMF at the others' guidance scale
-            label, k = f"iMF, omega {study.DIGITS_IMF_MATCHED:g} (the others' guidance)", int(key[3:])
+            label, k = f"iMF, omega {digits.DIGITS_IMF_MATCHED:g} (the others' guidance)", int(key[3:])
             want[(label, k)] = fmt_ci(bootstrap_ci([f['seeds'][s]['final_matched'][key] for s in seeds]))
     assert len(rows) >= 20 and set(want) == set(rows), (sorted(set(rows) ^ set(want)))
     assert rows == want
