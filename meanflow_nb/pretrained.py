@@ -393,7 +393,7 @@ def load_pretrained(name_or_path: str | Path,
 # %% ../nbs/15_pretrained.ipynb #1ed0bf87
 def pretrained_config(spec: Pretrained | None, method: str, model: str, nfe: int = 1):
     "A `TrainConfig` that samples like the authors' evaluation of `spec` (ImageNet 256 latents, 1000 classes)."
-    from meanflow_nb.train import TrainConfig  # sampling only: no training fields to validate
+    from meanflow_nb.config import TrainConfig  # sampling only: no training fields to validate
     g = spec.eval_guidance(nfe) if spec else {}
     return TrainConfig(method=method, model=model, data='latents', data_kwargs={'normalization': method},
                        num_classes=1000, **g)

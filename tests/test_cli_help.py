@@ -1,7 +1,7 @@
 """The commands explain themselves: every flag has a description and a default, `mf-train --preset P --help`
 shows P's values, and the BOOL/TUPLE/DICT syntax is documented (all in-process, no training)."""
 import dataclasses, re
-from meanflow_nb.train import train_parser, field_docs, TrainConfig, get_config, PRESETS, _flag_str
+from meanflow_nb.config import train_parser, field_docs, TrainConfig, get_config, PRESETS, _flag_str
 from meanflow_nb.eval import sample_parser
 
 

@@ -589,17 +589,17 @@ def test_signal_during_startup_exits_75_with_nothing_written(tmp_path, capsys, m
 
 def test_signal_during_the_final_evaluation_exits_75_and_resume_evaluates(run, capsys, monkeypatch):
     "A SIGTERM while the metrics are computed: exit 75, the last checkpoint kept, no metrics.json; --resume only evaluates."
-    import meanflow_nb.train as T
-    real = T.evaluate_toy
+    import meanflow_nb.eval as E
+    real = E.evaluate_toy
     def evaluate_toy(*a, **k): os.kill(os.getpid(), signal.SIGTERM); return real(*a, **k)
-    monkeypatch.setattr(T, 'evaluate_toy', evaluate_toy)
+    monkeypatch.setattr(E, 'evaluate_toy', evaluate_toy)
     (run / 'metrics.json').unlink()
     code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
     assert code == 75, err
     preempted_line(err, 'preempted during the final evaluation: the checkpoint of step 30 is in')
     assert ckpt_steps(run) == [10, 20, 30] and not (run / 'metrics.json').exists()
     before = snap(run)
-    monkeypatch.setattr(T, 'evaluate_toy', real)
+    monkeypatch.setattr(E, 'evaluate_toy', real)
     code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
     assert code == 0, err
     assert json.loads((run / 'metrics.json').read_text())['steps'] == 30
@@ -668,17 +668,18 @@ def test_fid_curve_cache_follows_the_checkpoints(run, monkeypatch):
 
 
 SIGNAL_TORCHRUN = ("import os, sys, time, signal\n"
-                   "import meanflow_nb.train as T\n"
+                   "import meanflow_nb.train as T, meanflow_nb.eval as E\n"
+                   "from meanflow_nb.checkpoint import StopSignals\n"
                    "phase, argv = sys.argv[1], sys.argv[2:]\n"
-                   "name = 'build_data' if phase == 'startup' else 'evaluate_toy'\n"
-                   "real = getattr(T, name)\n"
+                   "name, mod = ('build_data', T) if phase == 'startup' else ('evaluate_toy', E)\n"
+                   "real = getattr(mod, name)\n"
                    "def hooked(*a, **k):\n"
                    "    if int(os.environ['RANK']) == 0:\n"
                    "        os.kill(os.getppid(), signal.SIGTERM)               # to torchrun, which forwards it to every rank\n"
                    "        t = time.time()\n"
-                   "        while not T._StopSignals.requested() and time.time() - t < 60: time.sleep(0.05)\n"
+                   "        while not StopSignals.requested() and time.time() - t < 60: time.sleep(0.05)\n"
                    "    return real(*a, **k)\n"
-                   "setattr(T, name, hooked)\n"
+                   "setattr(mod, name, hooked)\n"
                    "T.cli_train(argv)\n")
 
 
@@ -806,7 +807,7 @@ def test_fid_refuses_samples_that_are_not_images(tmp_path, capsys, arr, needle):
 
 
 def test_fid_takes_whole_numbers_of_any_dtype():
-    from meanflow_nb.eval import _as_images
+    from meanflow_nb.fid import _as_images
     a = np.arange(8 * 4 * 4).reshape(8, 4, 4, 1) % 256
     for dt in (np.int64, np.float32, np.uint16):
         out = _as_images(a.astype(dt), 'x')
@@ -839,7 +840,7 @@ def test_file_size_limit_during_a_checkpoint_is_one_line(run, tmp_path):
 def test_full_disk_or_no_memory_during_a_checkpoint_is_one_line(run, capsys, monkeypatch):
     "ENOSPC half-way through torch.save, then a MemoryError while hashing the state: exit 2, one line, nothing lost."
     import errno
-    import meanflow_nb.train as T
+    import meanflow_nb.checkpoint as C
     before = snap(run); ckpts = {k: v for k, v in before.items() if k.startswith('ckpt_')}
     real_save = torch.save
     def full(obj, f, *a, **k): f.write(b'x' * 1000); raise OSError(errno.ENOSPC, 'No space left on device')
@@ -851,7 +852,7 @@ def test_full_disk_or_no_memory_during_a_checkpoint_is_one_line(run, capsys, mon
     assert {k: v for k, v in snap(run).items() if k.startswith('ckpt_')} == ckpts and not list(run.glob('*.tmp'))
     monkeypatch.setattr(torch, 'save', real_save)
     def no_memory(st): raise MemoryError()
-    monkeypatch.setattr(T, 'state_digest', no_memory)
+    monkeypatch.setattr(C, 'state_digest', no_memory)
     code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
     assert code == 2
     last_line(err, 'error: out of memory: lower the batch size (--global_batch or --micro_batch of mf-train')

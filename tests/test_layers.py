@@ -16,8 +16,10 @@ LAYERS = {
     'kim': 5, 'imf': 5,      # the methods: never the trainer
     'config': 6,             # TrainConfig, presets, validation
     'methods': 7, 'plan': 7, # the method table; the memory and cost model
+    'batches': 7,            # step-indexed batches of a run's data
     'checkpoint': 8,         # checkpoint files, the run folder, loading a run into a model
     'pretrained': 9, 'fid': 9,
+    'shards': 9,             # sample folders: shards, meta.json, COMPLETE, resume, gathering
     'eval': 10,              # what a trained run is worth; eval resolves pretrained checkpoints; never the trainer
     'train': 11,             # the step and the loop; calls eval at the end of a run
     'bench': 12,
@@ -73,9 +75,12 @@ def test_imports_go_down(mod):
 
 
 def test_named_edges():
-    "The issue's edges, stated directly: the methods never import the trainer, models never imports bench."
+    ("The issue's edges, stated directly: the methods never import the trainer, models never imports bench; eval, "
+     "checkpoint, methods and pretrained never import train.")
     for m in ('loss', 'kim', 'imf'): assert not imported(m) & {'train', 'study', 'bench', 'eval'}, m
     assert 'bench' not in imported('models')
+    for m in ('eval', 'checkpoint', 'methods', 'pretrained'):  # what a run is worth is judged below the trainer
+        assert 'train' not in imported(m), m
 
 
 def test_checker_sees_function_level_imports(tmp_path, monkeypatch):
