@@ -12,7 +12,7 @@ from .report import (load_result, save_result, speedup_ci, equivalent_nfe_ci, pa
                                 md_table, result_table, cached_on_files, figure)
 from .convergence import (CONV_METHODS, CONV_LABELS, CONV_FM_CURVE_NFE, CONV_NFE, CONV_EULER, CONV_HEUN,
                                      CONV_CKPTS, conv_protocol)
-from .digits_study import digits_summary
+from .digits_results import digits_summary
 
 
 # %% auto #0

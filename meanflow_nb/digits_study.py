@@ -4,23 +4,18 @@
 
 # %% ../nbs/16b_digits_study.ipynb #t16b0002
 from __future__ import annotations
-import json, math, time
+import json, time
 from pathlib import Path
 import numpy as np
 import torch
-from .core import check, log_y_axis, save_figure
-from .report import (bootstrap_ci, paired_diff_ci, equivalent_nfe_ci, speedup_ci, fmt_ci, diff_verdict,
-                                md_table, result_table, save_result, load_result, locked_update, load_record,
-                                cached_on_files, study, figure)
+from .report import save_result, load_result, locked_update, load_record, study
 from .train import get_config, train, list_checkpoints
-
 
 # %% auto #0
 __all__ = ['DIGITS_SEEDS', 'DIGITS_VAL_SEED', 'DIGITS_TRAIN', 'DIGITS_N', 'DIGITS_CURVE_SEED', 'DIGITS_FINAL_SEED', 'DIGITS_FM',
            'DIGITS_FM_SWEEP', 'DIGITS_METHODS', 'DIGITS_LABELS', 'DIGITS_ONE_STEP', 'DIGITS_EULER', 'DIGITS_HEUN',
            'DIGITS_MF_NFE', 'DIGITS_IMF_MATCHED', 'DIGITS_IMF_OMEGAS', 'heun_samples', 'digits_measure',
-           'train_seconds', 'digits_fm_settings', 'digits_run', 'digits_reference', 'digits_summary', 'digits_table',
-           'digits_nfe_figure', 'digits_curves_figure', 'digits_findings', 'study_digits']
+           'train_seconds', 'digits_fm_settings', 'digits_run', 'digits_reference', 'study_digits']
 
 # %% ../nbs/16b_digits_study.ipynb #s16d0007
 DIGITS_SEEDS = (0, 1, 2, 3, 4) # training seeds of the reported runs
@@ -203,212 +198,6 @@ def digits_reference(folder=None, n: int = DIGITS_N, draws: int = 20) -> dict:
                                params=sum(p.numel() for p in clf.parameters()), metadata=meta))
     save_result('digits_reference', res, folder)
     return res
-
-
-# %% ../nbs/16b_digits_study.ipynb #s16d0011
-def _digits_files(folder=None) -> tuple[dict, dict]:
-    "The per-method result files (seeds common to all of them) and the reference file."
-    runs = {m: load_result(f'digits_{m}', folder) for m in DIGITS_METHODS}
-    seeds = sorted(set.intersection(*(set(r['seeds']) for r in runs.values())), key=int)
-    check(len(seeds) > 0, 'the digits result files share no seed: run `mf-study digits`')
-    return {m: [r['seeds'][s] for s in seeds]
-            for m, r in runs.items()}, dict(load_result('digits_reference', folder), seeds=seeds)
-
-@cached_on_files(lambda: [f'digits_{m}' for m in DIGITS_METHODS] + ['digits_reference'])
-def digits_summary(folder=None) -> dict:
-    ("Intervals over seeds from the digits result files: every (method, sampler, NFE), paired differences, equivalent "
-     "NFE, speed-up.")
-    R, ref = _digits_files(folder)
-    col = lambda m, key: np.array([r['final'][key] for r in R[m]])
-    euler = [k for k in DIGITS_EULER if all(f'euler{k}' in r['final'] for r in R['fm'])]
-    heun = [k for k in DIGITS_HEUN if all(f'heun{k}' in r['final'] for r in R['fm'])]
-    rows = {('fm', 'euler', k): bootstrap_ci(col('fm', f'euler{k}')) for k in euler}
-    rows.update({('fm', 'heun', k): bootstrap_ci(col('fm', f'heun{k}')) for k in heun})
-    rows.update({(m, 'native', k): bootstrap_ci(col(m, f'nfe{k}')) for m in DIGITS_ONE_STEP for k in DIGITS_MF_NFE})
-    matched = all('final_matched' in r for r in R['imf'])
-    col_m = lambda k: np.array([r['final_matched'][f'nfe{k}'] for r in R['imf']])
-    if matched:
-        rows.update({('imf', 'matched', k): bootstrap_ci(col_m(k)) for k in DIGITS_MF_NFE})
-    fm_euler = np.stack([col('fm', f'euler{k}') for k in euler], 1)              # (seeds, NFEs)
-    curves = {m: np.array([r['curve']['fid1'] for r in R[m]]) for m in ('mf', 'kim')}
-    steps = R['mf'][0]['curve']['step']
-    return dict(
-        seeds=ref['seeds'], rows=rows, steps=steps, curves=curves, euler=euler, heun=heun,
-        equiv_nfe={m: equivalent_nfe_ci(fm_euler, col(m, 'nfe1'), euler)
-                   for m in DIGITS_ONE_STEP}, vs_mf={
-                       m: {k: paired_diff_ci(col(m, f'nfe{k}'), col('mf', f'nfe{k}'))
-                           for k in DIGITS_MF_NFE}
-                       for m in ('kim', 'imf')
-                   }, imf_matched_vs_mf={k: paired_diff_ci(col_m(k), col('mf', f'nfe{k}'))
-                                         for k in DIGITS_MF_NFE} if matched else {},
-        mf1_minus_fm={k: paired_diff_ci(col('mf', 'nfe1'), col('fm', f'euler{k}'))
-                      for k in euler}, speedup=speedup_ci(curves['mf'], curves['kim'], steps),
-        speedup_self=speedup_ci(curves['mf'], curves['mf'], steps),
-        imf_omega={k: [r['omega'][f'nfe{k}'] for r in R['imf']]
-                   for k in DIGITS_MF_NFE}, memorisation={
-                       m: {k: bootstrap_ci([r['memorisation'][k] for r in R[m]])
-                           for k in ('ratio', 'frac_close')}
-                       for m in R
-                   }, floor=bootstrap_ci(ref['real_vs_real']), floor_range=(min(ref['real_vs_real']),
-                                                                            max(ref['real_vs_real'])), reference=ref)
-
-
-# %% ../nbs/16b_digits_study.ipynb #s16d0012
-def _fmt_equiv(d: dict, top: int = DIGITS_EULER[-1]) -> str:
-    ("An equivalent NFE with its interval and unit; 'more than TOP NFE' when no bootstrap resample reaches it on the "
-     "grid.")
-    if not math.isfinite(d['lo']):
-        return f'more than {top} NFE (the largest on the grid; no bootstrap resample reaches it)'
-    f = lambda v: f'beyond {top}' if not math.isfinite(v) else f'{v:.1f}'
-    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}] NFE"
-
-def _diff_text(d: dict) -> str:
-    return f"{fmt_ci(d)} ({'excludes 0' if d['separated'] else 'includes 0: no difference claimed'})"
-
-# %% ../nbs/16b_digits_study.ipynb #s16d00x10
-@result_table('digits')
-def digits_table(folder=None) -> str:
-    "The README's digits block: digits-FID against NFE for every method, and the comparisons the text makes."
-    S = digits_summary(folder)
-    n = len(S['seeds'])
-    lab = {
-        'euler': 'Euler', 'heun': 'Heun', 'native': '',
-        'matched': f'omega {DIGITS_IMF_MATCHED:g} (the others\' guidance)'
-    }
-    rows = [[f"{DIGITS_LABELS[m]}{', ' + lab[s] if lab[s] else ''}", k, S['rows'][(m, s, k)]]
-            for (m, s, k) in S['rows']]
-    rows.append(
-        [f"real digits ({DIGITS_N:,} train images, {len(S['reference']['real_vs_real'])} draws)", '', S['floor']])
-    eq, sp, mem = S['equiv_nfe'], S['speedup'], S['memorisation']
-    try:
-        sw = load_result('digits_fm_sweep', folder)
-        fm_txt = (f"Flow matching's time distribution: {sw['choice']}, chosen on validation "
-                  f"seed {sw['val_seed']} among {len(sw['sweep'])} settings. ")
-    except FileNotFoundError:
-        fm_txt = ''
-    om = ', '.join(f"{k} NFE {'/'.join(f'{w:g}' for w in S['imf_omega'][k])}" for k in DIGITS_MF_NFE)
-    lines = [
-        md_table(['method, sampler', 'NFE', f'digits-FID, mean [95 % CI over {n} seeds]'], rows), '',
-        f"{fm_txt}iMF's guidance scale, chosen per run and NFE on validation noise (seeds {', '.join(S['seeds'])}): "
-        f"{om}.",
-        '', "- Flow matching (Euler) reaches each one-step model's 1-NFE digits-FID at: " +
-        '; '.join(f"{DIGITS_LABELS[m]} **{_fmt_equiv(eq[m], S['euler'][-1])}**"
-                  for m in DIGITS_ONE_STEP) + '.', "- Paired over seeds, minus MeanFlow: " +
-        '; '.join(f"{DIGITS_LABELS[m]}: " + ', '.join(f"{k} NFE {_diff_text(d)}" for k, d in S['vs_mf'][m].items())
-                  for m in S['vs_mf']) +
-        ('; iMF at the others\' guidance scale: ' +
-         ', '.join(f"{k} NFE {_diff_text(d)}"
-                   for k, d in S['imf_matched_vs_mf'].items()) if S['imf_matched_vs_mf'] else '') + '.',
-        f"- Kim et al.'s speed-up (MeanFlow's {S['steps'][-1]} steps over the first checkpoint where Kim et al.'s "
-        f"seed-mean 1-NFE curve "
-        f"reaches MeanFlow's final level; grid of {S['steps'][1] - S['steps'][0]} steps): " +
-        (f"**{fmt_ci(sp, 2, 'x')}**." if sp['mean'] > 0 else f"**none**: the curve never reaches that level "
-         f"(it does in {100 * sp['reached']:.0f} % of the bootstrap resamples)."),
-        f"- Memorisation (median nearest-training-image distance of samples over that of the test images; 1 = like "
-        f"fresh digits, "
-        f"0 = copies): " + ', '.join(f"{DIGITS_LABELS[m]} {fmt_ci(mem[m]['ratio'], 2)}" for m in mem) + '.'
-    ]
-    return '\n'.join(lines) + '\n'
-
-# %% ../nbs/16b_digits_study.ipynb #s16d0013
-@figure('digits_nfe.png')
-def digits_nfe_figure(path=None, folder=None):
-    ("digits-FID against NFE: flow matching (Euler, Heun) as curves, the one-step methods as points, with 95 % "
-     "intervals.")
-    import matplotlib.pyplot as plt
-    S = digits_summary(folder)
-    R = S['rows']
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for (s, ks, mk) in (('euler', S['euler'], 'o'), ('heun', S['heun'], 's')):
-        d = [R[('fm', s, k)] for k in ks]
-        l, = ax.plot(ks, [v['mean'] for v in d], marker=mk, ms=4, label=f'flow matching, {s.capitalize()}')
-        ax.fill_between(ks, [v['lo'] for v in d], [v['hi'] for v in d], color=l.get_color(), alpha=0.2)
-    for i, m in enumerate(DIGITS_ONE_STEP):
-        d = [R[(m, 'native', k)] for k in DIGITS_MF_NFE]
-        x = np.array(DIGITS_MF_NFE) * (1 + 0.07 * (i - 1))
-        ax.errorbar(x, [v['mean'] for v in d], yerr=[[v['mean'] - v['lo'] for v in d],
-                                                     [v['hi'] - v['mean'] for v in d]], fmt='D', ms=5, capsize=3,
-                    color=f'C{i + 2}', label=DIGITS_LABELS[m])
-    f = S['floor']
-    ax.axhspan(*S['floor_range'], color='k', alpha=0.08)
-    ax.axhline(f['mean'], color='k', ls=':', lw=1, label=f'real digits, N = {DIGITS_N:,}')
-    ax.set_xscale('log', base=2)
-    log_y_axis(ax)
-    ax.set_xticks(S['euler'], [str(k) for k in S['euler']])
-    ax.set_xlabel('network calls per sample (NFE)')
-    ax.set_ylabel('digits-FID vs test split')
-    ax.set_title(f"digits, {len(S['seeds'])} seeds, {S['steps'][-1]} steps at batch {DIGITS_TRAIN['global_batch']}",
-                 fontsize=9)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-# %% ../nbs/16b_digits_study.ipynb #s16d00x11
-@figure('digits_curves.png')
-def digits_curves_figure(path=None, folder=None):
-    "1-NFE digits-FID over training for MeanFlow and Kim et al.: seed mean and seed range, MeanFlow's final level."
-    import matplotlib.pyplot as plt
-    S = digits_summary(folder)
-    steps = np.array(S['steps'])
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    for i, m in enumerate(('mf', 'kim')):
-        c = S['curves'][m]
-        l, = ax.plot(steps, c.mean(0), marker='o', ms=3, color=f'C{i + 2}',
-                     label=f"{DIGITS_LABELS[m]} (mean of {len(c)} seeds)")
-        ax.fill_between(steps, c.min(0), c.max(0), color=l.get_color(), alpha=0.15)
-    ax.axhline(S['curves']['mf'].mean(0)[-1], color='k', lw=0.8, ls='--', label="MeanFlow's final level")
-    log_y_axis(ax)
-    ax.set_xlabel('training step')
-    ax.set_ylabel('1-NFE digits-FID vs test split')
-    sp = S['speedup']
-    ax.set_title(f"speed-up of Kim et al.: {fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else 'none (never reaches it)'}",
-                 fontsize=9)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-# %% ../nbs/16b_digits_study.ipynb #s16d0033
-def digits_findings(folder=None) -> str:
-    "The results page's bullet points on digits, every number read from the result files."
-    S = digits_summary(folder)
-    R = S['rows']
-    n = len(S['seeds'])
-    fm_best = min((('euler', k) for k in S['euler']), key=lambda sk: R[('fm', *sk)]['mean'])
-    out = [f"**What the digits runs show** ({n} training seeds, 95 % intervals; a difference is claimed only where the "
-           "paired interval excludes 0; digits-FID, lower is better):", '']
-    for m in DIGITS_ONE_STEP:
-        eq = S['equiv_nfe'][m]
-        vs = (f"better than flow matching with Euler at every NFE of the grid (up to {S['euler'][-1]})"
-              if not math.isfinite(eq['lo']) else
-              f"as good as flow matching with Euler at {_fmt_equiv(eq, S['euler'][-1])}")
-        out.append(
-            f"- **{DIGITS_LABELS[m]}** at 1 NFE: {fmt_ci(R[(m, 'native', 1)])}, {vs}; at 2 NFE "
-            f"{fmt_ci(R[(m, 'native', 2)])}."
-        )
-    for m, d in S['vs_mf'].items():
-        out.append(f"- {DIGITS_LABELS[m]} minus MeanFlow: " + ', '.join(f"{k} NFE {fmt_ci(x)} ({diff_verdict(x)})"
-                                                                        for k, x in d.items()) + '.')
-    if S['imf_matched_vs_mf']:
-        d = S['imf_matched_vs_mf']
-        out.append(
-            f"- iMF at the others' effective guidance scale ({DIGITS_IMF_MATCHED:g}) instead of its chosen one: 1 NFE "
-            f"{fmt_ci(R[('imf', 'matched', 1)])}; minus MeanFlow " +
-            ', '.join(f"{k} NFE {fmt_ci(x)} ({diff_verdict(x)})" for k, x in d.items()) + '.')
-    sp = S['speedup']
-    out.append(f"- Kim et al.'s speed-up over MeanFlow on the 1-NFE curves: " + (
-        fmt_ci(sp, 2, 'x') if sp['mean'] > 0 else
-        f"none: its seed-mean curve never reaches MeanFlow's final level (in {100 * sp['reached']:.0f} % of the "
-        f"bootstrap resamples it does)"
-    ) + '.')
-    out.append(
-        f"- Flow matching's best: {fmt_ci(R[('fm', *fm_best)])} at {fm_best[1]} Euler NFE; real digits at the same N: "
-        f"{fmt_ci(S['floor'])}. Every model is far above that floor: these are short runs, not converged models.")
-    mem = S['memorisation']
-    lo = min(v['ratio']['mean'] for v in mem.values())
-    hi = max(v['ratio']['mean'] for v in mem.values())
-    out.append(
-        f"- Memorisation: samples sit {lo:.2f} to {hi:.2f} times farther from their nearest training image than the "
-        f"test "
-        "digits do (seed means; copies would score near 0).")
-    return '\n'.join(out) + '\n'
 
 
 # %% ../nbs/16b_digits_study.ipynb #s16d0014

@@ -53,7 +53,7 @@ def checkpoint_curve(out: str | Path, # a run folder written by `meanflow_nb.tra
 # %% ../nbs/16_study.ipynb #s16a0030
 # the studies, registered in the order `mf-study all` runs them: the toy and digits first, then the main job and the
 # benchmarks (below), then digits at convergence and the long toy (at the end of this module)
-from . import toy_study, digits_study
+from . import toy_study, digits_study, digits_results
 
 # %% ../nbs/16_study.ipynb #s16a0011
 def study_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ LAYERS = {
     'bench': 12,
     'toy_study': 13, 'digits_study': 13,    # the toy and the 300-step digits studies: they run the trainer
     'convergence': 14,       # the digits convergence study's runs
+    'digits_results': 14,    # the 300-step digits files read into intervals, its block and figures
     'conv_results': 15,      # its result files read into intervals, the README block, the figures
     'toy_long': 16,          # the long toy
     'study': 17,             # `mf-study`: every study, in order; the measurements of the tool itself

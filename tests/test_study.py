@@ -8,6 +8,7 @@ import pytest
 from meanflow_nb.report import bootstrap_ci, fmt_ci, load_result, readme_blocks, render_readme, RESULT_TABLES, results_dir
 import meanflow_nb.study   # registers every study, README block and figure (the `mf-study` entry point)
 import meanflow_nb.digits_study as digits
+from meanflow_nb.digits_results import digits_table
 import meanflow_nb.convergence as conv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ def test_digits_table_numbers_are_the_files_bootstrap():
     seeds = sorted(set.intersection(*(set(f['seeds']) for f in files.values())), key=int)
     assert len(seeds) >= 5
     rows = {}
-    for line in digits.digits_table().splitlines():   # the superseded 300-step table, now shown in 13_results only
+    for line in digits_table().splitlines():   # the superseded 300-step table, now shown in 13_results only
         cells = [c.strip() for c in line.strip('|').split('|')]
         if len(cells) == 3 and cells[1].isdigit(): rows[(cells[0], int(cells[1]))] = cells[2]
     want = {}
