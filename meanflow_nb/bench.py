@@ -4,59 +4,43 @@
 
 # %% ../nbs/12_bench.ipynb #ca23451d
 from __future__ import annotations
-import os, sys, json, time, math, argparse, platform, subprocess, tempfile, dataclasses
+import os, sys, json, time, platform
 from pathlib import Path
 import numpy as np
 import torch
 from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
-__all__ = ['PARTS', 'SIZES', 'CALIB', 'HELD_OUT', 'step_fn', 'bench_steps', 'bench_sampling', 'bench_trainer_loader',
-           'bench_data', 'steps_per_s_from_log', 'launch_sps', 'bench_ddp', 'bench_model_forward', 'cpu_info',
-           'run_bench', 'bench_rows', 'bench_table', 'bench_findings', 'cli_bench', 'cpu_peak_bytes', 'saved_bytes',
-           'measure_activation_bytes', 'calibrate', 'model_flops', 'step_flops', 'plan', 'bench_compiled',
-           'bench_precision', 'bench_grad_ckpt', 'bench_allreduce', 'bench_overlap', 'bench_scale', 'scale_rows',
-           'overlap_rows', 'bench_jvp', 'mixed_tangent_ops', 'block_jvp_ops', 'bench_host', 'host_rows', 'cli_plan',
-           'plan_text']
+__all__ = ['PARTS', 'SIZES', 'bench_steps', 'bench_sampling', 'bench_trainer_loader', 'bench_data', 'bench_ddp',
+           'bench_model_forward', 'cpu_info', 'run_bench', 'bench_rows', 'bench_table', 'bench_findings', 'cli_bench',
+           'bench_scale', 'scale_rows', 'overlap_rows', 'step_fn', 'steps_per_s_from_log', 'launch_sps',
+           'bench_compiled', 'bench_precision', 'bench_allreduce', 'bench_overlap', 'mixed_tangent_ops',
+           'block_jvp_ops', 'bench_host', 'host_rows', 'cpu_peak_bytes', 'saved_bytes', 'measure_activation_bytes',
+           'CALIB', 'HELD_OUT', 'calibrate', 'model_flops', 'step_flops', 'plan', 'bench_grad_ckpt', 'bench_jvp',
+           'cli_plan', 'plan_text', 'ACT_COEF', 'activation_bytes', 'fixed_bytes']
+
+# %% ../nbs/12_bench.ipynb #57a06084
+from .scaling import (
+    step_fn, steps_per_s_from_log, launch_sps, _loadavg, bench_compiled, bench_precision, bench_allreduce,
+    bench_overlap, mixed_tangent_ops, block_jvp_ops, bench_host, host_rows)
+from .scaling import _x
+
+# %% ../nbs/12_bench.ipynb #7e5d792b
+from .sizing import (
+    cpu_peak_bytes, saved_bytes, measure_activation_bytes, CALIB, HELD_OUT, calibrate, model_flops, step_flops,
+    plan, bench_grad_ckpt, bench_jvp, cli_plan, plan_text, ACT_COEF, activation_bytes, fixed_bytes)  # with the model
+
+# %% ../nbs/12_bench.ipynb #d9e7c30b
+_all_ = [
+    'step_fn', 'steps_per_s_from_log', 'launch_sps', 'bench_compiled', 'bench_precision', 'bench_allreduce',
+    'bench_overlap', 'mixed_tangent_ops', 'block_jvp_ops', 'bench_host', 'host_rows', 'cpu_peak_bytes', 'saved_bytes',
+    'measure_activation_bytes', 'CALIB', 'HELD_OUT', 'calibrate', 'model_flops', 'step_flops', 'plan',
+    'bench_grad_ckpt', 'bench_jvp', 'cli_plan', 'plan_text', 'ACT_COEF', 'activation_bytes', 'fixed_bytes'
+]
+
 
 # %% ../nbs/12_bench.ipynb #d7d79f62
 from .core import time_interleaved  # defined in 00_core: `models` times with it too, and sits below `bench`
-
-# %% ../nbs/12_bench.ipynb #c809f04c
-def step_fn(preset: str = 'digits', # a `meanflow_nb.train.PRESETS` key
-            seed: int = 0,
-            backend: str = 'inductor', # `compiled_step`'s backend, when the config compiles the step
-            **overrides) -> tuple:
-    ("`(f, cfg)`: `f()` runs one `train_step` of `get_config(preset, **overrides)` on a fixed batch (`f.step_fn`: the "
-     "compiled step or None).")
-    from meanflow_nb.train import get_config, build_data, build_model, build_loss, train_step
-    from meanflow_nb.schedules import balanced_split
-    cfg = get_config(preset, seed=seed, **overrides)
-    dev = torch.device('cpu')
-    data = build_data(cfg)
-    x, y = next(data.batches(0, cfg.global_batch, 0, 1, seed, dev))
-    set_seed(seed)
-    model = build_model(cfg, data.shape)
-    loss_fn = build_loss(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    state = {'step': 0}
-    if cfg.grad_ckpt:
-        from meanflow_nb.models import set_grad_ckpt
-        set_grad_ckpt(model)
-    from meanflow_nb.train import compiled_step, use_compile_step
-    sf = compiled_step(backend) if use_compile_step(cfg, dev) else None
-    def f():
-        k = state['step']
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        with balanced_split(1 if cfg.r_eq_t_split == 'balanced' else 0):    # as the trainer draws (fixed JVP count)
-            drawn = loss_fn.draw(cfg.global_batch, x.shape[1:], g, dev, k, 10_000)
-        train_step(model, loss_fn, opt, x, y, drawn, k, 10_000, bf16=cfg.bf16,
-                   micro_batch=0 if cfg.micro_batch == 'auto' else int(cfg.micro_batch), jvp_dtype=cfg.jvp_dtype,
-                   step_fn=sf)
-        state['step'] += 1
-    f.step_fn = sf
-    return f, cfg
-
 
 # %% ../nbs/12_bench.ipynb #22bffd63
 def _has_imf() -> bool:
@@ -87,20 +71,6 @@ def bench_steps(preset: str = 'digits', # 'digits' (DiT on 1x8x8 images) or 'toy
     return out
 
 
-# %% ../nbs/12_bench.ipynb #fe04f058
-def _fm_sample(cfg, model, z, steps: int, y):
-    "The trainer's FM sampler; a plain Euler loop on `u(z, t, h=0)` when `meanflow_nb.flow_matching` is not there."
-    from meanflow_nb.train import generate
-    try:
-        return generate(cfg, model, z, steps, y)
-    except ModuleNotFoundError:
-        with torch.no_grad():
-            h0 = torch.zeros(z.shape[0])
-            for i in range(steps):
-                t = torch.full((z.shape[0],), 1 - i / steps)
-                z = z - model(z, t, h0, y) / steps
-            return z
-
 # %% ../nbs/12_bench.ipynb #6485feaf
 def bench_sampling(model: str = 'DiT-D/2', # backbone, built for the digits preset
                    batch: int = 128, # samples per call
@@ -115,9 +85,9 @@ def bench_sampling(model: str = 'DiT-D/2', # backbone, built for the digits pres
     z, y = torch.randn(batch, 1, 8, 8), torch.arange(batch) % cfg.num_classes
     fm_cfg = dataclasses.replace(cfg, method='fm')
     generate(cfg, net, z, 1, y)
-    _fm_sample(fm_cfg, net, z, 1, y)  # warm-up: one network call each is enough
+    generate(fm_cfg, net, z, 1, y)  # warm-up: one network call each is enough
     tm = time_interleaved({'mf_1nfe': lambda: generate(cfg, net, z, 1, y),
-                           f'fm_{fm_steps}': lambda: _fm_sample(fm_cfg, net, z, fm_steps, y)}, repeats, warmup=0)
+                           f'fm_{fm_steps}': lambda: generate(fm_cfg, net, z, fm_steps, y)}, repeats, warmup=0)
     a, b = tm['mf_1nfe'], tm[f'fm_{fm_steps}']
     return dict(model=model, batch=batch, fm_steps=fm_steps, mf_1nfe_samples_per_s=round(1e3 * batch / a['wall_ms'], 1),
                 fm_samples_per_s=round(1e3 * batch / b['wall_ms'], 1), mf_1nfe_cpu_ms=round(a['cpu_ms'], 2),
@@ -153,53 +123,7 @@ def bench_data(batch: int = 128, n_batches: int = 200, latents: bool = True, n_i
     return out
 
 
-# %% ../nbs/12_bench.ipynb #8b0a1131
-def steps_per_s_from_log(log: str | Path, # a run's `log.jsonl`, logged every step
-                         warmup: int = 3, # steps to skip at the start
-                        ) -> float:
-    "Training steps per second between step `warmup` and the last logged step of `log.jsonl`."
-    rows = [json.loads(l) for l in Path(log).read_text().splitlines() if l.strip()]
-    rows = [r for r in rows if r['step'] >= warmup]
-    check(len(rows) >= 2, f'{log}: need at least 2 logged steps after the warm-up of {warmup}, found {len(rows)}')
-    return (rows[-1]['step'] - rows[0]['step']) / (rows[-1]['sec'] - rows[0]['sec'])
-
 # %% ../nbs/12_bench.ipynb #e5750656
-def _torchrun_cmd(world: int, out: Path, steps: int, model: str, batch: int, extra: tuple = ()) -> tuple[list, dict]:
-    "The command line and environment of one `mf-train --preset digits` job under torchrun (gloo, 1 thread per rank)."
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', MPLBACKEND='Agg')
-    cmd = [
-        sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}', '-m',
-        'meanflow_nb.train', '--preset', 'digits', '--model', model, '--global_batch',
-        str(batch), '--steps',
-        str(steps), '--log_every', '1', '--sample_every', '0', '--ckpt_every',
-        str(steps), '--param_check_every', '0', '--no-progress', '--out',
-        str(out), *extra
-    ]
-    return cmd, env
-
-def launch_sps(jobs: list, # `(world, global_batch, extra_args)` per job; all jobs start at once
-               steps: int = 30, warmup: int = 5, model: str = 'DiT-D/2', timeout: float = 600) -> list[float]:
-    "Steps/s of each of `jobs`, launched together as separate torchrun jobs (each from its own `log.jsonl`)."
-    with tempfile.TemporaryDirectory() as d:
-        procs = []
-        for i, (w, b, extra) in enumerate(jobs):
-            cmd, env = _torchrun_cmd(w, Path(d) / f'j{i}', steps, model, b, extra)
-            # files, not pipes: two jobs cannot block on a full pipe
-            with open(Path(d) / f'j{i}.err', 'w') as err:
-                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err))
-        try:
-            for p in procs:
-                p.wait(timeout=timeout)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        for i, (p, (w, b, _)) in enumerate(zip(procs, jobs)):
-            if p.returncode != 0:
-                raise RuntimeError(
-                    f'torchrun with {w} rank(s), batch {b} failed:\n{(Path(d) / f"j{i}.err").read_text()[-1500:]}')
-        return [steps_per_s_from_log(Path(d) / f'j{i}' / 'log.jsonl', warmup) for i in range(len(jobs))]
-
 def bench_ddp(worlds: tuple = (1, 2), steps: int = 30, warmup: int = 5, model: str = 'DiT-D/2', batch: int = 128,
               timeout: float = 600, extra: tuple = ()) -> dict:
     ("Steps/s of `mf-train --preset digits` under torchrun with each world size, one launch each (`bench_overlap` "
@@ -210,13 +134,6 @@ def bench_ddp(worlds: tuple = (1, 2), steps: int = 30, warmup: int = 5, model: s
     if 1 in worlds and 2 in worlds:
         out['scaling_2_over_1'] = round(out['steps_per_s_2'] / out['steps_per_s_1'], 2)
     return out
-
-def _loadavg():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
 
 # %% ../nbs/12_bench.ipynb #88d9cc50
 def bench_model_forward(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5) -> dict:
@@ -355,8 +272,6 @@ def bench_table(res: dict) -> str:
     return '\n'.join([line(('measurement', 'value', 'detail')), '|' + '|'.join('-' * (x + 2) for x in w) + '|'] +
                      [line(r) for r in rows])
 
-def _x(v: float) -> str:
-    return f'{v:.2f}x'
 
 def bench_findings(res: dict) -> str:
     "What a `run_bench` result says, as Markdown bullets written from its numbers (the README's and `12_bench`'s text)."
@@ -497,336 +412,7 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
         print(f'wrote {a.json}', file=sys.stderr)
 
 
-# %% ../nbs/12_bench.ipynb #f9a0a010
-def cpu_peak_bytes(fn) -> int:
-    "Peak bytes of tensor memory allocated on the CPU while `fn()` runs (from the profiler's allocation events)."
-    from torch.profiler import profile, ProfilerActivity
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cur = peak = 0
-    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)   # self: an op's children report their own allocations
-    return peak
-
-class _Held:
-    "What a saved-tensor hook hands autograd: the tensor, and a weak reference target whose death ends its count."
-    __slots__ = ('t', '__weakref__')
-
-def saved_bytes(fn, exclude=()) -> tuple:
-    """`(peak, out)`: the peak bytes that autograd holds for backward while `out = fn()` runs. A saved tensor counts
-    from its pack until the graph node that holds it is freed; tensors sharing storage count once; the storages of
-    `exclude` (the parameters) do not count."""
-    import weakref
-    live, refs = dict(cur=0, peak=0), {}
-    skip = {p.untyped_storage().data_ptr() for p in exclude}
-    def drop(k):
-        refs[k][0] -= 1
-        if refs[k][0] == 0:
-            live['cur'] -= refs.pop(k)[1]
-    def pack(t):
-        h = _Held()
-        h.t = t
-        try:
-            s = t.untyped_storage()
-            k, n = s.data_ptr(), s.nbytes()
-        except RuntimeError:
-            k, n = ('wrapped', id(h)), t.numel() * t.element_size()   # a functorch wrapper: no storage
-        if k in skip:
-            return h
-        if k not in refs:
-            refs[k] = [0, n]
-            live['cur'] += n
-            live['peak'] = max(live['peak'], live['cur'])
-        refs[k][0] += 1
-        weakref.finalize(h, drop, k)
-        return h
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
-        out = fn()
-    return live['peak'], out
-
-def measure_activation_bytes(model: str = 'DiT-T/2', input_size: int = 8, in_channels: int = 4,
-                             kind: str = 'jvp', # 'fm': every sample r = t; 'jvp': every sample r < t (iMF: always JVP)
-                             bf16: bool = False, grad_ckpt: bool = False, batches: tuple = (4, 12),
-                             model_kwargs: dict | None = None, seed: int = 0,
-                             # 'peak': CPU tensor-memory peak (profiler); 'saved': bytes autograd holds (`saved_bytes`)
-                             measure: str = 'peak',
-                            ) -> dict:
-    ("Activation bytes per sample of one trainer loss + backward: the slope of CPU peak memory (or saved bytes) "
-     "between "
-     "two batch sizes.")
-    check(measure in ('peak', 'saved'), f"measure must be 'peak' or 'saved', got {measure!r}")
-    import contextlib, warnings
-    from meanflow_nb.models import create_model, set_grad_ckpt, iMFDiT
-    from meanflow_nb.loss import MeanFlowLoss
-    torch.manual_seed(seed)
-    net = set_grad_ckpt(
-        create_model(model, input_size=input_size, in_channels=in_channels, num_classes=10, **(model_kwargs or {})),
-        grad_ckpt)
-    if isinstance(net, iMFDiT):
-        from meanflow_nb.imf import IMFLoss
-        lf = IMFLoss(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
-    else:
-        lf = MeanFlowLoss(num_classes=10, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
-    peaks = []
-    for B in batches:
-        g = torch.Generator().manual_seed(seed)
-        x, y = torch.randn(B, in_channels, input_size, input_size, generator=g), torch.randint(0, 10, (B,), generator=g)
-        d = lf.draw(B, x.shape[1:], g)
-        def loss():
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                return lf(net, x, y, **d)['loss']
-        def step():
-            net.zero_grad(set_to_none=True)
-            loss().backward()
-        step()                                                                  # warm: grads already allocated
-        if measure == 'peak':
-            peaks.append(cpu_peak_bytes(step))
-        else:
-            n, out = saved_bytes(loss, list(net.parameters()))
-            out.backward()
-            peaks.append(n)
-    slope = (peaks[1] - peaks[0]) / (batches[1] - batches[0])
-    return dict(model=model, **{k: v
-                                for k, v in _arch(net).items() if k != 'params'}, kind=kind, bf16=bf16,
-                grad_ckpt=grad_ckpt, measure=measure, bytes_per_sample=slope, peaks=peaks)
-
-CALIB = [('DiT-T/2', 16, 4, {}), ('DiT-T/2', 8, 4, {'hidden_size': 128}), ('DiT-T/2', 32, 4, {'num_heads': 2}),
-         ('iMF-T/2', 16, 4, {}), ('iMF-T/2', 8, 4, {'hidden_size': 128}), ('iMF-T/2', 32, 4, {'num_heads': 2})]
-HELD_OUT = [('DiT-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3}),
-            ('iMF-T/2', 16, 4, {'hidden_size': 96, 'depth': 3, 'num_heads': 3})]
-
-def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16'),
-              measure: str = 'peak', # see `measure_activation_bytes`
-             ) -> tuple:
-    "Fit `ACT_COEF` (least squares on the measured bytes per sample) and the relative error on held-out models."
-    rows = []
-    for prec in precisions:
-        for name, size, ch, kw in list(configs) + list(held_out):
-            for kind in (('jvp',) if name.startswith('iMF') else ('fm', 'jvp')):
-                r = measure_activation_bytes(name, size, ch, kind, prec == 'bf16', model_kwargs=kw, measure=measure)
-                rows.append(dict(r, held_out=(name, size, ch, kw) in held_out, prec=prec))
-    coef = {}
-    for key in {(r['family'], r['kind'], r['prec']) for r in rows}:
-        fit = [r for r in rows if (r['family'], r['kind'], r['prec']) == key and not r['held_out']]
-        A = torch.tensor([[r['depth'] * r['T'] * r['D'], r['depth'] * r['H'] * r['T']**2] for r in fit],
-                         dtype=torch.float64)
-        b = torch.tensor([r['bytes_per_sample'] / 4 for r in fit], dtype=torch.float64)
-        a_, b_ = (float(c) for c in torch.linalg.lstsq(A, b[:, None]).solution[:, 0])
-        if b_ < 0:
-            # no T^2 term to speak of (fused attention): fit a alone
-            a_, b_ = float(A[:, 0] @ b / (A[:, 0] @ A[:, 0])), 0.0
-        coef[key] = (round(a_, 2), round(b_, 2))
-    for r in rows:
-        pred = activation_bytes(r, r['kind'], r['prec'] == 'bf16', coef=coef)
-        r['pred_rel_err'] = round(pred / r['bytes_per_sample'] - 1, 3)
-    return coef, rows
-
-
-# %% ../nbs/12_bench.ipynb #f9a0a002
-# the memory model
-from .train import _arch, ACT_COEF, activation_bytes, fixed_bytes, _mix_bytes, _fit, fit_micro_batch
-
-# %% ../nbs/12_bench.ipynb #f9a0a003
-def model_flops(model, # a DiT or iMF network (the meta device will do: only shapes are read)
-                v_head: bool = True, # iMF: count the v-head (False: the u path only, as in the JVP)
-               ) -> float:
-    """Forward FLOPs of one sample, as `torch.utils.flop_counter` counts them (2 per multiply-add of a matmul): each
-    linear layer or patch convolution once per token it sees, except the conditioning MLPs (adaLN modulation, the
-    time / guidance embedders), which run once per sample; plus attention, `4 T^2 D` per block."""
-    import torch.nn as nn
-    a = _arch(model)
-    T_all, T_img = a['T'], model.x_embedder.num_patches                       # iMF: prefix + image tokens; else equal
-    f, blocks = 0.0, 0
-    for name, m in model.named_modules():
-        if not v_head and name.split('.')[0] in ('v_blocks', 'v_final'):
-            continue
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            per = 1 if ('adaLN' in name
-                        or 'embedder' in name) else T_img if (isinstance(m, nn.Conv2d) or 'final' in name) else T_all
-            f += 2 * m.weight.numel() * per
-        elif hasattr(m, 'attn') and type(m).__name__.endswith('Block'):
-            blocks += 1   # DiTBlock, iMFBlock
-    return f + blocks * 4 * T_all ** 2 * a['D']
-
-def step_flops(cfg, model) -> float:
-    """FLOPs of one training sample of `cfg`, in forward passes `F` of `model_flops`: a plain sample (`r = t`) 3 F
-    (forward + backward); a MeanFlow JVP sample 5 F (the JVP without grad, primal + tangent ~ 2 F; then the forward
-    with grad and its backward, 3 F); the guidance query 2 F (a no-grad forward of both labels). iMF: the guidance
-    query 2 F, the JVP through the u path only (2 F_u), then forward + backward with the v-head (3 F)."""
-    F = model_flops(model)
-    if _arch(model)['family'] == 'imf':
-        return (2 if cfg.num_classes > 0 else 1) * F + 2 * model_flops(model, v_head=False) + 3 * F
-    rho = 1.0 if cfg.method == 'fm' else cfg.ratio_r_eq_t
-    guided = cfg.num_classes > 0 and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
-    return F * (3 * rho + 5 * (1 - rho) + (2 if guided else 0))
-
-def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
-         mfu: float = 0.35, # assumed model-FLOP utilisation
-         peak_tflops: float = 989.0, # dense bf16 peak of one GPU (H100 SXM); A100: 312
-         **overrides) -> dict:
-    "Per-GPU memory, the micro-batch that fits, and the GPU-hours of a preset on `gpus` GPUs of `gpu_mem_gb` GB."
-    for n, v in (('gpus', gpus), ('gpu_mem_gb', gpu_mem_gb), ('mfu', mfu), ('peak_tflops', peak_tflops)):
-        check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f'{n} must be a finite number > 0, got {v!r}')
-    check(
-        int(gpus) == gpus and mfu <= 1, f'need a whole number of GPUs and an MFU in (0, 1], got gpus={gpus}, mfu={mfu}')
-    from meanflow_nb.train import get_config, total_steps, IMAGENET_TRAIN
-    from meanflow_nb.models import create_model
-    cfg = _cfg_no_data(preset, **overrides)
-    check(cfg.global_batch % gpus == 0, f'global batch {cfg.global_batch} does not divide by {gpus} GPUs')
-    kw = dict(input_size=32, in_channels=4, num_classes=cfg.num_classes, **cfg.model_kwargs)
-    if cfg.model.startswith('iMF'):
-        kw.setdefault('v_head', cfg.imf_v_head)
-    with torch.device('meta'):
-        net = create_model(cfg.model, **kw)
-    arch = _arch(net)
-    per_rank, GB = cfg.global_batch // gpus, 2 ** 30
-    fixed = fixed_bytes(arch['params'], len(cfg.ema_decays))
-    fm, jvp = activation_bytes(arch, 'fm', cfg.bf16,
-                               cfg.grad_ckpt), activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
-    budget = gpu_mem_gb * GB * 0.9 - 2 * GB - sum(fixed.values())
-    mix = _mix_bytes(cfg, arch)
-    m = _fit(budget, mix, per_rank)
-    steps = cfg.steps or math.ceil(cfg.epochs * IMAGENET_TRAIN / cfg.global_batch)
-    fwd, f = model_flops(net), step_flops(cfg, net)
-    gpu_hours = steps * cfg.global_batch * f / (mfu * peak_tflops * 1e12) / 3600
-    return dict(preset=preset, model=cfg.model, params_m=round(arch['params'] / 1e6, 1), gpus=gpus,
-                gpu_mem_gb=gpu_mem_gb, per_gpu_batch=per_rank, bf16=cfg.bf16, grad_ckpt=cfg.grad_ckpt,
-                **{f'{k}_gb': round(v / GB, 2)
-                   for k, v in fixed.items()
-                   }, act_fm_mb_per_sample=round(fm / 2**20, 1), act_jvp_mb_per_sample=round(jvp / 2**20, 1),
-                act_full_batch_gb=round(per_rank * mix / GB, 1), micro_batch=m, fits=m >= 1, peak_gb=round(
-                    (sum(fixed.values()) + m * mix) / GB + 2, 1) if m else None,
-                fwd_gflops_per_sample=round(fwd / 1e9, 2), step_gflops_per_sample=round(f / 1e9, 2), steps=steps,
-                mfu=mfu, peak_tflops=peak_tflops, gpu_hours=round(gpu_hours), days=round(gpu_hours / gpus / 24, 1))
-
-def _cfg_no_data(preset: str, **overrides):
-    "A preset's `TrainConfig` without checking its data path (planning needs no data)."
-    from meanflow_nb.train import TrainConfig, PRESETS, get_config
-    check(preset in PRESETS, f'unknown preset {preset!r}; valid presets: {", ".join(PRESETS)}')
-    return dataclasses.replace(TrainConfig(**PRESETS[preset], preset=preset), **overrides)
-
-
-# %% ../nbs/12_bench.ipynb #f9a0a021
-def bench_compiled(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 3) -> dict:
-    "Eager against compiled MF step (after a compiling warm-up); the error if compiling fails."
-    eager = step_fn('digits', model=model, global_batch=batch, r_eq_t_split='balanced')[0]   # the paper presets' split:
-    # fixed shapes, no recompiles
-    try:
-        comp = step_fn('digits', model=model, global_batch=batch, compile_step=True, r_eq_t_split='balanced')[0]
-        t0 = time.perf_counter()
-        comp()
-        comp()
-        compile_s = time.perf_counter() - t0  # the 2nd call: step becomes a dynamic int
-        if comp.step_fn.failed:
-            raise RuntimeError('compiling failed; the step fell back to eager (see the line above)')
-        tm = time_interleaved({'eager': eager, 'compiled': comp}, repeats, 1)
-        return dict(model=model, batch=batch, compile_s=round(compile_s, 1),
-                    eager_cpu_ms=round(tm['eager']['cpu_ms'], 1), compiled_cpu_ms=round(tm['compiled']['cpu_ms'], 1),
-                    speedup=round(tm['eager']['cpu_ms'] / tm['compiled']['cpu_ms'], 2))
-    except Exception as ex:
-        return dict(model=model, batch=batch, error=f'{type(ex).__name__}: {str(ex).splitlines()[0][:160]}')
-
-def bench_precision(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 3) -> dict:
-    "CPU time of the digits MF step in fp32, with bf16 autocast (fp32 JVP), and with a bf16 JVP."
-    fns = {'fp32': step_fn('digits', model=model, global_batch=batch)[0],
-           'bf16': step_fn('digits', model=model, global_batch=batch, bf16=True)[0],
-           'bf16_jvp': step_fn('digits', model=model, global_batch=batch, bf16=True, jvp_dtype='bf16')[0]}
-    tm = time_interleaved(fns, repeats, 1)
-    return dict(model=model, batch=batch, **{f'{k}_cpu_ms': round(v['cpu_ms'], 1) for k, v in tm.items()},
-                bf16_speedup=round(tm['fp32']['cpu_ms'] / tm['bf16']['cpu_ms'], 2),
-                bf16_jvp_speedup=round(tm['fp32']['cpu_ms'] / tm['bf16_jvp']['cpu_ms'], 2))
-
-def bench_grad_ckpt(models: tuple = (('DiT-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4}),
-                                     ('iMF-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4, 'head_depth': 2})),
-                    input_size: int = 16, batch: int = 64) -> dict:
-    ("Activation memory per sample (MB; the profiler's tensor-memory peak, slope between batch 16 and `batch`) of one "
-     "step, with and without `--grad_ckpt`.")
-    out = {}
-    for name, kw in models:
-        for kind in (('jvp',) if name.startswith('iMF') else ('fm', 'jvp')):
-            a, b = (measure_activation_bytes(name, input_size, 4, kind, grad_ckpt=ck, batches=(16, batch),
-                                             model_kwargs=kw)['bytes_per_sample'] / 2**20 for ck in (False, True))
-            out[f"{'imf' if name.startswith('iMF') else 'dit'}_{kind}"] = dict(
-                width=kw['hidden_size'], depth=kw['depth'], batch=batch, mb=round(a, 1), mb_ckpt=round(b, 1),
-                reduction=round(a / b, 2) if b > 0 else None)
-    return out
-
-def _spread(vals) -> dict:
-    "Median, smallest and largest of a few repeated measurements."
-    v = sorted(float(x) for x in vals)
-    return dict(median=round(float(np.median(v)), 3), lo=round(v[0], 3), hi=round(v[-1], 3), n=len(v))
-
-def _allreduce_worker(rank: int, world: int, init: str, numel: int, repeats: int, q):
-    import torch.distributed as td
-    torch.set_num_threads(1)
-    td.init_process_group('gloo', init_method=init, rank=rank, world_size=world)
-    y = torch.full((3,), rank + 1.0)
-    td.all_reduce(y)                 # a real sum across the processes, or no timing
-    assert torch.equal(y, torch.full((3,), world * (world + 1) / 2)), y
-    x, ts = torch.randn(numel), []
-    for _ in range(repeats + 3):
-        td.barrier()
-        t = time.perf_counter()
-        td.all_reduce(x)
-        ts.append(time.perf_counter() - t)
-    if rank == 0:
-        q.put(float(np.median(ts[3:])))
-    td.destroy_process_group()
-
-def bench_allreduce(numel: int, world: int = 2, repeats: int = 20) -> dict:
-    "Median wall time of one gloo all-reduce of `numel` fp32 values across `world` local processes (after a barrier)."
-    ctx = torch.multiprocessing.get_context('spawn')
-    q = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as d:
-        torch.multiprocessing.spawn(_allreduce_worker, (world, f'file://{d}/store', numel, repeats, q), nprocs=world)
-    return dict(numel=numel, world=world, ms=round(1e3 * q.get(), 2))
-
-def bench_overlap(rounds: int = 5, steps: int = 24, warmup: int = 4, model: str = 'DiT-D/2', batch: int = 128,
-                  # bucket size of the overlapped runs (the default 25 MB is one bucket for this model)
-                  bucket_mb: float = 1.0,
-                  goal: float = 1.8, # the weak-scaling target of the overlapped all-reduce (issue 12)
-                  timeout: float = 900) -> dict:
-    """2-rank / 1-rank throughput of `mf-train --preset digits`, repeated over `rounds` interleaved rounds: strong
-    scaling (global `batch`, halved per rank) and weak scaling (`batch` per rank), each with the flat and the overlapped
-    all-reduce, and the two ceilings this machine sets (1 rank at half the batch; two unconnected 1-rank jobs at
-    once)."""
-    from meanflow_nb.train import get_config, build_model
-    from meanflow_nb.dist import GradSync
-    flat, over = ('--overlap_sync', 'false'), ('--overlap_sync', 'true', '--bucket_mb', str(bucket_mb))
-    runs = {'one': [(1, batch, ())], 'one_half': [(1, batch // 2, ())], 'pair': [(1, batch, ()), (1, batch, ())],
-            'strong_flat': [(2, batch, flat)], 'strong_overlap': [(2, batch, over)],
-            'weak_flat': [(2, 2 * batch, flat)], 'weak_overlap': [(2, 2 * batch, over)]}
-    names, raw, load = list(runs), [], [_loadavg()]
-    for k in range(rounds):                                            # rotate the order: no run always goes first
-        raw.append({
-            n: [round(v, 4) for v in launch_sps(runs[n], steps, warmup, model, timeout)]
-            for n in names[k % 7:] + names[:k % 7]
-        })
-        load.append(_loadavg())
-    ratio = {
-        'strong_flat': lambda r: r['strong_flat'][0] / r['one'][0],
-        'strong_overlap': lambda r: r['strong_overlap'][0] / r['one'][0],
-        'strong_ceiling': lambda r: r['one_half'][0] / r['one'][0],
-        'weak_flat': lambda r: 2 * r['weak_flat'][0] / r['one'][0],
-        'weak_overlap': lambda r: 2 * r['weak_overlap'][0] / r['one'][0],
-        'weak_ceiling': lambda r: sum(r['pair']) / r['one'][0]
-    }
-    per = {k: [f(r) for r in raw] for k, f in ratio.items()}
-    spread = {k: _spread(v) for k, v in per.items()}
-    net = build_model(get_config('digits', model=model), (1, 8, 8))
-    numel = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    ar = bench_allreduce(numel)
-    step_ms = 1e3 / float(np.median([r['one'][0] for r in raw]))
-    return dict(
-        model=model, batch=batch, rounds=rounds, steps=steps, warmup=warmup, bucket_mb=bucket_mb,
-        buckets=len(GradSync(net, bucket_mb).buckets), raw=raw, ratios=spread, overlap_minus_flat={
-            s: _spread([o - f for o, f in zip(per[f'{s}_overlap'], per[f'{s}_flat'])])
-            for s in ('strong', 'weak')
-        }, allreduce=dict(ar, step_ms_1=round(step_ms, 1), share=round(ar['ms'] / step_ms, 4)), goal=goal,
-        goal_met=spread['weak_overlap']['median'] >= goal, loadavg=load)
-
+# %% ../nbs/12_bench.ipynb #40afde6e
 def bench_scale(size: str = 'default') -> dict:
     "The paper-scale options side by side (see above)."
     S = dict(default=dict(model='DiT-D/2', batch=128, repeats=3, rounds=5, steps=24, warmup=4),
@@ -838,6 +424,7 @@ def bench_scale(size: str = 'default') -> dict:
                overlap=bench_overlap(S['rounds'], S['steps'], S['warmup'], S['model'], S['batch']))
     return dict(out, compiled=bench_compiled(S['model'], S['batch'], S['repeats']))
 
+# %% ../nbs/12_bench.ipynb #1dea7e94
 def scale_rows(r: dict) -> list:
     "Table rows of `bench_scale`."
     p, c, o = r['precision'], r['compiled'], r['overlap']
@@ -855,6 +442,7 @@ def scale_rows(r: dict) -> list:
              f'{v["mb_ckpt"]} vs {v["mb"]} MB per sample'))
     return rows
 
+# %% ../nbs/12_bench.ipynb #56cc00f3
 def overlap_rows(o: dict) -> list:
     "Table rows of `bench_overlap`: medians over the rounds, with the smallest and largest round."
     q = lambda s: _x(s['median'])
@@ -877,264 +465,6 @@ def overlap_rows(o: dict) -> list:
              span(R['strong_ceiling'])),
             (f"gradient all-reduce, {a['numel'] / 1e6:.2f} M fp32 values, {a['world']} gloo ranks", f"{a['ms']:.1f} ms",
              f"{100 * a['share']:.1f} % of a 1-rank step ({a['step_ms_1']:.0f} ms)")]
-
-
-# %% ../nbs/12_bench.ipynb #f9a0a031
-def _jvp_with_graph_target(u_fn, z, t, r, v):
-    "The JVP target as it was before: one `torch.func.jvp` with grad on, which records the tangent's graph too."
-    from meanflow_nb.loss import jvp_call
-    from meanflow_nb.core import bcast
-    u, dudt = jvp_call(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
-    return u, (v - bcast(t - r, z) * dudt).detach()
-
-
-def bench_jvp(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5, input_size: int = 8,
-              in_channels: int = 4) -> dict:
-    ("Loss + backward of `batch` JVP samples (r < t), JVP without grad + plain forward against one JVP with grad: ms "
-     "and saved bytes per sample.")
-    import meanflow_nb.loss as L
-    from meanflow_nb.models import create_model
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    net = create_model(model, input_size=input_size, in_channels=in_channels, num_classes=10)
-    lf = L.MeanFlowLoss(num_classes=10, ratio_r_eq_t=0.0)
-    x, y = torch.randn(batch, in_channels, input_size, input_size,
-                       generator=g), torch.randint(0, 10, (batch, ), generator=g)
-    d = lf.draw(batch, x.shape[1:], g)
-    new_target = L.meanflow_target
-    def run(target):
-        def f():
-            L.meanflow_target = target
-            try:
-                net.zero_grad(set_to_none=True)
-                lf(net, x, y, **d)['loss'].backward()
-            finally:
-                L.meanflow_target = new_target
-        return f
-
-    tm = time_interleaved({'no_grad_jvp': run(new_target), 'jvp_with_graph': run(_jvp_with_graph_target)},
-                          repeats=repeats)
-    def per_sample(target, kind='jvp'):
-        l = lf if kind == 'jvp' else L.MeanFlowLoss(num_classes=10, ratio_r_eq_t=1.0)
-        b = []
-        for B in (4, 12):
-            dd = l.draw(B, x.shape[1:], torch.Generator().manual_seed(0))
-            L.meanflow_target = target
-            try:
-                n, out = saved_bytes(lambda: l(net, x[:B], y[:B], **dd)['loss'], list(net.parameters()))
-            finally:
-                L.meanflow_target = new_target
-            out.backward()
-            b.append(n)
-        return (b[1] - b[0]) / 8
-    plain, new, old = per_sample(new_target, 'fm'), per_sample(new_target), per_sample(_jvp_with_graph_target)
-    ms_new, ms_old = tm['no_grad_jvp']['cpu_ms'], tm['jvp_with_graph']['cpu_ms']
-    return dict(model=model, batch=batch, ms_no_grad_jvp=ms_new, ms_jvp_with_graph=ms_old,
-                extra_step_time=ms_new / ms_old - 1, saved_mb_plain=plain / 2**20, saved_mb_jvp=new / 2**20,
-                saved_mb_jvp_with_graph=old / 2**20, saved_ratio=new / plain, saved_ratio_with_graph=old / plain)
-
-
-# %% ../nbs/12_bench.ipynb #b24h0001
-_PY_FALLBACK = tuple(f'{os.sep}torch{os.sep}{d}' for d in ('_refs', '_decomp', '_prims')) # Python decompositions
-
-class _MixedOps(torch.overrides.TorchFunctionMode):
-    """Counts the torch calls it sees; those whose tensor arguments mix tensors with and without a tangent (`mixed`);
-    and those during which Python code of torch's reference decompositions ran (`fallback`: `torch._refs`,
-    `torch._decomp`, `torch._prims*`, seen by a `sys.setprofile` hook around the call)."""
-    def __init__(self):
-        super().__init__()
-        self.total, self.mixed, self.fallback, self.names, self.fb_names = 0, 0, 0, {}, {}
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        from meanflow_nb.models import _has_tangent
-        kwargs = kwargs or {}
-        ts = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
-        if not ts or getattr(func, '__name__', '') == '__get__':
-            return func(*args, **kwargs)   # not attribute reads (`x.shape`)
-        n = getattr(func, '__name__', str(func))
-        self.total += 1
-        has = [_has_tangent(a) for a in ts]
-        if any(has) and not all(has):
-            self.mixed += 1
-            self.names[n] = self.names.get(n, 0) + 1
-        hit = []
-        def prof(frame, event, arg):
-            if event == 'call' and any(d in frame.f_code.co_filename for d in _PY_FALLBACK):
-                hit.append(1)
-        old = sys.getprofile()
-        sys.setprofile(prof)
-        try:
-            out = func(*args, **kwargs)
-        finally:
-            sys.setprofile(old)
-        if hit:
-            self.fallback += 1
-            self.fb_names[n] = self.fb_names.get(n, 0) + 1
-        return out
-
-def mixed_tangent_ops(fn, # the function `torch.func.jvp` differentiates
-                      primals: tuple, tangents: tuple) -> dict:
-    """Run `torch.func.jvp(fn, primals, tangents)` as the trainer does (no grad, SDPA's math backend) and count the
-    torch calls inside it: `ops` (every call with a tensor argument), `mixed` (those whose tensor arguments include one
-    at the JVP's level and one from outside it: a weight, a RoPE table, a buffer), with `mixed_by_name`, and `fallback`
-    (those that ran Python reference decompositions), with `fallback_by_name`."""
-    from meanflow_nb.models import jvp_attention
-    mode = _MixedOps()
-    def inner(*a):
-        with mode:
-            return fn(*a)
-    with torch.no_grad(), jvp_attention():
-        torch.func.jvp(inner, tuple(primals), tuple(tangents))
-    return dict(ops=mode.total, mixed=mode.mixed, mixed_by_name=dict(sorted(mode.names.items())),
-                fallback=mode.fallback, fallback_by_name=dict(sorted(mode.fb_names.items())))
-
-def _block_inputs(kind: str, width: int, heads: int, tokens: int, batch: int, seed: int = 0):
-    ("`(block, fn, primals, tangents)` of one DiT block (tangents on x and c) or iMF block (on x; RoPE tables have "
-     "none).")
-    from meanflow_nb.models import DiTBlock, iMFBlock, rope_tables
-    check(kind in ('dit', 'imf'), f"kind must be 'dit' or 'imf', got {kind!r}")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, tokens, width, generator=g)
-    tx = torch.randn(batch, tokens, width, generator=g)
-    if kind == 'dit':
-        blk = DiTBlock(width, heads).eval()
-        c = torch.randn(batch, width, generator=g)
-        return blk, blk, (x, c), (tx, torch.randn(batch, width, generator=g))
-    blk = iMFBlock(width, heads).eval()
-    with torch.no_grad():
-        for p in blk.parameters():
-            if (p == 0).all():
-                p.normal_(0, 0.02, generator=g)                  # the zero-initialised gates
-    cos, sin = rope_tables(tokens, width // heads)
-    return blk, (lambda x_: blk(x_, cos, sin)), (x,), (tx,)
-
-def block_jvp_ops(kind: str = 'dit', # 'dit' (`DiTBlock`) or 'imf' (`iMFBlock`)
-                  width: int = 32, heads: int = 2, tokens: int = 16, batch: int = 1, repeats: int = 20) -> dict:
-    ("One block's torch calls under `torch.func.jvp` (`mixed_tangent_ops`), and the CPU (and wall) ms of its plain "
-     "forward and of its JVP.")
-    from meanflow_nb.models import jvp_attention
-    blk, fn, prim, tang = _block_inputs(kind, width, heads, tokens, batch)
-    r = mixed_tangent_ops(fn, prim, tang)
-    def jvp():
-        with torch.no_grad(), jvp_attention():
-            torch.func.jvp(fn, prim, tang)
-    def plain():
-        with torch.no_grad():
-            fn(*prim)
-    tm = time_interleaved({'plain': plain, 'jvp': jvp}, repeats, 2)
-    # process CPU time: the host's work
-    return dict(kind=kind, width=width, heads=heads, tokens=tokens, batch=batch, **r,
-                plain_ms=round(tm['plain']['cpu_ms'], 3), jvp_ms=round(tm['jvp']['cpu_ms'], 3),
-                plain_wall_ms=round(tm['plain']['wall_ms'], 3), jvp_wall_ms=round(tm['jvp']['wall_ms'], 3))
-
-def bench_host(width: int = 32, depth: int = 2, heads: int = 2, repeats: int = 5,
-               backend: str = 'inductor', # `compiled_step`'s backend
-               methods: tuple = ('mf', 'imf')) -> dict:
-    """Where the host's time dominates: one training step at batch 1 on a network of `width`, eager against compiled
-    (`compile_step`), for MF (DiT) and iMF, every sample a JVP sample; and the mixed-tangent calls of one block of
-    each."""
-    out = dict(width=width, depth=depth, heads=heads, batch=1, backend=backend,
-               blocks={k: block_jvp_ops(k, width, heads, repeats=max(10, 4 * repeats)) for k in ('dit', 'imf')})
-    for m in methods:
-        kw = dict(
-            method=m, model='iMF-T/2' if m == 'imf' else 'DiT-T/2', global_batch=1, ratio_r_eq_t=0.0,
-            r_eq_t_split='balanced', model_kwargs=dict(hidden_size=width, depth=depth, num_heads=heads,
-                                                       **(dict(head_depth=1) if m == 'imf' else {})))
-        eager, comp = step_fn('digits', **kw)[0], step_fn('digits', backend=backend, compile_step=True, **kw)[0]
-        r = dict(model=kw['model'])
-        try:
-            t0 = time.perf_counter()
-            comp()
-            comp()
-            r['compile_s'] = round(time.perf_counter() - t0, 1)
-            if comp.step_fn.failed:
-                raise RuntimeError('compiling failed; the step fell back to eager')
-            tm = time_interleaved({'eager': eager, 'compiled': comp}, repeats, 1)
-            r.update(eager_ms=round(tm['eager']['wall_ms'], 2), compiled_ms=round(tm['compiled']['wall_ms'], 2),
-                     eager_cpu_ms=round(tm['eager']['cpu_ms'], 2), compiled_cpu_ms=round(tm['compiled']['cpu_ms'], 2),
-                     speedup=round(tm['eager']['cpu_ms'] / tm['compiled']['cpu_ms'], 2))   # CPU time: the host's work
-        except Exception as ex:
-            r['error'] = f'{type(ex).__name__}: {str(ex).splitlines()[0][:160]}'
-        out[m] = r
-    return out
-
-def host_rows(h: dict) -> list:
-    "Table rows of `bench_host`."
-    rows = []
-    for m in ('mf', 'imf'):
-        if m not in h:
-            continue
-        r = h[m]
-        rows.append((
-            f"{m.upper()} step compiled / eager, batch 1 ({r['model']}, width {h['width']}, depth {h['depth']}; "
-            f"{h['backend']})",
-            _x(r['speedup']) if 'speedup' in r else 'fails',
-            f"{r['compiled_cpu_ms']:.1f} vs {r['eager_cpu_ms']:.1f} ms CPU ({r['compiled_ms']:.0f} vs "
-            f"{r['eager_ms']:.0f} ms wall), compile {r['compile_s']} s"
-            if 'speedup' in r else r['error']))
-    for k, b in h['blocks'].items():
-        rows.append((
-            f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls mixing tangent and non-tangent "
-            f"tensors (width {b['width']})",
-            f"{b['mixed']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['mixed_by_name'].items())))
-        rows.append((
-            f"{'DiT' if k == 'dit' else 'iMF'} block under torch.func.jvp: calls through Python reference "
-            f"decompositions",
-            f"{b['fallback']} of {b['ops']}", ', '.join(f'{n} {c}' for n, c in b['fallback_by_name'].items()) or '-'))
-        rows.append(
-            (f"{'DiT' if k == 'dit' else 'iMF'} block JVP / plain forward, batch {b['batch']}, {b['tokens']} tokens",
-             f"{b['jvp_ms'] / b['plain_ms']:.0f}x", f"{b['jvp_ms']:.1f} vs {b['plain_ms']:.2f} ms CPU"))
-    return rows
-
-
-# %% ../nbs/12_bench.ipynb #f9a0a022
-def cli_plan(argv: list | None = None):
-    "`mf-bench plan --preset P --gpus G --gpu-mem-gb M`: the memory plan and cost of a preset."
-    p = CLIParser(prog='mf-bench plan',
-                  description='Per-GPU memory, the micro-batch that fits, and GPU-hours of a preset.')
-    p.add_argument('--preset', required=True)
-    p.add_argument('--gpus', type=int, default=8)
-    p.add_argument('--gpu-mem-gb', type=float, default=80.0)
-    p.add_argument('--mfu', type=float, default=0.35)
-    p.add_argument('--peak-tflops', type=float, default=989.0)
-    p.add_argument('--grad_ckpt', action='store_true', help='plan with activation checkpointing')
-    p.add_argument('--fp32', action='store_true', help='plan without bf16 autocast')
-    p.add_argument('--json', default=None, metavar='PATH', help='also write the plan as JSON to PATH')
-    a = p.parse_args(argv)
-    finite = lambda v: math.isfinite(v) and v > 0
-    check(a.gpus >= 1, f'--gpus must be >= 1, got {a.gpus}')
-    check(finite(a.gpu_mem_gb), f'--gpu-mem-gb must be a finite number > 0, got {a.gpu_mem_gb}')
-    check(finite(a.peak_tflops), f'--peak-tflops must be a finite number > 0, got {a.peak_tflops}')
-    check(finite(a.mfu) and a.mfu <= 1, f'--mfu must lie in (0, 1], got {a.mfu}')
-    check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')
-    kw = dict(grad_ckpt=True) if a.grad_ckpt else {}
-    if a.fp32:
-        kw['bf16'] = False
-    r = plan(a.preset, a.gpus, a.gpu_mem_gb, a.mfu, a.peak_tflops, **kw)
-    print(plan_text(r))
-    if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=1))
-        print(f'wrote {a.json}', file=sys.stderr)
-    return r
-
-def plan_text(r: dict) -> str:
-    "A plan as a few readable lines."
-    mb = r['micro_batch']
-    fit = (
-        f"micro-batch {mb} of {r['per_gpu_batch']} per GPU ({r['per_gpu_batch'] // mb} accumulation steps), peak "
-        f"~{r['peak_gb']} GB"
-        if mb else f"does not fit: not even 1 sample per GPU (try --grad_ckpt)")
-    return '\n'.join([
-        f"{r['preset']}: {r['model']} ({r['params_m']} M params) on {r['gpus']} x {r['gpu_mem_gb']:g} GB, "
-        f"{r['per_gpu_batch']} samples per GPU, bf16 {r['bf16']}, grad_ckpt {r['grad_ckpt']}",
-        f"  fixed per GPU: weights {r['weights_gb']} GB, grads {r['grads_gb']} GB, AdamW {r['adamw_gb']} GB, EMA "
-        f"{r['ema_gb']} GB",
-        f"  activations per sample: r = t {r['act_fm_mb_per_sample']} MB, JVP {r['act_jvp_mb_per_sample']} MB; "
-        f"whole per-GPU batch at once {r['act_full_batch_gb']} GB", f"  {fit}",
-        f"  {r['steps']:,} steps: ~{r['gpu_hours']:,} GPU-hours (~{r['days']} days) at MFU {r['mfu']} of "
-        f"{r['peak_tflops']:g} TFLOP/s"
-    ])
-
 
 # %% ../nbs/12_bench.ipynb #2233eef2
 #| eval: false

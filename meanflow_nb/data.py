@@ -29,8 +29,12 @@ __all__ = ['DIGITS_SPLITS', 'DATASETS', 'IMG_EXTENSIONS', 'digits_dataset', 'mak
            'decode_latents', 'load_vae']
 
 # %% ../nbs/06_data.ipynb #60fb3a83
-_all_ = ['MF_LATENT_SCALE', 'IMF_LATENT_MEAN', 'IMF_LATENT_STD', 'LATENT_NORMS', 'DEFAULT_VAE', 'LATENT_FORMAT',
-         'normalize_latents', 'denormalize_latents', 'tiny_vae', 'latent_shape', 'LatentDataset', 'decode_latents', 'load_vae']
+_all_ = [
+    'MF_LATENT_SCALE', 'IMF_LATENT_MEAN', 'IMF_LATENT_STD', 'LATENT_NORMS', 'DEFAULT_VAE', 'LATENT_FORMAT',
+    'normalize_latents', 'denormalize_latents', 'tiny_vae', 'latent_shape', 'LatentDataset', 'decode_latents',
+    'load_vae'
+]
+
 
 # %% ../nbs/06_data.ipynb #933f837d
 DIGITS_SPLITS = ('train', 'val', 'test', 'all')

@@ -22,6 +22,7 @@ LAYERS = {
     'shards': 9,             # sample folders: shards, meta.json, COMPLETE, resume, gathering
     'eval': 10,              # what a trained run is worth; eval resolves pretrained checkpoints; never the trainer
     'train': 11,             # the step and the loop; calls eval at the end of a run
+    'sizing': 11.5, 'scaling': 11.5,  # mf-bench plan (memory, FLOPs, GPU-hours); the paper-scale options timed
     'bench': 12,
     'toy_study': 13, 'digits_study': 13,    # the toy and the 300-step digits studies: they run the trainer
     'convergence': 14,       # the digits convergence study's runs
