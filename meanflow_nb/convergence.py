@@ -10,7 +10,11 @@ import numpy as np
 import torch
 from .core import check
 from .report import load_result, save_result, locked_update, load_record, study
-from .train import get_config, TrainConfig, train, build_model, list_checkpoints, _mix
+from .config import get_config, TrainConfig
+from .methods import build_model
+from .batches import mix_seed
+from .checkpoint import list_checkpoints
+from .train import train
 from .digits_study import train_seconds, heun_samples
 
 # %% auto #0
@@ -70,7 +74,9 @@ def step_compute(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
     ("Training compute of one step of `cfg` in load-independent units: FLOPs counted once (`FlopCounterMode`, JVP and "
      "guidance included) and CPU seconds per step on this thread.")
     from torch.utils.flop_counter import FlopCounterMode
-    from meanflow_nb.train import build_loss, build_data, train_step
+    from meanflow_nb.methods import build_loss
+    from meanflow_nb.batches import build_data
+    from meanflow_nb.train import train_step
     data, dev = build_data(cfg), torch.device('cpu')
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.shape)
@@ -79,7 +85,7 @@ def step_compute(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
     batches = data.batches(0, cfg.global_batch, 0, 1, cfg.seed, dev)
     def one(step):
         x, y = next(batches)
-        g = torch.Generator().manual_seed(_mix(cfg.seed, step, 2))
+        g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, 2))
         drawn = loss_fn.draw(cfg.global_batch, x.shape[1:], g, dev, step, cfg.steps)
         train_step(model, loss_fn, opt, x, y, drawn, step, cfg.steps, sync=False)
     with FlopCounterMode(display=False) as fc:
@@ -97,7 +103,7 @@ def step_compute(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
 @functools.lru_cache(maxsize=4)
 def _ref_stats(split: str):
     "digits-FID statistics of the validation ('val', carved from train) or test split."
-    from meanflow_nb.eval import feature_stats, DIGITS_EXTRACTOR, digits_reference_stats
+    from meanflow_nb.fid import feature_stats, DIGITS_EXTRACTOR, digits_reference_stats
     from meanflow_nb.data import digits_dataset
     if split == 'test':
         return digits_reference_stats('test')
@@ -105,7 +111,7 @@ def _ref_stats(split: str):
 
 def conv_fid(x, split: str = 'test') -> float:
     "digits-FID of samples `x` against the test split (results) or the validation split (choices)."
-    from meanflow_nb.eval import feature_stats, fid_from_stats, DIGITS_EXTRACTOR
+    from meanflow_nb.fid import feature_stats, fid_from_stats, DIGITS_EXTRACTOR
     return float(fid_from_stats(feature_stats(x, DIGITS_EXTRACTOR, cuda=False), _ref_stats(split)))
 
 def _samples(cfg, model, shp, nfe: int, seed: int, n: int = CONV_N, solver: str = 'native'):
@@ -121,7 +127,7 @@ def conv_measure(run: Path, method: str, n: int = CONV_N, euler=CONV_EULER, heun
                  omegas=CONV_IMF_OMEGAS) -> dict:
     ("A finished run's learning curve (every checkpoint, 1 NFE, test split) and final numbers; iMF's omega chosen per "
      "NFE on the validation split.")
-    from meanflow_nb.eval import load_run
+    from meanflow_nb.checkpoint import load_run
     cfg, model, shp, _ = load_run(run)
     rec = {}
     if method == 'imf':   # guidance is an input: choose omega per NFE on the validation split and noise
@@ -184,7 +190,7 @@ def conv_pilot(runs: Path, quick: bool = False, folder=None) -> dict:
                      ckpt_every=every, keep_ckpts=1000, sample_every=0, eval_samples=64, log_every=every,
                      data_kwargs=dict(CONV_DATA), **CONV_METHODS['mf'])
     train(cfg, resume=True, progress=False)
-    from meanflow_nb.eval import load_run
+    from meanflow_nb.checkpoint import load_run
     n, curve = (40 if quick else CONV_N), dict(step=[], fid1=[])
     for p in list_checkpoints(out):
         c, m, shp, step = load_run(out, ckpt=str(p))
@@ -240,7 +246,7 @@ def conv_fm_settings(runs: Path, mf_steps: int, quick: bool = False, folder=None
 
 def conv_fm_sweep_run(runs: Path, name: str, mf_steps: int, quick: bool = False, folder=None) -> dict:
     "One setting of flow matching's sweep, on the validation seed, scored against the validation split."
-    from meanflow_nb.eval import load_run
+    from meanflow_nb.checkpoint import load_run
     if (d := load_record('digits_conv_fm_sweep', name, folder)) is not None:
         return d
     out = Path(

@@ -4,12 +4,14 @@
 
 # %% ../nbs/16b_digits_study.ipynb #t16b0002
 from __future__ import annotations
-import json, time
+import time
 from pathlib import Path
 import numpy as np
 import torch
 from .report import save_result, load_result, locked_update, load_record, study
-from .train import get_config, train, list_checkpoints
+from .config import get_config
+from .checkpoint import list_checkpoints, read_log
+from .train import train
 
 # %% auto #0
 __all__ = ['DIGITS_SEEDS', 'DIGITS_VAL_SEED', 'DIGITS_TRAIN', 'DIGITS_N', 'DIGITS_CURVE_SEED', 'DIGITS_FINAL_SEED', 'DIGITS_FM',
@@ -46,7 +48,7 @@ DIGITS_IMF_OMEGAS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 # %% ../nbs/16b_digits_study.ipynb #s16d0008
 def _digits_fid(x) -> float:
-    from meanflow_nb.eval import digits_fid
+    from meanflow_nb.fid import digits_fid
     return digits_fid(x, ref='test')
 
 def _fm_fids(cfg, model, shp, n: int, seed: int, euler=DIGITS_EULER, heun=DIGITS_HEUN) -> tuple[dict, np.ndarray]:
@@ -63,7 +65,7 @@ def _fm_fids(cfg, model, shp, n: int, seed: int, euler=DIGITS_EULER, heun=DIGITS
 def heun_samples(model, shp: tuple, n: int, nfe: int, seed: int, num_classes: int) -> torch.Tensor:
     ("`n` class-balanced flow-matching samples by Heun with `nfe` network calls, from shard 0's noise of `seed` (as "
      "`sample_shard` draws it).")
-    from meanflow_nb.eval import shard_generator, class_labels
+    from meanflow_nb.shards import shard_generator, class_labels
     from meanflow_nb.flow_matching import heun_sample
     z = torch.randn((n, *shp), generator=shard_generator(seed, 0))
     y = class_labels(0, n, num_classes)
@@ -76,7 +78,9 @@ def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER
                    mf_nfe=DIGITS_MF_NFE, omegas=DIGITS_IMF_OMEGAS) -> dict:
     ("The 1-NFE convergence curve (MeanFlow, Kim et al.), the final checkpoint's FIDs on fresh noise and its "
      "memorisation check; iMF's omega per NFE chosen on the validation noise.")
-    from meanflow_nb.eval import load_run, sample_shard, memorisation_check
+    from meanflow_nb.checkpoint import load_run
+    from meanflow_nb.fid import memorisation_check
+    from meanflow_nb.eval import sample_shard
     rec = {}
     if method in ('mf', 'kim'):
         curve = dict(step=[], fid1=[])
@@ -121,7 +125,7 @@ def _digits_head(method: str, settings: dict | None = None) -> dict:
 
 def train_seconds(out: Path) -> float:
     "Training wall time of a run from its log; a resumed run restarts the clock, so the segments are summed."
-    secs = [json.loads(l)['sec'] for l in open(Path(out) / 'log.jsonl')]
+    secs = [r['sec'] for r in read_log(out)]
     return float(sum(s for s, nxt in zip(secs, secs[1:] + [-1.0]) if nxt < s))
 
 # %% ../nbs/16b_digits_study.ipynb #s16d00x09
@@ -129,7 +133,7 @@ def digits_fm_settings(runs: Path, quick: bool = False, folder=None, fresh: bool
     ("Flow matching's settings: each `DIGITS_FM_SWEEP` entry trained on `DIGITS_VAL_SEED`, the lowest mean Euler FID "
      "on "
      "the validation noise wins (`results/digits_fm_sweep.json`).")
-    from meanflow_nb.eval import load_run
+    from meanflow_nb.checkpoint import load_run
     if not (quick or fresh):
         try:
             return load_result('digits_fm_sweep', folder)['settings']
@@ -185,8 +189,8 @@ def digits_run(runs: Path, method: str, seed: int, quick: bool = False, folder=N
 def digits_reference(folder=None, n: int = DIGITS_N, draws: int = 20) -> dict:
     ("The real-vs-real floor at the models' N, the reference's own numbers and the classifier's split, in "
      "`results/digits_reference.json`.")
-    from meanflow_nb.eval import (digits_real_fid, digits_fid, load_digits_classifier, classifier_accuracy,
-                                  DIGITS_CLASSIFIER_PATH)
+    from meanflow_nb.fid import (digits_real_fid, digits_fid, load_digits_classifier, classifier_accuracy,
+                                 DIGITS_CLASSIFIER_PATH)
     from meanflow_nb.data import digits_dataset
     from safetensors import safe_open
     tr, te, clf = digits_dataset('train'), digits_dataset('test'), load_digits_classifier()

@@ -291,7 +291,7 @@ def render_readme(readme: str | Path | None = None, # a README.md or a notebook;
         new, changed = new_t, new_t != old
     stale = [k for k, v in readme_blocks(new_t).items() if readme_blocks(old_t).get(k) != v]
     if write and changed:
-        p.write_text(new)
+        write_text_atomic(p, new)
     return new_t, stale
 
 def render_figures(folder: str | Path | None = None) -> list[Path]:

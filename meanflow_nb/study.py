@@ -12,7 +12,9 @@ import torch
 from .core import check, cli_errors, write_text_atomic
 from .report import (md_table, result_table, save_result, load_result, study, STUDIES, DOCS, repo_root,
                                 render_readme, render_figures)
-from .train import get_config, TrainConfig, build_model, list_checkpoints, load_checkpoint
+from .config import get_config, TrainConfig
+from .methods import build_model
+from .checkpoint import list_checkpoints, load_checkpoint, ema_weights
 from .kim import STUDY_FIELDS, MixtureProbe, probe_errors
 
 # %% auto #0
@@ -40,10 +42,7 @@ def checkpoint_curve(out: str | Path, # a run folder written by `meanflow_nb.tra
     rows, model = [], build_model(cfg, (probe.dim,))
     for p in list_checkpoints(out):
         st = load_checkpoint(p)
-        sd = st['model'] if weights == 'model' else {
-            k[7:]: v
-            for k, v in st['ema'][0].items() if k.startswith('module.')
-        }
+        sd = st['model'] if weights == 'model' else ema_weights(st)
         model.load_state_dict(sd)
         model.eval()
         rows.append(dict(step=int(st['step']), **probe_errors(model, probe)))

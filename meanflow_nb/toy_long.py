@@ -10,7 +10,8 @@ import numpy as np
 from .core import check
 from .report import (load_result, save_result, locked_update, load_record, both_ci, equivalent_nfe_ci,
                                 fmt_ci, md_table, result_table, study)
-from .train import get_config, TrainConfig, train
+from .config import get_config, TrainConfig
+from .train import train
 from .toy_study import toy_quality, toy_eval_set
 from .convergence import step_compute
 from .conv_results import equiv_around, equiv_text
@@ -46,7 +47,7 @@ def _toy_long_cfg(out, seed: int, steps: int, settings: dict, quick: bool = Fals
 
 def _toy_ckpt_quality(run: Path, step: int, ev: dict, solvers: dict) -> dict:
     "SWD of a toy run's checkpoint at `step` (EMA weights) for each solver's NFE grid."
-    from meanflow_nb.eval import load_run
+    from meanflow_nb.checkpoint import load_run
     cfg, model, _, st = load_run(run, ckpt=str(Path(run) / f'ckpt_{step:08d}.pt'))
     check(st == step, f'{run}: checkpoint of step {step} holds step {st}')
     return {s: toy_quality(cfg, model, ev, nfes, s, energy_n=0) for s, nfes in solvers.items()}

@@ -11,7 +11,10 @@ import torch
 from .core import write_text_atomic, save_figure
 from .report import (bootstrap_ci, paired_diff_ci, equivalent_nfe_ci, fmt_ci, diff_verdict, md_table,
                                 result_table, save_result, load_result, study, figure)
-from .train import get_config, TrainConfig, train, generate, _mix
+from .config import get_config, TrainConfig
+from .methods import generate
+from .batches import mix_seed
+from .train import train
 
 
 # %% auto #0
@@ -37,11 +40,11 @@ TOY_ONE_STEP = { # the one-step methods, each on toy2d's MeanFlow recipe
 @torch.no_grad()
 def toy_eval_set(cfg: TrainConfig, n: int = 10_000) -> dict:
     "The reference points, a second draw of the data (noise floor) and the noise `z` of training seed `cfg.seed`."
-    from meanflow_nb.train import build_data
+    from meanflow_nb.batches import build_data
     data = build_data(cfg)
-    ref = data.sample(n, torch.Generator().manual_seed(_mix(cfg.seed, 3)))[0]
-    ref2 = data.sample(n, torch.Generator().manual_seed(_mix(cfg.seed, 4)))[0]
-    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(_mix(cfg.seed, 5)))
+    ref = data.sample(n, torch.Generator().manual_seed(mix_seed(cfg.seed, 3)))[0]
+    ref2 = data.sample(n, torch.Generator().manual_seed(mix_seed(cfg.seed, 4)))[0]
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(mix_seed(cfg.seed, 5)))
     return dict(ref=ref, ref2=ref2, z=z)
 
 TOY_ENERGY_N = 5_000 # energy distance on the first 5,000 points (it is quadratic in them; SWD uses all of them)
