@@ -181,6 +181,13 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
     world = world_size or dist.get_world_size()
     _check_types(cfg)
     check(cfg.method in METHODS, f'unknown method {cfg.method!r}; valid: {", ".join(METHODS)}')
+    _check_values(cfg, world)
+    _check_names(cfg)
+    _check_options(cfg)
+
+# %% ../nbs/07a_config.ipynb #bed72cc0
+def _check_values(cfg: TrainConfig, world: int):
+    "Numbers in their ranges: fractions in [0, 1], positive sizes and rates, a batch that splits over `world` ranks."
     for n in ('ratio_r_eq_t', 'class_dropout', 'cfg_t_start', 'cfg_t_end', 'eval_t_min', 'eval_t_max'):
         check(0.0 <= getattr(cfg, n) <= 1.0, f'{n} must be in [0, 1], got {getattr(cfg, n)}')
     check(cfg.steps >= 0 and cfg.epochs >= 0,
@@ -207,7 +214,10 @@ def validate_config(cfg: TrainConfig, world_size: int | None = None):
     check(cfg.eval_t_min <= cfg.eval_t_max, f'need eval_t_min <= eval_t_max, got {cfg.eval_t_min} > {cfg.eval_t_max}')
     check(cfg.time_dist in ('logit_normal', 'uniform'),
           f"time_dist must be 'logit_normal' or 'uniform', got {cfg.time_dist!r}")
-    _check_names(cfg)
+
+# %% ../nbs/07a_config.ipynb #6cdd7c54
+def _check_options(cfg: TrainConfig):
+    "The EMA decays, the named options of each method, the step counts, and the files the config points at."
     check(
         all(0 <= d < 1 for d in cfg.ema_decays) and len(cfg.ema_decays) >= 1,
         f'ema_decays must lie in [0, 1), got {cfg.ema_decays}')

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from .core import ConfigError, check, set_seed
+from .core import ConfigError, check, set_seed, write_atomic
 
 # %% auto #0
 __all__ = ['DIGITS_RES', 'DIGITS_CLASSIFIER_PATH', 'DIGITS_EXTRACTOR', 'INCEPTION', 'DIGITS_REF', 'to_uint8', 'fid_from_stats',
@@ -333,8 +333,9 @@ def feature_stats(x, # images: anything `as_fidelity_input` takes
     return _fidelity_call(run, extractor, kw.get('weights_path'))
 
 def save_stats(path, stats: dict):
-    "Write `{'mu', 'sigma'}` (and `n`) as an `.npz` in ADM's reference layout."
-    np.savez(path, mu=stats['mu'], sigma=stats['sigma'], n=stats.get('n', -1))
+    "Write `{'mu', 'sigma'}` (and `n`) as an `.npz` in ADM's reference layout, atomically (`.npz` added if missing)."
+    path = str(path) if str(path).endswith('.npz') else f'{path}.npz'  # where `np.savez` would put it
+    write_atomic(path, lambda f: np.savez(f, mu=stats['mu'], sigma=stats['sigma'], n=stats.get('n', -1)))
 
 def load_stats(path) -> dict:
     "Read `mu` and `sigma` from a reference `.npz` (ADM / JiT / `save_stats`)."

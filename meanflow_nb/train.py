@@ -95,6 +95,7 @@ def train_step(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, x, y, draw
             grad_sync._reset()
         return _step_once(*args, None)
 
+# %% ../nbs/08_train.ipynb #a720db80
 class _CompileFailed(Exception):
     "The compiled step failed (it said so in one line): `train_step` redoes the step eagerly."
 
@@ -223,6 +224,7 @@ def _setup(cfg: TrainConfig, resume: bool, overwrite: bool, quiet: bool) -> _Run
         _check_params(model, start, 'after the resume')  # every rank loaded the same weights
     return _Run(cfg, device, out, data, total, model, emas, opt, loss_fn, start)
 
+# %% ../nbs/08_train.ipynb #2a716f67
 def _finish(run: _Run, baseline: RunResult | None, progress: bool) -> RunResult:
     "Evaluate the trained run (`finish_run`), then rank 0 gives its run folder back."
     res = finish_run(run.cfg, run.model, run.emas[0].module, run.data, run.device, run.total, baseline, progress)
@@ -260,8 +262,7 @@ class _Loop:
         self.gsync = dist.GradSync(run.model, cfg.bucket_mb) if cfg.overlap_sync and self.world > 1 else None
         self.split = self.world if cfg.r_eq_t_split == 'balanced' else 0
         self.ema_n = [int(e.n_averaged) for e in run.emas]  # the EMA counts, kept on the host
-        # first step with a non-finite loss (-1: none)
-        self.bad = torch.full((), -1, dtype=torch.long, device=run.device)
+        self.bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step (-1: none)
 
     def run(self):
         "Steps `start .. total - 1` of the run, after a last look for a stop request; rank 0 writes the log."
@@ -364,10 +365,8 @@ def save(self: _Loop, done: int):
     self.last_ckpt = time.monotonic()
 
 def _progress(it, show: bool, desc: str):
-    if not show:
-        return it
     from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(it, desc=desc, dynamic_ncols=True, mininterval=1.0) if show else it
 
 # %% ../nbs/08_train.ipynb #ee366b42
 def _raise_if_bad(bad: torch.Tensor):

@@ -97,7 +97,7 @@ def _measured_bytes_per_sample(name: str, kind: str, bf16: bool, batches=(8, 24)
     from meanflow_nb.models import create_model, iMFDiT
     from meanflow_nb.loss import MeanFlowLoss
     from meanflow_nb.imf import IMFLoss
-    from meanflow_nb.bench import _arch
+    from meanflow_nb.plan import model_arch as _arch
     torch.manual_seed(0)
     m = create_model(name, input_size=32, in_channels=4, num_classes=1000).to(DEV)
     lf = (IMFLoss if isinstance(m, iMFDiT) else MeanFlowLoss)(num_classes=1000, ratio_r_eq_t=1.0 if kind == 'fm' else 0.0)
@@ -119,7 +119,7 @@ def _measured_bytes_per_sample(name: str, kind: str, bf16: bool, batches=(8, 24)
 @pytest.mark.parametrize('name,kind,bf16', [('DiT-B/2', 'fm', False), ('DiT-B/2', 'fm', True), ('DiT-B/2', 'jvp', False), ('DiT-B/2', 'jvp', True),
                                             ('iMF-B/2', 'jvp', False), ('iMF-B/2', 'jvp', True)])
 def test_planner_memory_within_25_percent(name, kind, bf16):
-    from meanflow_nb.bench import activation_bytes
+    from meanflow_nb.plan import activation_bytes
     from meanflow_nb.train import set_precision
     set_precision(True, DEV)
     meas, arch = _measured_bytes_per_sample(name, kind, bf16)
