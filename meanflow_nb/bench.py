@@ -174,6 +174,7 @@ def cpu_info() -> dict:
     flags = set(field('flags').split())
     return dict(cpu=field('model name') or 'unknown', cpu_bf16=bool(flags & {'avx512_bf16', 'amx_bf16'}))
 
+# %% ../nbs/12_bench.ipynb #8c5e1598
 def run_bench(parts=PARTS, # any of `PARTS`
               size: str = 'default', # 'default' or 'tiny'
               threads: int = 1, # torch CPU threads for the in-process parts
@@ -209,60 +210,83 @@ def run_bench(parts=PARTS, # any of `PARTS`
     res['meta']['loadavg_end'] = _loadavg()
     return res
 
-
-# %% ../nbs/12_bench.ipynb #2dde7e6c
-def bench_rows(res: dict) -> list:
-    "Table rows `(measurement, value, detail)` from `run_bench` results."
+# %% ../nbs/12_bench.ipynb #e8460ed1
+def _steps_rows(res: dict) -> list:
+    "Table rows of the steps part."
     rows = []
-    for k, r in res.get('steps', {}).items():
+    for k, r in res['steps'].items():
         rows.append((f'MF step / FM step ({r["model"]}, {k}, batch {r["batch"]})', f'{r["mf_over_fm"]:.2f}x',
                      f'{r["mf_cpu_ms"]:.1f} vs {r["fm_cpu_ms"]:.1f} ms CPU'))
         rows.append((f'iMF step / MF step ({r.get("imf_model", "-")} vs {r["model"]}, {k})',
                      r['imf_over_mf'] if r['imf_over_mf'] == 'n/a' else f'{r["imf_over_mf"]:.2f}x',
                      f'{r.get("imf_cpu_ms", float("nan")):.1f} ms CPU'))
-    if 'sampling' in res:
-        r = res['sampling']
-        rows.append((f'1-NFE samples/s / {r["fm_steps"]}-step FM samples/s ({r["model"]})', f'{r["speedup"]:.1f}x',
-                     f'{r["mf_1nfe_samples_per_s"]:.0f} vs {r["fm_samples_per_s"]:.1f} samples/s (goal >= 90x)'))
-    if 'data' in res:
-        d = res['data']
-        rows.append(('digits loader, trainer (images/s)', f'{d["trainer_loader"]["images_per_s"]:.0f}',
-                     f'batch {d["trainer_loader"]["batch"]}'))
-        if 'make_loader' in d:
-            rows.append(('digits loader, make_loader (images/s)', f'{d["make_loader"]["images_per_s"]:.0f}',
-                         f'batch {d["make_loader"]["batch_size"]}'))
-        if 'latents' in d:
-            rows.append((
-                'latent extraction (images/s)', f'{d["latents"]["pipeline_images_per_s"]:.0f}',
-                f'tiny VAE, {d["latents"]["resolution"]} px; encoder alone {d["latents"]["encoder_images_per_s"]:.0f}'))
-    if 'ddp' in res:
-        r = res['ddp']
-        rows.append((
-            f'DDP 2 ranks / 1 rank, steps/s ({r["model"]}, global batch {r["global_batch"]}), one launch each',
-            f'{r.get("scaling_2_over_1", float("nan")):.2f}x',
-            f'{r.get("steps_per_s_2", float("nan")):.2f} vs {r.get("steps_per_s_1", float("nan")):.2f} steps/s (a '
-            f'quick check; rounds below)'
-        ))
-    if 'models' in res:
-        r = res['models']
-        rows.append((f'forward bf16 / fp32 ({r["model"]}, batch {r["batch"]})', f'{r["bf16_speedup"]:.2f}x',
-                     f'{r["fwd_bf16_img_per_s"]:.0f} vs {r["fwd_fp32_img_per_s"]:.0f} images/s'))
-    if 'jvp' in res:
-        r = res['jvp']
-        rows.append((
-            f'JVP sample without grad + plain forward / one JVP with grad, loss + backward ({r["model"]}, batch '
-            f'{r["batch"]})',
-            f'{1 + r["extra_step_time"]:.2f}x', f'{r["ms_no_grad_jvp"]:.1f} vs {r["ms_jvp_with_graph"]:.1f} ms CPU'))
-        rows.append((
-            f'saved bytes per JVP sample / per plain sample ({r["model"]})', f'{r["saved_ratio"]:.2f}x',
-            f'{r["saved_mb_jvp"]:.2f} vs {r["saved_mb_plain"]:.2f} MB; one JVP with grad: '
-            f'{r["saved_ratio_with_graph"]:.2f}x'
-        ))
-    if 'scale' in res:
-        rows += scale_rows(res['scale'])
-    if 'host' in res:
-        rows += host_rows(res['host'])
     return rows
+
+def _sampling_rows(res: dict) -> list:
+    "Table rows of the sampling part."
+    rows = []
+    r = res['sampling']
+    rows.append((f'1-NFE samples/s / {r["fm_steps"]}-step FM samples/s ({r["model"]})', f'{r["speedup"]:.1f}x',
+                 f'{r["mf_1nfe_samples_per_s"]:.0f} vs {r["fm_samples_per_s"]:.1f} samples/s (goal >= 90x)'))
+    return rows
+
+def _data_rows(res: dict) -> list:
+    "Table rows of the data part."
+    rows = []
+    d = res['data']
+    rows.append(('digits loader, trainer (images/s)', f'{d["trainer_loader"]["images_per_s"]:.0f}',
+                 f'batch {d["trainer_loader"]["batch"]}'))
+    if 'make_loader' in d:
+        rows.append(('digits loader, make_loader (images/s)', f'{d["make_loader"]["images_per_s"]:.0f}',
+                     f'batch {d["make_loader"]["batch_size"]}'))
+    if 'latents' in d:
+        rows.append((
+            'latent extraction (images/s)', f'{d["latents"]["pipeline_images_per_s"]:.0f}',
+            f'tiny VAE, {d["latents"]["resolution"]} px; encoder alone {d["latents"]["encoder_images_per_s"]:.0f}'))
+    return rows
+
+# %% ../nbs/12_bench.ipynb #cc2102c4
+def _ddp_rows(res: dict) -> list:
+    "Table rows of the ddp part."
+    rows = []
+    r = res['ddp']
+    rows.append((
+        f'DDP 2 ranks / 1 rank, steps/s ({r["model"]}, global batch {r["global_batch"]}), one launch each',
+        f'{r.get("scaling_2_over_1", float("nan")):.2f}x',
+        f'{r.get("steps_per_s_2", float("nan")):.2f} vs {r.get("steps_per_s_1", float("nan")):.2f} steps/s (a '
+        f'quick check; rounds below)'
+    ))
+    return rows
+
+def _models_rows(res: dict) -> list:
+    "Table rows of the models part."
+    rows = []
+    r = res['models']
+    rows.append((f'forward bf16 / fp32 ({r["model"]}, batch {r["batch"]})', f'{r["bf16_speedup"]:.2f}x',
+                 f'{r["fwd_bf16_img_per_s"]:.0f} vs {r["fwd_fp32_img_per_s"]:.0f} images/s'))
+    return rows
+
+def _jvp_rows(res: dict) -> list:
+    "Table rows of the jvp part."
+    rows = []
+    r = res['jvp']
+    rows.append((
+        f'JVP sample without grad + plain forward / one JVP with grad, loss + backward ({r["model"]}, batch '
+        f'{r["batch"]})',
+        f'{1 + r["extra_step_time"]:.2f}x', f'{r["ms_no_grad_jvp"]:.1f} vs {r["ms_jvp_with_graph"]:.1f} ms CPU'))
+    rows.append((
+        f'saved bytes per JVP sample / per plain sample ({r["model"]})', f'{r["saved_ratio"]:.2f}x',
+        f'{r["saved_mb_jvp"]:.2f} vs {r["saved_mb_plain"]:.2f} MB; one JVP with grad: '
+        f'{r["saved_ratio_with_graph"]:.2f}x'
+    ))
+    return rows
+
+# %% ../nbs/12_bench.ipynb #2fd68054
+def bench_rows(res: dict) -> list:
+    "Table rows `(measurement, value, detail)` from `run_bench` results."
+    parts = dict(steps=_steps_rows, sampling=_sampling_rows, data=_data_rows, ddp=_ddp_rows, models=_models_rows,
+                 jvp=_jvp_rows, scale=lambda r: scale_rows(r['scale']), host=lambda r: host_rows(r['host']))
+    return [row for part, f in parts.items() if part in res for row in f(res)]
 
 def bench_table(res: dict) -> str:
     "The results as a Markdown table."
@@ -272,10 +296,10 @@ def bench_table(res: dict) -> str:
     return '\n'.join([line(('measurement', 'value', 'detail')), '|' + '|'.join('-' * (x + 2) for x in w) + '|'] +
                      [line(r) for r in rows])
 
-
-def bench_findings(res: dict) -> str:
-    "What a `run_bench` result says, as Markdown bullets written from its numbers (the README's and `12_bench`'s text)."
-    out, m = [], res.get('meta', {})
+# %% ../nbs/12_bench.ipynb #6e731e23
+def _steps_finding(res: dict) -> list:
+    "The steps bullet of `bench_findings` (none when its numbers are missing)."
+    out = []
     if 'steps' in res:
         d, t = res['steps']['digits'], res['steps'].get('toy2d')
         out.append(
@@ -288,12 +312,23 @@ def bench_findings(res: dict) -> str:
             f"{_x(d['imf_over_mf'])} a MeanFlow step on digits, which compares architectures as much as losses "
             f"({d['imf_model']} adds "
             "conditioning tokens and a v-head, and every iMF sample runs the JVP).")
+    return out
+
+# %% ../nbs/12_bench.ipynb #993a55e6
+def _sampling_finding(res: dict) -> list:
+    "The sampling bullet of `bench_findings` (none when its numbers are missing)."
+    out = []
     if 'sampling' in res:
         s = res['sampling']
         out.append(
             f"**Sampling.** One MeanFlow step gives {s['speedup']:.0f}x the samples/s of {s['fm_steps']} flow-matching "
             f"Euler steps on "
             f"the same network ({'above' if s['speedup'] >= 90 else 'below'} the goal of 90x).")
+    return out
+
+def _data_finding(res: dict) -> list:
+    "The data bullet of `bench_findings` (none when its numbers are missing)."
+    out = []
     if 'data' in res and 'steps' in res:
         ips, d = res['data']['trainer_loader']['images_per_s'], res['steps']['digits']
         need = 1e3 * d['batch'] / d['mf_wall_ms']
@@ -301,7 +336,14 @@ def bench_findings(res: dict) -> str:
             f"**Data.** The trainer's digits loader delivers {ips:,.0f} images/s, {ips / need:,.0f} times what a "
             f"MeanFlow step "
             f"consumes ({need:,.0f} images/s), so loading never limits these runs.")
+    return out
+
+# %% ../nbs/12_bench.ipynb #dbbd6864
+def _precision_finding(res: dict) -> list:
+    "The precision bullet of `bench_findings` (none when its numbers are missing)."
+    out = []
     sc = res.get('scale', {})
+    m = res.get('meta', {})
     if 'precision' in sc:
         p, bf = sc['precision'], m.get('cpu_bf16')
         why = {
@@ -315,6 +357,13 @@ def bench_findings(res: dict) -> str:
             f"{_x(p['bf16_speedup'])} the fp32 speed ({_x(p['bf16_jvp_speedup'])} with a bf16 JVP too){fwd}. This says "
             f"nothing "
             "about GPUs, where bf16 runs on tensor cores; its accuracy cost is measured in `04_loss`.")
+    return out
+
+# %% ../nbs/12_bench.ipynb #0134d524
+def _compiled_finding(res: dict) -> list:
+    "The compiled bullet of `bench_findings` (none when its numbers are missing)."
+    out = []
+    sc = res.get('scale', {})
     if 'compiled' in sc:
         c = sc['compiled']
         out.append(
@@ -322,6 +371,12 @@ def bench_findings(res: dict) -> str:
             f"after "
             f"{c['compile_s']:.0f} s of compiling." if 'speedup' in
             c else f"**Compiled step.** Compiling failed here: {c['error']}.")
+    return out
+
+def _grad_ckpt_finding(res: dict) -> list:
+    "The grad ckpt bullet of `bench_findings` (none when its numbers are missing)."
+    out = []
+    sc = res.get('scale', {})
     if sc.get('grad_ckpt'):
         g = sc['grad_ckpt']
         out.append("**Activation checkpointing** keeps " +
@@ -329,6 +384,13 @@ def bench_findings(res: dict) -> str:
                              for k, v in g.items() if v['reduction']) + " activation memory per sample (width " +
                    f"{next(iter(g.values()))['width']}, depth "
                    f"{next(iter(g.values()))['depth']}).")
+    return out
+
+# %% ../nbs/12_bench.ipynb #7bc9158b
+def _overlap_finding(res: dict) -> list:
+    "The overlap bullet of `bench_findings` (none when its numbers are missing)."
+    out = []
+    sc = res.get('scale', {})
     if 'ratios' in sc.get('overlap', {}):
         o = sc['overlap']
         R, a, n = o['ratios'], o['allreduce'], o['rounds']
@@ -363,6 +425,12 @@ def bench_findings(res: dict) -> str:
             f"at half the batch is only that much faster, because the optimiser, the EMA and small matmuls do not "
             f"shrink with the batch."
         )
+    return out
+
+# %% ../nbs/12_bench.ipynb #8786686e
+def _host_finding(res: dict) -> list:
+    "The host bullet of `bench_findings` (none when its numbers are missing)."
+    out = []
     if 'host' in res:
         h = res['host']
         bd, bi = h['blocks']['dit'], h['blocks']['imf']
@@ -376,8 +444,13 @@ def bench_findings(res: dict) -> str:
             f"Python "
             f"reference decompositions; a block's JVP takes {bd['jvp_ms'] / bd['plain_ms']:.0f}x (DiT) "
             f"and {bi['jvp_ms'] / bi['plain_ms']:.0f}x (iMF) the time of its plain forward at batch 1.")
-    return '\n'.join(f'- {b}' for b in out)
+    return out
 
+def bench_findings(res: dict) -> str:
+    "What a `run_bench` result says, as Markdown bullets written from its numbers (the README's and `12_bench`'s text)."
+    bullets = (_steps_finding, _sampling_finding, _data_finding,
+               _precision_finding, _compiled_finding, _grad_ckpt_finding, _overlap_finding, _host_finding)
+    return '\n'.join(f'- {b}' for f in bullets for b in f(res))
 
 # %% ../nbs/12_bench.ipynb #1733c2fd
 @cli_errors

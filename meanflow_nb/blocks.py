@@ -318,6 +318,7 @@ class _CheckpointBlock(torch.autograd.Function):
         with torch.no_grad():
             return torch.func.jvp(ctx.fn, tuple(xs), ts)[1]
 
+# %% ../nbs/04a_blocks.ipynb #3fea5682
 def checkpoint_block(block: nn.Module, *inputs):
     "`block(*inputs)` with activation checkpointing that also works under `torch.func.jvp` (see above)."
     return _CheckpointBlock.apply(block._plain_forward, len(inputs), *inputs, *block.parameters())

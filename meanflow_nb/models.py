@@ -277,6 +277,7 @@ def _timed(fns: dict, steps: int) -> tuple[dict, dict]:
     r = time_interleaved(fns, repeats=steps, warmup=1)
     return {k: v['wall_ms'] for k, v in r.items()}, {k: v['cpu_ms'] for k, v in r.items()}
 
+# %% ../nbs/05_models.ipynb #d0941a35
 def _bench_fns(model, x, e, t, h, y):
     "The callables timed by `bench_models` (see the notebook for what each step contains)."
     imf, B, v = isinstance(model, iMFDiT), x.shape[0], e - x
@@ -310,7 +311,6 @@ def _bench_fns(model, x, e, t, h, y):
     if imf and model.has_v_head:
         fns['imf_step'] = imf_step
     return fns
-
 
 # %% ../nbs/05_models.ipynb #1c37ecd8
 def bench_models(model_name: str = 'DiT-D/2', # a key of `DiT_models`

@@ -286,6 +286,7 @@ def _block_inputs(kind: str, width: int, heads: int, tokens: int, batch: int, se
     cos, sin = rope_tables(tokens, width // heads)
     return blk, (lambda x_: blk(x_, cos, sin)), (x,), (tx,)
 
+# %% ../nbs/12c_scaling.ipynb #1259f570
 def block_jvp_ops(kind: str = 'dit', # 'dit' (`DiTBlock`) or 'imf' (`iMFBlock`)
                   width: int = 32, heads: int = 2, tokens: int = 16, batch: int = 1, repeats: int = 20) -> dict:
     ("One block's torch calls under `torch.func.jvp` (`mixed_tangent_ops`), and the CPU (and wall) ms of its plain "
