@@ -12,8 +12,8 @@ from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
 __all__ = ['PARTS', 'SIZES', 'bench_steps', 'bench_sampling', 'bench_trainer_loader', 'bench_data', 'bench_ddp',
-           'bench_model_forward', 'cpu_info', 'run_bench', 'bench_rows', 'bench_table', 'bench_findings', 'cli_bench',
-           'bench_scale', 'scale_rows', 'overlap_rows', 'step_fn', 'steps_per_s_from_log', 'launch_sps',
+           'bench_model_forward', 'bench_scale', 'scale_rows', 'overlap_rows', 'cpu_info', 'run_bench', 'bench_rows',
+           'bench_table', 'bench_findings', 'cli_bench', 'step_fn', 'steps_per_s_from_log', 'launch_sps',
            'bench_compiled', 'bench_precision', 'bench_allreduce', 'bench_overlap', 'mixed_tangent_ops',
            'block_jvp_ops', 'bench_host', 'host_rows', 'cpu_peak_bytes', 'saved_bytes', 'measure_activation_bytes',
            'CALIB', 'HELD_OUT', 'calibrate', 'model_flops', 'step_flops', 'plan', 'bench_grad_ckpt', 'bench_jvp',
@@ -146,6 +146,60 @@ def bench_model_forward(model: str = 'DiT-D/2', batch: int = 128, repeats: int =
     return {k: r[k] for k in keep if k in r}
 
 
+# %% ../nbs/12_bench.ipynb #40afde6e
+def bench_scale(size: str = 'default') -> dict:
+    "The paper-scale options side by side (see above)."
+    S = dict(default=dict(model='DiT-D/2', batch=128, repeats=3, rounds=5, steps=24, warmup=4),
+             tiny=dict(model='DiT-T/2', batch=16, repeats=1, rounds=1, steps=6, warmup=2))[size]
+    ck = {} if size == 'default' else dict(models=(('DiT-T/2', {'hidden_size': 64, 'depth': 2, 'num_heads': 4}), ),
+                                           input_size=8, batch=8)
+    # memory before compiling
+    out = dict(precision=bench_precision(S['model'], S['batch'], S['repeats']), grad_ckpt=bench_grad_ckpt(**ck),
+               overlap=bench_overlap(S['rounds'], S['steps'], S['warmup'], S['model'], S['batch']))
+    return dict(out, compiled=bench_compiled(S['model'], S['batch'], S['repeats']))
+
+# %% ../nbs/12_bench.ipynb #1dea7e94
+def scale_rows(r: dict) -> list:
+    "Table rows of `bench_scale`."
+    p, c, o = r['precision'], r['compiled'], r['overlap']
+    rows = [(f'MF step bf16 / fp32 ({p["model"]}, batch {p["batch"]}, fp32 JVP)', f'{p["bf16_speedup"]:.2f}x',
+             f'{p["bf16_cpu_ms"]:.0f} vs {p["fp32_cpu_ms"]:.0f} ms CPU'),
+            (f'MF step bf16 JVP / fp32 ({p["model"]})', f'{p["bf16_jvp_speedup"]:.2f}x',
+             f'{p["bf16_jvp_cpu_ms"]:.0f} ms CPU'),
+            (f'MF step compiled / eager ({c["model"]})', f'{c["speedup"]:.2f}x' if 'speedup' in c else 'fails',
+             f'{c["compiled_cpu_ms"]:.0f} vs {c["eager_cpu_ms"]:.0f} ms CPU, compile {c["compile_s"]} s'
+             if 'speedup' in c else c['error']), *overlap_rows(o)]
+    for k, v in r['grad_ckpt'].items():
+        rows.append(
+            (f'activations per sample, --grad_ckpt ({k}, width {v["width"]}, depth {v["depth"]}, batch {v["batch"]})',
+             f'{v["reduction"]:.2f}x less' if v['reduction'] else 'not measured (no growth seen)',
+             f'{v["mb_ckpt"]} vs {v["mb"]} MB per sample'))
+    return rows
+
+# %% ../nbs/12_bench.ipynb #56cc00f3
+def overlap_rows(o: dict) -> list:
+    "Table rows of `bench_overlap`: medians over the rounds, with the smallest and largest round."
+    q = lambda s: _x(s['median'])
+    span = lambda s: f"rounds {s['lo']:.2f} to {s['hi']:.2f} (n = {s['n']})"
+    R, b, a = o['ratios'], o['batch'], o['allreduce']
+    over = f"{o['buckets']} bucket{'s' if o['buckets'] != 1 else ''} of {o['bucket_mb']:g} MB"
+    d = o['overlap_minus_flat']['weak']
+    return [(f'2 ranks / 1 rank, images/s, batch {b} per rank (weak scaling), flat all-reduce ({o["model"]})',
+             q(R['weak_flat']), span(R['weak_flat'])),
+            (f'same, overlapped all-reduce ({over})', q(R['weak_overlap']),
+             f"{span(R['weak_overlap'])}; goal >= {o['goal']}x {'met' if o['goal_met'] else 'not met'} (median)"),
+            ('same, two unconnected 1-rank jobs at once: the ceiling of this machine', q(R['weak_ceiling']),
+             span(R['weak_ceiling'])),
+            ('weak scaling, overlapped minus flat, paired by round', f"{d['median']:+.2f}",
+             f"rounds {d['lo']:+.2f} to {d['hi']:+.2f}"),
+            (f'2 ranks / 1 rank, steps/s, global batch {b} (strong scaling), flat all-reduce', q(R['strong_flat']),
+             span(R['strong_flat'])),
+            ('same, overlapped all-reduce', q(R['strong_overlap']), span(R['strong_overlap'])),
+            (f'1 rank at batch {b // 2} / batch {b}, steps/s: the ceiling of strong scaling', q(R['strong_ceiling']),
+             span(R['strong_ceiling'])),
+            (f"gradient all-reduce, {a['numel'] / 1e6:.2f} M fp32 values, {a['world']} gloo ranks", f"{a['ms']:.1f} ms",
+             f"{100 * a['share']:.1f} % of a 1-rank step ({a['step_ms_1']:.0f} ms)")]
+
 # %% ../nbs/12_bench.ipynb #a47120da
 PARTS = ('steps', 'sampling', 'data', 'ddp', 'models', 'jvp', 'scale', 'host')
 SIZES = {
@@ -211,10 +265,10 @@ def run_bench(parts=PARTS, # any of `PARTS`
     return res
 
 # %% ../nbs/12_bench.ipynb #e8460ed1
-def _steps_rows(res: dict) -> list:
-    "Table rows of the steps part."
+def _steps_rows(steps: dict) -> list:
+    "The rows of the steps part."
     rows = []
-    for k, r in res['steps'].items():
+    for k, r in steps.items():
         rows.append((f'MF step / FM step ({r["model"]}, {k}, batch {r["batch"]})', f'{r["mf_over_fm"]:.2f}x',
                      f'{r["mf_cpu_ms"]:.1f} vs {r["fm_cpu_ms"]:.1f} ms CPU'))
         rows.append((f'iMF step / MF step ({r.get("imf_model", "-")} vs {r["model"]}, {k})',
@@ -222,20 +276,15 @@ def _steps_rows(res: dict) -> list:
                      f'{r.get("imf_cpu_ms", float("nan")):.1f} ms CPU'))
     return rows
 
-def _sampling_rows(res: dict) -> list:
-    "Table rows of the sampling part."
-    rows = []
-    r = res['sampling']
-    rows.append((f'1-NFE samples/s / {r["fm_steps"]}-step FM samples/s ({r["model"]})', f'{r["speedup"]:.1f}x',
-                 f'{r["mf_1nfe_samples_per_s"]:.0f} vs {r["fm_samples_per_s"]:.1f} samples/s (goal >= 90x)'))
-    return rows
+def _sampling_rows(r: dict) -> list:
+    "The rows of the sampling part."
+    return [(f'1-NFE samples/s / {r["fm_steps"]}-step FM samples/s ({r["model"]})', f'{r["speedup"]:.1f}x',
+             f'{r["mf_1nfe_samples_per_s"]:.0f} vs {r["fm_samples_per_s"]:.1f} samples/s (goal >= 90x)')]
 
-def _data_rows(res: dict) -> list:
-    "Table rows of the data part."
-    rows = []
-    d = res['data']
-    rows.append(('digits loader, trainer (images/s)', f'{d["trainer_loader"]["images_per_s"]:.0f}',
-                 f'batch {d["trainer_loader"]["batch"]}'))
+def _data_rows(d: dict) -> list:
+    "The rows of the data part."
+    rows = [('digits loader, trainer (images/s)', f'{d["trainer_loader"]["images_per_s"]:.0f}',
+             f'batch {d["trainer_loader"]["batch"]}')]
     if 'make_loader' in d:
         rows.append(('digits loader, make_loader (images/s)', f'{d["make_loader"]["images_per_s"]:.0f}',
                      f'batch {d["make_loader"]["batch_size"]}'))
@@ -246,30 +295,23 @@ def _data_rows(res: dict) -> list:
     return rows
 
 # %% ../nbs/12_bench.ipynb #cc2102c4
-def _ddp_rows(res: dict) -> list:
-    "Table rows of the ddp part."
-    rows = []
-    r = res['ddp']
-    rows.append((
+def _ddp_rows(r: dict) -> list:
+    "The rows of the ddp part."
+    return [(
         f'DDP 2 ranks / 1 rank, steps/s ({r["model"]}, global batch {r["global_batch"]}), one launch each',
         f'{r.get("scaling_2_over_1", float("nan")):.2f}x',
         f'{r.get("steps_per_s_2", float("nan")):.2f} vs {r.get("steps_per_s_1", float("nan")):.2f} steps/s (a '
         f'quick check; rounds below)'
-    ))
-    return rows
+    )]
 
-def _models_rows(res: dict) -> list:
-    "Table rows of the models part."
-    rows = []
-    r = res['models']
-    rows.append((f'forward bf16 / fp32 ({r["model"]}, batch {r["batch"]})', f'{r["bf16_speedup"]:.2f}x',
-                 f'{r["fwd_bf16_img_per_s"]:.0f} vs {r["fwd_fp32_img_per_s"]:.0f} images/s'))
-    return rows
+def _models_rows(r: dict) -> list:
+    "The rows of the models part."
+    return [(f'forward bf16 / fp32 ({r["model"]}, batch {r["batch"]})', f'{r["bf16_speedup"]:.2f}x',
+             f'{r["fwd_bf16_img_per_s"]:.0f} vs {r["fwd_fp32_img_per_s"]:.0f} images/s')]
 
-def _jvp_rows(res: dict) -> list:
-    "Table rows of the jvp part."
+def _jvp_rows(r: dict) -> list:
+    "The rows of the jvp part."
     rows = []
-    r = res['jvp']
     rows.append((
         f'JVP sample without grad + plain forward / one JVP with grad, loss + backward ({r["model"]}, batch '
         f'{r["batch"]})',
@@ -285,8 +327,8 @@ def _jvp_rows(res: dict) -> list:
 def bench_rows(res: dict) -> list:
     "Table rows `(measurement, value, detail)` from `run_bench` results."
     parts = dict(steps=_steps_rows, sampling=_sampling_rows, data=_data_rows, ddp=_ddp_rows, models=_models_rows,
-                 jvp=_jvp_rows, scale=lambda r: scale_rows(r['scale']), host=lambda r: host_rows(r['host']))
-    return [row for part, f in parts.items() if part in res for row in f(res)]
+                 jvp=_jvp_rows, scale=scale_rows, host=host_rows)
+    return [row for part, f in parts.items() if part in res for row in f(res[part])]
 
 def bench_table(res: dict) -> str:
     "The results as a Markdown table."
@@ -297,160 +339,152 @@ def bench_table(res: dict) -> str:
                      [line(r) for r in rows])
 
 # %% ../nbs/12_bench.ipynb #6e731e23
-def _steps_finding(res: dict) -> list:
-    "The steps bullet of `bench_findings` (none when its numbers are missing)."
-    out = []
-    if 'steps' in res:
-        d, t = res['steps']['digits'], res['steps'].get('toy2d')
-        out.append(
-            f"**Training step.** A MeanFlow step costs {_x(d['mf_over_fm'])} a flow-matching step on {d['model']} "
-            f"digits (batch "
-            f"{d['batch']})" + (f" and {_x(t['mf_over_fm'])} on the toy MLP" if t else '') +
-            ": the JVP adds about one forward pass, "
-            "and only for the `r < t` samples; on digits both methods also pay the guidance forward pass. An iMF step "
-            "costs "
-            f"{_x(d['imf_over_mf'])} a MeanFlow step on digits, which compares architectures as much as losses "
-            f"({d['imf_model']} adds "
-            "conditioning tokens and a v-head, and every iMF sample runs the JVP).")
-    return out
+def _steps_finding(res: dict) -> str | None:
+    "The steps bullet of `bench_findings` (None when its numbers are missing)."
+    if 'steps' not in res:
+        return None
+    d, t = res['steps']['digits'], res['steps'].get('toy2d')
+    return (
+        f"**Training step.** A MeanFlow step costs {_x(d['mf_over_fm'])} a flow-matching step on {d['model']} "
+        f"digits (batch "
+        f"{d['batch']})" + (f" and {_x(t['mf_over_fm'])} on the toy MLP" if t else '') +
+        ": the JVP adds about one forward pass, "
+        "and only for the `r < t` samples; on digits both methods also pay the guidance forward pass. An iMF step "
+        "costs "
+        f"{_x(d['imf_over_mf'])} a MeanFlow step on digits, which compares architectures as much as losses "
+        f"({d['imf_model']} adds "
+        "conditioning tokens and a v-head, and every iMF sample runs the JVP).")
 
 # %% ../nbs/12_bench.ipynb #993a55e6
-def _sampling_finding(res: dict) -> list:
-    "The sampling bullet of `bench_findings` (none when its numbers are missing)."
-    out = []
-    if 'sampling' in res:
-        s = res['sampling']
-        out.append(
-            f"**Sampling.** One MeanFlow step gives {s['speedup']:.0f}x the samples/s of {s['fm_steps']} flow-matching "
-            f"Euler steps on "
-            f"the same network ({'above' if s['speedup'] >= 90 else 'below'} the goal of 90x).")
-    return out
+def _sampling_finding(res: dict) -> str | None:
+    "The sampling bullet of `bench_findings` (None when its numbers are missing)."
+    if 'sampling' not in res:
+        return None
+    s = res['sampling']
+    return (
+        f"**Sampling.** One MeanFlow step gives {s['speedup']:.0f}x the samples/s of {s['fm_steps']} flow-matching "
+        f"Euler steps on "
+        f"the same network ({'above' if s['speedup'] >= 90 else 'below'} the goal of 90x).")
 
-def _data_finding(res: dict) -> list:
-    "The data bullet of `bench_findings` (none when its numbers are missing)."
-    out = []
-    if 'data' in res and 'steps' in res:
-        ips, d = res['data']['trainer_loader']['images_per_s'], res['steps']['digits']
-        need = 1e3 * d['batch'] / d['mf_wall_ms']
-        out.append(
-            f"**Data.** The trainer's digits loader delivers {ips:,.0f} images/s, {ips / need:,.0f} times what a "
-            f"MeanFlow step "
-            f"consumes ({need:,.0f} images/s), so loading never limits these runs.")
-    return out
+def _data_finding(res: dict) -> str | None:
+    "The data bullet of `bench_findings` (None when its numbers are missing)."
+    if not ('data' in res and 'steps' in res):
+        return None
+    ips, d = res['data']['trainer_loader']['images_per_s'], res['steps']['digits']
+    need = 1e3 * d['batch'] / d['mf_wall_ms']
+    return (
+        f"**Data.** The trainer's digits loader delivers {ips:,.0f} images/s, {ips / need:,.0f} times what a "
+        f"MeanFlow step "
+        f"consumes ({need:,.0f} images/s), so loading never limits these runs.")
 
 # %% ../nbs/12_bench.ipynb #dbbd6864
-def _precision_finding(res: dict) -> list:
-    "The precision bullet of `bench_findings` (none when its numbers are missing)."
-    out = []
+def _precision_finding(res: dict) -> str | None:
+    "The precision bullet of `bench_findings` (None when its numbers are missing)."
     sc = res.get('scale', {})
     m = res.get('meta', {})
-    if 'precision' in sc:
-        p, bf = sc['precision'], m.get('cpu_bf16')
-        why = {
-            True: 'it has bf16 matrix instructions',
-            False: 'it has no bf16 matrix instructions, so bf16 is converted in software',
-            None: 'whether it has bf16 matrix instructions was not recorded'
-        }[bf]
-        fwd = f"; a bare forward pass runs at {_x(res['models']['bf16_speedup'])}" if 'models' in res else ''
-        out.append(
-            f"**bf16 on this CPU** ({m.get('cpu', 'unknown')}: {why}): bf16 autocast runs the MeanFlow step at "
-            f"{_x(p['bf16_speedup'])} the fp32 speed ({_x(p['bf16_jvp_speedup'])} with a bf16 JVP too){fwd}. This says "
-            f"nothing "
-            "about GPUs, where bf16 runs on tensor cores; its accuracy cost is measured in `04_loss`.")
-    return out
+    if 'precision' not in sc:
+        return None
+    p, bf = sc['precision'], m.get('cpu_bf16')
+    why = {
+        True: 'it has bf16 matrix instructions',
+        False: 'it has no bf16 matrix instructions, so bf16 is converted in software',
+        None: 'whether it has bf16 matrix instructions was not recorded'
+    }[bf]
+    fwd = f"; a bare forward pass runs at {_x(res['models']['bf16_speedup'])}" if 'models' in res else ''
+    return (
+        f"**bf16 on this CPU** ({m.get('cpu', 'unknown')}: {why}): bf16 autocast runs the MeanFlow step at "
+        f"{_x(p['bf16_speedup'])} the fp32 speed ({_x(p['bf16_jvp_speedup'])} with a bf16 JVP too){fwd}. This says "
+        f"nothing "
+        "about GPUs, where bf16 runs on tensor cores; its accuracy cost is measured in `04_loss`.")
 
 # %% ../nbs/12_bench.ipynb #0134d524
-def _compiled_finding(res: dict) -> list:
-    "The compiled bullet of `bench_findings` (none when its numbers are missing)."
-    out = []
+def _compiled_finding(res: dict) -> str | None:
+    "The compiled bullet of `bench_findings` (None when its numbers are missing)."
     sc = res.get('scale', {})
-    if 'compiled' in sc:
-        c = sc['compiled']
-        out.append(
-            f"**Compiled step.** Loss, JVP and backward compiled together run at {_x(c['speedup'])} the eager speed "
-            f"after "
-            f"{c['compile_s']:.0f} s of compiling." if 'speedup' in
-            c else f"**Compiled step.** Compiling failed here: {c['error']}.")
-    return out
+    if 'compiled' not in sc:
+        return None
+    c = sc['compiled']
+    return (
+        f"**Compiled step.** Loss, JVP and backward compiled together run at {_x(c['speedup'])} the eager speed "
+        f"after "
+        f"{c['compile_s']:.0f} s of compiling." if 'speedup' in
+        c else f"**Compiled step.** Compiling failed here: {c['error']}.")
 
-def _grad_ckpt_finding(res: dict) -> list:
-    "The grad ckpt bullet of `bench_findings` (none when its numbers are missing)."
-    out = []
+def _grad_ckpt_finding(res: dict) -> str | None:
+    "The grad ckpt bullet of `bench_findings` (None when its numbers are missing)."
     sc = res.get('scale', {})
-    if sc.get('grad_ckpt'):
-        g = sc['grad_ckpt']
-        out.append("**Activation checkpointing** keeps " +
-                   ', '.join(f"{v['reduction']:.1f}x less ({k.replace('_', ' ')})"
-                             for k, v in g.items() if v['reduction']) + " activation memory per sample (width " +
-                   f"{next(iter(g.values()))['width']}, depth "
-                   f"{next(iter(g.values()))['depth']}).")
-    return out
+    if not sc.get('grad_ckpt'):
+        return None
+    g = sc['grad_ckpt']
+    return ("**Activation checkpointing** keeps " +
+               ', '.join(f"{v['reduction']:.1f}x less ({k.replace('_', ' ')})"
+                         for k, v in g.items() if v['reduction']) + " activation memory per sample (width " +
+               f"{next(iter(g.values()))['width']}, depth "
+               f"{next(iter(g.values()))['depth']}).")
 
 # %% ../nbs/12_bench.ipynb #7bc9158b
-def _overlap_finding(res: dict) -> list:
-    "The overlap bullet of `bench_findings` (none when its numbers are missing)."
-    out = []
+def _overlap_finding(res: dict) -> str | None:
+    "The overlap bullet of `bench_findings` (None when its numbers are missing)."
     sc = res.get('scale', {})
-    if 'ratios' in sc.get('overlap', {}):
-        o = sc['overlap']
-        R, a, n = o['ratios'], o['allreduce'], o['rounds']
-        wf, wo, wc = R['weak_flat']['median'], R['weak_overlap']['median'], R['weak_ceiling']['median']
-        d = o['overlap_minus_flat']['weak']
-        keep = {
-            k: 100 * float(np.median([2 * r[f'weak_{k}'][0] / sum(r['pair']) for r in o['raw']]))
-            for k in ('flat', 'overlap')
-        }
-        lower = sum(r['weak_overlap'][0] < r['weak_flat'][0] for r in o['raw'])
-        diff = (
-            f"a median change of {d['median']:+.2f} (lower in {lower} of {n} rounds), which the rounds do not separate "
-            f"from 0"
-            if d['lo'] <= 0 <= d['hi'] else
-            f"{'a gain' if d['median'] > 0 else 'a loss'} of {abs(d['median']):.2f} in every round")
-        out.append(
-            f"**Two ranks.** With {o['batch']} samples per rank, 2 gloo ranks process {_x(wf)} (flat all-reduce) and "
-            f"{_x(wo)} "
-            f"(overlapped) the images/s of 1 rank (medians of {n} interleaved rounds), so the goal of {o['goal']}x is "
-            f"{'met' if o['goal_met'] else 'not met'} on the median. Two unconnected 1-rank jobs run at once reach "
-            f"{_x(wc)}: "
-            f"that is what two busy cores of this machine give with no communication at all, and the trainer keeps "
-            f"{keep['flat']:.0f} % of it ({keep['overlap']:.0f} % overlapped; medians of the rounds' ratios). The "
-            f"gradient all-reduce itself takes {a['ms']:.1f} ms, {100 * a['share']:.1f} % of a "
-            f"step. Overlapping it with backward shows {diff} (paired by round, {d['lo']:+.2f} to {d['hi']:+.2f}): "
-            f"each rank has "
-            "one core, so nothing is idle for the overlap to use; on GPUs NCCL runs beside the compute. At a fixed "
-            "global batch of "
-            f"{o['batch']} (strong scaling) 2 ranks reach {_x(R['strong_flat']['median'])} (flat) and "
-            f"{_x(R['strong_overlap']['median'])} (overlapped), against a ceiling of "
-            f"{_x(R['strong_ceiling']['median'])}: one rank "
-            f"at half the batch is only that much faster, because the optimiser, the EMA and small matmuls do not "
-            f"shrink with the batch."
-        )
-    return out
+    if 'ratios' not in sc.get('overlap', {}):
+        return None
+    o = sc['overlap']
+    R, a, n = o['ratios'], o['allreduce'], o['rounds']
+    wf, wo, wc = R['weak_flat']['median'], R['weak_overlap']['median'], R['weak_ceiling']['median']
+    d = o['overlap_minus_flat']['weak']
+    keep = {
+        k: 100 * float(np.median([2 * r[f'weak_{k}'][0] / sum(r['pair']) for r in o['raw']]))
+        for k in ('flat', 'overlap')
+    }
+    lower = sum(r['weak_overlap'][0] < r['weak_flat'][0] for r in o['raw'])
+    diff = (
+        f"a median change of {d['median']:+.2f} (lower in {lower} of {n} rounds), which the rounds do not separate "
+        f"from 0"
+        if d['lo'] <= 0 <= d['hi'] else
+        f"{'a gain' if d['median'] > 0 else 'a loss'} of {abs(d['median']):.2f} in every round")
+    return (
+        f"**Two ranks.** With {o['batch']} samples per rank, 2 gloo ranks process {_x(wf)} (flat all-reduce) and "
+        f"{_x(wo)} "
+        f"(overlapped) the images/s of 1 rank (medians of {n} interleaved rounds), so the goal of {o['goal']}x is "
+        f"{'met' if o['goal_met'] else 'not met'} on the median. Two unconnected 1-rank jobs run at once reach "
+        f"{_x(wc)}: "
+        f"that is what two busy cores of this machine give with no communication at all, and the trainer keeps "
+        f"{keep['flat']:.0f} % of it ({keep['overlap']:.0f} % overlapped; medians of the rounds' ratios). The "
+        f"gradient all-reduce itself takes {a['ms']:.1f} ms, {100 * a['share']:.1f} % of a "
+        f"step. Overlapping it with backward shows {diff} (paired by round, {d['lo']:+.2f} to {d['hi']:+.2f}): "
+        f"each rank has "
+        "one core, so nothing is idle for the overlap to use; on GPUs NCCL runs beside the compute. At a fixed "
+        "global batch of "
+        f"{o['batch']} (strong scaling) 2 ranks reach {_x(R['strong_flat']['median'])} (flat) and "
+        f"{_x(R['strong_overlap']['median'])} (overlapped), against a ceiling of "
+        f"{_x(R['strong_ceiling']['median'])}: one rank "
+        f"at half the batch is only that much faster, because the optimiser, the EMA and small matmuls do not "
+        f"shrink with the batch."
+    )
 
 # %% ../nbs/12_bench.ipynb #8786686e
-def _host_finding(res: dict) -> list:
-    "The host bullet of `bench_findings` (none when its numbers are missing)."
-    out = []
-    if 'host' in res:
-        h = res['host']
-        bd, bi = h['blocks']['dit'], h['blocks']['imf']
-        sp = [f"{_x(h[m]['speedup'])} for {h[m]['model']}" for m in ('mf', 'imf') if 'speedup' in h.get(m, {})]
-        out.append(
-            f"**Host overhead.** At batch 1 on width {h['width']} (the host's time only), the compiled step runs at " +
-            (' and '.join(sp) if sp else 'no measured speed (compiling failed here)') + " the eager speed. Under "
-            f"`torch.func.jvp`, {bd['mixed']} of a DiT block's {bd['ops']} torch calls and {bi['mixed']} of an iMF "
-            f"block's "
-            f"{bi['ops']} mix tangent and non-tangent tensors, and {bd['fallback']} and {bi['fallback']} run torch's "
-            f"Python "
-            f"reference decompositions; a block's JVP takes {bd['jvp_ms'] / bd['plain_ms']:.0f}x (DiT) "
-            f"and {bi['jvp_ms'] / bi['plain_ms']:.0f}x (iMF) the time of its plain forward at batch 1.")
-    return out
+def _host_finding(res: dict) -> str | None:
+    "The host bullet of `bench_findings` (None when its numbers are missing)."
+    if 'host' not in res:
+        return None
+    h = res['host']
+    bd, bi = h['blocks']['dit'], h['blocks']['imf']
+    sp = [f"{_x(h[m]['speedup'])} for {h[m]['model']}" for m in ('mf', 'imf') if 'speedup' in h.get(m, {})]
+    return (
+        f"**Host overhead.** At batch 1 on width {h['width']} (the host's time only), the compiled step runs at " +
+        (' and '.join(sp) if sp else 'no measured speed (compiling failed here)') + " the eager speed. Under "
+        f"`torch.func.jvp`, {bd['mixed']} of a DiT block's {bd['ops']} torch calls and {bi['mixed']} of an iMF "
+        f"block's "
+        f"{bi['ops']} mix tangent and non-tangent tensors, and {bd['fallback']} and {bi['fallback']} run torch's "
+        f"Python "
+        f"reference decompositions; a block's JVP takes {bd['jvp_ms'] / bd['plain_ms']:.0f}x (DiT) "
+        f"and {bi['jvp_ms'] / bi['plain_ms']:.0f}x (iMF) the time of its plain forward at batch 1.")
 
 def bench_findings(res: dict) -> str:
     "What a `run_bench` result says, as Markdown bullets written from its numbers (the README's and `12_bench`'s text)."
     bullets = (_steps_finding, _sampling_finding, _data_finding,
                _precision_finding, _compiled_finding, _grad_ckpt_finding, _overlap_finding, _host_finding)
-    return '\n'.join(f'- {b}' for f in bullets for b in f(res))
+    return '\n'.join(f'- {b}' for b in (f(res) for f in bullets) if b is not None)
 
 # %% ../nbs/12_bench.ipynb #1733c2fd
 @cli_errors
@@ -484,60 +518,6 @@ def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
         Path(a.json).write_text(json.dumps(res, indent=1))
         print(f'wrote {a.json}', file=sys.stderr)
 
-
-# %% ../nbs/12_bench.ipynb #40afde6e
-def bench_scale(size: str = 'default') -> dict:
-    "The paper-scale options side by side (see above)."
-    S = dict(default=dict(model='DiT-D/2', batch=128, repeats=3, rounds=5, steps=24, warmup=4),
-             tiny=dict(model='DiT-T/2', batch=16, repeats=1, rounds=1, steps=6, warmup=2))[size]
-    ck = {} if size == 'default' else dict(models=(('DiT-T/2', {'hidden_size': 64, 'depth': 2, 'num_heads': 4}), ),
-                                           input_size=8, batch=8)
-    # memory before compiling
-    out = dict(precision=bench_precision(S['model'], S['batch'], S['repeats']), grad_ckpt=bench_grad_ckpt(**ck),
-               overlap=bench_overlap(S['rounds'], S['steps'], S['warmup'], S['model'], S['batch']))
-    return dict(out, compiled=bench_compiled(S['model'], S['batch'], S['repeats']))
-
-# %% ../nbs/12_bench.ipynb #1dea7e94
-def scale_rows(r: dict) -> list:
-    "Table rows of `bench_scale`."
-    p, c, o = r['precision'], r['compiled'], r['overlap']
-    rows = [(f'MF step bf16 / fp32 ({p["model"]}, batch {p["batch"]}, fp32 JVP)', f'{p["bf16_speedup"]:.2f}x',
-             f'{p["bf16_cpu_ms"]:.0f} vs {p["fp32_cpu_ms"]:.0f} ms CPU'),
-            (f'MF step bf16 JVP / fp32 ({p["model"]})', f'{p["bf16_jvp_speedup"]:.2f}x',
-             f'{p["bf16_jvp_cpu_ms"]:.0f} ms CPU'),
-            (f'MF step compiled / eager ({c["model"]})', f'{c["speedup"]:.2f}x' if 'speedup' in c else 'fails',
-             f'{c["compiled_cpu_ms"]:.0f} vs {c["eager_cpu_ms"]:.0f} ms CPU, compile {c["compile_s"]} s'
-             if 'speedup' in c else c['error']), *overlap_rows(o)]
-    for k, v in r['grad_ckpt'].items():
-        rows.append(
-            (f'activations per sample, --grad_ckpt ({k}, width {v["width"]}, depth {v["depth"]}, batch {v["batch"]})',
-             f'{v["reduction"]:.2f}x less' if v['reduction'] else 'not measured (no growth seen)',
-             f'{v["mb_ckpt"]} vs {v["mb"]} MB per sample'))
-    return rows
-
-# %% ../nbs/12_bench.ipynb #56cc00f3
-def overlap_rows(o: dict) -> list:
-    "Table rows of `bench_overlap`: medians over the rounds, with the smallest and largest round."
-    q = lambda s: _x(s['median'])
-    span = lambda s: f"rounds {s['lo']:.2f} to {s['hi']:.2f} (n = {s['n']})"
-    R, b, a = o['ratios'], o['batch'], o['allreduce']
-    over = f"{o['buckets']} bucket{'s' if o['buckets'] != 1 else ''} of {o['bucket_mb']:g} MB"
-    d = o['overlap_minus_flat']['weak']
-    return [(f'2 ranks / 1 rank, images/s, batch {b} per rank (weak scaling), flat all-reduce ({o["model"]})',
-             q(R['weak_flat']), span(R['weak_flat'])),
-            (f'same, overlapped all-reduce ({over})', q(R['weak_overlap']),
-             f"{span(R['weak_overlap'])}; goal >= {o['goal']}x {'met' if o['goal_met'] else 'not met'} (median)"),
-            ('same, two unconnected 1-rank jobs at once: the ceiling of this machine', q(R['weak_ceiling']),
-             span(R['weak_ceiling'])),
-            ('weak scaling, overlapped minus flat, paired by round', f"{d['median']:+.2f}",
-             f"rounds {d['lo']:+.2f} to {d['hi']:+.2f}"),
-            (f'2 ranks / 1 rank, steps/s, global batch {b} (strong scaling), flat all-reduce', q(R['strong_flat']),
-             span(R['strong_flat'])),
-            ('same, overlapped all-reduce', q(R['strong_overlap']), span(R['strong_overlap'])),
-            (f'1 rank at batch {b // 2} / batch {b}, steps/s: the ceiling of strong scaling', q(R['strong_ceiling']),
-             span(R['strong_ceiling'])),
-            (f"gradient all-reduce, {a['numel'] / 1e6:.2f} M fp32 values, {a['world']} gloo ranks", f"{a['ms']:.1f} ms",
-             f"{100 * a['share']:.1f} % of a 1-rank step ({a['step_ms_1']:.0f} ms)")]
 
 # %% ../nbs/12_bench.ipynb #2233eef2
 #| eval: false
