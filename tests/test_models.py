@@ -135,9 +135,9 @@ def test_param_counts_within_1pct(name, paper):
 
 
 def test_bench_smoke():
-    r = bench_models('DiT-T/2', batch=2, steps=1)
+    r = bench_models('DiT-T/2', batch=2, steps=5)   # medians of 5 rounds: one round can invert on a loaded machine
     assert r['fm_step_ms'] > 0 and r['mf_step_ms'] > 0
-    # the ratio is the one of the CPU times it reports (up to their rounding), and a MeanFlow step does a flow-matching
-    # step's work plus a JVP through the network: it cannot be cheaper
-    assert r['mf_over_fm'] == pytest.approx(r['mf_step_cpu_ms'] / r['fm_step_cpu_ms'], rel=0.05, abs=0.01)
+    # the network it timed is the one asked for: its parameters, counted another way (built on the meta device)
+    assert r['params'] == count_params('DiT-T/2', input_size=8, in_channels=1, num_classes=10)
+    # a MeanFlow step does a flow-matching step's work plus a JVP through the network: it cannot be cheaper
     assert r['mf_over_fm'] > 1, r
