@@ -4,18 +4,19 @@
 
 # %% ../nbs/11_eval.ipynb #b607db7b
 from __future__ import annotations
-import os, sys, json, math, shutil, argparse, dataclasses, hashlib
+import sys, json, math, argparse, dataclasses, hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from .core import ConfigError, check, cli_errors, CLIParser, set_seed, in_test, write_text_atomic, write_atomic
+from .core import ConfigError, check, cli_errors, CLIParser, write_text_atomic
 from . import dist
 from .config import TrainConfig
 from .methods import generate, method_of, METHOD_NAMES, run_label
 from .batches import ToyData, build_data, mix_seed
-from .checkpoint import list_checkpoints, load_run, sample_shape, read_log, Preempted, StopSignals
+from .checkpoint import list_checkpoints, load_run, read_log, Preempted, StopSignals
+from .checkpoint import sample_shape  # re-exported: `eval` is where readers of runs found it
 
 
 # %% auto #0

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from .core import check, check_kwargs
 from .loss import MeanFlowLoss, sample_meanflow
-from .config import TrainConfig, METHODS, TOY_MODELS
+from .config import TrainConfig, TOY_MODELS
 
 # %% auto #0
 __all__ = ['METHOD_TABLE', 'METHOD_NAMES', 'Method', 'method_of', 'run_label', 'r_eq_t_share', 'build_model', 'build_loss',

@@ -729,10 +729,10 @@ def test_sample_numbers_are_checked_before_sampling(run, tmp_path, capsys):
 ])
 def test_sample_huge_counts_are_one_line_before_any_work(run, tmp_path, capsys, monkeypatch, flags, needle):
     "A huge -n planned no shard list (MemoryError before); too much for the disk or memory: exit 2, nothing written."
-    import meanflow_nb.eval as E
+    import meanflow_nb.shards as S
     if 'memory' in needle:                                                    # this machine's disk is small: let memory decide
-        monkeypatch.setattr(E.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(2 ** 60, 0, 2 ** 60))
-        monkeypatch.setattr(E.os, 'sysconf', lambda k: {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 2 ** 18}[k])   # 1 GiB
+        monkeypatch.setattr(S.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(2 ** 60, 0, 2 ** 60))
+        monkeypatch.setattr(S.os, 'sysconf', lambda k: {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 2 ** 18}[k])   # 1 GiB
     before = snap(run)
     code, _, err = cli(cli_sample, [run, '--out', tmp_path / 's', '--no-progress', *flags], capsys)
     assert code == 2
