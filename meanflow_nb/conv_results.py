@@ -59,6 +59,7 @@ def _conv_names() -> list[str]:
     "The result files `conv_summary` reads."
     return [f'digits_conv_{m}' for m in CONV_METHODS] + [f'digits_conv_{k}' for k in ('compute', 'pilot', 'fm_sweep')]
 
+# %% ../nbs/17a_conv_results.ipynb #s17c01x40
 @cached_on_files(_conv_names)
 def conv_summary(folder=None) -> dict:
     ("Every number the digits-convergence text gives, from the files: finals, flatness, equal steps, matched compute, "
@@ -130,6 +131,7 @@ def _ci2(d: dict, nd: int | None = None) -> str:
 def _sep_t(d: dict) -> str:
     return f"{fmt_ci(d)}, {'excludes 0' if d['separated'] else 'includes 0: no difference claimed'}"
 
+# %% ../nbs/17a_conv_results.ipynb #s17c01x41
 @result_table('digits_conv')
 def conv_table(folder=None) -> str:
     ("The README's digits block: each method at its own converged budget, at equal steps and at MeanFlow's compute; "
@@ -307,6 +309,7 @@ def _verdict(d: dict, a: str, b: str) -> str:
         return f'{a} is not distinguishable from {b} ({fmt_ci(d)})'
     return f"{a} is {'better' if d['hi'] < 0 else 'worse'} than {b} ({fmt_ci(d)})"
 
+# %% ../nbs/17a_conv_results.ipynb #s17y00x42
 @result_table('digits_conv_findings')
 def conv_findings(folder=None) -> str:
     ("What the digits-convergence runs say, and which claims of the 300-step protocol changed; every number from the "
@@ -359,4 +362,3 @@ def conv_findings(folder=None) -> str:
     except FileNotFoundError:
         pass
     return '\n'.join(out) + '\n'
-
