@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from .core import check, ConfigError, interpolate
 from .schedules import sample_t_r, r_eq_t_mask
 from .loss import MeanFlowLoss
+from .flow_matching import euler_sample
 
 # %% auto #0
 __all__ = ['STUDY_FIELDS', 'base_cdf', 'base_icdf', 'minsnr_alpha', 'minsnr_norm', 'minsnr_weight', 'progressive_weight',
            'training_progress', 'gap_lambda', 'dtd_edges', 'truncated_t_r', 'DTDSampler', 'dtd_density', 'KimLoss',
            'kim_loss', 'gap_range_sampler', 'loss_grad', 'task_affinity', 'eight_gaussians_mixture', 'MixtureProbe',
-           'euler_v', 'probe_errors', 'speedup_factor']
+           'probe_errors', 'speedup_factor']
 
 # %% ../nbs/09_kim.ipynb #6b952397
 def base_cdf(t, # times in [0, 1]
@@ -341,18 +342,11 @@ class MixtureProbe:
         self.tu, self.ru = torch.maximum(a, b), torch.minimum(a, b)
         self.zu = interpolate(x, e, self.tu)
         self.u = gm.avg_velocity(self.zu, self.ru, self.tu, rtol=tol, atol=tol)
-        self.floor = float(((euler_v(lambda z, t: gm.velocity(z, t), self.z1, nfe) - self.x1) ** 2).sum(1).mean())
+        self.floor = float(((euler_sample(lambda z, t: gm.velocity(z, t), self.z1, nfe) - self.x1) ** 2).sum(1).mean())
 
 
 # %% ../nbs/09_kim.ipynb #c4d7b187
 @torch.no_grad()
-def euler_v(v_fn: Callable, z: torch.Tensor, steps: int) -> torch.Tensor:
-    "Euler from t = 1 to 0 with `v_fn(z, t)` (`t` of shape `(B,)`)."
-    for i in range(steps):
-        t = torch.full((z.shape[0],), 1 - i / steps, device=z.device)
-        z = z - v_fn(z, t) / steps
-    return z
-
 @torch.no_grad()
 def probe_errors(model: torch.nn.Module, probe: MixtureProbe) -> dict:
     "Errors of `model(z, t, h)` against the exact targets of `probe` (see the list above)."
@@ -360,7 +354,7 @@ def probe_errors(model: torch.nn.Module, probe: MixtureProbe) -> dict:
     zero = lambda t: torch.zeros_like(t)
     one = torch.ones(len(probe.z1))
     x1 = probe.z1 - model(probe.z1, one, one)                                   # u(z_1, r=0, t=1): h = 1
-    x32 = euler_v(lambda z, t: model(z, t, zero(t)), probe.z1, probe.nfe)
+    x32 = euler_sample(lambda z, t: model(z, t, zero(t)), probe.z1, probe.nfe)
     return dict(err_1nfe=mse(x1, probe.x1), err_32nfe_v=mse(x32, probe.x1), floor_32nfe=probe.floor,
                 v_err=mse(model(probe.zv, probe.tv, zero(probe.tv)), probe.v),
                 u_err=mse(model(probe.zu, probe.tu, probe.tu - probe.ru), probe.u))
