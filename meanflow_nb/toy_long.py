@@ -74,10 +74,24 @@ def toy_long_recipe(runs: Path, quick: bool = False, folder=None) -> dict:
     return dict(TOY_LONG_RECIPES[best], _choice=best)
 
 # %% ../nbs/17b_toy_long.ipynb #s17u00x16
+def _eval_marks(cfg, method: str, steps: int, quick: bool, folder=None) -> list:
+    ("The checkpoints a run is scored at: MeanFlow's 2,000-step marks; for flow matching those, the two checkpoints "
+     "nearest MeanFlow's last mark at matched FLOPs and at matched CPU time, and its last (what the summary reads).")
+    mf_marks = [s for s in (2000, 4000, 6000, 4, 8)
+                if s <= (TOY_LONG_STEPS if not quick else 8) and s % cfg.ckpt_every == 0]
+    if method != 'fm':
+        return mf_marks
+    comp = load_result('toy_long_compute', folder)['methods']
+    grid = range(cfg.ckpt_every, steps + 1, cfg.ckpt_every)
+    last = max(mf_marks)
+    match = {min(grid, key=lambda g: abs(g - last * comp['mf'][k] / comp['fm'][k]))
+             for k in ('flops_per_step', 'cpu_s_per_step')}
+    return sorted(set(mf_marks) | match | {steps})
+
 def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder=None,
                  recipe: dict | None = None) -> dict:
-    ("One long toy run ('mf' with the chosen recipe, or 'fm'), SWD at every 2,000-step mark and, for flow matching, at "
-     "every checkpoint near a matched-compute point.")
+    ("One long toy run ('mf' with the chosen recipe, or 'fm'), SWD at MeanFlow's 2,000-step marks and, for flow "
+     "matching, also at its matched-compute checkpoints and its last (`_eval_marks`).")
     if (d := load_record(f'toy_long_{method}', str(seed), folder)) is not None:
         return d
     st = {k: v for k, v in (recipe or {}).items() if not k.startswith('_')} if method == 'mf' else TOY_LONG_FM
@@ -88,8 +102,7 @@ def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder
     ev = toy_eval_set(cfg, 500 if quick else 10_000)
     solvers = dict(euler=TOY_LONG_EULER[:3], heun=TOY_LONG_HEUN[:1]) if quick else dict(
         euler=TOY_LONG_EULER, heun=TOY_LONG_HEUN)
-    marks = [s for s in range(cfg.ckpt_every, steps + 1, cfg.ckpt_every)] if method == 'fm' else \
-            [s for s in (2000, 4000, 6000, 4, 8) if s <= steps and s % cfg.ckpt_every == 0]
+    marks = _eval_marks(cfg, method, steps, quick, folder)
     q = {str(s): _toy_ckpt_quality(out, s, ev, solvers if method == 'fm' else dict(native=(1, 2))) for s in marks}
     rec = dict(settings=st, steps=steps, quality=q)
     locked_update(f'toy_long_{method}', 'runs', str(seed), rec, folder, head=dict(eval_samples=len(ev['ref'])))

@@ -159,3 +159,22 @@ def test_digits_conv_table_numbers_are_the_files_t_intervals():
             lo, hi = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
             want = fmt_ci(dict(mean=v.mean(), lo=lo, hi=hi))
             assert rows[label(m)][col].startswith(want + ' '), (m, key, rows[label(m)][col], want)
+
+
+def test_toy_long_quick_run_feeds_its_table(tmp_path):
+    "`mf-study toy-long --quick` end to end: the recipe on the validation seed, 2 seeds x 2 methods, flow matching scored "
+    "at MeanFlow's marks, its matched-compute checkpoint and its last; the summary and the README table read the files."
+    from meanflow_nb.toy_long import study_toy_long, toy_long_summary, toy_long_table
+    r = study_toy_long(tmp_path / 'runs', quick=True)
+    folder = tmp_path / 'runs' / 'toy_long' / 'quick_results'
+    comp = json.loads((folder / 'toy_long_compute.json').read_text())['methods']
+    for s in (10, 11):
+        assert sorted(map(int, r['runs'][('mf', s)]['quality'])) == [4, 8]
+        fm = sorted(map(int, r['runs'][('fm', s)]['quality']))
+        # 8 (MeanFlow's last mark) x the measured ratios, rounded to the 4-step grid, lies inside the 16-step run
+        match = {min(range(4, 17, 4), key=lambda g: abs(g - 8 * comp['mf'][k] / comp['fm'][k]))
+                 for k in ('flops_per_step', 'cpu_s_per_step')}
+        assert fm == sorted({4, 8, 16} | match)
+    S = toy_long_summary(folder)
+    assert S['seeds'] == ['10', '11'] and (8, 'flops-matched') in S['points']
+    assert 'MeanFlow 1 step' in toy_long_table(folder)
