@@ -13,11 +13,11 @@ from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 # %% auto #0
 __all__ = ['PARTS', 'SIZES', 'bench_steps', 'bench_sampling', 'bench_trainer_loader', 'bench_data', 'bench_ddp',
            'bench_model_forward', 'bench_scale', 'scale_rows', 'overlap_rows', 'cpu_info', 'run_bench', 'bench_rows',
-           'bench_table', 'bench_findings', 'cli_bench', 'step_fn', 'steps_per_s_from_log', 'launch_sps',
-           'bench_compiled', 'bench_precision', 'bench_allreduce', 'bench_overlap', 'mixed_tangent_ops',
-           'block_jvp_ops', 'bench_host', 'host_rows', 'cpu_peak_bytes', 'saved_bytes', 'measure_activation_bytes',
-           'CALIB', 'HELD_OUT', 'calibrate', 'model_flops', 'step_flops', 'plan', 'bench_grad_ckpt', 'bench_jvp',
-           'cli_plan', 'plan_text', 'ACT_COEF', 'activation_bytes', 'fixed_bytes']
+           'bench_table', 'bench_findings', 'step_fn', 'steps_per_s_from_log', 'launch_sps', 'bench_compiled',
+           'bench_precision', 'bench_allreduce', 'bench_overlap', 'mixed_tangent_ops', 'block_jvp_ops', 'bench_host',
+           'host_rows', 'cpu_peak_bytes', 'saved_bytes', 'measure_activation_bytes', 'CALIB', 'HELD_OUT', 'calibrate',
+           'model_flops', 'step_flops', 'plan', 'bench_grad_ckpt', 'bench_jvp', 'plan_text', 'ACT_COEF',
+           'activation_bytes', 'fixed_bytes']
 
 # %% ../nbs/12_bench.ipynb #57a06084
 from .scaling import (
@@ -28,14 +28,14 @@ from .scaling import _x
 # %% ../nbs/12_bench.ipynb #7e5d792b
 from .sizing import (
     cpu_peak_bytes, saved_bytes, measure_activation_bytes, CALIB, HELD_OUT, calibrate, model_flops, step_flops,
-    plan, bench_grad_ckpt, bench_jvp, cli_plan, plan_text, ACT_COEF, activation_bytes, fixed_bytes)  # with the model
+    plan, bench_grad_ckpt, bench_jvp, plan_text, ACT_COEF, activation_bytes, fixed_bytes)  # with the model
 
 # %% ../nbs/12_bench.ipynb #d9e7c30b
 _all_ = [
     'step_fn', 'steps_per_s_from_log', 'launch_sps', 'bench_compiled', 'bench_precision', 'bench_allreduce',
     'bench_overlap', 'mixed_tangent_ops', 'block_jvp_ops', 'bench_host', 'host_rows', 'cpu_peak_bytes', 'saved_bytes',
     'measure_activation_bytes', 'CALIB', 'HELD_OUT', 'calibrate', 'model_flops', 'step_flops', 'plan',
-    'bench_grad_ckpt', 'bench_jvp', 'cli_plan', 'plan_text', 'ACT_COEF', 'activation_bytes', 'fixed_bytes'
+    'bench_grad_ckpt', 'bench_jvp', 'plan_text', 'ACT_COEF', 'activation_bytes', 'fixed_bytes'
 ]
 
 
@@ -487,40 +487,8 @@ def bench_findings(res: dict) -> str:
                _precision_finding, _compiled_finding, _grad_ckpt_finding, _overlap_finding, _host_finding)
     return '\n'.join(f'- {b}' for b in (f(res) for f in bullets) if b is not None)
 
-# %% ../nbs/12_bench.ipynb #1733c2fd
-@cli_errors
-def cli_bench(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
-    ("Console script `mf-bench`: run benchmark parts, print a table, optionally write JSON; `mf-bench plan ...` plans "
-     "a "
-     "preset.")
-    console, argv = argv is None, sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['plan']:
-        r = cli_plan(argv[1:])
-        return None if console else r                       # a console script's return value would be its exit status
-    p = CLIParser(
-        prog='mf-bench', description=
-        'MeanFlow costs measured side by side: steps, sampling, data, DDP, models, jvp, scale, host. `mf-bench plan '
-        '--help`: the planner.'
-    )
-    p.add_argument('parts', nargs='*', default=['all'], help=f'all (default) or any of: {", ".join(PARTS)}')
-    p.add_argument('--json', default=None, help='also write the results here')
-    p.add_argument('--tiny', action='store_true', help='tiny sizes (a smoke test in seconds)')
-    p.add_argument('--threads', type=int, default=1, help='torch CPU threads for the in-process parts')
-    a = p.parse_args(argv)
-    parts = PARTS if 'all' in a.parts else tuple(a.parts)
-    check(a.threads >= 1, f'--threads must be >= 1, got {a.threads}')
-    # before the run
-    check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')
-    bad = sorted(set(parts) - set(PARTS))
-    check(not bad, f'unknown part(s) {", ".join(bad)}; choose from {", ".join(PARTS)} or all')
-    res = run_bench(parts, 'tiny' if a.tiny else 'default', a.threads)
-    print(bench_table(res))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
-        print(f'wrote {a.json}', file=sys.stderr)
-
-
 # %% ../nbs/12_bench.ipynb #2233eef2
 #| eval: false
 if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    from meanflow_nb.cli import cli_bench  # the console scripts live in `cli`
     cli_bench()

@@ -12,7 +12,7 @@ from . import dist
 
 # %% auto #0
 __all__ = ['IMAGENET_TRAIN', 'PRESETS', 'METHODS', 'TOY_MODELS', 'TrainConfig', 'get_config', 'validate_config',
-           'config_from_dict', 'baseline_config', 'lr_at', 'field_docs', 'train_parser']
+           'config_from_dict', 'baseline_config', 'lr_at', 'field_docs']
 
 # %% ../nbs/07a_config.ipynb #e6587782
 @dataclass
@@ -395,46 +395,3 @@ def _bool_or_auto(s: str):
 # fields whose flag is not parsed by the type of their default
 _FLAG_TYPES = {'micro_batch': _int_or_auto, 'compile_step': _bool_or_auto}
 _FLAG_METAVARS = {'compile_step': 'BOOL|auto'} # ... and whose metavar is not their default's
-
-# %% ../nbs/07a_config.ipynb #f113a576
-def train_parser(preset: str | None = None, # show this preset's values as the defaults
-                ) -> argparse.ArgumentParser:
-    ("The `mf-train` parser: `--preset`, `--resume`, `--no-progress` and one flag per `TrainConfig` field, described "
-     "by "
-     "the field's comment.")
-    if preset:
-        check(preset in PRESETS, f'unknown preset {preset!r}; valid presets: {", ".join(PRESETS)}')
-    # the preset's values unvalidated: a preset may still need a flag (the in256-* presets need --data_path)
-    shown, docs = config_from_dict(PRESETS[preset]) if preset else TrainConfig(), field_docs()
-    p = CLIParser(
-        prog='mf-train', formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_SYNTAX,
-        description='Train flow matching, MeanFlow, Kim et al. or iMF: a preset fills every field, flags override it.')
-    p.add_argument('--preset', default=None,
-                   help=f'one of: {", ".join(PRESETS)}' + (f' (now: {preset})' if preset else ''))
-    p.add_argument('--resume', action='store_true', help='continue from the newest usable checkpoint in --out')
-    p.add_argument('--overwrite', action='store_true',
-                   help='start over in an --out that holds a run (deletes its checkpoints)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == 'preset':
-            continue
-        d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help = f"{docs.get(f.name, '')} (default: {_flag_str(getattr(shown, f.name))})"
-        p.add_argument(f'--{f.name}', type=_FLAG_TYPES.get(f.name, _flag_type(d)), default=None,
-                       metavar=_FLAG_METAVARS.get(f.name, _METAVARS.get(type(d),
-                                                                        type(d).__name__.upper())),
-                       help=help.replace('%', '%%'))
-    return p
-
-def _preset_of(argv) -> str | None:
-    "The --preset among `argv`, if it names a preset (for --help)."
-    class Quiet(argparse.ArgumentParser):
-        def error(self, message):
-            raise ValueError(message)  # e.g. --preset with no value: the real parser reports it
-    pre = Quiet(add_help=False)
-    pre.add_argument('--preset', default=None)
-    try:
-        p = pre.parse_known_args(argv)[0].preset
-    except ValueError:
-        return None
-    return p if p in PRESETS else None

@@ -23,10 +23,10 @@ from .latents import (
 # %% auto #0
 __all__ = ['DIGITS_SPLITS', 'DATASETS', 'IMG_EXTENSIONS', 'digits_dataset', 'make_loader', 'set_epoch', 'infinite_batches',
            'build_dataset', 'mnist_dataset', 'cifar10_dataset', 'FolderScan', 'scan_image_folder', 'make_shapes_folder',
-           'center_crop_arr', 'ImageFolderDataset', 'encode_folder', 'cli_latents', 'eval_labels', 'bench_latents',
-           'bench_loader', 'MF_LATENT_SCALE', 'IMF_LATENT_MEAN', 'IMF_LATENT_STD', 'LATENT_NORMS', 'DEFAULT_VAE',
-           'LATENT_FORMAT', 'normalize_latents', 'denormalize_latents', 'tiny_vae', 'latent_shape', 'LatentDataset',
-           'decode_latents', 'load_vae']
+           'center_crop_arr', 'ImageFolderDataset', 'encode_folder', 'eval_labels', 'bench_latents', 'bench_loader',
+           'MF_LATENT_SCALE', 'IMF_LATENT_MEAN', 'IMF_LATENT_STD', 'LATENT_NORMS', 'DEFAULT_VAE', 'LATENT_FORMAT',
+           'normalize_latents', 'denormalize_latents', 'tiny_vae', 'latent_shape', 'LatentDataset', 'decode_latents',
+           'load_vae']
 
 # %% ../nbs/06_data.ipynb #60fb3a83
 _all_ = [
@@ -394,48 +394,6 @@ def _latents(root=None, split='train', **kw):
 
 DATASETS['latents'] = _latents
 _DATASET_TARGETS['latents'] = LatentDataset
-
-# %% ../nbs/06_data.ipynb #b5b79b1f
-@cli_errors
-def cli_latents(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
-    ("`mf-latents`: encode an ImageFolder into sharded SD-VAE posterior mean/std files (resumable; torchrun splits "
-     "shards).")
-    p = CLIParser(prog='mf-latents', description=cli_latents.__doc__)
-    p.add_argument('--data', required=True, help='ImageFolder root: one sub-directory per class')
-    p.add_argument('--out', required=True, help='output directory (rerun the same command to resume)')
-    p.add_argument('--resolution', type=int, default=256, help='ADM center crop size')
-    p.add_argument('--batch-size', type=int, default=64, help='images per VAE call, per rank')
-    p.add_argument('--vae', default=DEFAULT_VAE, help='Hugging Face id or local directory of an AutoencoderKL')
-    p.add_argument('--shard-size', type=int, default=1024, help='images per shard file')
-    p.add_argument('--device', default=None, help='default: this rank\'s GPU if any, else CPU')
-    p.add_argument('--num-workers', type=int, default=4, help='image decoding workers per rank')
-    p.add_argument('--limit', type=int, default=None, help='encode only the first N images')
-    p.add_argument('--verify', default='header', choices=['none', 'header', 'full'], help='how hard to check each file')
-    p.add_argument('--quiet', action='store_true', help='no per-shard progress lines')
-    a = p.parse_args(argv)
-    check(Path(a.data).is_dir(), f'image folder {a.data} does not exist or is not a directory')  # before loading a VAE
-    for flag, v in (('--resolution', a.resolution), ('--batch-size', a.batch_size), ('--shard-size', a.shard_size)):
-        # the VAE's factor is checked once it is loaded
-        check(v >= 1, f'{flag} must be >= 1, got {v}')
-    check(a.num_workers >= 0, f'--num-workers must be >= 0, got {a.num_workers}')
-    check(a.limit is None or a.limit >= 1, f'--limit must be >= 1 (leave it out for every image), got {a.limit}')
-    if a.device is not None:
-        try:
-            torch.device(a.device)
-        except RuntimeError:
-            raise ConfigError(
-                f"--device must be a torch device such as cpu, cuda or cuda:1, got {a.device!r}") from None
-    device = dist.init_distributed()  # joins the torchrun group, if any; this rank's GPU or the CPU
-    device = a.device or device
-    try:
-        vae = load_vae(a.vae, device)
-        res = encode_folder(a.data, a.out, vae, a.resolution, a.batch_size, a.shard_size, device, a.num_workers,
-                            a.limit, vae_id=a.vae, verify=a.verify, verbose=not a.quiet)
-        if dist.is_main():
-            print(json.dumps(res))  # the summary, one JSON line
-    finally:
-        dist.cleanup_distributed()
-
 
 # %% ../nbs/06_data.ipynb #af59820b
 def eval_labels(n: int, # number of samples

@@ -21,7 +21,7 @@ from .checkpoint import sample_shape  # re-exported: `eval` is where readers of 
 
 # %% auto #0
 __all__ = ['RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log', 'evaluate_images', 'sample_shard',
-           'sample_run', 'sample_parser', 'cli_sample', 'fid_parser', 'run_fid', 'cli_fid', 'fid_curve']
+           'sample_run', 'run_fid', 'fid_curve']
 
 # %% ../nbs/11_eval.ipynb #e5fidrex
 # re-exported: the docs, the studies and the command lines below import these names from `eval`
@@ -301,111 +301,6 @@ def _decoder(cfg, vae: str | None, device):
     return lambda z: decode_latents(m, z, mode)
 
 
-# %% ../nbs/11_eval.ipynb #bb2d28dc
-def _shape_arg(s: str) -> tuple:
-    "`--shape`: positive integers separated by commas, such as 1,8,8 or 2."
-    try:
-        shape = tuple(int(v) for v in s.split(','))
-    except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f'expected positive integers such as 1,8,8 (C,H,W) or 2, got {s!r}')
-    return shape
-
-def sample_parser() -> argparse.ArgumentParser:
-    "The `mf-sample` argument parser."
-    p = CLIParser(prog='mf-sample',
-                  description='Generate N samples from a run folder (torchrun shards them; reruns resume).')
-    # option names avoid prefixes of torchrun's own (--run -> --run-path, --n -> --nnodes): torchrun would reject them
-    p.add_argument('run', nargs='?', help='run folder (config.json, ckpt_*.pt); not with --pretrained')
-    p.add_argument('--out', default=None, help='output folder (default RUN/samples_nfe{NFE}_{WEIGHTS}_n{N})')
-    p.add_argument('-n', '--num-samples', type=int, default=1000,
-                   help='number of samples (class-balanced labels i mod K) (default: 1000)')
-    p.add_argument('--nfe', type=int, default=1, help='network evaluations per sample, i.e. steps (default: 1)')
-    p.add_argument('--weights', choices=['ema', 'raw'], default='ema',
-                   help='the EMA copy or the raw trained weights (default: ema)')
-    p.add_argument('--ckpt', default=None, help='a checkpoint file (default: the newest usable one in RUN)')
-    p.add_argument('--omega', type=float, default=None,
-                   help='iMF: guidance scale at sampling time (default: the run\'s eval_omega)')
-    p.add_argument('--t-min', type=float, default=None,
-                   help='iMF: guidance interval start (default: the run\'s eval_t_min)')
-    p.add_argument('--t-max', type=float, default=None,
-                   help='iMF: guidance interval end (default: the run\'s eval_t_max)')
-    p.add_argument('--format', choices=['npz', 'png', 'both'], default='npz',
-                   help='samples.npz (ADM layout), png/ or both (default: npz)')
-    p.add_argument('--seed', type=int, default=0,
-                   help='seed of the noise and labels: same seed, same samples (default: 0)')
-    p.add_argument('--batch-size', type=int, default=256, help='samples per network call, per rank (default: 256)')
-    p.add_argument('--shard-size', type=int, default=1000, help='samples per resumable unit of work (default: 1000)')
-    p.add_argument('--shape', default=None, type=_shape_arg,
-                   help='sample shape C,H,W when the data is not available to infer it (default: from the run\'s data)')
-    p.add_argument(
-        '--vae', default=None,
-        help='latent runs: SD-VAE to decode with, Hugging Face id or local folder (default: stabilityai/sd-vae-ft-mse)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar (default: shown)')
-    p.add_argument(
-        '--pretrained', default=None, metavar='NAME',
-        help='a released checkpoint instead of a run: iMF-B/2, iMF-M/2, iMF-L/2, '
-        'iMF-XL/2 or MF-B/4 (file from --ckpt, $MEANFLOW_PRETRAINED or the Hub), sampled with the authors\' omega and '
-        'interval for --nfe (default: none)')
-    return p
-
-
-# %% ../nbs/11_eval.ipynb #37cc7ea6
-@cli_errors
-def cli_sample(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
-    "Console script `mf-sample`."
-    a = sample_parser().parse_args(argv)
-    check(a.num_samples >= 1, f'--num-samples must be a positive number, got {a.num_samples}')
-    run, out, loader = _pretrained_job(a) if a.pretrained else (a.run, a.out, None)
-    check(run is not None, 'give a run folder, or --pretrained NAME')
-    check(a.pretrained or Path(a.run).is_dir(), f'run folder {a.run} does not exist')
-    out = out or str(Path(a.run) / f'samples_nfe{a.nfe}_{a.weights}_n{a.num_samples}')
-    shape = a.shape
-    guidance = {'eval_omega': a.omega, 'eval_t_min': a.t_min, 'eval_t_max': a.t_max}
-    try:
-        res = sample_run(run, out, a.num_samples, a.nfe, a.weights, a.ckpt, a.seed, a.shard_size, a.batch_size,
-                         a.format, guidance, shape, a.vae, progress=not a.no_progress, loader=loader)
-        if dist.is_main():
-            print(json.dumps(res, indent=1))
-            print(
-                f"wrote {res.get('n_written', a.num_samples)} samples to {res['out']}/ "
-                f"({', '.join(k for k in ('npz', 'png') if k in res)})",
-                file=sys.stderr)
-    finally:
-        dist.cleanup_distributed()
-
-
-# %% ../nbs/11_eval.ipynb #574ab2bf
-def _pretrained_job(a) -> tuple:
-    "`mf-sample --pretrained`: (run, out, loader) for a released checkpoint (`meanflow_nb.pretrained`)."
-    from meanflow_nb.pretrained import resolve_checkpoint, pretrained_run
-    check(a.run is None, f'give a run folder or --pretrained, not both (got {a.run} and {a.pretrained})')
-    check(a.shape is None and a.weights == 'ema',
-          '--shape and --weights do not apply to --pretrained (released files hold EMA weights)')
-    path = resolve_checkpoint(a.ckpt or a.pretrained)
-    out = a.out or f'pretrained_{Path(str(a.pretrained)).name.replace("/", "-")}_nfe{a.nfe}_n{a.num_samples}'
-    return str(path), out, lambda device: pretrained_run(a.pretrained, a.nfe, ckpt=path, device=device)
-
-
-# %% ../nbs/11_eval.ipynb #fd8b1a41
-def fid_parser() -> argparse.ArgumentParser:
-    "The `mf-fid` argument parser."
-    p = CLIParser(prog='mf-fid', description='digits-FID or ImageNet FID of a samples .npz / PNG folder.')
-    p.add_argument('samples', nargs='?', help='samples.npz (arr_0 uint8 NHWC) or a folder of PNGs')
-    p.add_argument('--metric', choices=['digits-fid', 'fid'], default='digits-fid', help='digits-FID or Inception FID')
-    p.add_argument('--ref', default=None,
-                   help="digits-fid: 'test' (default), 'train', 'all' or samples; fid: reference .npz (mu, sigma)")
-    p.add_argument('--inception-weights', default=None, help='local Inception weights (fid without internet)')
-    p.add_argument('--classifier', default=None, help='digits classifier weights (default: the shipped file)')
-    p.add_argument('--batch-size', type=int, default=100)
-    p.add_argument('--save-stats', default=None, help="also write the samples' feature statistics to this .npz")
-    p.add_argument('--json', default=None, help='also write the result as JSON here')
-    p.add_argument('--train-classifier', action='store_true',
-                   help='(re)train the digits classifier into --classifier and exit')
-    return p
-
-
 # %% ../nbs/11_eval.ipynb #06e29122
 def run_fid(samples, # samples.npz, a PNG folder, or images
             metric: str = 'digits-fid', # 'digits-fid' or 'fid' (Inception, ImageNet)
@@ -433,24 +328,6 @@ def run_fid(samples, # samples.npz, a PNG folder, or images
 
 
 # %% ../nbs/11_eval.ipynb #ab79ea76
-@cli_errors
-def cli_fid(argv: list | None = None): # arguments (default: `sys.argv[1:]`)
-    "Console script `mf-fid`."
-    a = fid_parser().parse_args(argv)
-    if a.train_classifier:
-        _, acc = train_digits_classifier(a.classifier or DIGITS_CLASSIFIER_PATH)
-        print(json.dumps({'classifier': str(a.classifier or DIGITS_CLASSIFIER_PATH), 'test_accuracy': acc}))
-        return
-    check(a.samples is not None, 'give the samples (.npz or a PNG folder)')
-    res = run_fid(a.samples, a.metric, a.ref, a.classifier if a.metric == 'digits-fid' else a.inception_weights,
-                  a.batch_size, a.save_stats)
-    if a.save_stats:
-        print(f'wrote {a.save_stats}', file=sys.stderr)
-    print(json.dumps(res))
-    if a.json:
-        write_text_atomic(Path(a.json), json.dumps(res, indent=1))
-        print(f'wrote {a.json}', file=sys.stderr)
-
 def _is_stats(p) -> bool:
     "True for an `.npz` holding `mu` and `sigma` (reference statistics rather than samples)."
     if not str(p).endswith('.npz') or not Path(p).is_file():
@@ -501,7 +378,7 @@ def fid_curve(run: str | Path, # a run folder of `train` / `mf-train` with one o
 #| eval: false
 # `python -m meanflow_nb.eval sample|fid ...` (torchrun too)
 if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    from meanflow_nb.cli import cli_sample, cli_fid  # the console scripts live in `cli`
     cmd, rest = (sys.argv[1],
                  sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] in ('sample', 'fid') else ('sample', sys.argv[1:])
     (cli_fid if cmd == 'fid' else cli_sample)(rest)
-

@@ -11,7 +11,7 @@ from .core import check, CLIParser, time_interleaved
 
 # %% auto #0
 __all__ = ['CALIB', 'HELD_OUT', 'cpu_peak_bytes', 'saved_bytes', 'measure_activation_bytes', 'calibrate', 'model_flops',
-           'step_flops', 'plan', 'bench_grad_ckpt', 'bench_jvp', 'cli_plan', 'plan_text']
+           'step_flops', 'plan', 'bench_grad_ckpt', 'bench_jvp', 'plan_text']
 
 # %% ../nbs/12b_sizing.ipynb #871f36e9
 def cpu_peak_bytes(fn) -> int:
@@ -297,36 +297,6 @@ def bench_jvp(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5, input_
     return dict(model=model, batch=batch, ms_no_grad_jvp=ms_new, ms_jvp_with_graph=ms_old,
                 extra_step_time=ms_new / ms_old - 1, saved_mb_plain=plain / 2**20, saved_mb_jvp=new / 2**20,
                 saved_mb_jvp_with_graph=old / 2**20, saved_ratio=new / plain, saved_ratio_with_graph=old / plain)
-
-# %% ../nbs/12b_sizing.ipynb #cf8326df
-def cli_plan(argv: list | None = None):
-    "`mf-bench plan --preset P --gpus G --gpu-mem-gb M`: the memory plan and cost of a preset."
-    p = CLIParser(prog='mf-bench plan',
-                  description='Per-GPU memory, the micro-batch that fits, and GPU-hours of a preset.')
-    p.add_argument('--preset', required=True)
-    p.add_argument('--gpus', type=int, default=8)
-    p.add_argument('--gpu-mem-gb', type=float, default=80.0)
-    p.add_argument('--mfu', type=float, default=0.35)
-    p.add_argument('--peak-tflops', type=float, default=989.0)
-    p.add_argument('--grad_ckpt', action='store_true', help='plan with activation checkpointing')
-    p.add_argument('--fp32', action='store_true', help='plan without bf16 autocast')
-    p.add_argument('--json', default=None, metavar='PATH', help='also write the plan as JSON to PATH')
-    a = p.parse_args(argv)
-    finite = lambda v: math.isfinite(v) and v > 0
-    check(a.gpus >= 1, f'--gpus must be >= 1, got {a.gpus}')
-    check(finite(a.gpu_mem_gb), f'--gpu-mem-gb must be a finite number > 0, got {a.gpu_mem_gb}')
-    check(finite(a.peak_tflops), f'--peak-tflops must be a finite number > 0, got {a.peak_tflops}')
-    check(finite(a.mfu) and a.mfu <= 1, f'--mfu must lie in (0, 1], got {a.mfu}')
-    check(a.json is None or Path(a.json).resolve().parent.is_dir(), f'--json {a.json}: its folder does not exist')
-    kw = dict(grad_ckpt=True) if a.grad_ckpt else {}
-    if a.fp32:
-        kw['bf16'] = False
-    r = plan(a.preset, a.gpus, a.gpu_mem_gb, a.mfu, a.peak_tflops, **kw)
-    print(plan_text(r))
-    if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=1))
-        print(f'wrote {a.json}', file=sys.stderr)
-    return r
 
 # %% ../nbs/12b_sizing.ipynb #335551d1
 def plan_text(r: dict) -> str:

@@ -18,8 +18,8 @@ from .checkpoint import list_checkpoints, load_checkpoint, ema_weights
 from .kim import STUDY_FIELDS, MixtureProbe, probe_errors
 
 # %% auto #0
-__all__ = ['study_config', 'checkpoint_curve', 'study_parser', 'cli_study', 'study_main_job', 'main_job_text', 'study_bench',
-           'bench_text', 'digits_fid_text', 'plan_block']
+__all__ = ['study_config', 'checkpoint_curve', 'study_main_job', 'main_job_text', 'study_bench', 'bench_text', 'digits_fid_text',
+           'plan_block']
 
 # %% ../nbs/16_study.ipynb #s16a0007
 def study_config(preset: str | None = None, **kw):
@@ -53,63 +53,6 @@ def checkpoint_curve(out: str | Path, # a run folder written by `meanflow_nb.tra
 # the studies, registered in the order `mf-study all` runs them: the toy and digits first, then the main job and the
 # benchmarks (below), then digits at convergence and the long toy (at the end of this module)
 from . import toy_study, digits_study, digits_results
-
-# %% ../nbs/16_study.ipynb #s16a0011
-def study_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='mf-study',
-                                description='Regenerate the results: train, measure, write results/*.json.')
-    p.add_argument('what', nargs='+', help="study names, 'all', 'list' (names and expected durations) or 'readme' "
-                   "(re-render the README's results blocks and the figures from the result files)")
-    p.add_argument('--runs', default='runs/study', help='cache of finished training runs (resumable)')
-    p.add_argument('--quick', action='store_true',
-                   help='a tiny version of each study (minutes -> seconds), for testing')
-    p.add_argument(
-        '--fresh', action='store_true', help=
-        'redo every run, ignoring the records already in results/ (default: keep them, so an interrupted study resumes)'
-    )
-    p.add_argument('--check', action='store_true', help="with 'readme': change nothing, exit 1 if a block is stale")
-    return p
-
-# %% ../nbs/16_study.ipynb #s16a00x05
-@cli_errors
-def cli_study(argv: list[str] | None = None):
-    "`mf-study`: run studies by name, or re-render the README from the result files."
-    a = study_parser().parse_args(argv)
-    torch.set_num_threads(1)  # small networks on a shared CPU: one thread per process
-    if a.what == ['list']:
-        for k, s in STUDIES.items():
-            print(f"{k:24s} ~{s['minutes']:g} min  {s['doc'].splitlines()[0] if s['doc'] else ''}")
-        return
-    if a.what == ['readme']:
-        stale = [f'{d}:{k}' for d in DOCS for k in render_readme(repo_root() / d, write=not a.check)[1]]
-        if a.check:
-            if stale:
-                print(f"README blocks out of date: {', '.join(stale)}; run `mf-study readme`", file=sys.stderr)
-                sys.exit(1)
-            print('README results blocks match the result files')
-            return
-        figs = render_figures()
-        print(
-            f"README blocks re-rendered ({', '.join(stale) or 'none changed'}); figures: "
-            f"{', '.join(p.name for p in figs)}"
-        )
-        return
-    names = list(STUDIES) if a.what == ['all'] else a.what
-    bad = [n for n in names if n not in STUDIES]
-    check(not bad, f"unknown study {', '.join(bad)}; valid: {', '.join(STUDIES)}, all, list, readme")
-    total = sum(STUDIES[n]['minutes'] for n in names)
-    print(
-        f"running {', '.join(names)}: expected {'under a minute' if a.quick else f'about {total:g} minutes'} on one "
-        f"free core"
-    )
-    for n in names:
-        t0 = time.time()
-        STUDIES[n]['fn'](Path(a.runs), a.quick, fresh=a.fresh)
-        print(f'{n}: done in {(time.time() - t0) / 60:.1f} min')
-    if not a.quick:
-        for d in DOCS:
-            render_readme(repo_root() / d)
-        render_figures()
 
 # %% ../nbs/16_study.ipynb #s16e0002
 @study('main-job', minutes=5)
@@ -236,4 +179,5 @@ from . import convergence, toy_long
 # %% ../nbs/16_study.ipynb #s16b0006
 #| eval: false
 if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    from meanflow_nb.cli import cli_study  # the console scripts live in `cli`
     cli_study()  # `python -m meanflow_nb.study`

@@ -18,12 +18,11 @@ from .schedules import balanced_split
 from .models import set_grad_ckpt
 
 # %% auto #0
-__all__ = ['fit_micro_batch', 'sync_stats', 'train_step', 'ema_update_fn', 'ema_update', 'train', 'CompiledStep', 'compiled_step',
-           'cli_train']
+__all__ = ['fit_micro_batch', 'sync_stats', 'train_step', 'ema_update_fn', 'ema_update', 'train', 'CompiledStep', 'compiled_step']
 
 # %% ../nbs/08_train.ipynb #39a712ba
 from .config import TrainConfig, PRESETS, IMAGENET_TRAIN, get_config, validate_config, baseline_config, lr_at
-from .config import field_docs, train_parser, _preset_of
+from .config import field_docs
 from .methods import build_model, build_loss, generate, run_label, r_eq_t_share
 from .batches import ToyData, build_data, total_steps, mix_seed as _mix
 from .plan import ACT_COEF, activation_bytes, fixed_bytes, mix_bytes, resolve_micro_batch, set_precision
@@ -416,33 +415,8 @@ def compiled_step(backend: str = 'inductor') -> CompiledStep:
     "A `torch.compile`d `(model, loss_fn, x, y, drawn, step, total, scale) -> stats` (eager if compiling fails)."
     return CompiledStep(backend)
 
-# %% ../nbs/08_train.ipynb #da0e876b
-@cli_errors
-def cli_train(argv: list[str] | None = None):
-    "Console script `mf-train`."
-    with StopSignals():
-        _cli_train(argv)  # SIGTERM / SIGUSR1 from the start: exit 75 in every phase
-
-def _cli_train(argv):
-    a = vars(train_parser(_preset_of(argv if argv is not None else sys.argv[1:])).parse_args(argv))
-    preset, resume, overwrite, quiet = a.pop('preset'), a.pop('resume'), a.pop('overwrite'), a.pop('no_progress')
-    try:
-        cfg = get_config(preset, **{k: v for k, v in a.items() if v is not None})
-        res = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
-        if dist.is_main():
-            print(json.dumps({'out': str(res.out), **res.metrics}, indent=1))
-        if dist.is_main():
-            print(run_outputs(res.out), file=sys.stderr)
-    except Preempted as ex:
-        print(str(ex), file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
-    except RunError as ex:
-        print(f'error: {ex}', file=sys.stderr)
-        sys.exit(1)
-    finally:
-        dist.cleanup_distributed()
-
 # %% ../nbs/08_train.ipynb #e95cfab5
 #| eval: false
 if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    from meanflow_nb.cli import cli_train  # the console scripts live in `cli`
     cli_train()  # `python -m meanflow_nb.train`, torchrun

@@ -10,7 +10,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERE
 
 def test_in_process_parts_table_and_json(tmp_path, capsys):
     "steps, sampling, data and models at tiny size: one table row per measurement, JSON with every part."
-    from meanflow_nb.bench import cli_bench
+    from meanflow_nb.cli import cli_bench
     cli_bench(['steps', 'sampling', 'data', 'models', '--tiny', '--json', str(tmp_path / 'b.json')])
     out = capsys.readouterr().out
     res = json.loads((tmp_path / 'b.json').read_text())
@@ -62,14 +62,15 @@ def test_console_script_ddp_part(tmp_path):
 
 
 def test_bad_part_exits_2():
-    from meanflow_nb.bench import cli_bench
+    from meanflow_nb.cli import cli_bench
     with pytest.raises(SystemExit) as ex: cli_bench(['warp', '--tiny'])
     assert ex.value.code == 2
 
 
 def test_plan_cli(capsys):
     "mf-bench plan: memory per GPU, the micro-batch that fits and GPU-hours; consistent with plan(); bad input exits 2."
-    from meanflow_nb.bench import cli_bench, plan
+    from meanflow_nb.bench import plan
+    from meanflow_nb.cli import cli_bench
     r = cli_bench(['plan', '--preset', 'in256-mf-XL2', '--gpus', '8', '--gpu-mem-gb', '80'])
     out = capsys.readouterr().out
     assert 'DiT-XL/2' in out and 'GPU-hours' in out and 'AdamW' in out

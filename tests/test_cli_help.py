@@ -1,8 +1,8 @@
 """The commands explain themselves: every flag has a description and a default, `mf-train --preset P --help`
 shows P's values, and the BOOL/TUPLE/DICT syntax is documented (all in-process, no training)."""
 import dataclasses, re
-from meanflow_nb.config import train_parser, field_docs, TrainConfig, get_config, PRESETS, _flag_str
-from meanflow_nb.eval import sample_parser
+from meanflow_nb.config import field_docs, TrainConfig, get_config, PRESETS, _flag_str
+from meanflow_nb.cli import train_parser, sample_parser
 
 
 def flags(p): return [a for a in p._actions if a.option_strings and a.dest != 'help']

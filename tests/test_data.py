@@ -13,7 +13,7 @@ from meanflow_nb.data import (digits_dataset, make_loader, infinite_batches, bui
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}  # tiny models: one thread is fastest
 torch.set_num_threads(1)  # in-process too: on a shared 2-core machine two threads can be 100x slower
-CLI = [sys.executable, '-c', 'from meanflow_nb.data import cli_latents; cli_latents()']
+CLI = [sys.executable, '-c', 'from meanflow_nb.cli import cli_latents; cli_latents()']
 
 
 def run(args, cmd=CLI, **kw):
@@ -69,7 +69,7 @@ def test_normalisation_round_trip():
 
 def cli(args, capsys):
     "Run `mf-latents` in this process: (exit code, stdout, stderr lines)."
-    from meanflow_nb.data import cli_latents
+    from meanflow_nb.cli import cli_latents
     code = 0
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -141,7 +141,8 @@ DIST_SCRIPT = textwrap.dedent('''
     import sys, torch
     from torch.utils.data import TensorDataset
     from meanflow_nb import dist
-    from meanflow_nb.data import make_loader, set_epoch, digits_dataset, cli_latents
+    from meanflow_nb.data import make_loader, set_epoch, digits_dataset
+    from meanflow_nb.cli import cli_latents
     dist.init_distributed('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, world

@@ -38,7 +38,8 @@ def samples(folder):
 
 def test_two_gloo_ranks_give_the_same_samples_as_one(tiny_run, tmp_path):
     "N class-balanced uint8 samples; 2 torchrun ranks (python -m torch.distributed.run -m meanflow_nb.eval) give the same."
-    from meanflow_nb.eval import sample_run, cli_fid
+    from meanflow_nb.eval import sample_run
+    from meanflow_nb.cli import cli_fid
     sample_run(tiny_run, tmp_path / 'one', n=30, nfe=2, shard_size=7, fmt='both', progress=False)
     x1, y1 = samples(tmp_path / 'one')
     assert x1.shape == (30, 8, 8, 1) and x1.dtype == np.uint8
@@ -76,7 +77,7 @@ def test_kill_9_then_resume(tiny_run, tmp_path):
 
 def test_user_errors_exit_2(tiny_run, tmp_path, capsys):
     "Missing run folder, corrupt checkpoints, bad N, unreadable samples: one line on stderr, exit code 2."
-    from meanflow_nb.eval import cli_sample, cli_fid
+    from meanflow_nb.cli import cli_sample, cli_fid
     bad = tmp_path / 'bad'; bad.mkdir()
     (bad / 'ckpt_00000005.pt').write_bytes(b'not a checkpoint')
     (tmp_path / 'junk.npz').write_bytes(b'junk')
@@ -111,7 +112,8 @@ def small_inception(tmp_path_factory):
 
 def test_imagenet_fid_path_runs_with_local_weights(small_inception, tmp_path):
     "The ImageNet path end to end: uint8 RGB samples -> Inception 2048-d statistics -> FID against a reference .npz."
-    from meanflow_nb.eval import feature_stats, save_stats, INCEPTION, cli_fid, write_pngs
+    from meanflow_nb.eval import feature_stats, save_stats, INCEPTION, write_pngs
+    from meanflow_nb.cli import cli_fid
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
     s = feature_stats(x, INCEPTION, cuda=False, weights_path=small_inception, feature_layer='2048')
@@ -159,7 +161,7 @@ def test_latent_run_samples_decode_through_a_vae(tmp_path, capsys):
     "A latent-space run (tiny random VAE, 16 px ImageFolder): mf-sample decodes with --vae into uint8 RGB images."
     from meanflow_nb.data import make_shapes_folder, encode_folder, tiny_vae
     from meanflow_nb.train import get_config, train
-    from meanflow_nb.eval import cli_sample
+    from meanflow_nb.cli import cli_sample
     vae = tiny_vae(); vae.save_pretrained(tmp_path / 'vae')
     make_shapes_folder(tmp_path / 'img', n_per_class=4)
     encode_folder(tmp_path / 'img', tmp_path / 'lat', vae, resolution=16, batch_size=8, shard_size=8, verbose=False)
@@ -177,7 +179,7 @@ def test_imf_guidance_at_sampling_time(tmp_path):
     "An iMF run samples with the run's eval_* guidance, or with --omega/--t-min/--t-max passed on to sample_imf."
     import meanflow_nb.imf as imf
     from meanflow_nb.train import get_config, train
-    from meanflow_nb.eval import cli_sample
+    from meanflow_nb.cli import cli_sample
     train(get_config('digits', method='imf', model='iMF-T/2', steps=3, sample_every=0, eval_omega=2.5, eval_t_min=0.3,
                      eval_t_max=0.7, out=str(tmp_path / 'run')), progress=False)
     with mock.patch.object(imf, 'sample_imf', wraps=imf.sample_imf) as spy:

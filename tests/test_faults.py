@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow_nb.train import (cli_train, get_config, load_checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint,
+from meanflow_nb.train import (get_config, load_checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint,
                                state_digest, RunError, build_data, RESUME_MAY_CHANGE)
-from meanflow_nb.eval import cli_sample, cli_fid
-from meanflow_nb.data import cli_latents, build_dataset, make_shapes_folder, LatentDataset, LATENT_FORMAT
-from meanflow_nb.bench import cli_bench
+from meanflow_nb.cli import cli_train, cli_sample, cli_fid, cli_latents, cli_bench
+from meanflow_nb.data import build_dataset, make_shapes_folder, LatentDataset, LATENT_FORMAT
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
 TOY = ['--preset', 'toy2d', '--baseline_fm', 'false', '--eval_samples', '200', '--no-progress', '--global_batch', '64',
@@ -267,7 +266,7 @@ def test_kill_during_a_checkpoint_write(base, tmp_path, capsys):
     "SIGKILL halfway through writing step 20's checkpoint: a stray .tmp, never a torn ckpt; the resume is bit-exact."
     out = tmp_path / 'killed'
     script = ("import os, signal, sys, torch\n"
-              "from meanflow_nb.train import cli_train\n"
+              "from meanflow_nb.cli import cli_train\n"
               "orig, n = torch.save, [0]\n"
               "def save(obj, f, *a, **kw):\n"
               "    n[0] += 1\n"
@@ -669,6 +668,7 @@ def test_fid_curve_cache_follows_the_checkpoints(run, monkeypatch):
 
 SIGNAL_TORCHRUN = ("import os, sys, time, signal\n"
                    "import meanflow_nb.train as T, meanflow_nb.eval as E\n"
+                   "from meanflow_nb.cli import cli_train\n"
                    "from meanflow_nb.checkpoint import StopSignals\n"
                    "phase, argv = sys.argv[1], sys.argv[2:]\n"
                    "name, mod = ('build_data', T) if phase == 'startup' else ('evaluate_toy', E)\n"
@@ -680,7 +680,7 @@ SIGNAL_TORCHRUN = ("import os, sys, time, signal\n"
                    "        while not StopSignals.requested() and time.time() - t < 60: time.sleep(0.05)\n"
                    "    return real(*a, **k)\n"
                    "setattr(mod, name, hooked)\n"
-                   "T.cli_train(argv)\n")
+                   "cli_train(argv)\n")
 
 
 @pytest.mark.parametrize('phase,needle', [('startup', 'preempted during startup, before step 1'),
@@ -817,7 +817,7 @@ def test_fid_takes_whole_numbers_of_any_dtype():
 # ---------------------------------------------------------------- no room: file-size limit, full disk, memory
 
 FSIZE = ("import resource, signal, sys\n"
-         "from meanflow_nb.train import cli_train\n"
+         "from meanflow_nb.cli import cli_train\n"
          "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                          # as Python sets it: the write fails with EFBIG\n"
          "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))\n"
          "cli_train(sys.argv[2:])\n")

@@ -204,7 +204,7 @@ def test_plan_console_script_exits_0_and_writes_json(tmp_path):
 @pytest.mark.parametrize('value', ['0', '-5', 'nan', 'inf'])
 def test_plan_bad_number_is_one_line_exit_2(flag, value, capsys):
     "Zero, negative or non-finite TFLOP/s, memory or MFU: one line on stderr and exit 2 (no traceback, no plan)."
-    from meanflow_nb.bench import cli_bench
+    from meanflow_nb.cli import cli_bench
     with pytest.raises(SystemExit) as ex: cli_bench(['plan', '--preset', 'in256-mf-XL2', f'{flag}={value}'])
     assert ex.value.code == 2
     err, out = capsys.readouterr().err, capsys.readouterr().out

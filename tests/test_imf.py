@@ -60,7 +60,7 @@ def test_imf_digits_class_conditional_two_ranks(tmp_path):
     (['--model_kwargs', '{"v_head": false}'], 'needs a network with a v-head'),
 ])
 def test_imf_bad_model_exits_2(tmp_path, capsys, extra, needle):
-    from meanflow_nb.train import cli_train
+    from meanflow_nb.cli import cli_train
     with pytest.raises(SystemExit) as ex: cli_train([*TOY, '--steps', '2', '--global_batch', '16', *extra, '--out', str(tmp_path / 'bad')])
     assert ex.value.code == 2
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from meanflow_nb.core import ConfigError
 import meanflow_nb.pretrained as P
 from meanflow_nb.pretrained import load_pretrained, pretrained_run, PRETRAINED
-from meanflow_nb.eval import cli_sample
+from meanflow_nb.cli import cli_sample
 
 torch.set_num_threads(1)
 

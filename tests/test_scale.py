@@ -231,7 +231,8 @@ def test_compiled_step_kim_matches_eager():
 
 def test_compile_step_auto_on_cuda_only(capsys):
     "compile_step: 'auto' in every in256-* preset (on for CUDA, off for CPU); true / false / auto from the flag; anything else is one line."
-    from meanflow_nb.train import PRESETS, TrainConfig, get_config, use_compile_step, train_parser, cli_train
+    from meanflow_nb.train import PRESETS, TrainConfig, get_config, use_compile_step
+    from meanflow_nb.cli import train_parser, cli_train
     for name in [k for k in PRESETS if k.startswith('in256-')]:
         cfg = TrainConfig(**PRESETS[name])
         assert cfg.compile_step == 'auto' and use_compile_step(cfg, 'cuda') and not use_compile_step(cfg, 'cpu'), name
