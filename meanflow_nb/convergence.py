@@ -12,6 +12,7 @@ from .core import check
 from .report import load_result, save_result, locked_update, load_record, study
 from .config import get_config, TrainConfig
 from .methods import build_model
+from .methods import METHOD_TABLE
 from .batches import mix_seed
 from .checkpoint import list_checkpoints
 from .train import train
@@ -129,8 +130,10 @@ def conv_measure(run: Path, method: str, n: int = CONV_N, euler=CONV_EULER, heun
      "NFE on the validation split.")
     from meanflow_nb.checkpoint import load_run
     cfg, model, shp, _ = load_run(run)
+    row = METHOD_TABLE[CONV_METHODS[method]['method']]  # the study's name -> the trainer's method -> its table row
+    fm_steps, own_guidance = row.fm_steps, row.sampling_guidance
     rec = {}
-    if method == 'imf':   # guidance is an input: choose omega per NFE on the validation split and noise
+    if own_guidance:   # guidance is an input: choose omega per NFE on the validation split and noise
         val = {f'nfe{k}': {} for k in nfes}
         for k in nfes:
             for w in omegas:
@@ -139,25 +142,25 @@ def conv_measure(run: Path, method: str, n: int = CONV_N, euler=CONV_EULER, heun
         rec['omega'] = {k: float(min(d, key=d.get)) for k, d in val.items()}
         rec['omega_val'] = val
     final = {}
-    if method == 'fm':
+    if fm_steps:
         for k in euler:
             final[f'euler{k}'] = conv_fid(_samples(cfg, model, shp, k, CONV_FINAL_SEED, n))
         for k in heun:
             final[f'heun{k}'] = conv_fid(_samples(cfg, model, shp, k, CONV_FINAL_SEED, n, 'heun'))
     else:
         for k in nfes:
-            if method == 'imf':
+            if own_guidance:
                 cfg.eval_omega = rec['omega'][f'nfe{k}']
             final[f'nfe{k}'] = conv_fid(_samples(cfg, model, shp, k, CONV_FINAL_SEED, n))
     rec['final'] = final
-    curve = dict(step=[], fid1=[], **({f'euler{CONV_FM_CURVE_NFE}': []} if method == 'fm' else {}))
+    curve = dict(step=[], fid1=[], **({f'euler{CONV_FM_CURVE_NFE}': []} if fm_steps else {}))
     for p in list_checkpoints(run):
         cfg_k, model_k, _, step = load_run(run, ckpt=str(p))
-        if method == 'imf':
+        if own_guidance:
             cfg_k.eval_omega = rec['omega']['nfe1']
         curve['step'].append(step)
         curve['fid1'].append(conv_fid(_samples(cfg_k, model_k, shp, 1, CONV_CURVE_SEED, n)))
-        if method == 'fm':
+        if fm_steps:
             curve[f'euler{CONV_FM_CURVE_NFE}'].append(
                 conv_fid(_samples(cfg_k, model_k, shp, CONV_FM_CURVE_NFE, CONV_CURVE_SEED, n)))
     rec['curve'] = curve

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from .report import save_result, load_result, locked_update, load_record, study
 from .config import get_config
+from .methods import METHOD_TABLE
 from .checkpoint import list_checkpoints, read_log
 from .train import train
 
@@ -81,8 +82,9 @@ def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER
     from meanflow_nb.checkpoint import load_run
     from meanflow_nb.fid import memorisation_check
     from meanflow_nb.eval import sample_shard
+    fm_steps, own_guidance = METHOD_TABLE[method].fm_steps, METHOD_TABLE[method].sampling_guidance  # its table row
     rec = {}
-    if method in ('mf', 'kim'):
+    if not fm_steps and not own_guidance:  # sampled like MeanFlow: its curve
         curve = dict(step=[], fid1=[])
         for p in list_checkpoints(run):
             cfg, model, shp, step = load_run(run, ckpt=str(p))
@@ -90,13 +92,13 @@ def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER
             curve['fid1'].append(_digits_fid(sample_shard(cfg, model, shp, 0, n, 0, 1, DIGITS_CURVE_SEED, 500)['x']))
         rec['curve'] = curve
     cfg, model, shp, step = load_run(run)
-    if method == 'fm':
+    if fm_steps:
         rec['final'], x = _fm_fids(cfg, model, shp, n, DIGITS_FINAL_SEED, euler, heun)
         rec['memorisation'] = memorisation_check(x)
         return rec
     final, val, chosen = {}, {}, {}
     for k in mf_nfe:
-        if method == 'imf':   # guidance is an input: pick omega on the validation noise, report it on fresh noise
+        if own_guidance:   # guidance is an input: pick omega on the validation noise, report it on fresh noise
             val[f'nfe{k}'] = {}
             for w in omegas:
                 cfg.eval_omega = w
@@ -108,7 +110,7 @@ def digits_measure(run: Path, method: str, n: int = DIGITS_N, euler=DIGITS_EULER
         if k == 1:
             rec['memorisation'] = memorisation_check(s['x'])
     rec['final'] = final
-    if method == 'imf':   # and at the others' guidance scale, on the same fresh noise: the comparison at equal guidance
+    if own_guidance:   # and at the others' guidance scale, on the same fresh noise: the comparison at equal guidance
         cfg.eval_omega = DIGITS_IMF_MATCHED
         matched = {f'nfe{k}': final[f'nfe{k}'] if chosen[f'nfe{k}'] == DIGITS_IMF_MATCHED else   # the same samples
                    _digits_fid(sample_shard(cfg, model, shp, 0, n, 0, k, DIGITS_FINAL_SEED, 500)['x']) for k in mf_nfe}
@@ -167,7 +169,7 @@ def digits_run(runs: Path, method: str, seed: int, quick: bool = False, folder=N
     done = load_record(name, str(seed), folder, 'seeds')
     if done is not None and not (quick or fresh):
         return done
-    settings = digits_fm_settings(runs, quick, folder) if method == 'fm' else DIGITS_METHODS[method]
+    settings = digits_fm_settings(runs, quick, folder) if METHOD_TABLE[method].fm_steps else DIGITS_METHODS[method]
     out = Path(runs) / 'digits' / f'{method}_s{seed}{"_quick" if quick else ""}'
     kw = dict(DIGITS_TRAIN, **(dict(steps=6, ckpt_every=3, global_batch=8) if quick else {}))
     train(get_config('digits', out=str(out), seed=seed, **kw, **settings), resume=True, progress=False)

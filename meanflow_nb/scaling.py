@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .core import check, set_seed, time_interleaved
+from .checkpoint import read_log
 
 # %% auto #0
 __all__ = ['step_fn', 'steps_per_s_from_log', 'launch_sps', 'bench_compiled', 'bench_precision', 'bench_allreduce',
@@ -54,8 +55,7 @@ def steps_per_s_from_log(log: str | Path, # a run's `log.jsonl`, logged every st
                          warmup: int = 3, # steps to skip at the start
                         ) -> float:
     "Training steps per second between step `warmup` and the last logged step of `log.jsonl`."
-    rows = [json.loads(l) for l in Path(log).read_text().splitlines() if l.strip()]
-    rows = [r for r in rows if r['step'] >= warmup]
+    rows = [r for r in read_log(Path(log).parent) if r['step'] >= warmup]  # the rows of its run folder
     check(len(rows) >= 2, f'{log}: need at least 2 logged steps after the warm-up of {warmup}, found {len(rows)}')
     return (rows[-1]['step'] - rows[0]['step']) / (rows[-1]['sec'] - rows[0]['sec'])
 

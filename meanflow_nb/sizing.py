@@ -178,7 +178,7 @@ def step_flops(cfg, model) -> float:
     F = model_flops(model)
     if model_arch(model)['family'] == 'imf':
         return (2 if cfg.num_classes > 0 else 1) * F + 2 * model_flops(model, v_head=False) + 3 * F
-    rho = 1.0 if cfg.method == 'fm' else cfg.ratio_r_eq_t
+    rho = r_eq_t_share(cfg)
     guided = cfg.num_classes > 0 and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
     return F * (3 * rho + 5 * (1 - rho) + (2 if guided else 0))
 

@@ -11,6 +11,7 @@ from .core import check
 from .report import (load_result, save_result, locked_update, load_record, both_ci, equivalent_nfe_ci,
                                 fmt_ci, md_table, result_table, study)
 from .config import get_config, TrainConfig
+from .methods import METHOD_TABLE
 from .train import train
 from .toy_study import toy_quality, toy_eval_set
 from .convergence import step_compute
@@ -79,7 +80,7 @@ def _eval_marks(cfg, method: str, steps: int, quick: bool, folder=None) -> list:
      "nearest MeanFlow's last mark at matched FLOPs and at matched CPU time, and its last (what the summary reads).")
     mf_marks = [s for s in (2000, 4000, 6000, 4, 8)
                 if s <= (TOY_LONG_STEPS if not quick else 8) and s % cfg.ckpt_every == 0]
-    if method != 'fm':
+    if not METHOD_TABLE[method].fm_steps:
         return mf_marks
     comp = load_result('toy_long_compute', folder)['methods']
     grid = range(cfg.ckpt_every, steps + 1, cfg.ckpt_every)
@@ -94,8 +95,9 @@ def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder
      "matching, also at its matched-compute checkpoints and its last (`_eval_marks`).")
     if (d := load_record(f'toy_long_{method}', str(seed), folder)) is not None:
         return d
+    fm_steps = METHOD_TABLE[method].fm_steps  # its table row
     st = {k: v for k, v in (recipe or {}).items() if not k.startswith('_')} if method == 'mf' else TOY_LONG_FM
-    steps = (16 if method == 'fm' else 8) if quick else (TOY_LONG_FM_STEPS if method == 'fm' else TOY_LONG_STEPS)
+    steps = (16 if fm_steps else 8) if quick else (TOY_LONG_FM_STEPS if fm_steps else TOY_LONG_STEPS)
     out = Path(runs) / 'toy_long' / f"{method}_s{seed}{'_quick' if quick else ''}"
     cfg = _toy_long_cfg(out, seed, steps, st, quick)
     train(cfg, resume=True, progress=False)
@@ -103,7 +105,7 @@ def toy_long_run(runs: Path, method: str, seed: int, quick: bool = False, folder
     solvers = dict(euler=TOY_LONG_EULER[:3], heun=TOY_LONG_HEUN[:1]) if quick else dict(
         euler=TOY_LONG_EULER, heun=TOY_LONG_HEUN)
     marks = _eval_marks(cfg, method, steps, quick, folder)
-    q = {str(s): _toy_ckpt_quality(out, s, ev, solvers if method == 'fm' else dict(native=(1, 2))) for s in marks}
+    q = {str(s): _toy_ckpt_quality(out, s, ev, solvers if fm_steps else dict(native=(1, 2))) for s in marks}
     rec = dict(settings=st, steps=steps, quality=q)
     locked_update(f'toy_long_{method}', 'runs', str(seed), rec, folder, head=dict(eval_samples=len(ev['ref'])))
     return rec

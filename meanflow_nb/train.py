@@ -18,29 +18,20 @@ from .schedules import balanced_split
 from .models import set_grad_ckpt
 
 # %% auto #0
-__all__ = ['fit_micro_batch', 'sync_stats', 'train_step', 'ema_update_fn', 'ema_update', 'train', 'CompiledStep', 'compiled_step']
+__all__ = ['sync_stats', 'train_step', 'ema_update_fn', 'ema_update', 'train', 'CompiledStep', 'compiled_step']
 
 # %% ../nbs/08_train.ipynb #39a712ba
 from .config import TrainConfig, PRESETS, IMAGENET_TRAIN, get_config, validate_config, baseline_config, lr_at
 from .config import field_docs
 from .methods import build_model, build_loss, generate, run_label, r_eq_t_share
 from .batches import ToyData, build_data, total_steps, mix_seed as _mix
-from .plan import ACT_COEF, activation_bytes, fixed_bytes, mix_bytes, resolve_micro_batch, set_precision
-from .plan import use_compile_step, model_arch as _arch, fit_divisor as _fit, Meter as _Meter
+from .plan import ACT_COEF, activation_bytes, fixed_bytes, resolve_micro_batch, set_precision
+from .plan import use_compile_step, Meter as _Meter
 from .checkpoint import (RunError, RESUME_MAY_CHANGE, EXIT_PREEMPTED, Preempted, StopSignals, state_digest,
                                     save_checkpoint, load_checkpoint, list_checkpoints, prune_checkpoints,
                                     latest_checkpoint, claim_run_folder, release_run_folder, trim_log, restore_latest,
                                     init_weights, load_init, run_state, run_outputs)
 from .eval import RunResult, finish_run, evaluate_toy, save_sample_grid, plot_log, evaluate_images
-
-# %% ../nbs/08_train.ipynb #c1aced14
-def _mix_bytes(cfg, arch) -> float:
-    "`plan.mix_bytes` at `cfg`'s share of r = t samples (`methods.r_eq_t_share`)."
-    return mix_bytes(cfg, arch, r_eq_t_share(cfg))
-
-def fit_micro_batch(cfg, model, free_gb: float, per_rank: int) -> int:
-    "`plan.fit_micro_batch` at `cfg`'s share of r = t samples: the trainer's `micro_batch='auto'`."
-    return plan.fit_micro_batch(cfg, model, free_gb, per_rank, r_eq_t_share(cfg))
 
 # %% ../nbs/08_train.ipynb #e72d9d7e
 def _chunks(n: int, micro: int) -> list:
