@@ -4,12 +4,12 @@
 
 # %% ../nbs/07d_checkpoint.ipynb #e028ee53
 from __future__ import annotations
-import os, re, sys, json, socket, signal, threading, hashlib
+import os, re, sys, json, socket, signal, threading, hashlib, pickle
 from dataclasses import asdict
 from pathlib import Path
 import torch
 from torch import nn
-from .core import ConfigError, check, write_text_atomic, write_atomic
+from .core import ConfigError, check, write_text_atomic, write_atomic, NoRoomError, _NO_ROOM, _no_room
 try:
     import fcntl  # run-folder locks (POSIX)
 except ImportError:
@@ -23,10 +23,11 @@ from .batches import build_data
 # %% auto #0
 __all__ = ['CKPT_KEYS', 'CKPT_NAME', 'RESUME_MAY_CHANGE', 'RUN_FILES', 'RUN_OUTPUTS', 'EXIT_PREEMPTED', 'RunError',
            'state_digest', 'nonfinite_weights', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
-           'prune_checkpoints', 'newest_checkpoint', 'latest_checkpoint', 'ema_weights', 'prepare_run_folder',
-           'release_run_folder', 'lock_run_folder', 'clear_run_folder', 'claim_run_folder', 'run_outputs',
-           'config_diff', 'check_resume', 'read_log', 'trim_log', 'run_state', 'restore_latest', 'init_weights',
-           'load_init', 'Preempted', 'StopSignals', 'sample_shape', 'load_run']
+           'prune_checkpoints', 'host_copy', 'CheckpointWriter', 'newest_checkpoint', 'latest_checkpoint',
+           'ema_weights', 'prepare_run_folder', 'release_run_folder', 'lock_run_folder', 'clear_run_folder',
+           'claim_run_folder', 'run_outputs', 'config_diff', 'check_resume', 'read_log', 'trim_log', 'cannot_write',
+           'append_log', 'run_state', 'restore_latest', 'init_weights', 'load_init', 'Preempted', 'StopSignals',
+           'sample_shape', 'load_run']
 
 # %% ../nbs/07d_checkpoint.ipynb #95bfdab9
 class RunError(RuntimeError):
@@ -94,6 +95,9 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = [k for k in CKPT_KEYS if k not in st] if isinstance(st, dict) else list(CKPT_KEYS)
     if missing:
         raise RunError(f'{path} is not a training checkpoint: it lacks {", ".join(missing)}')
+    shp = st.get('sample_shape')  # absent in runs from before it was stored
+    if shp is not None and not (isinstance(shp, list) and shp and all(isinstance(s, int) and s > 0 for s in shp)):
+        raise RunError(f'{path} is not a training checkpoint: its sample_shape is {shp!r}')
     if 'sha256' in st and st['sha256'] != state_digest(st):
         raise RunError(f'checkpoint {path} is corrupt: its content does not match the sha256 stored with it')
     bad = nonfinite_weights(st)
@@ -118,6 +122,74 @@ def prune_checkpoints(out: str | Path, keep: int):
     "Delete all but the newest `keep` checkpoints (by step; other files are never touched)."
     for p in list_checkpoints(out)[:-keep] if keep > 0 else []:
         p.unlink(missing_ok=True)
+
+# %% ../nbs/07d_checkpoint.ipynb #e80ff35f
+def host_copy(x):
+    "A copy of a checkpoint state in host memory: every tensor copied to the CPU, containers rebuilt."
+    if torch.is_tensor(x):
+        return x.detach().to('cpu', copy=True)
+    if isinstance(x, dict):
+        return {k: host_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(host_copy(v) for v in x)
+    return x
+
+def _portable(ex: BaseException) -> BaseException:
+    "`ex` if it pickles (to reach the other ranks), else a `RunError` with its message."
+    try:
+        pickle.loads(pickle.dumps(ex))
+        return ex
+    except Exception:
+        return RunError(str(ex))
+
+# %% ../nbs/07d_checkpoint.ipynb #11e017c8
+class CheckpointWriter:
+    "Rank 0's writes during training: checkpoints in a background thread (or in the caller), log rows, figures."
+    def __init__(self, out: Path, keep: int, background: bool = True):
+        self.out, self.keep, self.background = Path(out), keep, background
+        self.thread, self.error = None, None
+    def write(self, fn, *args, **kwargs):
+        "Call `fn` (a small write); its failure is raised at once at world size 1, else kept for `share`."
+        try:
+            fn(*args, **kwargs)
+        except (OSError, RunError) as ex:
+            if dist.get_world_size() == 1:
+                raise
+            self.error = self.error or ex
+    def _save(self, path: Path, state: dict):
+        try:
+            save_checkpoint(path, state)
+            prune_checkpoints(self.out, self.keep)
+        except BaseException as ex:  # MemoryError too: raised in the training thread by `share`
+            self.error = self.error or ex
+    def save(self, path: Path, state: dict, wait: bool = False):
+        "Checkpoint `state` after the save in flight ended (`wait`: this one too); nothing after a failure."
+        self.wait()
+        if self.error is not None:
+            return
+        if not self.background or nonfinite_weights(state):
+            return self._save(path, state)  # non-finite weights: refused now, naming this step
+        try:
+            host = host_copy(state)
+        except MemoryError as ex:
+            self.error = ex
+            return
+        self.thread = threading.Thread(target=self._save, args=(path, host), name='mf-checkpoint')
+        self.thread.start()
+        if wait:
+            self.wait()
+    def wait(self):
+        "Let the save in flight end (its failure is kept)."
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+    def share(self):
+        "Raise rank 0's kept failure on every rank (a collective at world size > 1: every rank calls it)."
+        err = self.error
+        if dist.get_world_size() > 1:
+            err = dist.broadcast_object(_portable(err) if err is not None else None)
+        if err is not None:
+            raise err
 
 # %% ../nbs/07d_checkpoint.ipynb #169ed677
 def newest_checkpoint(out: str | Path) -> tuple:
@@ -156,7 +228,7 @@ RESUME_MAY_CHANGE = ( # config fields that may differ between a checkpoint and t
     'num_workers', 'dist_timeout', 'compile', 'bf16', # how it runs, not what it computes
     # (the GPU path's knobs)
     'tf32', 'jvp_dtype', 'micro_batch', 'grad_ckpt', 'overlap_sync', 'bucket_mb', 'compile_step',
-    'ckpt_every_minutes', 'param_check_every',
+    'ckpt_every_minutes', 'param_check_every', 'async_ckpt',
     # where things are (moved data, a renamed folder); init_from is moot on resume
     'out', 'data_path', 'init_from', 'preset',
     'eval_omega', 'eval_t_min', 'eval_t_max', # sampling-time guidance of iMF
@@ -283,11 +355,37 @@ def trim_log(out: Path, start: int):
     if p.exists():
         write_text_atomic(p, ''.join(json.dumps(r) + '\n' for r in read_log(out) if r['step'] <= start))
 
+# %% ../nbs/07d_checkpoint.ipynb #cdf6765d
+def cannot_write(ex: OSError, path: Path) -> OSError:
+    "A one-line `OSError` naming `path` and what to change, for a small write that failed with `ex`."
+    if ex.errno in _NO_ROOM:
+        why = _no_room(ex.errno, path).rsplit('; ', 1)[0]
+    else:
+        why = f'cannot write {path}: {ex.strerror or ex}: make {path.parent} writable or write to another folder'
+    return NoRoomError(ex.errno, f'{why}; the checkpoints are kept and --resume goes on from the newest')
+
+def append_log(out: str | Path, row: dict):
+    "Append `row` to `OUT/log.jsonl` as one JSON line; a failed write raises `cannot_write`'s one line."
+    p = Path(out) / 'log.jsonl'
+    data = (json.dumps(row) + '\n').encode()
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+    except OSError as ex:
+        raise cannot_write(ex, p) from None
+
 # %% ../nbs/07d_checkpoint.ipynb #18d88462
-def run_state(cfg, step, model, emas, opt, loss_fn=None) -> dict:
-    "Everything a resumed run needs (the loss's own state too, for stateful schedules such as DTD)."
-    return dict(step=step, model=model.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(),
-                config=asdict(cfg), loss=loss_fn.state_dict() if hasattr(loss_fn, 'state_dict') else {})
+def run_state(cfg, step, model, emas, opt, loss_fn=None, shape: tuple | None = None) -> dict:
+    "Everything a resumed run needs (the loss's own state too, for DTD), and `sample_shape` for `load_run`."
+    st = dict(step=step, model=model.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(),
+              config=asdict(cfg), loss=loss_fn.state_dict() if hasattr(loss_fn, 'state_dict') else {})
+    if shape is not None:
+        st['sample_shape'] = [int(s) for s in shape]  # mf-sample needs no data folder to build the network
+    return st
 
 # %% ../nbs/07d_checkpoint.ipynb #0829e53f
 def restore_latest(out: Path, model, emas, opt, loss_fn=None, cfg=None, total=None, verbose: bool = True) -> int:
@@ -434,15 +532,17 @@ def load_run(run: str | Path, # run folder written by `mf-train` / `train`
     if info is not None:
         info.update(path=str(path), sha256=st.get('sha256') or state_digest(st))
     cfg = config_from_dict(st['config'])
-    # a DiT builds at any size: check it against the run's data
-    if shape:
+    own = tuple(st['sample_shape']) if st.get('sample_shape') else None  # stored at training time (not older runs)
+    if own is None:
         try:
             own = sample_shape(cfg)
         except ConfigError:
-            own = None                                         # the data is not here to tell
-        check(own is None or tuple(shape) == own, f'{path}: {cfg.model} was built for samples of shape {own} '
-              f'(--shape {",".join(map(str, own or ()))}), not {tuple(shape)}; leave out --shape')
-    shp = sample_shape(cfg, shape)
+            check(shape, f'{path} stores no sample shape (a run from before it was stored) and its data '
+                  f'{cfg.data!r} is not here to tell; pass --shape C,H,W (the shape it was trained on)')
+    # a DiT builds at any size: check a --shape against the run's
+    check(not shape or own is None or tuple(shape) == own, f'{path}: {cfg.model} was built for samples of shape '
+          f'{own} (--shape {",".join(map(str, own or ()))}), not {tuple(shape or ())}; leave out --shape')
+    shp = tuple(int(s) for s in shape) if shape else own
     if weights == 'ema':
         check(0 <= ema_index < len(st.get('ema', [])),
               f'{path} has {len(st.get("ema", []))} EMA copies; no index {ema_index}')

@@ -53,6 +53,9 @@ class TrainConfig:
     # torch.compile the whole step (loss, JVP, backward); 'auto': on for CUDA, off for CPU (the in256-* presets)
     compile_step: bool | str = False
     ckpt_every_minutes: float = 0.0 # also checkpoint when this many minutes passed since the last one (0: off)
+    # rank 0 hashes and writes each checkpoint in a background thread from a host copy, while training goes on
+    # (False: in the loop, the other ranks waiting); at most one save in flight (07d_checkpoint)
+    async_ckpt: bool = True
     # --- the loss (MF names)
     P_mean: float = -0.4 # logit-normal location of t and r
     P_std: float = 1.0 # logit-normal scale

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from .core import ConfigError, check, cli_errors, CLIParser, write_text_atomic
 from . import dist
+from .core import write_atomic
 from .config import TrainConfig
 from .methods import generate, method_of, METHOD_NAMES, run_label
 from .batches import ToyData, build_data, mix_seed
@@ -20,8 +21,8 @@ from .checkpoint import sample_shape  # re-exported: `eval` is where readers of 
 
 
 # %% auto #0
-__all__ = ['RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'plot_log', 'evaluate_images', 'sample_shard',
-           'sample_run', 'run_fid', 'fid_curve']
+__all__ = ['RunResult', 'finish_run', 'evaluate_toy', 'save_sample_grid', 'save_png', 'plot_log', 'evaluate_images',
+           'sample_shard', 'sample_run', 'run_fid', 'fid_curve']
 
 # %% ../nbs/11_eval.ipynb #e5fidrex
 # re-exported: the docs, the studies and the command lines below import these names from `eval`
@@ -59,7 +60,11 @@ def finish_run(cfg: TrainConfig, model: nn.Module, ema: nn.Module, data, device,
             metrics = _evaluate(res, data, device, progress)
         except Preempted:
             metrics = None  # a SIGTERM / SIGUSR1 here: no metrics.json, every rank raises `Preempted`
+        except OSError as ex:
+            metrics = ex  # a full disk, a read-only folder: every rank stops with rank 0's line
     res.metrics = dist.broadcast_object(metrics)
+    if isinstance(res.metrics, OSError):
+        raise res.metrics
     if res.metrics is None:
         raise Preempted(total, res.out, 'evaluation')
     return res
@@ -126,7 +131,7 @@ def evaluate_toy(cfg: TrainConfig, ema: nn.Module, baseline: RunResult | None, d
         scatter2d(x, ax, f"{titles[k]}  SWD {m['swd_' + k]:.3f}")
     one = lambda p: (p - generate(cfg, ema, p.to(device), 1).cpu())  # z_1 - x = u(z_1, 0, 1), unconditional
     plot_field(one, axs[-1], title='learned v(z, t=1)' if fm else 'learned u(z, r=0, t=1)')
-    step('figure', lambda: (fig.tight_layout(), fig.savefig(Path(cfg.out) / 'samples.png', dpi=110)))
+    step('figure', lambda: (fig.tight_layout(), save_png(fig, Path(cfg.out) / 'samples.png')))
     bar.close()
     return {k: round(float(v), 6) for k, v in m.items()}
 
@@ -151,7 +156,12 @@ def save_sample_grid(cfg: TrainConfig, model: nn.Module, shape: tuple, path: Pat
         show_images(generate(cfg, model, z, nfe, y).float().cpu()[:, :3], nrow=per_class, ax=ax, title=f'{nfe}-NFE')
     model.train(was)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
+
+# %% ../nbs/11_eval.ipynb #3b1b78c2
+def save_png(fig, path: Path):
+    "Write `fig` to `path` as a PNG, atomically."
+    write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=110))
 
 # %% ../nbs/11_eval.ipynb #53a3bf42
 def plot_log(out: Path, path: Path | None = None):
@@ -175,7 +185,7 @@ def plot_log(out: Path, path: Path | None = None):
     axs[1].set_title('the loss the optimiser sees', fontsize=9)
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=110)
+        save_png(fig, path)
     return fig
 
 def evaluate_images(cfg: TrainConfig, ema: nn.Module, shape: tuple, device) -> dict:

@@ -30,7 +30,7 @@ from .plan import use_compile_step, Meter as _Meter
 from .checkpoint import (RunError, RESUME_MAY_CHANGE, EXIT_PREEMPTED, Preempted, StopSignals, state_digest,
                                     save_checkpoint, load_checkpoint, list_checkpoints, prune_checkpoints,
                                     latest_checkpoint, claim_run_folder, release_run_folder, trim_log, restore_latest,
-                                    init_weights, load_init, run_state, run_outputs)
+                                    init_weights, load_init, run_state, run_outputs, CheckpointWriter, append_log)
 from .eval import RunResult, finish_run, evaluate_toy, save_sample_grid, plot_log, evaluate_images
 
 # %% ../nbs/08_train.ipynb #e72d9d7e
@@ -253,6 +253,7 @@ class _Loop:
         self.split = self.world if cfg.r_eq_t_split == 'balanced' else 0
         self.ema_n = [int(e.n_averaged) for e in run.emas]  # the EMA counts, kept on the host
         self.bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step (-1: none)
+        self.ckpt = CheckpointWriter(run.out, cfg.keep_ckpts, cfg.async_ckpt)  # rank 0's writes (07d_checkpoint)
 
     def run(self):
         "Steps `start .. total - 1` of the run, after a last look for a stop request; rank 0 writes the log."
@@ -265,15 +266,15 @@ class _Loop:
         batches = r.data.batches(r.start, cfg.global_batch, dist.get_rank(), self.world, cfg.seed, r.device)
         bar = _progress(range(r.start, r.total), self.main and self.progress, run_label(cfg))
         self.meter, self.t0, self.last_ckpt = _Meter(r.device), time.perf_counter(), time.monotonic()
-        with (open(r.out / 'log.jsonl', 'a') if self.main else open(os.devnull, 'w')) as log:
-            try:
-                for step in bar:
-                    self.step(step, batches, log, bar)
-            finally:
-                if self.gsync is not None:
-                    self.gsync.remove()
+        try:
+            for step in bar:
+                self.step(step, batches, bar)
+        finally:
+            self.ckpt.wait()  # a save in flight ends before anything else happens
+            if self.gsync is not None:
+                self.gsync.remove()
 
-    def step(self, step: int, batches, log, bar):
+    def step(self, step: int, batches, bar):
         "One step: the update, then what this step also does (log, sample, check, checkpoint, stop)."
         r, cfg, done = self.r, self.r.cfg, step + 1
         when = _when(cfg, done, r.total, self.world, r.loss_fn)
@@ -281,17 +282,20 @@ class _Loop:
             x, y = next(batches)
         stats = self.update(step, x, y, when)
         self.meter.step()
-        preempt, timed = self.signals()
+        preempt, timed, failed = self.signals()
+        if failed:
+            self.ckpt.share()  # rank 0's log row, figure or background save failed: every rank stops with its line
         if when['sync'] or preempt or timed:
             _raise_if_bad(self.bad)
         if when['check']:
             _check_params(r.model, done)
         if when['log']:
-            self.log(step, stats, log, bar)
+            self.log(step, stats, bar)
         if self.main and cfg.sample_every and done % cfg.sample_every == 0 and len(r.data.shape) == 3:
-            save_sample_grid(cfg, r.emas[0].module, r.data.shape, r.out / 'samples' / f'step_{done:08d}.png', r.device)
+            self.ckpt.write(save_sample_grid, cfg, r.emas[0].module, r.data.shape,
+                            r.out / 'samples' / f'step_{done:08d}.png', r.device)
         if when['ckpt'] or preempt or timed:
-            self.save(done)
+            self.save(done, wait=preempt or done == r.total)
         if preempt and done < r.total:
             raise Preempted(done, r.out)
 
@@ -320,38 +324,38 @@ def update(self: _Loop, step: int, x, y, when: dict) -> dict:
 
 @patch
 def signals(self: _Loop) -> tuple:
-    "`(preempt, timed)`: a SIGTERM / SIGUSR1 on any rank; `ckpt_every_minutes` passed on rank 0 (agreed by all)."
+    "`(preempt, timed, failed)`: a SIGTERM / SIGUSR1 on any rank; `ckpt_every_minutes` passed; rank 0's write failed."
     cfg, flag = self.r.cfg, self.stop.flag
     timed = self.main and cfg.ckpt_every_minutes > 0 and time.monotonic(
     ) - self.last_ckpt >= 60 * cfg.ckpt_every_minutes
+    failed = self.ckpt.error is not None
     if self.world > 1 or flag or timed:
-        return dist.any_rank(flag, timed)
-    return False, False
+        return dist.any_rank(flag, timed, failed)
+    return False, False, failed
 
 
 # %% ../nbs/08_train.ipynb #931451b7
 @patch
-def log(self: _Loop, step: int, stats: dict, log, bar):
+def log(self: _Loop, step: int, stats: dict, bar):
     "A log step: rank 0 writes a `log.jsonl` row (losses, learning rate, throughput); every rank resets the meter."
     cfg, sec = self.r.cfg, round(time.perf_counter() - self.t0, 3)
     tput = self.meter.read(cfg.global_batch)
     if not self.main:
         return
     row = dict(step=step + 1, lr=lr_at(cfg, step), sec=sec, **stats, **tput)
-    log.write(json.dumps(row) + '\n')
-    log.flush()
+    self.ckpt.write(append_log, self.r.out, row)
     if hasattr(bar, 'set_postfix'):
         bar.set_postfix(loss=f"{stats['loss']:.4g}", loss_u=f"{stats['loss_u']:.3g}", loss_v=f"{stats['loss_v']:.3g}",
                         img_s=f"{row['img_per_s']:.0f}")
 
 @patch
-def save(self: _Loop, done: int):
-    "Rank 0 writes the checkpoint of step `done` and prunes old ones; every rank waits for it."
+def save(self: _Loop, done: int, wait: bool = False):
+    "Rank 0 checkpoints step `done` (in the background unless `wait`); a failure of rank 0 stops every rank."
     r = self.r
     if self.main:
-        save_checkpoint(r.out / f'ckpt_{done:08d}.pt', run_state(r.cfg, done, r.model, r.emas, r.opt, r.loss_fn))
-        prune_checkpoints(r.out, r.cfg.keep_ckpts)
-    dist.barrier()
+        st = run_state(r.cfg, done, r.model, r.emas, r.opt, r.loss_fn, r.data.shape)
+        self.ckpt.save(r.out / f'ckpt_{done:08d}.pt', st, wait)
+    self.ckpt.share()  # the one exchange of a checkpoint step, in place of a barrier
     self.last_ckpt = time.monotonic()
 
 def _progress(it, show: bool, desc: str):

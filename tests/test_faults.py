@@ -14,6 +14,7 @@ from meanflow_nb.train import (get_config, load_checkpoint, latest_checkpoint, l
                                state_digest, RunError, build_data, RESUME_MAY_CHANGE)
 from meanflow_nb.cli import cli_train, cli_sample, cli_fid, cli_latents, cli_bench
 from meanflow_nb.data import build_dataset, make_shapes_folder, LatentDataset, LATENT_FORMAT
+from meanflow_nb.checkpoint import read_log, load_run
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
 TOY = ['--preset', 'toy2d', '--baseline_fm', 'false', '--eval_samples', '200', '--no-progress', '--global_batch', '64',
@@ -901,3 +902,173 @@ def test_latents_numbers_are_refused_before_the_vae_loads(tmp_path, capsys, monk
     assert code == 2
     one_line(err, needle)
     assert not (tmp_path / 'lat').exists()
+
+
+# ---------------------------------------------------------------- small writes, the sample shape, rank 0's failed save, background saves
+
+def test_torn_log_row_on_a_full_disk_is_one_line_and_resume_survives_it(run, capsys, monkeypatch):
+    "ENOSPC half-way through a log.jsonl row: exit 2, one line naming the file; the torn row is skipped, --resume drops it."
+    import errno
+    ckpts = {k: v for k, v in snap(run).items() if k.startswith('ckpt_')}
+    real = os.write
+    def full(fd, data):
+        if bytes(data).startswith(b'{"step": 25'):
+            real(fd, bytes(data)[:12]); raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(fd, data)
+    monkeypatch.setattr(os, 'write', full)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    monkeypatch.setattr(os, 'write', real)
+    assert code == 2
+    last_line(err, f'error: cannot write {run / "log.jsonl"}: the disk is full (')
+    assert 'the checkpoints are kept and --resume goes on from the newest' in err
+    assert {k: v for k, v in snap(run).items() if k.startswith('ckpt_')} == ckpts
+    assert (run / 'log.jsonl').read_text().endswith('{"step": 25,') and [r['step'] for r in read_log(run)][-1] == 20
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    assert code == 0, err
+    assert log_steps(run) == [5, 10, 15, 20, 25, 30]                     # every line parses, every step once
+
+
+def test_full_disk_for_a_figure_is_one_line(run, tmp_path, capsys, monkeypatch):
+    "samples.png on a full disk in the final evaluation: exit 2, one line, no torn or stray file; --resume evaluates."
+    import errno
+    from matplotlib.figure import Figure
+    real = Figure.savefig
+    def full(self, f, *a, **k): f.write(b'\x89PNG half'); raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(Figure, 'savefig', full)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    monkeypatch.setattr(Figure, 'savefig', real)
+    assert code == 2
+    last_line(err, f'error: cannot write {run / "samples.png"}: the disk is full (')
+    assert ckpt_steps(run) == [10, 20, 30] and not list(run.glob('.*.tmp'))
+    assert json.loads((run / 'metrics.json').read_text())['steps'] == 20              # the old run's, not mixed
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)   # evaluates what is there
+    assert code == 0, err
+    assert json.loads((run / 'metrics.json').read_text())['steps'] == 30 and (run / 'samples.png').stat().st_size > 1000
+
+
+def test_a_read_only_run_folder_after_startup_is_one_line(run, capsys, monkeypatch):
+    "The folder turns read-only during training (EROFS on the next log row): exit 2, one line naming the file."
+    import errno
+    import meanflow_nb.checkpoint as C
+    real = C.os.open
+    def ro(p, flags, *a):
+        if str(p).endswith('log.jsonl'): raise OSError(errno.EROFS, 'Read-only file system')
+        return real(p, flags, *a)
+    monkeypatch.setattr(C.os, 'open', ro)
+    code, _, err = cli(cli_train, TOY + ['--steps', '30', '--resume', '--out', run], capsys)
+    assert code == 2
+    last_line(err, f'error: cannot write {run / "log.jsonl"}: Read-only file system: make {run} writable')
+
+
+def latent_run(tmp_path):
+    "A 2-step DiT-T/2 run on a hand-made latent folder: `(run folder, latent folder)`."
+    lat, out = fake_latents(tmp_path / 'lat'), tmp_path / 'lrun'
+    try: cli_train(['--preset', 'digits', '--model', 'DiT-T/2', '--data', 'latents', '--data_path', str(lat),
+                    '--num_classes', '2', '--global_batch', '4', '--steps', '2', '--ckpt_every', '2', '--eval_samples', '4',
+                    '--no-progress', '--out', str(out)])
+    except SystemExit as ex: assert ex.code == 0
+    return out, lat
+
+
+def test_sample_shape_is_stored_and_used_when_the_data_is_gone(tmp_path, capsys):
+    """A latent run's checkpoint stores its sample shape: mf-sample needs neither the data folder nor --shape; a --shape
+    that disagrees is one line; an older checkpoint (no shape stored) without its data is one line naming --shape."""
+    out, lat = latent_run(tmp_path)
+    st = load_checkpoint(out / 'ckpt_00000002.pt')
+    assert st['sample_shape'] == [4, 8, 8]
+    shutil.rmtree(lat)
+    cfg, model, shape, step = load_run(out)                        # neither the data folder nor --shape needed
+    assert shape == (4, 8, 8) and step == 2
+    code, _, err = cli(cli_sample, [out, '--shape', '4,16,16', '--out', tmp_path / 's2', '-n', '4', '--no-progress'], capsys)
+    assert code == 2
+    one_line(err, 'was built for samples of shape (4, 8, 8) (--shape 4,8,8), not (4, 16, 16); leave out --shape')
+    old = {k: v for k, v in st.items() if k not in ('sample_shape', 'sha256')}
+    torch.save({**old, 'sha256': state_digest(old)}, out / 'ckpt_00000002.pt')             # as runs before it wrote them
+    code, _, err = cli(cli_sample, [out, '--out', tmp_path / 's3', '-n', '4', '--no-progress'], capsys)
+    assert code == 2
+    one_line(err, "stores no sample shape (a run from before it was stored) and its data 'latents' is not here to tell; "
+                  "pass --shape C,H,W")
+    assert load_run(out, shape=(4, 8, 8))[2] == (4, 8, 8)
+    bad = {**old, 'sample_shape': [4, -8]}
+    torch.save({**bad, 'sha256': state_digest(bad)}, out / 'ckpt_00000002.pt')
+    with pytest.raises(RunError, match='its sample_shape is'): load_checkpoint(out / 'ckpt_00000002.pt')
+
+
+SAVE_FAILS_ON_RANK_0 = ("import errno, os, sys, torch\n"
+                       "from meanflow_nb.cli import cli_train\n"
+                       "real = torch.save\n"
+                       "def save(obj, f, *a, **k):\n"
+                       "    if obj.get('step') == 20: raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                       "    return real(obj, f, *a, **k)\n"
+                       "torch.save = save\n"
+                       "cli_train(sys.argv[1:])\n")
+
+
+@pytest.mark.parametrize('bg', ['true', 'false'])
+def test_a_failed_save_on_rank_0_stops_both_gloo_ranks_with_one_line(tmp_path, bg):
+    """Rank 0's checkpoint of step 20 fails (a full disk), in the background or in the loop: both gloo ranks exit 2 with
+    the same line at once (rank 1 does not wait out --dist_timeout), the checkpoint of step 10 is intact. The ranks are
+    started as torchrun would, but by hand: torchrun would kill rank 1 as soon as rank 0 ended, before it said anything."""
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    script = tmp_path / 'hook.py'; script.write_text(SAVE_FAILS_ON_RANK_0)
+    out = tmp_path / 'o'
+    t = time.monotonic()
+    ps = [subprocess.Popen([sys.executable, str(script), *TOY, '--steps', '30', '--param_check_every', '0',
+                            '--async_ckpt', bg, '--out', str(out)], stderr=subprocess.PIPE, text=True,
+                           env=dict(ENV, WORLD_SIZE='2', RANK=str(k), LOCAL_RANK=str(k), LOCAL_WORLD_SIZE='2',
+                                    MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))) for k in (0, 1)]
+    errs = [p.communicate(timeout=240)[1] for p in ps]
+    assert time.monotonic() - t < 120, errs                                   # not the 600 s of --dist_timeout
+    line = f'error: cannot write {out / "ckpt_00000020.pt"}: the disk is full ('
+    for p, err in zip(ps, errs):
+        assert p.returncode == 2, errs
+        assert len(err.strip().splitlines()) == 1 and err.startswith(line), errs   # one line from each rank
+    assert ckpt_steps(out) == [10] and not list(out.glob('*.tmp'))
+    load_checkpoint(out / 'ckpt_00000010.pt')
+
+
+def test_background_saves_write_the_same_checkpoints(tmp_path, capsys):
+    "async_ckpt on and off: the same weights, EMA, optimiser state and digest in every checkpoint (the config aside)."
+    for bg in ('true', 'false'):
+        code, _, err = cli(cli_train, TOY + ['--steps', '20', '--async_ckpt', bg, '--out', tmp_path / bg], capsys)
+        assert code == 0, err
+    assert ckpt_steps(tmp_path / 'true') == ckpt_steps(tmp_path / 'false') == [10, 20]
+    for p in list_checkpoints(tmp_path / 'false'):
+        fg, bgst = load_checkpoint(p), load_checkpoint(tmp_path / 'true' / p.name)
+        assert bgst['config']['async_ckpt'] is True and fg['config']['async_ckpt'] is False
+        assert state_digest({**bgst, 'config': fg['config']}) == fg['sha256']   # same content, field for field
+        for k in fg['model']: assert torch.equal(fg['model'][k], bgst['model'][k])
+
+
+def test_a_slow_save_in_the_background_does_not_stop_the_steps(tmp_path, capsys, monkeypatch):
+    """A save that takes 4 s: in the background the ten steps after it go on (the log's clock from step 10 to 20 holds
+    the steps only); in the loop they wait for it. Both runs end with both checkpoints on disk."""
+    import meanflow_nb.checkpoint as C
+    real = C.save_checkpoint
+    def slow(path, state): time.sleep(4.0); return real(path, state)
+    monkeypatch.setattr(C, 'save_checkpoint', slow)
+    gap = {}
+    for bg in ('true', 'false'):
+        out = tmp_path / bg
+        code, _, err = cli(cli_train, TOY + ['--steps', '20', '--async_ckpt', bg, '--out', out], capsys)
+        assert code == 0, err
+        sec = {r['step']: r['sec'] for r in read_log(out)}
+        gap[bg] = sec[20] - sec[10]
+        assert ckpt_steps(out) == [10, 20]
+    assert gap['false'] >= 4.0 and gap['true'] < gap['false'] - 2.5, gap
+
+
+def test_a_failing_background_save_stops_the_run_with_one_line(run, capsys, monkeypatch):
+    "ENOSPC in the background save of step 30: the run stops at the next step with one line; step 20's checkpoint stays."
+    import errno
+    ckpts = {k: v for k, v in snap(run).items() if k.startswith('ckpt_')}
+    real = torch.save
+    def full(obj, f, *a, **k):
+        if obj['step'] == 30: f.write(b'x' * 100); raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', full)
+    code, _, err = cli(cli_train, TOY + ['--steps', '40', '--resume', '--out', run], capsys)
+    assert code == 2
+    last_line(err, f'error: cannot write {run / "ckpt_00000030.pt"}: the disk is full (')
+    assert {k: v for k, v in snap(run).items() if k.startswith('ckpt_')} == ckpts and not list(run.glob('*.tmp'))
