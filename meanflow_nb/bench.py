@@ -11,13 +11,13 @@ import torch
 from .core import ConfigError, check, cli_errors, CLIParser, set_seed
 
 # %% auto #0
-__all__ = ['PARTS', 'SIZES', 'bench_steps', 'bench_sampling', 'bench_trainer_loader', 'bench_data', 'bench_ddp',
-           'bench_model_forward', 'bench_scale', 'scale_rows', 'overlap_rows', 'cpu_info', 'run_bench', 'bench_rows',
-           'bench_table', 'bench_findings', 'step_fn', 'steps_per_s_from_log', 'launch_sps', 'bench_compiled',
-           'bench_precision', 'bench_allreduce', 'bench_overlap', 'mixed_tangent_ops', 'block_jvp_ops', 'bench_host',
-           'host_rows', 'cpu_peak_bytes', 'saved_bytes', 'measure_activation_bytes', 'CALIB', 'HELD_OUT', 'calibrate',
-           'model_flops', 'step_flops', 'plan', 'bench_grad_ckpt', 'bench_jvp', 'plan_text', 'ACT_COEF',
-           'activation_bytes', 'fixed_bytes']
+__all__ = ['model_flops', 'plan_text', 'plan', 'step_flops', 'PARTS', 'SIZES', 'bench_steps', 'bench_sampling',
+           'bench_trainer_loader', 'bench_data', 'bench_ddp', 'bench_model_forward', 'bench_scale', 'scale_rows',
+           'overlap_rows', 'cpu_info', 'run_bench', 'bench_rows', 'bench_table', 'bench_findings', 'step_fn',
+           'steps_per_s_from_log', 'launch_sps', 'bench_compiled', 'bench_precision', 'bench_allreduce',
+           'bench_overlap', 'mixed_tangent_ops', 'block_jvp_ops', 'bench_host', 'host_rows', 'cpu_peak_bytes',
+           'saved_bytes', 'measure_activation_bytes', 'CALIB', 'HELD_OUT', 'calibrate', 'bench_grad_ckpt', 'bench_jvp',
+           'ACT_COEF', 'activation_bytes', 'fixed_bytes']
 
 # %% ../nbs/12_bench.ipynb #57a06084
 from .scaling import (
@@ -27,8 +27,17 @@ from .scaling import _x
 
 # %% ../nbs/12_bench.ipynb #7e5d792b
 from .sizing import (
-    cpu_peak_bytes, saved_bytes, measure_activation_bytes, CALIB, HELD_OUT, calibrate, model_flops, step_flops,
-    plan, bench_grad_ckpt, bench_jvp, plan_text, ACT_COEF, activation_bytes, fixed_bytes)  # with the model
+    cpu_peak_bytes, saved_bytes, measure_activation_bytes, CALIB, HELD_OUT, calibrate,
+    bench_grad_ckpt, bench_jvp, ACT_COEF, activation_bytes, fixed_bytes)  # with the model
+
+# %% ../nbs/12_bench.ipynb #b3c0st01
+import functools
+from . import plan as _cost
+from .methods import r_eq_t_share
+# the cost model (07c_plan) at the trainer's share of r = t samples (methods.r_eq_t_share)
+model_flops, plan_text = _cost.model_flops, _cost.plan_text
+plan = functools.partial(_cost.plan, share=r_eq_t_share)
+step_flops = functools.partial(_cost.step_flops, share=r_eq_t_share)
 
 # %% ../nbs/12_bench.ipynb #d9e7c30b
 _all_ = [

@@ -16,8 +16,7 @@ from .train import train
 from .eval import sample_run, run_fid
 from .fid import DIGITS_CLASSIFIER_PATH, train_digits_classifier
 from .latents import DEFAULT_VAE
-from .bench import PARTS, run_bench, bench_table
-from .sizing import plan, plan_text
+from .bench import PARTS, run_bench, bench_table, plan, plan_text  # plan: at the r = t share of methods
 from .report import STUDIES, DOCS, repo_root, render_readme, render_figures
 from . import study  # registers every study in STUDIES
 

@@ -10,8 +10,8 @@ import torch
 from .core import check, CLIParser, time_interleaved
 
 # %% auto #0
-__all__ = ['CALIB', 'HELD_OUT', 'cpu_peak_bytes', 'saved_bytes', 'measure_activation_bytes', 'calibrate', 'model_flops',
-           'step_flops', 'plan', 'bench_grad_ckpt', 'bench_jvp', 'plan_text']
+__all__ = ['CALIB', 'HELD_OUT', 'cpu_peak_bytes', 'saved_bytes', 'measure_activation_bytes', 'calibrate', 'bench_grad_ckpt',
+           'bench_jvp']
 
 # %% ../nbs/12b_sizing.ipynb #871f36e9
 def cpu_peak_bytes(fn) -> int:
@@ -144,89 +144,8 @@ def calibrate(configs=CALIB, held_out=HELD_OUT, precisions=('fp32', 'bf16'),
     return coef, rows
 
 # %% ../nbs/12b_sizing.ipynb #f9a0a002
-# the memory model (07c_plan), at the trainer's share of r = t samples (methods.r_eq_t_share)
+# the memory model (07c_plan), which the calibration below checks
 from .plan import model_arch, ACT_COEF, activation_bytes, fixed_bytes, mix_bytes, fit_divisor
-from .methods import r_eq_t_share
-
-# %% ../nbs/12b_sizing.ipynb #5cd22707
-def model_flops(model, # a DiT or iMF network (the meta device will do: only shapes are read)
-                v_head: bool = True, # iMF: count the v-head (False: the u path only, as in the JVP)
-               ) -> float:
-    """Forward FLOPs of one sample, as `torch.utils.flop_counter` counts them (2 per multiply-add of a matmul): each
-    linear layer or patch convolution once per token it sees, except the conditioning MLPs (adaLN modulation, the
-    time / guidance embedders), which run once per sample; plus attention, `4 T^2 D` per block."""
-    import torch.nn as nn
-    a = model_arch(model)
-    T_all, T_img = a['T'], model.x_embedder.num_patches                       # iMF: prefix + image tokens; else equal
-    f, blocks = 0.0, 0
-    for name, m in model.named_modules():
-        if not v_head and name.split('.')[0] in ('v_blocks', 'v_final'):
-            continue
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            per = 1 if ('adaLN' in name
-                        or 'embedder' in name) else T_img if (isinstance(m, nn.Conv2d) or 'final' in name) else T_all
-            f += 2 * m.weight.numel() * per
-        elif hasattr(m, 'attn') and type(m).__name__.endswith('Block'):
-            blocks += 1   # DiTBlock, iMFBlock
-    return f + blocks * 4 * T_all ** 2 * a['D']
-
-def step_flops(cfg, model) -> float:
-    """FLOPs of one training sample of `cfg`, in forward passes `F` of `model_flops`: a plain sample (`r = t`) 3 F
-    (forward + backward); a MeanFlow JVP sample 5 F (the JVP without grad, primal + tangent ~ 2 F; then the forward
-    with grad and its backward, 3 F); the guidance query 2 F (a no-grad forward of both labels). iMF: the guidance
-    query 2 F, the JVP through the u path only (2 F_u), then forward + backward with the v-head (3 F)."""
-    F = model_flops(model)
-    if model_arch(model)['family'] == 'imf':
-        return (2 if cfg.num_classes > 0 else 1) * F + 2 * model_flops(model, v_head=False) + 3 * F
-    rho = r_eq_t_share(cfg)
-    guided = cfg.num_classes > 0 and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
-    return F * (3 * rho + 5 * (1 - rho) + (2 if guided else 0))
-
-# %% ../nbs/12b_sizing.ipynb #ecc0683d
-def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
-         mfu: float = 0.35, # assumed model-FLOP utilisation
-         peak_tflops: float = 989.0, # dense bf16 peak of one GPU (H100 SXM); A100: 312
-         **overrides) -> dict:
-    "Per-GPU memory, the micro-batch that fits, and the GPU-hours of a preset on `gpus` GPUs of `gpu_mem_gb` GB."
-    for n, v in (('gpus', gpus), ('gpu_mem_gb', gpu_mem_gb), ('mfu', mfu), ('peak_tflops', peak_tflops)):
-        check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f'{n} must be a finite number > 0, got {v!r}')
-    check(
-        int(gpus) == gpus and mfu <= 1, f'need a whole number of GPUs and an MFU in (0, 1], got gpus={gpus}, mfu={mfu}')
-    from meanflow_nb.config import IMAGENET_TRAIN
-    from meanflow_nb.models import create_model
-    cfg = _cfg_no_data(preset, **overrides)
-    check(cfg.global_batch % gpus == 0, f'global batch {cfg.global_batch} does not divide by {gpus} GPUs')
-    kw = dict(input_size=32, in_channels=4, num_classes=cfg.num_classes, **cfg.model_kwargs)
-    if cfg.model.startswith('iMF'):
-        kw.setdefault('v_head', cfg.imf_v_head)
-    with torch.device('meta'):
-        net = create_model(cfg.model, **kw)
-    arch = model_arch(net)
-    per_rank, GB = cfg.global_batch // gpus, 2 ** 30
-    fixed = fixed_bytes(arch['params'], len(cfg.ema_decays))
-    fm, jvp = activation_bytes(arch, 'fm', cfg.bf16,
-                               cfg.grad_ckpt), activation_bytes(arch, 'jvp', cfg.bf16, cfg.grad_ckpt)
-    budget = gpu_mem_gb * GB * 0.9 - 2 * GB - sum(fixed.values())
-    mix = mix_bytes(cfg, arch, r_eq_t_share(cfg))
-    m = fit_divisor(budget, mix, per_rank)
-    steps = cfg.steps or math.ceil(cfg.epochs * IMAGENET_TRAIN / cfg.global_batch)
-    fwd, f = model_flops(net), step_flops(cfg, net)
-    gpu_hours = steps * cfg.global_batch * f / (mfu * peak_tflops * 1e12) / 3600
-    return dict(preset=preset, model=cfg.model, params_m=round(arch['params'] / 1e6, 1), gpus=gpus,
-                gpu_mem_gb=gpu_mem_gb, per_gpu_batch=per_rank, bf16=cfg.bf16, grad_ckpt=cfg.grad_ckpt,
-                **{f'{k}_gb': round(v / GB, 2)
-                   for k, v in fixed.items()
-                   }, act_fm_mb_per_sample=round(fm / 2**20, 1), act_jvp_mb_per_sample=round(jvp / 2**20, 1),
-                act_full_batch_gb=round(per_rank * mix / GB, 1), micro_batch=m, fits=m >= 1, peak_gb=round(
-                    (sum(fixed.values()) + m * mix) / GB + 2, 1) if m else None,
-                fwd_gflops_per_sample=round(fwd / 1e9, 2), step_gflops_per_sample=round(f / 1e9, 2), steps=steps,
-                mfu=mfu, peak_tflops=peak_tflops, gpu_hours=round(gpu_hours), days=round(gpu_hours / gpus / 24, 1))
-
-def _cfg_no_data(preset: str, **overrides):
-    "A preset's `TrainConfig` without checking its data path (planning needs no data)."
-    from meanflow_nb.config import TrainConfig, PRESETS
-    check(preset in PRESETS, f'unknown preset {preset!r}; valid presets: {", ".join(PRESETS)}')
-    return dataclasses.replace(TrainConfig(**PRESETS[preset], preset=preset), **overrides)
 
 # %% ../nbs/12b_sizing.ipynb #7f960127
 def bench_grad_ckpt(models: tuple = (('DiT-T/2', {'hidden_size': 256, 'depth': 6, 'num_heads': 4}),
@@ -297,22 +216,3 @@ def bench_jvp(model: str = 'DiT-D/2', batch: int = 128, repeats: int = 5, input_
     return dict(model=model, batch=batch, ms_no_grad_jvp=ms_new, ms_jvp_with_graph=ms_old,
                 extra_step_time=ms_new / ms_old - 1, saved_mb_plain=plain / 2**20, saved_mb_jvp=new / 2**20,
                 saved_mb_jvp_with_graph=old / 2**20, saved_ratio=new / plain, saved_ratio_with_graph=old / plain)
-
-# %% ../nbs/12b_sizing.ipynb #335551d1
-def plan_text(r: dict) -> str:
-    "A plan as a few readable lines."
-    mb = r['micro_batch']
-    fit = (
-        f"micro-batch {mb} of {r['per_gpu_batch']} per GPU ({r['per_gpu_batch'] // mb} accumulation steps), peak "
-        f"~{r['peak_gb']} GB"
-        if mb else f"does not fit: not even 1 sample per GPU (try --grad_ckpt)")
-    return '\n'.join([
-        f"{r['preset']}: {r['model']} ({r['params_m']} M params) on {r['gpus']} x {r['gpu_mem_gb']:g} GB, "
-        f"{r['per_gpu_batch']} samples per GPU, bf16 {r['bf16']}, grad_ckpt {r['grad_ckpt']}",
-        f"  fixed per GPU: weights {r['weights_gb']} GB, grads {r['grads_gb']} GB, AdamW {r['adamw_gb']} GB, EMA "
-        f"{r['ema_gb']} GB",
-        f"  activations per sample: r = t {r['act_fm_mb_per_sample']} MB, JVP {r['act_jvp_mb_per_sample']} MB; "
-        f"whole per-GPU batch at once {r['act_full_batch_gb']} GB", f"  {fit}",
-        f"  {r['steps']:,} steps: ~{r['gpu_hours']:,} GPU-hours (~{r['days']} days) at MFU {r['mfu']} of "
-        f"{r['peak_tflops']:g} TFLOP/s"
-    ])
