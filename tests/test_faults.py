@@ -994,33 +994,42 @@ def test_sample_shape_is_stored_and_used_when_the_data_is_gone(tmp_path, capsys)
     with pytest.raises(RunError, match='its sample_shape is'): load_checkpoint(out / 'ckpt_00000002.pt')
 
 
-SAVE_FAILS_ON_RANK_0 = ("import errno, os, sys, torch\n"
-                       "from meanflow_nb.cli import cli_train\n"
-                       "real = torch.save\n"
-                       "def save(obj, f, *a, **k):\n"
-                       "    if obj.get('step') == 20: raise OSError(errno.ENOSPC, 'No space left on device')\n"
-                       "    return real(obj, f, *a, **k)\n"
-                       "torch.save = save\n"
-                       "cli_train(sys.argv[1:])\n")
+FAILS_ON_RANK_0 = ("import errno, os, sys, torch\n"
+                   "from meanflow_nb.cli import cli_train\n"
+                   "what, argv = sys.argv[1], sys.argv[2:]\n"
+                   "save, write = torch.save, os.write\n"
+                   "def full(): return OSError(errno.ENOSPC, 'No space left on device')\n"
+                   "def failing_save(obj, f, *a, **k):\n"
+                   "    if obj.get('step') == 20: raise full()\n"
+                   "    return save(obj, f, *a, **k)\n"
+                   "def failing_write(fd, b):\n"
+                   "    if bytes(b).startswith(b'{\"step\": 15,'): raise full()\n"
+                   "    return write(fd, b)\n"
+                   "if int(os.environ['RANK']) == 0:\n"
+                   "    if what == 'log': os.write = failing_write\n"
+                   "    else: torch.save = failing_save\n"
+                   "cli_train(argv)\n")
 
 
-@pytest.mark.parametrize('bg', ['true', 'false'])
-def test_a_failed_save_on_rank_0_stops_both_gloo_ranks_with_one_line(tmp_path, bg):
-    """Rank 0's checkpoint of step 20 fails (a full disk), in the background or in the loop: both gloo ranks exit 2 with
-    the same line at once (rank 1 does not wait out --dist_timeout), the checkpoint of step 10 is intact. The ranks are
-    started as torchrun would, but by hand: torchrun would kill rank 1 as soon as rank 0 ended, before it said anything."""
+@pytest.mark.parametrize('what', ['background save', 'foreground save', 'log'])
+def test_a_failed_write_on_rank_0_stops_both_gloo_ranks_with_one_line(tmp_path, what):
+    """Rank 0's checkpoint of step 20 (in the background or in the loop) or its log row of step 15 fails (a full disk):
+    both gloo ranks exit 2 with the same line at once (rank 1 does not wait out --dist_timeout), the checkpoint of step
+    10 is intact. The ranks are started as torchrun would, but by hand: torchrun would kill rank 1 as soon as rank 0
+    ended, before it said anything."""
     import socket
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-    script = tmp_path / 'hook.py'; script.write_text(SAVE_FAILS_ON_RANK_0)
+    script = tmp_path / 'hook.py'; script.write_text(FAILS_ON_RANK_0)
     out = tmp_path / 'o'
     t = time.monotonic()
-    ps = [subprocess.Popen([sys.executable, str(script), *TOY, '--steps', '30', '--param_check_every', '0',
+    bg = 'false' if what == 'foreground save' else 'true'
+    ps = [subprocess.Popen([sys.executable, str(script), what, *TOY, '--steps', '30', '--param_check_every', '0',
                             '--async_ckpt', bg, '--out', str(out)], stderr=subprocess.PIPE, text=True,
                            env=dict(ENV, WORLD_SIZE='2', RANK=str(k), LOCAL_RANK=str(k), LOCAL_WORLD_SIZE='2',
                                     MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))) for k in (0, 1)]
     errs = [p.communicate(timeout=240)[1] for p in ps]
     assert time.monotonic() - t < 120, errs                                   # not the 600 s of --dist_timeout
-    line = f'error: cannot write {out / "ckpt_00000020.pt"}: the disk is full ('
+    line = f'error: cannot write {out / ("log.jsonl" if what == "log" else "ckpt_00000020.pt")}: the disk is full ('
     for p, err in zip(ps, errs):
         assert p.returncode == 2, errs
         assert len(err.strip().splitlines()) == 1 and err.startswith(line), errs   # one line from each rank
