@@ -29,13 +29,13 @@ def model_arch(model) -> dict:
 
 # %% ../nbs/07c_plan.ipynb #e45f5eed
 # activation bytes per sample = depth * (a * T * D + b * H * T^2) * 4, fitted to the bytes autograd holds for backward
-# (12_bench's `calibrate(measure='saved')`). The JVP runs without grad, so a JVP sample holds what a plain forward
-# does; its forward runs in the JVP's precision (fp32 by default), so under bf16 autocast a JVP sample (and every iMF
-# sample) holds fp32 activations, a plain sample bf16 ones (measured on their own). b ~ 0: fused attention (flash on the
-# CPU, flash or memory-efficient on CUDA) keeps no T x T scores for backward.
+# (12b_sizing's `calibrate(measure='saved')`). The JVP runs without grad, so a JVP sample holds what a plain forward
+# does, and that forward runs under the step's own precision: under bf16 autocast a JVP sample holds bf16 activations
+# like a plain one (iMF's are its u and v paths). b ~ 0: fused attention (flash on the CPU, flash or memory-efficient
+# on CUDA) keeps no T x T scores for backward.
 ACT_COEF = {('dit', 'fm', 'fp32'): (21.95, 0.0), ('dit', 'jvp', 'fp32'): (21.95, 0.0),
             ('imf', 'jvp', 'fp32'): (28.91, 0.08), ('dit', 'fm', 'bf16'): (13.59, 0.0),
-            ('dit', 'jvp', 'bf16'): (21.95, 0.0), ('imf', 'jvp', 'bf16'): (28.91, 0.08)}
+            ('dit', 'jvp', 'bf16'): (13.59, 0.0), ('imf', 'jvp', 'bf16'): (20.35, 0.07)}
 
 def activation_bytes(arch: dict, kind: str = 'jvp', # 'fm' (r = t sample) or 'jvp' (r < t sample; iMF: every sample)
                      bf16: bool = False, grad_ckpt: bool = False, coef: dict | None = None) -> float:
