@@ -12,8 +12,8 @@ from .config import TrainConfig, PRESETS, config_from_dict
 
 # %% auto #0
 __all__ = ['ACT_COEF', 'model_arch', 'activation_bytes', 'fixed_bytes', 'mix_bytes', 'fit_divisor', 'fit_micro_batch',
-           'resolve_micro_batch', 'set_precision', 'use_compile_step', 'Meter', 'model_flops', 'step_flops', 'plan',
-           'plan_text']
+           'resolve_micro_batch', 'set_precision', 'use_compile_step', 'Meter', 'model_flops', 'jvp_flops',
+           'step_flops', 'plan', 'plan_text']
 
 # %% ../nbs/07c_plan.ipynb #2aae4cc8
 # the memory model of a training step, used by micro_batch='auto' and by `mf-bench plan` (calibrated in 12_bench)
@@ -155,6 +155,15 @@ def model_flops(model, # a DiT or iMF network (the meta device will do: only sha
             blocks += 1   # DiTBlock, iMFBlock
     return f + blocks * 4 * T_all ** 2 * a['D']
 
+def jvp_flops(cfg, model,
+              share, # `cfg -> ` its share of r = t samples (`methods.r_eq_t_share`)
+             ) -> float:
+    ("FLOPs of the no-grad JVP per training sample (primal + tangent ~ 2 forwards): iMF runs it on every sample "
+     "through the u path only; MeanFlow on the share of samples with r < t.")
+    if model_arch(model)['family'] == 'imf':
+        return 2 * model_flops(model, v_head=False)
+    return 2 * model_flops(model) * (1 - share(cfg))
+
 def step_flops(cfg, model,
                share, # `cfg -> ` its share of r = t samples (`methods.r_eq_t_share`)
               ) -> float:
@@ -162,12 +171,11 @@ def step_flops(cfg, model,
     (forward + backward); a MeanFlow JVP sample 5 F (the JVP without grad, primal + tangent ~ 2 F; then the forward
     with grad and its backward, 3 F); the guidance query 2 F (a no-grad forward of both labels). iMF: the guidance
     query 2 F, the JVP through the u path only (2 F_u), then forward + backward with the v-head (3 F)."""
-    F = model_flops(model)
+    F, jvp = model_flops(model), jvp_flops(cfg, model, share)
     if model_arch(model)['family'] == 'imf':
-        return (2 if cfg.num_classes > 0 else 1) * F + 2 * model_flops(model, v_head=False) + 3 * F
-    rho = share(cfg)
+        return (2 if cfg.num_classes > 0 else 1) * F + jvp + 3 * F
     guided = cfg.num_classes > 0 and (cfg.cfg_omega != 1.0 or cfg.cfg_kappa != 0.0)
-    return F * (3 * rho + 5 * (1 - rho) + (2 if guided else 0))
+    return F * (3 + (2 if guided else 0)) + jvp
 
 # %% ../nbs/07c_plan.ipynb #ecc0683d
 def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
@@ -198,7 +206,7 @@ def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
     mix = mix_bytes(cfg, arch, share(cfg))
     m = fit_divisor(budget, mix, per_rank)
     steps = cfg.steps or math.ceil(cfg.epochs * IMAGENET_TRAIN / cfg.global_batch)
-    fwd, f = model_flops(net), step_flops(cfg, net, share)
+    fwd, f, jvp_f = model_flops(net), step_flops(cfg, net, share), jvp_flops(cfg, net, share)
     gpu_hours = steps * cfg.global_batch * f / (mfu * peak_tflops * 1e12) / 3600
     return dict(preset=preset, model=cfg.model, params_m=round(arch['params'] / 1e6, 1), gpus=gpus,
                 gpu_mem_gb=gpu_mem_gb, per_gpu_batch=per_rank, bf16=cfg.bf16, grad_ckpt=cfg.grad_ckpt,
@@ -207,7 +215,8 @@ def plan(preset: str, gpus: int = 8, gpu_mem_gb: float = 80.0,
                    }, act_fm_mb_per_sample=round(fm / 2**20, 1), act_jvp_mb_per_sample=round(jvp / 2**20, 1),
                 act_full_batch_gb=round(per_rank * mix / GB, 1), micro_batch=m, fits=m >= 1, peak_gb=round(
                     (sum(fixed.values()) + m * mix) / GB + 2, 1) if m else None,
-                fwd_gflops_per_sample=round(fwd / 1e9, 2), step_gflops_per_sample=round(f / 1e9, 2), steps=steps,
+                fwd_gflops_per_sample=round(fwd / 1e9, 2), step_gflops_per_sample=round(f / 1e9, 2),
+                jvp_gflops_per_sample=round(jvp_f / 1e9, 2), steps=steps,
                 mfu=mfu, peak_tflops=peak_tflops, gpu_hours=round(gpu_hours), days=round(gpu_hours / gpus / 24, 1))
 
 def _cfg_no_data(preset: str, **overrides):
